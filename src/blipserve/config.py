@@ -1,0 +1,121 @@
+"""One typed configuration for every entry point.
+
+Each field carries its default and help text; the CLI derives its flags from these
+dataclasses (see :func:`blipserve.cli.add_config_arguments`) and environment variables
+(``BLIPSERVE_<FIELD>``) are read only when a config is built, never at import time.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal, TypeVar
+
+Device = Literal["auto", "cpu", "cuda"]
+DType = Literal["auto", "float32", "bfloat16", "float16"]
+
+
+def _opt(default: Any, help: str, *, flag: str | None = None, **extra: Any) -> Any:
+    """A dataclass field with CLI help attached as metadata."""
+    metadata = {"help": help, "flag": flag, **extra}
+    if isinstance(default, (list, dict, set)):
+        return field(default_factory=lambda: type(default)(default), metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
+@dataclass(frozen=True)
+class ImageLimits:
+    """Limits applied while turning bytes into an RGB image."""
+
+    max_image_bytes: int = _opt(20 * 1024 * 1024, "Largest encoded image accepted, in bytes.")
+    max_image_pixels: int = _opt(
+        40_000_000,
+        "Largest decoded image accepted, in pixels (width*height); guards against "
+        "decompression bombs.",
+    )
+    draft_decode: bool = _opt(
+        True,
+        "Decode large JPEGs at a reduced size (Pillow draft mode) when the model needs far "
+        "fewer pixels.",
+    )
+
+
+@dataclass(frozen=True)
+class FetchConfig:
+    """How image URLs are fetched (safe by default)."""
+
+    allow_url_hosts: tuple[str, ...] = _opt(
+        (),
+        "Host (name or IP, optionally host:port) whose URLs are fetched even when it "
+        "resolves to an internal address, e.g. 127.0.0.1 for a local image server. "
+        "Repeatable.",
+        flag="--allow-url-host",
+    )
+    allow_urls: bool = _opt(True, "Accept http(s) image URLs at all.")
+    connect_timeout_s: float = _opt(5.0, "Seconds to wait for a connection to an image URL.")
+    read_timeout_s: float = _opt(
+        15.0, "Seconds a whole image download may take (slow-drip responses are cut)."
+    )
+    max_redirects: int = _opt(3, "Redirects followed per image URL.")
+    max_fetch_bytes: int = _opt(
+        20 * 1024 * 1024, "Largest image download accepted, in bytes (enforced while streaming)."
+    )
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Which model to load and where to run it."""
+
+    model: str = _opt(
+        "demo",
+        "Model to serve: a built-in name (demo, demo-vqa), a Hugging Face id "
+        "(Salesforce/blip-image-captioning-base) or a local save_pretrained folder.",
+    )
+    device: Device = _opt("auto", "Where to run: auto (cuda when available), cpu or cuda.")
+    dtype: DType = _opt(
+        "auto", "Weight dtype: auto (float16 on cuda, float32 on cpu), float32, bfloat16, float16."
+    )
+    revision: str | None = _opt(None, "Hub revision (branch, tag or commit) to load.")
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """How the engine batches rows for the model."""
+
+    max_batch_size: int = _opt(8, "Most rows run through the model at once.")
+    decode_workers: int = _opt(4, "Threads that fetch and decode images in parallel.")
+
+
+C = TypeVar("C")
+
+
+def from_env(cls: type[C], env: Mapping[str, str] | None = None, **overrides: Any) -> C:
+    """Build a config dataclass from ``BLIPSERVE_<FIELD>`` variables, then ``overrides``."""
+    env = os.environ if env is None else env
+    values: dict[str, Any] = {}
+    for f in dataclasses.fields(cls):  # type: ignore[arg-type]
+        key = f"BLIPSERVE_{f.name.upper()}"
+        if key in env:
+            values[f.name] = parse_value(f, env[key])
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    return cls(**values)
+
+
+def parse_value(f: dataclasses.Field[Any], raw: str) -> Any:
+    """Parse a string (env var) into the type of a config field."""
+    default = f.default if f.default is not dataclasses.MISSING else None
+    if isinstance(default, bool):
+        if raw.lower() in {"1", "true", "yes", "on"}:
+            return True
+        if raw.lower() in {"0", "false", "no", "off", ""}:
+            return False
+        raise ValueError(f"{f.name}: expected true/false, got {raw!r}")
+    if isinstance(default, int):
+        return int(raw)
+    if isinstance(default, float):
+        return float(raw)
+    if isinstance(default, tuple):
+        return tuple(part.strip() for part in raw.split(",") if part.strip())
+    return raw

@@ -1,0 +1,81 @@
+"""Typed errors raised anywhere in blipserve.
+
+Every error a user can cause is a :class:`BlipserveError` with a ``status`` that the HTTP
+layer maps to a response code in one place, and a message that says what was wrong and
+where.  Row-level errors carry the row they belong to so that a request with one bad row
+is answered with a 400 naming that row, and a batch job records the row and goes on.
+"""
+
+from __future__ import annotations
+
+
+class BlipserveError(Exception):
+    """Base class: ``message`` is safe to show to the client."""
+
+    status: int = 500
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class InvalidInput(BlipserveError):
+    """The request (or one of its rows) is malformed; HTTP 400."""
+
+    status = 400
+
+
+class InvalidRequest(InvalidInput):
+    """The body as a whole is malformed (not an object, no ``input_data``, bad params)."""
+
+
+class ImageError(InvalidInput):
+    """Bytes that cannot become an image: bad base64, not an image, truncated, too big."""
+
+
+class FetchError(ImageError):
+    """A URL could not be fetched: refused by the guard, timed out, too large, HTTP error."""
+
+
+class UrlRefused(FetchError):
+    """The URL guard refused the URL (scheme, credentials, or an internal address)."""
+
+
+class RowError(InvalidInput):
+    """An error in one row of a request; ``row`` is its position, ``index`` its label.
+
+    ``reason`` is the underlying message without the row prefix, so a batch job can store
+    it next to the row it already identifies.
+    """
+
+    def __init__(self, row: int, reason: str, index: object | None = None) -> None:
+        label = f"row {row}" if index is None or index == row else f"row {row} (index {index!r})"
+        super().__init__(f"{label}: {reason}")
+        self.row = row
+        self.index = index
+        self.reason = reason
+
+
+class UnsupportedTask(InvalidInput):
+    """The loaded model cannot do what the row asks (e.g. a question to a caption-only model)."""
+
+
+class ModelLoadError(BlipserveError):
+    """The model could not be loaded; the message names the model and what to do."""
+
+    status = 500
+
+
+class ModelNotReady(BlipserveError):
+    """The engine is not loaded or warmed up yet; HTTP 503."""
+
+    status = 503
+
+
+class InferenceError(BlipserveError):
+    """The model raised while running a batch; only that batch's requests fail."""
+
+    status = 500
