@@ -1,0 +1,207 @@
+"""The ``blipserve`` command. argv is parsed here and nowhere else."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import sys
+import typing
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, TextIO
+
+from blipserve.config import EngineConfig, FetchConfig, ImageLimits, ModelConfig, from_env
+from blipserve.contract import (
+    Prediction,
+    RowInput,
+    ScoringRequest,
+    encode_response,
+    parse_request,
+)
+from blipserve.errors import BlipserveError, InvalidInput
+from blipserve.params import GenerationParams
+
+CONFIG_GROUPS: tuple[tuple[str, type[Any]], ...] = (
+    ("model", ModelConfig),
+    ("batching", EngineConfig),
+    ("images", ImageLimits),
+    ("image URLs", FetchConfig),
+)
+
+EPILOG = """\
+examples:
+  blipserve caption examples/*.png                      # the built-in demo model, offline
+  blipserve caption photo.jpg --prompt "a picture of"   # conditional caption
+  blipserve ask --model demo-vqa scene.png "what color is the circle?"
+  blipserve caption --model Salesforce/blip-image-captioning-base photo.jpg
+  blipserve score request.json      # a catalog-format request body -> its response JSON
+
+Every option can also be set as an environment variable: --max-batch-size is
+BLIPSERVE_MAX_BATCH_SIZE, --allow-url-host is BLIPSERVE_ALLOW_URL_HOSTS (comma-separated).
+"""
+
+
+def flag_name(f: dataclasses.Field[Any]) -> str:
+    return str(f.metadata.get("flag") or "--" + f.name.replace("_", "-"))
+
+
+def add_config_arguments(parser: argparse.ArgumentParser, cls: type[Any], title: str) -> None:
+    """One flag per field of a config dataclass, typed and documented from the field."""
+    group = parser.add_argument_group(title)
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        default = f.default if f.default is not dataclasses.MISSING else None
+        help_text = f"{f.metadata.get('help', '')} (default: {default!r})"
+        kwargs: dict[str, Any] = {"dest": f.name, "default": None, "help": help_text}
+        if isinstance(default, bool):
+            kwargs["action"] = argparse.BooleanOptionalAction
+        elif isinstance(default, tuple):
+            kwargs["action"] = "append"
+        else:
+            choices = typing.get_args(hints[f.name])
+            if choices and all(isinstance(c, str) for c in choices):
+                kwargs["choices"] = choices
+            elif isinstance(default, (int, float)):
+                kwargs["type"] = type(default)
+        group.add_argument(flag_name(f), **kwargs)
+
+
+def add_generation_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group(
+        "generation", "Override the model's generation config (unset: the model's default)."
+    )
+    for name, info in GenerationParams.model_fields.items():
+        flag = "--" + name.replace("_", "-")
+        if info.annotation == (bool | None):
+            group.add_argument(flag, dest=f"gen_{name}", action=argparse.BooleanOptionalAction)
+        else:
+            kind = int if "int" in str(info.annotation) else float
+            group.add_argument(flag, dest=f"gen_{name}", type=kind, metavar=name.upper())
+
+
+def config_from_args(cls: type[Any], args: argparse.Namespace) -> Any:
+    overrides = {f.name: getattr(args, f.name, None) for f in dataclasses.fields(cls)}
+    for name, value in overrides.items():
+        if isinstance(value, list):
+            overrides[name] = tuple(value)
+    return from_env(cls, **overrides)
+
+
+def params_from_args(args: argparse.Namespace) -> GenerationParams:
+    raw = {
+        name: getattr(args, f"gen_{name}")
+        for name in GenerationParams.model_fields
+        if getattr(args, f"gen_{name}", None) is not None
+    }
+    return GenerationParams.parse(raw, where="generation options")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="blipserve",
+        description="Caption images, answer questions about them and score image-text pairs "
+        "with BLIP and BLIP-2 models.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--verbose", "-v", action="store_true", help="log what happens")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def command(name: str, help_text: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help_text, description=help_text, epilog=EPILOG,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+        for title, cls in CONFIG_GROUPS:
+            add_config_arguments(p, cls, title)
+        add_generation_arguments(p)
+        p.add_argument("--json", action="store_true", help="print one JSON object a line")
+        return p
+
+    p = command("caption", "Caption image files or URLs.")
+    p.add_argument("images", nargs="+", metavar="IMAGE", help="image file or http(s) URL")
+    p.add_argument("--prompt", help="text the caption starts with (BLIP) or prompt (BLIP-2)")
+    p = command("ask", "Answer a question about an image (BLIP VQA, BLIP-2).")
+    p.add_argument("image", metavar="IMAGE")
+    p.add_argument("question", metavar="QUESTION")
+    p = command("match", "Probability that a text describes an image (BLIP ITM).")
+    p.add_argument("image", metavar="IMAGE")
+    p.add_argument("text", metavar="TEXT")
+    p = command("score", "Answer a catalog-format request body (JSON file, or - for stdin).")
+    p.add_argument("request", metavar="REQUEST.json")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        return run(args, sys.stdout)
+    except BlipserveError as exc:
+        print(f"blipserve: error: {exc.message}", file=sys.stderr)
+        return 2 if isinstance(exc, InvalidInput) else 1
+
+
+def run(args: argparse.Namespace, out: TextIO) -> int:
+    # Imported here so that `blipserve --help` answers without loading torch.
+    from transformers.utils import logging as hf_logging
+
+    from blipserve.engine import Engine
+
+    hf_logging.disable_progress_bar()
+    if not args.verbose:
+        hf_logging.set_verbosity_error()
+    params = params_from_args(args)
+    if args.command == "score":
+        text = sys.stdin.read() if args.request == "-" else _read(args.request)
+        parsed = parse_request(text)
+        # Options given on the command line override the request's own params.
+        request = ScoringRequest(parsed.rows, parsed.params.merged(params))
+    with Engine.load(
+        config_from_args(ModelConfig, args),
+        config=config_from_args(EngineConfig, args),
+        limits=config_from_args(ImageLimits, args),
+        fetch=config_from_args(FetchConfig, args),
+    ) as engine:
+        if args.command == "score":
+            print(json.dumps(encode_response(engine.score(request))), file=out)
+            return 0
+        if args.command == "caption":
+            rows = [RowInput(i, image, args.prompt) for i, image in enumerate(args.images)]
+        elif args.command == "ask":
+            rows = [RowInput(0, args.image, args.question)]
+        else:
+            rows = [RowInput(0, args.image, args.text)]
+        outcomes = engine.predict(rows, params, allow_paths=True)
+    failed = 0
+    for row, outcome in zip(rows, outcomes, strict=True):
+        if isinstance(outcome, Prediction):
+            if args.json:
+                print(json.dumps({"image": row.image, **outcome.to_json()}), file=out)
+            elif len(rows) > 1:
+                print(f"{row.image}\t{outcome.text}", file=out)
+            else:
+                print(outcome.text, file=out)
+        else:
+            failed += 1
+            reason = getattr(outcome, "reason", outcome.message)
+            if args.json:
+                print(json.dumps({"image": row.image, "error": reason}), file=out)
+            print(f"blipserve: {row.image}: {reason}", file=sys.stderr)
+    return 2 if failed else 0
+
+
+def _read(path: str) -> str:
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise InvalidInput(f"cannot read request file {path!r}: {exc.strerror}") from None
+    except UnicodeDecodeError:
+        raise InvalidInput(f"request file {path!r} is not UTF-8 text") from None
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

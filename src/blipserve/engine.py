@@ -1,0 +1,207 @@
+"""The engine: rows in, predictions out, in order. Every entry point uses this one object.
+
+Stages, each usable on its own (the HTTP batcher and batch jobs call them separately):
+
+1. :meth:`Engine.prepare` — fetch/decode a row's image and check its text, in a pool of
+   threads; a bad row becomes a :class:`RowError`, never a failed batch.
+2. :meth:`Engine.batch_key` — rows with equal keys may share a model call.
+3. :meth:`Engine.run_batch` — one compatible batch through the adapter, under
+   ``torch.inference_mode`` on one model thread at a time.
+
+:meth:`Engine.predict` chains them for a list of rows; :meth:`Engine.score` answers a
+catalog request, raising on the first bad row.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Hashable, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import torch
+
+from blipserve.batching import plan_batches
+from blipserve.config import EngineConfig, FetchConfig, ImageLimits, ModelConfig
+from blipserve.contract import Prediction, RowInput, ScoringRequest
+from blipserve.errors import BlipserveError, InferenceError, InvalidInput, RowError
+from blipserve.fetch import SafeFetcher
+from blipserve.images import load_image
+from blipserve.models import load_model
+from blipserve.models.base import Adapter, ModelInput
+from blipserve.params import GenerationParams
+
+log = logging.getLogger(__name__)
+
+#: what one row became: its prediction, its own error, or its batch's model failure
+Outcome = Prediction | RowError | InferenceError
+
+
+@dataclass(frozen=True)
+class PreparedRow:
+    """A row ready for the model, with the key that decides its batch."""
+
+    row: RowInput
+    item: ModelInput
+    key: Hashable = field(compare=False)
+
+
+_TEXT_NEEDED = {
+    "question": "this model answers questions: put the question in the 'text' column",
+    "match": "this model scores image-text pairs: put the text to match in the 'text' column",
+}
+
+
+class Engine:
+    """Runs a loaded model adapter over rows of images and optional text.
+
+    >>> engine = Engine.load(ModelConfig(model="demo"))          # doctest: +SKIP
+    >>> engine.predict([RowInput(0, "examples/scene-0.png")], allow_paths=True)  # doctest: +SKIP
+    [Prediction(text='a red circle left of a blue square', score=None)]
+    """
+
+    def __init__(
+        self,
+        adapter: Adapter,
+        *,
+        config: EngineConfig | None = None,
+        limits: ImageLimits | None = None,
+        fetch: FetchConfig | None = None,
+    ) -> None:
+        self.adapter = adapter
+        self.config = config or EngineConfig()
+        self.limits = limits or ImageLimits()
+        fetch = fetch or FetchConfig()
+        self.fetcher = SafeFetcher(fetch) if fetch.allow_urls else None
+        self._decode_pool = ThreadPoolExecutor(
+            max_workers=self.config.decode_workers, thread_name_prefix="blipserve-decode"
+        )
+        # One batch at a time: the model is not re-entrant and torch already uses every core.
+        self._model_lock = threading.Lock()
+
+    @classmethod
+    def load(
+        cls,
+        model: ModelConfig,
+        *,
+        config: EngineConfig | None = None,
+        limits: ImageLimits | None = None,
+        fetch: FetchConfig | None = None,
+    ) -> Engine:
+        return cls(load_model(model), config=config, limits=limits, fetch=fetch)
+
+    def close(self) -> None:
+        self._decode_pool.shutdown(wait=False, cancel_futures=True)
+
+    def __enter__(self) -> Engine:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- stage 1: decode and check ------------------------------------------------------
+
+    def prepare(
+        self, row: RowInput, params: GenerationParams, *, allow_paths: bool = False
+    ) -> PreparedRow:
+        """Fetch and decode the row's image and check its text; raise :class:`RowError`."""
+        try:
+            if row.text is None and self.adapter.text_required:
+                raise InvalidInput(_TEXT_NEEDED.get(self.adapter.text_role, "'text' is required"))
+            image = load_image(
+                row.image,
+                limits=self.limits,
+                fetcher=self.fetcher,
+                target_size=self.adapter.image_size,
+                allow_paths=allow_paths,
+            )
+            item = ModelInput(image=image, text=row.text, params=params)
+            return PreparedRow(row, item, self.adapter.batch_key(item))
+        except RowError:
+            raise
+        except InvalidInput as exc:
+            raise RowError(row.position, exc.message, row.index) from exc
+
+    def prepare_all(
+        self, rows: Iterable[RowInput], params: GenerationParams, *, allow_paths: bool = False
+    ) -> list[PreparedRow | RowError]:
+        """:meth:`prepare` every row concurrently; bad rows come back as their error."""
+        futures = [
+            self._decode_pool.submit(self.prepare, row, params, allow_paths=allow_paths)
+            for row in rows
+        ]
+        out: list[PreparedRow | RowError] = []
+        for future in futures:
+            try:
+                out.append(future.result())
+            except RowError as exc:
+                out.append(exc)
+        return out
+
+    # -- stage 3: the model ---------------------------------------------------------------
+
+    def run_batch(self, items: Sequence[ModelInput]) -> list[Prediction]:
+        """Run rows that share a batch key; raise :class:`InferenceError` if the model fails."""
+        with self._model_lock, torch.inference_mode():
+            try:
+                predictions = self.adapter.predict(items)
+            except BlipserveError:
+                raise
+            except Exception as exc:
+                log.exception("model failed on a batch of %d rows", len(items))
+                raise InferenceError(f"the model failed on this batch: {exc}") from exc
+        if len(predictions) != len(items):
+            raise InferenceError(
+                f"the model returned {len(predictions)} results for {len(items)} rows"
+            )
+        return predictions
+
+    # -- everything chained -------------------------------------------------------------
+
+    def run_prepared(self, prepared: Sequence[PreparedRow | RowError]) -> list[Outcome]:
+        """Batch the good rows by key, run them, and return outcomes in input order.
+
+        A failing batch fails only its own rows, each with the :class:`InferenceError`.
+        """
+        outcomes: dict[int, Outcome] = {
+            i: p for i, p in enumerate(prepared) if isinstance(p, RowError)
+        }
+        good = [(i, p) for i, p in enumerate(prepared) if isinstance(p, PreparedRow)]
+        for batch in plan_batches([p.key for _, p in good], self.config.max_batch_size):
+            members = [good[j] for j in batch]
+            try:
+                results: Sequence[Outcome] = self.run_batch([p.item for _, p in members])
+            except InferenceError as exc:
+                results = [exc] * len(members)
+            for (i, _), result in zip(members, results, strict=True):
+                outcomes[i] = result
+        return [outcomes[i] for i in range(len(prepared))]
+
+    def predict(
+        self,
+        rows: Sequence[RowInput],
+        params: GenerationParams | None = None,
+        *,
+        allow_paths: bool = False,
+    ) -> list[Outcome]:
+        """Predict every row; a bad row's outcome is its :class:`RowError`."""
+        params = params or GenerationParams()
+        return self.run_prepared(self.prepare_all(rows, params, allow_paths=allow_paths))
+
+    def score(self, request: ScoringRequest) -> list[Prediction]:
+        """Answer a catalog scoring request; raise if any row is bad (nothing is run then)."""
+        prepared = self.prepare_all(request.rows, request.params)
+        errors = [p for p in prepared if isinstance(p, RowError)]
+        if len(errors) == 1:
+            raise errors[0]
+        if errors:
+            shown = "; ".join(e.message for e in errors[:5])
+            more = f"; and {len(errors) - 5} more" if len(errors) > 5 else ""
+            raise InvalidInput(f"{len(errors)} rows are invalid: {shown}{more}")
+        predictions = []
+        for outcome in self.run_prepared(prepared):
+            if not isinstance(outcome, Prediction):
+                raise outcome
+            predictions.append(outcome)
+        return predictions

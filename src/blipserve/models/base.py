@@ -1,0 +1,134 @@
+"""The adapter protocol every model family implements, and what they share.
+
+An adapter is deliberately small (cf. LitServe's ``LitAPI``): it says what it does with a
+row's text, how rows may be grouped into one batch, and turns a batch of decoded rows into
+predictions.  Loading, device and dtype handling live here once.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Hashable, Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar, Literal, Protocol
+
+import torch
+from PIL import Image
+
+from blipserve.contract import Prediction
+from blipserve.params import GenerationParams
+
+log = logging.getLogger(__name__)
+
+TextRole = Literal["prefix", "question", "match", "prompt"]
+
+
+@dataclass(frozen=True)
+class ModelInput:
+    """A decoded row: an RGB image, the row's text (if any) and its generation settings."""
+
+    image: Image.Image
+    text: str | None
+    params: GenerationParams
+
+
+class Adapter(Protocol):
+    """What the engine needs from a model family."""
+
+    #: short name for messages and metrics, e.g. ``"blip-caption"``
+    kind: str
+    #: what the row's ``text`` means to this model
+    text_role: TextRole
+    #: whether a row without text is refused (VQA needs a question, ITM a caption)
+    text_required: bool
+    #: side length the model's processor resizes images to (for draft decoding)
+    image_size: int
+    device: torch.device
+    dtype: torch.dtype
+
+    def batch_key(self, item: ModelInput) -> Hashable:
+        """Rows with equal keys may share one ``predict`` call with identical results."""
+        ...
+
+    def predict(self, items: Sequence[ModelInput]) -> list[Prediction]:
+        """Run one batch (already grouped by ``batch_key``); one prediction per item."""
+        ...
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        from blipserve.errors import ModelLoadError
+
+        raise ModelLoadError("device 'cuda' was requested but no CUDA GPU is available")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    if dtype == "auto":
+        if device.type == "cuda":
+            # bf16 keeps fp32's exponent range (no overflow in the ViT) where the GPU has it.
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.float32
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+
+
+class HFAdapter:
+    """Shared base: a transformers model + its processor on one device and dtype."""
+
+    model_class: ClassVar[Any]
+    kind: ClassVar[str]
+    text_role: ClassVar[TextRole]
+    text_required: ClassVar[bool] = False
+
+    def __init__(self, model: Any, processor: Any, device: torch.device, dtype: torch.dtype):
+        self.model = model
+        self.processor = processor
+        self.tokenizer = processor.tokenizer
+        self.device = device
+        self.dtype = dtype
+        self.image_size = _image_size(processor)
+
+    @classmethod
+    def load(
+        cls, source: str, *, device: torch.device, dtype: torch.dtype, revision: str | None
+    ) -> HFAdapter:
+        from transformers import AutoProcessor
+
+        processor = AutoProcessor.from_pretrained(source, revision=revision)
+        model = cls.model_class.from_pretrained(source, revision=revision, dtype=dtype)
+        model.to(device).eval()
+        return cls(model, processor, device, dtype)
+
+    def pixel_values(self, items: Sequence[ModelInput]) -> torch.Tensor:
+        images = [item.image for item in items]
+        pixels = self.processor.image_processor(images=images, return_tensors="pt")
+        return pixels["pixel_values"].to(self.device, self.dtype)  # (B, 3, H, W)
+
+    def generate_kwargs(self, params: GenerationParams) -> dict[str, Any]:
+        kwargs = params.generate_kwargs()
+        if kwargs.get("do_sample") is False:
+            # Sampling knobs without sampling would only trigger transformers warnings.
+            for key in ("temperature", "top_p", "top_k"):
+                kwargs.pop(key, None)
+        return kwargs
+
+    def decode(self, token_ids: torch.Tensor) -> list[str]:
+        texts = self.tokenizer.batch_decode(token_ids, skip_special_tokens=True)
+        return [t.strip() for t in texts]
+
+
+def _image_size(processor: Any) -> int:
+    size = getattr(processor.image_processor, "size", None) or {}
+    if isinstance(size, int):
+        return size
+    if isinstance(size, dict):
+        values = [v for k, v in size.items() if k in ("height", "width", "shortest_edge")]
+        if values:
+            return int(min(values))
+    try:
+        return int(min(size.height, size.width))
+    except (AttributeError, TypeError):
+        log.warning("could not read the processor's image size; assuming 384")
+        return 384

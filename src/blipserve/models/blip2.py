@@ -1,0 +1,69 @@
+"""BLIP-2 (Li et al., 2023): a frozen image encoder and LLM bridged by a Q-Former.
+
+Captioning (no text) and prompted generation (``Question: ... Answer:``), with OPT
+(decoder-only) or Flan-T5 (encoder-decoder) language models.  The returned text never
+echoes the prompt.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable, Sequence
+
+import torch
+from transformers import Blip2ForConditionalGeneration
+
+from blipserve.contract import Prediction
+from blipserve.models.base import HFAdapter, ModelInput
+from blipserve.models.registry import register
+
+
+@register("Blip2ForConditionalGeneration")
+class Blip2Adapter(HFAdapter):
+    model_class = Blip2ForConditionalGeneration
+    kind = "blip2"
+    text_role = "prompt"
+
+    @property
+    def decoder_only(self) -> bool:
+        return bool(self.model.config.use_decoder_only_language_model)
+
+    def batch_key(self, item: ModelInput) -> Hashable:
+        # Prompts of any length share a batch: padding is masked (left padding for
+        # decoder-only LMs, whose OPT positions follow the attention mask).
+        return (item.params,)
+
+    def encode_prompts(self, items: Sequence[ModelInput]) -> tuple[torch.Tensor, torch.Tensor]:
+        """``[<image>] * num_query_tokens + tokenizer(prompt)``, padded to one length.
+
+        The Q-Former outputs replace the ``<image>`` embeddings inside ``generate``.  We
+        tokenize here rather than with the processor so that padding goes *before* the
+        image tokens for decoder-only models (the processor would put it between them and
+        the text).  An empty prompt tokenizes to OPT's BOS / T5's EOS, which is what
+        ``generate`` uses for a plain caption.
+        """
+        config = self.model.config
+        image_ids = [config.image_token_index] * config.num_query_tokens
+        rows = [image_ids + self.tokenizer(item.text or "")["input_ids"] for item in items]
+        width = max(len(r) for r in rows)
+        pad = self.tokenizer.pad_token_id
+        ids = torch.full((len(rows), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, row in enumerate(rows):
+            span = slice(width - len(row), width) if self.decoder_only else slice(0, len(row))
+            ids[i, span] = torch.tensor(row)
+            mask[i, span] = 1
+        return ids.to(self.device), mask.to(self.device)  # (B, Q + T) each
+
+    def predict(self, items: Sequence[ModelInput]) -> list[Prediction]:
+        pixel_values = self.pixel_values(items)  # (B, 3, S, S)
+        input_ids, attention_mask = self.encode_prompts(items)
+        out = self.model.generate(
+            pixel_values=pixel_values,
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            **self.generate_kwargs(items[0].params),
+        )
+        if self.decoder_only:
+            # Decoder-only generate returns prompt + continuation; keep the continuation.
+            out = out[:, input_ids.shape[1] :]
+        return [Prediction(text) for text in self.decode(out)]

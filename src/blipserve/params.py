@@ -1,0 +1,99 @@
+"""Generation parameters: validated per request, hashable so rows can be grouped by them."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from blipserve.errors import InvalidRequest
+
+
+class GenerationParams(BaseModel):
+    """Generation settings a request may override; ``None`` means "the model's default".
+
+    Defaults come from the model's ``generation_config``; only fields set here are passed to
+    ``generate``. Instances are frozen and hashable: the engine batches together only rows
+    whose parameters are equal.
+
+    >>> GenerationParams.parse({"max_new_tokens": 30, "num_beams": 3}).generate_kwargs()
+    {'max_new_tokens': 30, 'num_beams': 3}
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid", strict=False)
+
+    max_new_tokens: int | None = Field(None, ge=1, le=512)
+    min_new_tokens: int | None = Field(None, ge=0, le=512)
+    num_beams: int | None = Field(None, ge=1, le=16)
+    do_sample: bool | None = None
+    temperature: float | None = Field(None, gt=0.0, le=5.0)
+    top_p: float | None = Field(None, gt=0.0, le=1.0)
+    top_k: int | None = Field(None, ge=0, le=1000)
+    repetition_penalty: float | None = Field(None, gt=0.0, le=10.0)
+    length_penalty: float | None = Field(None, ge=-10.0, le=10.0)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> GenerationParams:
+        if (
+            self.min_new_tokens is not None
+            and self.max_new_tokens is not None
+            and self.min_new_tokens > self.max_new_tokens
+        ):
+            raise ValueError("min_new_tokens must not exceed max_new_tokens")
+        return self
+
+    @classmethod
+    def allowed(cls) -> list[str]:
+        return list(cls.model_fields)
+
+    @classmethod
+    def parse(cls, raw: object, *, where: str = "params") -> GenerationParams:
+        """Validate a ``params`` object; raise :class:`InvalidRequest` naming the bad key."""
+        if raw is None:
+            return cls()
+        if not isinstance(raw, Mapping):
+            raise InvalidRequest(f"{where} must be a JSON object, got {json_type(raw)}")
+        unknown = sorted(str(k) for k in raw if k not in cls.model_fields)
+        if unknown:
+            raise InvalidRequest(
+                f"{where}: unknown parameter(s) {', '.join(map(repr, unknown))}; "
+                f"allowed: {', '.join(cls.allowed())}"
+            )
+        for key, value in raw.items():
+            # JSON true/false must not pass as 1/0 for numeric settings, nor "3" as 3.
+            expected_bool = key == "do_sample"
+            if value is not None and (isinstance(value, bool) != expected_bool or isinstance(
+                value, str
+            )):
+                want = "true or false" if expected_bool else "a number"
+                raise InvalidRequest(f"{where}.{key} must be {want}, got {value!r}")
+        try:
+            return cls(**{str(k): v for k, v in raw.items()})
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            loc = ".".join(str(p) for p in first["loc"])
+            name = f"{where}.{loc}" if loc else where
+            raise InvalidRequest(f"{name}: {first['msg']}") from None
+
+    def generate_kwargs(self) -> dict[str, Any]:
+        """Only the explicitly set values, ready for ``model.generate(**kwargs)``."""
+        return self.model_dump(exclude_none=True)
+
+    def merged(self, override: GenerationParams) -> GenerationParams:
+        """These params with ``override``'s set fields on top."""
+        return GenerationParams.parse({**self.generate_kwargs(), **override.generate_kwargs()})
+
+
+def json_type(value: object) -> str:
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, (int, float)):
+        return "a number"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, list):
+        return "an array"
+    if value is None:
+        return "null"
+    return type(value).__name__
