@@ -26,7 +26,12 @@ from transformers import (
 
 LAYOUTS = Path(__file__).parent / "data" / "hf-layouts"
 IMAGE_SIZE = 32
-SMALL = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2}
+SMALL = {
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 2,
+}
 VISION = {**SMALL, "image_size": IMAGE_SIZE, "patch_size": 8}
 
 
@@ -46,9 +51,11 @@ def _blip(model_cls: Any, layout: str) -> Callable[[Path], None]:
     def build(dest: Path) -> None:
         _copy_layout(layout, dest)
         real = json.loads((dest / "config.json").read_text())
-        text = {k: real["text_config"][k] for k in ("bos_token_id", "sep_token_id", "pad_token_id",
-                                                    "eos_token_id", "vocab_size")
-                if k in real["text_config"]}
+        text = {
+            k: real["text_config"][k]
+            for k in ("bos_token_id", "sep_token_id", "pad_token_id", "eos_token_id", "vocab_size")
+            if k in real["text_config"]
+        }
         config = BlipConfig(
             text_config={**text, **SMALL, "max_position_embeddings": 128},
             vision_config=VISION,
@@ -70,18 +77,33 @@ def _blip2(decoder_only: bool) -> Callable[[Path], None]:
         vocab = real["text_config"]["vocab_size"]
         if decoder_only:
             text: dict[str, Any] = {
-                "model_type": "opt", "vocab_size": vocab, "hidden_size": 32, "ffn_dim": 64,
-                "num_hidden_layers": 2, "num_attention_heads": 2, "word_embed_proj_dim": 32,
-                "max_position_embeddings": 128, "bos_token_id": 2, "eos_token_id": 50118,
+                "model_type": "opt",
+                "vocab_size": vocab,
+                "hidden_size": 32,
+                "ffn_dim": 64,
+                "num_hidden_layers": 2,
+                "num_attention_heads": 2,
+                "word_embed_proj_dim": 32,
+                "max_position_embeddings": 128,
+                "bos_token_id": 2,
+                "eos_token_id": 50118,
                 "pad_token_id": 1,
             }
         else:
             # No T5 layout is published to us; the OPT tokenizer stands in (what matters
             # here is the encoder-decoder path: right padding, no prompt echo).
             text = {
-                "model_type": "t5", "vocab_size": vocab, "d_model": 32, "d_ff": 64,
-                "d_kv": 16, "num_layers": 2, "num_decoder_layers": 2, "num_heads": 2,
-                "decoder_start_token_id": 1, "pad_token_id": 1, "eos_token_id": 2,
+                "model_type": "t5",
+                "vocab_size": vocab,
+                "d_model": 32,
+                "d_ff": 64,
+                "d_kv": 16,
+                "num_layers": 2,
+                "num_decoder_layers": 2,
+                "num_heads": 2,
+                "decoder_start_token_id": 1,
+                "pad_token_id": 1,
+                "eos_token_id": 2,
             }
         config = Blip2Config(
             vision_config=VISION,

@@ -73,9 +73,14 @@ class ModelConfig:
         "Model to serve: a built-in name (demo, demo-vqa), a Hugging Face id "
         "(Salesforce/blip-image-captioning-base) or a local save_pretrained folder.",
     )
-    device: Device = _opt("auto", "Where to run: auto (cuda when available), cpu or cuda.")
-    dtype: DType = _opt(
-        "auto", "Weight dtype: auto (float16 on cuda, float32 on cpu), float32, bfloat16, float16."
+    # (ruff cannot see that _opt returns a dataclass field for Literal-typed fields)
+    device: Device = _opt(  # noqa: RUF009
+        "auto", "Where to run: auto (cuda when available), cpu or cuda."
+    )
+    dtype: DType = _opt(  # noqa: RUF009
+        "auto",
+        "Weight dtype: auto (bfloat16, else float16, on cuda; float32 on cpu), float32, "
+        "bfloat16, float16.",
     )
     revision: str | None = _opt(None, "Hub revision (branch, tag or commit) to load.")
 

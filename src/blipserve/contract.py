@@ -108,7 +108,7 @@ def _parse_split(input_data: Mapping[str, Any]) -> list[RowInput]:
     columns = input_data.get("columns")
     data = input_data.get("data")
     if not isinstance(columns, list) or not all(isinstance(c, str) for c in columns):
-        raise InvalidRequest("input_data.columns must be a list of column names, e.g. [\"image\"]")
+        raise InvalidRequest('input_data.columns must be a list of column names, e.g. ["image"]')
     if len(set(columns)) != len(columns):
         raise InvalidRequest(f"input_data.columns has duplicate names: {columns}")
     if IMAGE not in columns:
@@ -116,9 +116,7 @@ def _parse_split(input_data: Mapping[str, Any]) -> list[RowInput]:
             f"input_data.columns must include 'image' (and optionally 'text'), got {columns}"
         )
     if not isinstance(data, list):
-        raise InvalidRequest(
-            f"input_data.data must be a list of rows, got {json_type(data)}"
-        )
+        raise InvalidRequest(f"input_data.data must be a list of rows, got {json_type(data)}")
     index = input_data.get("index")
     if index is not None:
         if not isinstance(index, list):
@@ -133,8 +131,9 @@ def _parse_split(input_data: Mapping[str, Any]) -> list[RowInput]:
     for i, values in enumerate(data):
         label = index[i] if index is not None else None
         if not isinstance(values, list):
-            raise RowError(i, f"must be a list of {len(columns)} values, got {json_type(values)}",
-                           label)
+            raise RowError(
+                i, f"must be a list of {len(columns)} values, got {json_type(values)}", label
+            )
         if len(values) != len(columns):
             raise RowError(
                 i, f"has {len(values)} values but columns has {len(columns)} ({columns})", label

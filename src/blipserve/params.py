@@ -63,9 +63,9 @@ class GenerationParams(BaseModel):
         for key, value in raw.items():
             # JSON true/false must not pass as 1/0 for numeric settings, nor "3" as 3.
             expected_bool = key == "do_sample"
-            if value is not None and (isinstance(value, bool) != expected_bool or isinstance(
-                value, str
-            )):
+            if value is not None and (
+                isinstance(value, bool) != expected_bool or isinstance(value, str)
+            ):
                 want = "true or false" if expected_bool else "a number"
                 raise InvalidRequest(f"{where}.{key} must be {want}, got {value!r}")
         try:

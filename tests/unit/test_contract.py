@@ -28,8 +28,9 @@ def test_split_image_only() -> None:
 
 
 def test_split_image_text_with_index_and_extra_columns_ignored() -> None:
-    body = split(["id", "text", "image"], [[7, "what is it?", IMG], [8, "  ", IMG]],
-                 index=["a", "b"])
+    body = split(
+        ["id", "text", "image"], [[7, "what is it?", IMG], [8, "  ", IMG]], index=["a", "b"]
+    )
     rows = parse_request(body).rows
     assert rows[0] == RowInput(position=0, image=IMG, text="what is it?", index="a")
     assert rows[1].text is None  # blank text means no text
@@ -44,8 +45,9 @@ def test_records_layout_and_json_text_bytes() -> None:
 
 
 def test_params_are_validated_and_kept() -> None:
-    req = parse_request({**split(["image"], [[IMG]]), "params": {"max_new_tokens": 7,
-                                                                  "num_beams": 2}})
+    req = parse_request(
+        {**split(["image"], [[IMG]]), "params": {"max_new_tokens": 7, "num_beams": 2}}
+    )
     assert req.params.generate_kwargs() == {"max_new_tokens": 7, "num_beams": 2}
 
 
@@ -70,17 +72,23 @@ def test_response_shape() -> None:
         (split(["image"], {"0": IMG}), "data must be a list of rows, got dict"),
         (split(["image"], []), "no rows"),
         (split(["image"], [[IMG]], index=[0, 1]), "index has 2 entries but data has 1"),
-        ({**split(["image"], [[IMG]]), "params": {"beams": 3}},
-         "unknown parameter(s) 'beams'; allowed: max_new_tokens"),
-        ({**split(["image"], [[IMG]]), "params": {"max_new_tokens": 0}},
-         "params.max_new_tokens: Input should be greater than or equal to 1"),
+        (
+            {**split(["image"], [[IMG]]), "params": {"beams": 3}},
+            "unknown parameter(s) 'beams'; allowed: max_new_tokens",
+        ),
+        (
+            {**split(["image"], [[IMG]]), "params": {"max_new_tokens": 0}},
+            "params.max_new_tokens: Input should be greater than or equal to 1",
+        ),
         ({**split(["image"], [[IMG]]), "params": {"num_beams": 1000}}, "params.num_beams"),
         ({**split(["image"], [[IMG]]), "params": {"top_p": 1.5}}, "params.top_p"),
         ({**split(["image"], [[IMG]]), "params": {"do_sample": 1}}, "true or false"),
         ({**split(["image"], [[IMG]]), "params": {"max_new_tokens": "5"}}, "must be a number"),
         ({**split(["image"], [[IMG]]), "params": {"max_new_tokens": True}}, "must be a number"),
-        ({**split(["image"], [[IMG]]), "params": {"min_new_tokens": 9, "max_new_tokens": 3}},
-         "min_new_tokens must not exceed max_new_tokens"),
+        (
+            {**split(["image"], [[IMG]]), "params": {"min_new_tokens": 9, "max_new_tokens": 3}},
+            "min_new_tokens must not exceed max_new_tokens",
+        ),
         ({**split(["image"], [[IMG]]), "params": [1]}, "params must be a JSON object"),
     ],
 )
@@ -100,13 +108,20 @@ def test_too_many_rows() -> None:
     [
         (split(["image", "text"], [[IMG, "q"], [IMG]]), 1, "has 1 values but columns has 2"),
         (split(["image"], [[IMG], IMG]), 1, "must be a list of 1 values, got a string"),
-        (split(["image"], [[IMG], [None]]), 1, "'image' must be an http(s) URL or base64 text, "
-         "got null"),
+        (
+            split(["image"], [[IMG], [None]]),
+            1,
+            "'image' must be an http(s) URL or base64 text, got null",
+        ),
         (split(["image"], [[""]]), 0, "got an empty string"),
         (split(["image"], [[3]]), 0, "got a number"),
         (split(["image", "text"], [[IMG, 5]]), 0, "'text' must be a string or null, got a number"),
         (split(["image", "text"], [[IMG, "x" * 5000]]), 0, "5000 characters"),
-        ({"input_data": [{"image": IMG}, {"img": IMG}]}, 1, "has no 'image' key (keys found: 'img')"),
+        (
+            {"input_data": [{"image": IMG}, {"img": IMG}]},
+            1,
+            "has no 'image' key (keys found: 'img')",
+        ),
         ({"input_data": [{"image": IMG}, "x"]}, 1, "must be an object"),
     ],
 )

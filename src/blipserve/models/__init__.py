@@ -89,9 +89,13 @@ def _load_config(model: str, source: str, revision: str | None) -> Any:
         if Path(source).is_dir():
             raise ModelLoadError(f"model {model!r}: {_first_line(exc)}") from exc
         offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in {"1", "true", "yes", "on"}
-        why = "HF_HUB_OFFLINE is set and it is not in the local cache" if offline else (
-            "it is not in the local Hugging Face cache and the Hub could not be reached or "
-            "has no such repository"
+        why = (
+            "HF_HUB_OFFLINE is set and it is not in the local cache"
+            if offline
+            else (
+                "it is not in the local Hugging Face cache and the Hub could not be reached or "
+                "has no such repository"
+            )
         )
         raise ModelLoadError(
             f"model {model!r} is not a local folder, and {why}. Pass a local save_pretrained "
@@ -100,7 +104,9 @@ def _load_config(model: str, source: str, revision: str | None) -> Any:
             f"Details: {_first_line(exc)}"
         ) from exc
     except ValueError as exc:
-        raise ModelLoadError(f"model {model!r}: unreadable config.json: {_first_line(exc)}") from exc
+        raise ModelLoadError(
+            f"model {model!r}: unreadable config.json: {_first_line(exc)}"
+        ) from exc
 
 
 def _first_line(exc: BaseException) -> str:

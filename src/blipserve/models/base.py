@@ -36,11 +36,11 @@ class Adapter(Protocol):
     """What the engine needs from a model family."""
 
     #: short name for messages and metrics, e.g. ``"blip-caption"``
-    kind: str
+    kind: ClassVar[str]
     #: what the row's ``text`` means to this model
-    text_role: TextRole
+    text_role: ClassVar[TextRole]
     #: whether a row without text is refused (VQA needs a question, ITM a caption)
-    text_required: bool
+    text_required: ClassVar[bool]
     #: side length the model's processor resizes images to (for draft decoding)
     image_size: int
     device: torch.device
@@ -101,10 +101,17 @@ class HFAdapter:
         model.to(device).eval()
         return cls(model, processor, device, dtype)
 
+    def batch_key(self, item: ModelInput) -> Hashable:
+        raise NotImplementedError
+
+    def predict(self, items: Sequence[ModelInput]) -> list[Prediction]:
+        raise NotImplementedError
+
     def pixel_values(self, items: Sequence[ModelInput]) -> torch.Tensor:
         images = [item.image for item in items]
         pixels = self.processor.image_processor(images=images, return_tensors="pt")
-        return pixels["pixel_values"].to(self.device, self.dtype)  # (B, 3, H, W)
+        values: torch.Tensor = pixels["pixel_values"].to(self.device, self.dtype)
+        return values  # (B, 3, H, W)
 
     def generate_kwargs(self, params: GenerationParams) -> dict[str, Any]:
         kwargs = params.generate_kwargs()
@@ -128,7 +135,7 @@ def _image_size(processor: Any) -> int:
         if values:
             return int(min(values))
     try:
-        return int(min(size.height, size.width))
+        return int(min(getattr(size, "height"), getattr(size, "width")))  # noqa: B009  (SizeDict)
     except (AttributeError, TypeError):
         log.warning("could not read the processor's image size; assuming 384")
         return 384

@@ -61,7 +61,9 @@ class BlipCaptionAdapter(_BlipText):
         if items[0].text is None:
             out = self.model.generate(pixel_values=pixel_values, **kwargs)
         else:
-            out = self.model.generate(pixel_values=pixel_values, **self.encode_text(items), **kwargs)
+            out = self.model.generate(
+                pixel_values=pixel_values, **self.encode_text(items), **kwargs
+            )
         return [Prediction(text) for text in self.decode(out)]
 
 

@@ -1,0 +1,195 @@
+"""The engine over each tiny model: batched == one by one, order, errors per row."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from blipserve.config import EngineConfig, ModelConfig
+from blipserve.contract import Prediction, RowInput, parse_request
+from blipserve.engine import Engine
+from blipserve.errors import InferenceError, InvalidInput, RowError
+from blipserve.params import GenerationParams
+from helpers import b64_png
+
+PARAMS = GenerationParams(max_new_tokens=6)
+PROMPTS = {
+    # Prefixes / prompts of different token lengths: the padding traps of each family.
+    "blip-caption": [None, "a picture of", "a", "a picture of a very small", None, "a dog"],
+    "blip-vqa": [
+        "what is it?",
+        "how many objects are there in the image?",
+        "color?",
+        "what is on the left of the red square?",
+        "where?",
+        "what is it?",
+    ],
+    "blip-itm": [
+        "a dog",
+        "two red squares on a blue background",
+        "x",
+        "a cat on a mat",
+        "nothing",
+        "a dog",
+    ],
+    "blip2-opt": [
+        None,
+        "Question: what is it? Answer:",
+        "a photo of",
+        "Question: how many objects are in this picture? Answer:",
+        None,
+        "x",
+    ],
+    "blip2-t5": [
+        None,
+        "Question: what is it? Answer:",
+        "a photo of",
+        "Question: how many objects are in this picture? Answer:",
+        None,
+        "x",
+    ],
+}
+
+
+@pytest.fixture(scope="module")
+def engines(tiny_model_dir: dict[str, Path]) -> dict[str, Engine]:
+    return {
+        kind: Engine.load(ModelConfig(model=str(path)), config=EngineConfig(max_batch_size=8))
+        for kind, path in tiny_model_dir.items()
+    }
+
+
+def rows_for(kind: str) -> list[RowInput]:
+    return [RowInput(i, b64_png(i), text) for i, text in enumerate(PROMPTS[kind])]
+
+
+@pytest.mark.parametrize("kind", sorted(PROMPTS))
+def test_batched_equals_one_by_one(engines: dict[str, Engine], kind: str) -> None:
+    engine = engines[kind]
+    rows = rows_for(kind)
+    batched = engine.predict(rows, PARAMS)
+    single = [engine.predict([row], PARAMS)[0] for row in rows]
+    assert all(isinstance(p, Prediction) for p in batched)
+    assert batched == single
+    # and it is deterministic
+    assert engine.predict(rows, PARAMS) == batched
+
+
+@pytest.mark.parametrize("kind", ["blip2-opt", "blip2-t5"])
+def test_blip2_never_echoes_the_prompt(engines: dict[str, Engine], kind: str) -> None:
+    engine = engines[kind]
+    prompt = "Question: what is shown in this picture, in detail? Answer:"
+    params = GenerationParams(max_new_tokens=3, min_new_tokens=3)
+    [out] = engine.predict([RowInput(0, b64_png(1), prompt)], params)
+    assert isinstance(out, Prediction)
+    # at most 3 generated tokens; the prompt alone is 14
+    assert len(engine.adapter.tokenizer(out.text, add_special_tokens=False)["input_ids"]) <= 3
+
+
+def test_blip_caption_includes_its_prefix(engines: dict[str, Engine]) -> None:
+    [out] = engines["blip-caption"].predict([RowInput(0, b64_png(1), "A Picture of")], PARAMS)
+    assert isinstance(out, Prediction)
+    assert out.text.startswith("a picture of")  # the BERT tokenizer lower-cases
+
+
+def test_max_new_tokens_takes_effect(engines: dict[str, Engine]) -> None:
+    engine = engines["blip-caption"]
+    row = RowInput(0, b64_png(2))
+    lengths = []
+    for n in (2, 8):
+        params = GenerationParams(max_new_tokens=n, min_new_tokens=n)
+        [out] = engine.predict([row], params)
+        assert isinstance(out, Prediction)
+        lengths.append(
+            len(engine.adapter.tokenizer(out.text, add_special_tokens=False)["input_ids"])
+        )
+    assert lengths[0] < lengths[1]
+
+
+def test_itm_returns_probability_as_text_and_number(engines: dict[str, Engine]) -> None:
+    outs = engines["blip-itm"].predict(rows_for("blip-itm"))
+    for out in outs:
+        assert isinstance(out, Prediction)
+        assert out.score is not None
+        assert 0.0 <= out.score <= 1.0
+        assert out.text == f"{out.score:.4f}"
+
+
+@pytest.mark.parametrize(("kind", "needs"), [("blip-vqa", "question"), ("blip-itm", "text")])
+def test_text_required(engines: dict[str, Engine], kind: str, needs: str) -> None:
+    [out] = engines[kind].predict([RowInput(0, b64_png(0))])
+    assert isinstance(out, RowError)
+    assert out.row == 0
+    assert needs in out.reason
+
+
+def test_bad_rows_do_not_spoil_good_ones(engines: dict[str, Engine]) -> None:
+    engine = engines["blip-caption"]
+    rows = [RowInput(0, b64_png(0)), RowInput(1, "bm90IGFuIGltYWdl"), RowInput(2, b64_png(2))]
+    outs = engine.predict(rows, PARAMS)
+    assert isinstance(outs[0], Prediction)
+    assert isinstance(outs[1], RowError)
+    assert outs[1].row == 1
+    assert outs[2] == engine.predict([rows[2]], PARAMS)[0]
+
+
+def test_score_raises_naming_the_bad_row(engines: dict[str, Engine]) -> None:
+    body = {
+        "input_data": {
+            "columns": ["image"],
+            "index": [10, 11, 12],
+            "data": [[b64_png(0)], ["%%%"], [b64_png(1)]],
+        }
+    }
+    with pytest.raises(RowError, match=r"^row 1 \(index 11\): .*base64"):
+        engines["blip-caption"].score(parse_request(body))
+
+
+def test_score_lists_several_bad_rows(engines: dict[str, Engine]) -> None:
+    body = {"input_data": {"columns": ["image"], "data": [["%%%"], [b64_png(0)], ["@@"]]}}
+    with pytest.raises(InvalidInput, match=r"^2 rows are invalid: row 0: .*; row 2: "):
+        engines["blip-caption"].score(parse_request(body))
+
+
+def test_score_keeps_row_order(engines: dict[str, Engine]) -> None:
+    engine = engines["blip2-opt"]
+    data = [[b64_png(i, lines=True), text] for i, text in enumerate(PROMPTS["blip2-opt"])]
+    body = {
+        "input_data": {"columns": ["image", "text"], "data": data},
+        "params": {"max_new_tokens": 4},
+    }
+    answers = engine.score(parse_request(body))
+    one_by_one = [
+        engine.score(
+            parse_request(
+                {
+                    "input_data": {"columns": ["image", "text"], "data": [row]},
+                    "params": {"max_new_tokens": 4},
+                }
+            )
+        )[0]
+        for row in data
+    ]
+    assert answers == one_by_one
+
+
+def test_model_failure_fails_only_its_batch(
+    engines: dict[str, Engine], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    engine = engines["blip-caption"]
+    real = engine.adapter.predict
+
+    def flaky(items):  # type: ignore[no-untyped-def]
+        if any(item.text == "boom" for item in items):
+            raise RuntimeError("simulated CUDA error")
+        return real(items)
+
+    monkeypatch.setattr(engine.adapter, "predict", flaky)
+    rows = [RowInput(0, b64_png(0)), RowInput(1, b64_png(1), "boom")]
+    outs = engine.predict(rows, PARAMS)
+    assert isinstance(outs[0], Prediction)
+    assert isinstance(outs[1], InferenceError)
+    assert "simulated CUDA error" in outs[1].message
+    # and the engine keeps working
+    assert isinstance(engine.predict([rows[0]], PARAMS)[0], Prediction)

@@ -1,0 +1,88 @@
+"""Loading through the real path: folders, hub ids offline, registry, device and dtype."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from blipserve.config import ModelConfig
+from blipserve.errors import ModelLoadError
+from blipserve.models import ADAPTERS, load_model
+
+EXPECTED_KIND = {
+    "blip-caption": "blip-caption",
+    "blip-vqa": "blip-vqa",
+    "blip-itm": "blip-itm",
+    "blip2-opt": "blip2",
+    "blip2-t5": "blip2",
+}
+
+
+@pytest.mark.parametrize("kind", sorted(EXPECTED_KIND))
+def test_architecture_maps_to_adapter(tiny_model_dir: dict[str, Path], kind: str) -> None:
+    adapter = load_model(ModelConfig(model=str(tiny_model_dir[kind])))
+    assert adapter.kind == EXPECTED_KIND[kind]
+    assert adapter.image_size == 32
+    assert adapter.device == torch.device("cpu")
+    assert adapter.dtype == torch.float32
+    assert not adapter.model.training
+
+
+def test_registry_covers_the_published_architectures() -> None:
+    layouts = Path(__file__).parents[1] / "data" / "hf-layouts"
+    for config in layouts.glob("*/config.json"):
+        for arch in json.loads(config.read_text())["architectures"]:
+            assert arch in ADAPTERS
+
+
+def test_bfloat16_weights(tiny_model_dir: dict[str, Path]) -> None:
+    adapter = load_model(ModelConfig(model=str(tiny_model_dir["blip-caption"]), dtype="bfloat16"))
+    assert adapter.dtype == torch.bfloat16
+    assert next(adapter.model.parameters()).dtype == torch.bfloat16
+
+
+def test_unknown_architecture(tmp_path: Path) -> None:
+    from transformers import BertConfig
+
+    BertConfig(architectures=["BertForMaskedLM"]).save_pretrained(tmp_path)
+    with pytest.raises(ModelLoadError) as info:
+        load_model(ModelConfig(model=str(tmp_path)))
+    assert "BertForMaskedLM, which blipserve does not serve" in info.value.message
+    assert "BlipForConditionalGeneration" in info.value.message
+
+
+def test_folder_without_config(tmp_path: Path) -> None:
+    with pytest.raises(ModelLoadError, match=r"has no config\.json"):
+        load_model(ModelConfig(model=str(tmp_path)))
+
+
+def test_missing_folder() -> None:
+    with pytest.raises(ModelLoadError, match="no such folder"):
+        load_model(ModelConfig(model="./no/such/model/folder"))
+
+
+def test_unreachable_hub_id_offline() -> None:
+    with pytest.raises(ModelLoadError) as info:
+        load_model(ModelConfig(model="Salesforce/blipserve-no-such-model"))
+    message = info.value.message
+    assert "'Salesforce/blipserve-no-such-model' is not a local folder" in message
+    assert "HF_HUB_OFFLINE" in message
+    assert "local save_pretrained folder" in message
+
+
+def test_folder_with_missing_weights(tiny_model_dir: dict[str, Path], tmp_path: Path) -> None:
+    src = tiny_model_dir["blip-caption"]
+    for f in src.iterdir():
+        if not f.name.endswith(".safetensors"):
+            (tmp_path / f.name).write_bytes(f.read_bytes())
+    with pytest.raises(ModelLoadError, match="could not be loaded as blip-caption"):
+        load_model(ModelConfig(model=str(tmp_path)))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU message")
+def test_cuda_requested_without_gpu(tiny_model_dir: dict[str, Path]) -> None:
+    with pytest.raises(ModelLoadError, match="no CUDA GPU"):
+        load_model(ModelConfig(model=str(tiny_model_dir["blip-caption"]), device="cuda"))
