@@ -1,0 +1,139 @@
+"""The `blipserve` command as a user runs it: a real subprocess on a tiny model."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from helpers import b64_png, make_image
+
+BLIPSERVE = [sys.executable, "-m", "blipserve.cli"]
+
+
+def run(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    return subprocess.run(
+        [*BLIPSERVE, *args], capture_output=True, text=True, input=stdin, env=env, timeout=120
+    )
+
+
+def test_help_teaches() -> None:
+    out = run("caption", "--help")
+    assert out.returncode == 0
+    for text in (
+        "--model",
+        "--device",
+        "--dtype",
+        "--prompt",
+        "--max-new-tokens",
+        "--allow-url-host",
+        "(default: 'demo')",
+        "examples:",
+    ):
+        assert text in out.stdout
+
+
+@pytest.mark.parametrize("columns", [["image"], ["image", "text"]])
+def test_score_catalog_request(
+    tiny_model_dir: dict[str, Path], tmp_path: Path, columns: list[str]
+) -> None:
+    data = [
+        [b64_png(i, lines=True)] + (["a picture of"] if len(columns) == 2 else []) for i in range(3)
+    ]
+    body = {
+        "input_data": {"columns": columns, "index": [0, 1, 2], "data": data},
+        "params": {"max_new_tokens": 5},
+    }
+    request = tmp_path / "request.json"
+    request.write_text(json.dumps(body))
+    out = run("score", str(request), "--model", str(tiny_model_dir["blip-caption"]))
+    assert out.returncode == 0, out.stderr
+    answer = json.loads(out.stdout)
+    assert isinstance(answer, list)
+    assert len(answer) == 3
+    for item in answer:
+        assert set(item) == {"text"}
+        assert isinstance(item["text"], str)
+        assert item["text"]
+        if len(columns) == 2:
+            assert item["text"].startswith("a picture of")
+
+
+def test_score_from_stdin_validates_cli_options(tiny_model_dir: dict[str, Path]) -> None:
+    body = json.dumps({"input_data": {"columns": ["image"], "data": [[b64_png(0)]]}})
+    out = run(
+        "score",
+        "-",
+        "--model",
+        str(tiny_model_dir["blip-caption"]),
+        "--max-new-tokens",
+        "0",
+        stdin=body,
+    )
+    assert out.returncode == 2
+    assert "generation options.max_new_tokens: Input should be greater than" in out.stderr
+
+
+def test_score_bad_row_names_it(tiny_model_dir: dict[str, Path], tmp_path: Path) -> None:
+    body = {"input_data": {"columns": ["image"], "data": [[b64_png(0)], ["not-base64!"]]}}
+    request = tmp_path / "request.json"
+    request.write_text(json.dumps(body))
+    out = run("score", str(request), "--model", str(tiny_model_dir["blip-caption"]))
+    assert out.returncode == 2
+    assert out.stderr.startswith("blipserve: error: row 1: ")
+    assert "Traceback" not in out.stderr
+
+
+def test_caption_files_and_a_bad_one(tiny_model_dir: dict[str, Path], tmp_path: Path) -> None:
+    good = tmp_path / "good.png"
+    make_image(3).save(good)
+    bad = tmp_path / "bad.png"
+    bad.write_text("<html>not an image</html>")
+    out = run(
+        "caption",
+        str(good),
+        str(bad),
+        str(tmp_path / "missing.jpg"),
+        "--json",
+        "--model",
+        str(tiny_model_dir["blip-caption"]),
+        "--max-new-tokens",
+        "4",
+    )
+    assert out.returncode == 2
+    lines = [json.loads(line) for line in out.stdout.splitlines()]
+    assert [line["image"] for line in lines] == [str(good), str(bad), str(tmp_path / "missing.jpg")]
+    assert lines[0]["text"]
+    assert "not a recognised image" in lines[1]["error"]
+    assert "missing.jpg" in lines[2]["error"]
+
+
+def test_ask_and_match(tiny_model_dir: dict[str, Path], tmp_path: Path) -> None:
+    image = tmp_path / "x.png"
+    make_image(4).save(image)
+    out = run(
+        "ask",
+        str(image),
+        "what is it?",
+        "--model",
+        str(tiny_model_dir["blip-vqa"]),
+        "--max-new-tokens",
+        "3",
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip()
+    out = run("match", str(image), "a dog", "--model", str(tiny_model_dir["blip-itm"]))
+    assert out.returncode == 0, out.stderr
+    assert 0.0 <= float(out.stdout) <= 1.0
+
+
+def test_unknown_model_is_one_clear_line() -> None:
+    out = run("caption", "x.png", "--model", "Salesforce/blipserve-no-such-model")
+    assert out.returncode == 1
+    assert "is not a local folder" in out.stderr
+    assert "Traceback" not in out.stderr
