@@ -54,6 +54,8 @@ class Prediction:
 
     text: str
     score: float | None = None
+    #: generated tokens (not part of the catalog's answer; the OpenAI route reports it)
+    tokens: int | None = None
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {"text": self.text}

@@ -193,3 +193,14 @@ def test_model_failure_fails_only_its_batch(
     assert "simulated CUDA error" in outs[1].message
     # and the engine keeps working
     assert isinstance(engine.predict([rows[0]], PARAMS)[0], Prediction)
+
+
+@pytest.mark.parametrize("kind", ["blip-caption", "blip-vqa", "blip2-opt", "blip2-t5"])
+def test_generated_tokens_are_counted(engines: dict[str, Engine], kind: str) -> None:
+    # min == max forces exactly n new tokens: the count must not include prompt or padding.
+    rows = rows_for(kind)[:4]
+    for n in (2, 5):
+        params = GenerationParams(max_new_tokens=n, min_new_tokens=n)
+        for out in engines[kind].predict(rows, params):
+            assert isinstance(out, Prediction)
+            assert out.tokens == n

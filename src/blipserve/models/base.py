@@ -121,9 +121,16 @@ class HFAdapter:
                 kwargs.pop(key, None)
         return kwargs
 
-    def decode(self, token_ids: torch.Tensor) -> list[str]:
+    def decode(self, token_ids: torch.Tensor, new_from: int = 0) -> list[Prediction]:
+        """Texts of ``token_ids`` (B, L); ``new_from`` is where generated tokens start.
+
+        Each prediction counts its generated tokens (padding excluded), which the OpenAI
+        route reports as usage and uses to tell a ``length`` finish from a ``stop``.
+        """
         texts = self.tokenizer.batch_decode(token_ids, skip_special_tokens=True)
-        return [t.strip() for t in texts]
+        new = token_ids[:, new_from:]  # (B, L - new_from)
+        counts = (new != self.tokenizer.pad_token_id).sum(dim=-1).tolist()
+        return [Prediction(t.strip(), tokens=int(n)) for t, n in zip(texts, counts, strict=True)]
 
 
 def _image_size(processor: Any) -> int:

@@ -60,11 +60,12 @@ class BlipCaptionAdapter(_BlipText):
         kwargs = self.generate_kwargs(items[0].params)
         if items[0].text is None:
             out = self.model.generate(pixel_values=pixel_values, **kwargs)
+            prompt_len = 1  # [DEC]
         else:
-            out = self.model.generate(
-                pixel_values=pixel_values, **self.encode_text(items), **kwargs
-            )
-        return [Prediction(text) for text in self.decode(out)]
+            text = self.encode_text(items)
+            out = self.model.generate(pixel_values=pixel_values, **text, **kwargs)
+            prompt_len = text["input_ids"].shape[1] - 1  # generate drops the final [SEP]
+        return self.decode(out, new_from=prompt_len)
 
 
 @register("BlipForQuestionAnswering")
@@ -80,7 +81,7 @@ class BlipVqaAdapter(_BlipText):
         pixel_values = self.pixel_values(items)  # (B, 3, S, S)
         kwargs = self.generate_kwargs(items[0].params)
         out = self.model.generate(pixel_values=pixel_values, **self.encode_text(items), **kwargs)
-        return [Prediction(text) for text in self.decode(out)]
+        return self.decode(out, new_from=1)  # the answer starts after [BOS]
 
 
 @register("BlipForImageTextRetrieval")

@@ -65,5 +65,5 @@ class Blip2Adapter(HFAdapter):
         )
         if self.decoder_only:
             # Decoder-only generate returns prompt + continuation; keep the continuation.
-            out = out[:, input_ids.shape[1] :]
-        return [Prediction(text) for text in self.decode(out)]
+            return self.decode(out[:, input_ids.shape[1] :])
+        return self.decode(out, new_from=1)  # after T5's decoder start token
