@@ -12,7 +12,14 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
-from blipserve.config import EngineConfig, FetchConfig, ImageLimits, ModelConfig, from_env
+from blipserve.config import (
+    EngineConfig,
+    FetchConfig,
+    ImageLimits,
+    ModelConfig,
+    ServerConfig,
+    from_env,
+)
 from blipserve.contract import (
     Prediction,
     RowInput,
@@ -40,6 +47,19 @@ examples:
 
 Every option can also be set as an environment variable: --max-batch-size is
 BLIPSERVE_MAX_BATCH_SIZE, --allow-url-host is BLIPSERVE_ALLOW_URL_HOSTS (comma-separated).
+"""
+
+
+SERVE_EPILOG = """\
+examples:
+  blipserve serve                                   # demo model on http://127.0.0.1:8000
+  blipserve serve --model demo-vqa --host 0.0.0.0 --api-key "$KEY"
+  curl -s localhost:8000/score -H 'Content-Type: application/json' \\
+       -d '{"input_data": {"columns": ["image"], "data": [["<base64>"]]}}'
+
+Routes: POST /score, POST /v1/chat/completions, GET /v1/models, GET / (liveness),
+GET /ready, GET /metrics, GET /swagger.json, GET /docs. Every option can also be set as
+an environment variable BLIPSERVE_<OPTION> (e.g. BLIPSERVE_API_KEYS=k1,k2).
 """
 
 
@@ -134,6 +154,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("text", metavar="TEXT")
     p = command("score", "Answer a catalog-format request body (JSON file, or - for stdin).")
     p.add_argument("request", metavar="REQUEST.json")
+
+    help_text = "Serve the model over HTTP (catalog /score, OpenAI /v1, /metrics)."
+    p = sub.add_parser(
+        "serve",
+        help=help_text,
+        description=help_text,
+        epilog=SERVE_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    serve_groups: tuple[tuple[str, type[Any]], ...] = (*CONFIG_GROUPS, ("server", ServerConfig))
+    for title, cls in serve_groups:
+        add_config_arguments(p, cls, title)
+    p.add_argument("--port-file", help="write the bound port here once listening (--port 0)")
     return parser
 
 
@@ -144,6 +177,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     try:
+        if args.command == "serve":
+            return run_server(args)
         return run(args, sys.stdout)
     except BlipserveError as exc:
         print(f"blipserve: error: {exc.message}", file=sys.stderr)
@@ -197,6 +232,22 @@ def run(args: argparse.Namespace, out: TextIO) -> int:
                 print(json.dumps({"image": row.image, "error": reason}), file=out)
             print(f"blipserve: {row.image}: {reason}", file=sys.stderr)
     return 2 if failed else 0
+
+
+def run_server(args: argparse.Namespace) -> int:
+    from transformers.utils import logging as hf_logging
+
+    from blipserve.server import serve
+
+    hf_logging.disable_progress_bar()
+    return serve(
+        config_from_args(ModelConfig, args),
+        engine_config=config_from_args(EngineConfig, args),
+        limits=config_from_args(ImageLimits, args),
+        fetch=config_from_args(FetchConfig, args),
+        server=config_from_args(ServerConfig, args),
+        port_file=args.port_file,
+    )
 
 
 def _read(path: str) -> str:

@@ -93,6 +93,38 @@ class EngineConfig:
     decode_workers: int = _opt(4, "Threads that fetch and decode images in parallel.")
 
 
+@dataclass(frozen=True)
+class ServerConfig:
+    """The HTTP endpoint (``blipserve serve``)."""
+
+    host: str = _opt("127.0.0.1", "Address to listen on (0.0.0.0 for every interface).")
+    port: int = _opt(8000, "Port to listen on (0 picks a free one).")
+    api_keys: tuple[str, ...] = _opt(
+        (),
+        "API key required as 'Authorization: Bearer KEY' on /score, /v1/* and /metrics. "
+        "Repeatable; none means no auth (health routes are always open).",
+        flag="--api-key",
+    )
+    max_body_bytes: int = _opt(
+        100 * 1024 * 1024, "Largest request body accepted, in bytes (413 above it)."
+    )
+    max_rows: int = _opt(1024, "Most rows in one request.")
+    max_queue: int = _opt(
+        256, "Most rows waiting for the model; more gives 503 with Retry-After at once."
+    )
+    max_wait_ms: float = _opt(
+        10.0, "How long the first row of a batch waits for others to join it, in ms."
+    )
+    request_timeout_s: float = _opt(
+        60.0, "Deadline for a request, from arrival; past it, 504 and its queued work is dropped."
+    )
+    graceful_timeout_s: float = _opt(
+        30.0, "On SIGTERM, how long in-flight requests may take to finish."
+    )
+    warmup: bool = _opt(True, "Run one image through the model before reporting ready.")
+    log_level: str = _opt("info", "uvicorn log level (critical, error, warning, info, debug).")
+
+
 C = TypeVar("C")
 
 

@@ -14,13 +14,17 @@ catalog request, raising on the first bad row.
 
 from __future__ import annotations
 
+import base64
+import io
 import logging
 import threading
+import time
 from collections.abc import Hashable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import torch
+from PIL import Image
 
 from blipserve.batching import plan_batches
 from blipserve.config import EngineConfig, FetchConfig, ImageLimits, ModelConfig
@@ -90,6 +94,22 @@ class Engine:
         fetch: FetchConfig | None = None,
     ) -> Engine:
         return cls(load_model(model), config=config, limits=limits, fetch=fetch)
+
+    def warm_up(self) -> None:
+        """Run one synthetic image through the model (first-call costs paid before serving)."""
+        image = base64.b64encode(_warmup_png()).decode()
+        text = "what is this?" if self.adapter.text_required else None
+        row = RowInput(0, image, text)
+        started = time.perf_counter()
+        [outcome] = self.predict([row], GenerationParams(max_new_tokens=2))
+        if not isinstance(outcome, Prediction):
+            raise outcome
+        log.info("warm-up took %.2f s", time.perf_counter() - started)
+
+    @property
+    def decode_pool(self) -> ThreadPoolExecutor:
+        """Threads for :meth:`prepare` (fetching and decoding), shared with the server."""
+        return self._decode_pool
 
     def close(self) -> None:
         self._decode_pool.shutdown(wait=False, cancel_futures=True)
@@ -192,16 +212,28 @@ class Engine:
     def score(self, request: ScoringRequest) -> list[Prediction]:
         """Answer a catalog scoring request; raise if any row is bad (nothing is run then)."""
         prepared = self.prepare_all(request.rows, request.params)
-        errors = [p for p in prepared if isinstance(p, RowError)]
-        if len(errors) == 1:
-            raise errors[0]
-        if errors:
-            shown = "; ".join(e.message for e in errors[:5])
-            more = f"; and {len(errors) - 5} more" if len(errors) > 5 else ""
-            raise InvalidInput(f"{len(errors)} rows are invalid: {shown}{more}")
+        good = raise_row_errors(prepared)
         predictions = []
-        for outcome in self.run_prepared(prepared):
+        for outcome in self.run_prepared(good):
             if not isinstance(outcome, Prediction):
                 raise outcome
             predictions.append(outcome)
         return predictions
+
+
+def _warmup_png() -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", (64, 64), (120, 160, 200)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def raise_row_errors(prepared: Sequence[PreparedRow | RowError]) -> list[PreparedRow]:
+    """The rows, all good; else raise the one bad row's error, or one listing several."""
+    errors = [p for p in prepared if isinstance(p, RowError)]
+    if len(errors) == 1:
+        raise errors[0]
+    if errors:
+        shown = "; ".join(e.message for e in errors[:5])
+        more = f"; and {len(errors) - 5} more" if len(errors) > 5 else ""
+        raise InvalidInput(f"{len(errors)} rows are invalid: {shown}{more}")
+    return [p for p in prepared if isinstance(p, PreparedRow)]

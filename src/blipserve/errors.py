@@ -79,3 +79,37 @@ class InferenceError(BlipserveError):
     """The model raised while running a batch; only that batch's requests fail."""
 
     status = 500
+
+
+class Unauthorized(BlipserveError):
+    """Missing or wrong API key; HTTP 401."""
+
+    status = 401
+
+
+class PayloadTooLarge(BlipserveError):
+    """The request body is larger than the configured limit; HTTP 413."""
+
+    status = 413
+
+
+class UnsupportedMediaType(BlipserveError):
+    """The request body is not JSON; HTTP 415."""
+
+    status = 415
+
+
+class Overloaded(BlipserveError):
+    """The queue is full; HTTP 503 with ``Retry-After``."""
+
+    status = 503
+
+    def __init__(self, message: str, retry_after_s: int = 1) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+class DeadlineExceeded(BlipserveError):
+    """The request's deadline passed before its rows were done; HTTP 504."""
+
+    status = 504

@@ -54,6 +54,11 @@ class Adapter(Protocol):
         """Run one batch (already grouped by ``batch_key``); one prediction per item."""
         ...
 
+    def count_tokens(self, text: str | None) -> int: ...
+
+    @property
+    def default_max_new_tokens(self) -> int: ...
+
 
 def resolve_device(device: str) -> torch.device:
     if device == "auto":
@@ -103,6 +108,16 @@ class HFAdapter:
 
     def batch_key(self, item: ModelInput) -> Hashable:
         raise NotImplementedError
+
+    def count_tokens(self, text: str | None) -> int:
+        """Tokens the language model sees for ``text`` (usage reporting)."""
+        return len(self.tokenizer(text)["input_ids"]) if text else 0
+
+    @property
+    def default_max_new_tokens(self) -> int:
+        """What ``generate`` uses when a request sets no limit (transformers' is 20)."""
+        config = self.model.generation_config
+        return int(config.max_new_tokens or 20)
 
     def predict(self, items: Sequence[ModelInput]) -> list[Prediction]:
         raise NotImplementedError

@@ -1,0 +1,186 @@
+"""Dynamic batching across concurrent requests.
+
+Rows from every request go into one bounded queue.  A single model thread takes the oldest
+row, waits up to ``max_wait_s`` (from that row's arrival) for more rows with the same batch
+key, and runs up to ``max_batch_size`` of them in one model call.  Results go back to each
+request's asyncio futures through ``call_soon_threadsafe``, so the event loop never blocks on
+inference.  Rows whose request gave up (deadline, disconnect) are dropped before they reach
+the model.
+
+The class knows nothing of HTTP: tests drive it with a fake ``run_batch`` and a plain
+event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Hashable, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from blipserve.contract import Prediction
+from blipserve.errors import BlipserveError, DeadlineExceeded, InferenceError, Overloaded
+from blipserve.models.base import ModelInput
+
+log = logging.getLogger(__name__)
+
+RunBatch = Callable[[Sequence[ModelInput]], list[Prediction]]
+Result = Prediction | BlipserveError
+
+
+class BatchObserver(Protocol):
+    """Hooks for metrics; every method is called on the model thread."""
+
+    def queue_depth(self, rows: int) -> None: ...
+    def batch_done(self, size: int, queue_waits_s: Sequence[float], model_s: float) -> None: ...
+
+
+@dataclass(eq=False)
+class _Pending:
+    item: ModelInput
+    key: Hashable
+    future: asyncio.Future[Result]
+    loop: asyncio.AbstractEventLoop
+    enqueued: float
+    # Set from the event loop when the request gives up; read by the model thread.
+    abandoned: bool = field(default=False)
+
+    def resolve(self, result: Result) -> None:
+        def settle() -> None:
+            if not self.future.done():
+                self.future.set_result(result)
+
+        # RuntimeError: the loop has closed, so nobody is waiting any more.
+        with contextlib.suppress(RuntimeError):
+            self.loop.call_soon_threadsafe(settle)
+
+
+class Batcher:
+    """Merge rows of concurrent requests into model batches of compatible rows."""
+
+    def __init__(
+        self,
+        run_batch: RunBatch,
+        *,
+        max_batch_size: int,
+        max_wait_s: float,
+        max_queue: int,
+        observer: BatchObserver | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if max_batch_size < 1 or max_queue < 1:
+            raise ValueError("max_batch_size and max_queue must be at least 1")
+        self._run_batch = run_batch
+        self.max_batch_size = max_batch_size
+        self.max_wait_s = max_wait_s
+        self.max_queue = max_queue
+        self._observer = observer
+        self._clock = clock
+        self._queue: deque[_Pending] = deque()
+        self._cond = threading.Condition()
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+
+    # -- lifecycle ------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._work, name="blipserve-model", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float | None = None) -> None:
+        """Finish what is queued, then stop the model thread."""
+        with self._cond:
+            self._stopping = True
+            self._cond.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    @property
+    def depth(self) -> int:
+        return len(self._queue)
+
+    # -- the event-loop side --------------------------------------------------------------
+
+    async def run(
+        self, items: Sequence[tuple[ModelInput, Hashable]], *, timeout: float | None
+    ) -> list[Result]:
+        """Queue ``(item, batch key)`` rows and wait for their results, in order.
+
+        Raises :class:`Overloaded` at once when the rows do not fit in the queue, and
+        :class:`DeadlineExceeded` after ``timeout`` seconds (queued rows are dropped).  If
+        the awaiting task is cancelled (client gone), its queued rows are dropped too.
+        """
+        loop = asyncio.get_running_loop()
+        now = self._clock()
+        pending = [_Pending(item, key, loop.create_future(), loop, now) for item, key in items]
+        with self._cond:
+            if self._stopping:
+                raise Overloaded("the server is shutting down", retry_after_s=5)
+            if len(self._queue) + len(pending) > self.max_queue:
+                raise Overloaded(
+                    f"the queue is full ({len(self._queue)} of {self.max_queue} rows waiting); "
+                    "retry shortly"
+                )
+            self._queue.extend(pending)
+            self._cond.notify_all()
+        try:
+            async with asyncio.timeout(timeout):
+                return list(await asyncio.gather(*(p.future for p in pending)))
+        except TimeoutError:
+            raise DeadlineExceeded(
+                f"the request did not finish within its deadline of {timeout:.3g} s"
+            ) from None
+        finally:
+            # On success every future is done and these rows have left the queue; on a
+            # timeout or cancellation (gather has cancelled the futures already) this tells
+            # the model thread to skip rows nobody waits for.
+            for p in pending:
+                p.abandoned = True
+                p.future.cancel()
+
+    # -- the model thread -----------------------------------------------------------------
+
+    def _next_batch(self) -> list[_Pending] | None:
+        """Block until a batch is due; ``None`` once stopping with an empty queue."""
+        with self._cond:
+            while True:
+                while self._queue and self._queue[0].abandoned:
+                    self._queue.popleft()
+                if not self._queue:
+                    if self._stopping:
+                        return None
+                    self._cond.wait()
+                    continue
+                first = self._queue[0]
+                same = [p for p in self._queue if p.key == first.key and not p.abandoned]
+                due = first.enqueued + self.max_wait_s - self._clock()
+                if len(same) >= self.max_batch_size or due <= 0 or self._stopping:
+                    batch = same[: self.max_batch_size]
+                    taken = {id(p) for p in batch}
+                    self._queue = deque(p for p in self._queue if id(p) not in taken)
+                    return batch
+                self._cond.wait(due)
+
+    def _work(self) -> None:
+        while (batch := self._next_batch()) is not None:
+            if self._observer:
+                self._observer.queue_depth(len(self._queue))
+            started = self._clock()
+            try:
+                results: Sequence[Result] = self._run_batch([p.item for p in batch])
+            except BlipserveError as exc:
+                results = [exc] * len(batch)
+            except Exception as exc:  # never let the model thread die
+                log.exception("batch of %d rows failed", len(batch))
+                results = [InferenceError(f"the model failed on this batch: {exc}")] * len(batch)
+            model_s = self._clock() - started
+            for p, result in zip(batch, results, strict=True):
+                p.resolve(result)
+            if self._observer:
+                waits = [started - p.enqueued for p in batch]
+                self._observer.batch_done(len(batch), waits, model_s)

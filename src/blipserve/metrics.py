@@ -1,0 +1,73 @@
+"""Prometheus metrics, one registry per server (so tests can run several apps)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
+
+
+class Metrics:
+    """Everything ``GET /metrics`` reports; implements the batcher's observer hooks."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter(
+            "blipserve_requests",
+            "HTTP requests by route and status",
+            ["route", "status"],
+            registry=r,
+        )
+        self.request_latency = Histogram(
+            "blipserve_request_seconds",
+            "Whole-request latency by route",
+            ["route"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.queue_rows = Gauge("blipserve_queue_rows", "Rows waiting for the model", registry=r)
+        self.batch_size = Histogram(
+            "blipserve_batch_size", "Rows per model batch", buckets=BATCH_BUCKETS, registry=r
+        )
+        self.queue_wait = Histogram(
+            "blipserve_queue_wait_seconds",
+            "Time a row waited for its batch",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.decode_time = Histogram(
+            "blipserve_decode_seconds",
+            "Time to fetch and decode one request's images",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.model_time = Histogram(
+            "blipserve_model_seconds",
+            "Time of one model batch",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.images = Counter("blipserve_images", "Images run through the model", registry=r)
+        self.image_errors = Counter(
+            "blipserve_image_errors",
+            "Rows refused before the model (bad image or text)",
+            registry=r,
+        )
+
+    # BatchObserver
+    def queue_depth(self, rows: int) -> None:
+        self.queue_rows.set(rows)
+
+    def batch_done(self, size: int, queue_waits_s: Sequence[float], model_s: float) -> None:
+        self.batch_size.observe(size)
+        self.model_time.observe(model_s)
+        self.images.inc(size)
+        for wait in queue_waits_s:
+            self.queue_wait.observe(wait)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

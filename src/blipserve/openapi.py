@@ -1,0 +1,151 @@
+"""OpenAPI descriptions of the routes whose bodies we parse by hand.
+
+``/score`` and ``/v1/chat/completions`` read their bodies themselves (so that every error
+names the row and the reason, in our message format); these models only document them.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field
+
+from blipserve.params import GenerationParams
+
+_PNG_1PX = (
+    "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAIAAACQd1PeAAAADElEQVR4nGP4z8AAAAMBAQDJ/pLvAAAAAElFTkSuQmCC"
+)
+
+
+class SplitInput(BaseModel):
+    """pandas ``to_json(orient="split")`` layout."""
+
+    columns: list[str] = Field(
+        description="'image' and optionally 'text'; other columns are ignored",
+        examples=[["image", "text"]],
+    )
+    index: list[Any] | None = Field(None, description="row labels, echoed in error messages")
+    data: list[list[Any]] = Field(
+        description="rows; 'image' is an http(s) URL or base64 (line breaks and a "
+        "data:image/...;base64, prefix allowed); 'text' a prefix, question or prompt"
+    )
+
+
+class ScoreRequest(BaseModel):
+    input_data: SplitInput | list[dict[str, Any]] = Field(
+        description="split layout, or a list of records {image, text}"
+    )
+    params: GenerationParams | None = Field(None, description="generation settings")
+
+
+class ScoreAnswer(BaseModel):
+    text: str = Field(description="caption, answer, or match probability as text")
+    score: float | None = Field(None, description="match probability (image-text matching)")
+
+
+class ErrorBody(BaseModel):
+    message: str = Field(description="what was wrong, naming the row where there is one")
+
+
+class ImageUrl(BaseModel):
+    url: str = Field(description="http(s) URL or data:image/...;base64,... URL")
+
+
+class ContentPart(BaseModel):
+    type: Literal["text", "image_url"]
+    text: str | None = None
+    image_url: ImageUrl | None = None
+
+
+class ChatMessage(BaseModel):
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[ContentPart]
+
+
+class ChatRequest(BaseModel):
+    model: str
+    messages: list[ChatMessage]
+    max_tokens: int | None = None
+    max_completion_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    n: Literal[1] | None = None
+
+
+def _request_body(model: type[BaseModel], examples: dict[str, Any]) -> dict[str, Any]:
+    schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
+    defs = schema.pop("$defs", {})
+    return {
+        "requestBody": {
+            "required": True,
+            "content": {"application/json": {"schema": schema, "examples": examples}},
+        },
+        # picked up by blipserve.server's openapi hook into components/schemas
+        "x-blipserve-schemas": defs,
+    }
+
+
+SCORE_OPENAPI = _request_body(
+    ScoreRequest,
+    {
+        "caption": {
+            "summary": "Caption images (URL or base64)",
+            "value": {
+                "input_data": {
+                    "columns": ["image"],
+                    "index": [0, 1],
+                    "data": [["https://example.com/dog.jpg"], [_PNG_1PX]],
+                }
+            },
+        },
+        "image+text": {
+            "summary": "Question, prompt or caption prefix per image",
+            "value": {
+                "input_data": {
+                    "columns": ["image", "text"],
+                    "index": [0],
+                    "data": [[_PNG_1PX, "what color is the square?"]],
+                },
+                "params": {"max_new_tokens": 20, "num_beams": 3},
+            },
+        },
+    },
+)
+
+CHAT_OPENAPI = _request_body(
+    ChatRequest,
+    {
+        "question": {
+            "summary": "Ask about an image",
+            "value": {
+                "model": "blipserve",
+                "max_tokens": 20,
+                "messages": [
+                    {
+                        "role": "user",
+                        "content": [
+                            {
+                                "type": "image_url",
+                                "image_url": {"url": f"data:image/png;base64,{_PNG_1PX}"},
+                            },
+                            {"type": "text", "text": "what color is the square?"},
+                        ],
+                    }
+                ],
+            },
+        }
+    },
+)
+
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    status: {"model": ErrorBody, "description": description}
+    for status, description in {
+        400: "Bad input; the message names the row and the reason",
+        401: "Missing or wrong API key",
+        413: "Body too large",
+        415: "Body is not JSON",
+        500: "The model failed on this request's batch",
+        503: "Not ready, or the queue is full (see Retry-After)",
+        504: "The request's deadline passed",
+    }.items()
+}
