@@ -1,0 +1,125 @@
+"""The official `openai` client, unchanged, against the server's /v1 routes."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import openai
+import pytest
+
+from conftest import RunningServer
+from helpers import b64_png
+
+KEY = "sk-test"
+
+
+@pytest.fixture(scope="module")
+def server(
+    server_factory: Callable[..., RunningServer], tiny_model_dir: dict[str, Path]
+) -> RunningServer:
+    return server_factory(tiny_model_dir["blip2-opt"], "--api-key", KEY)
+
+
+@pytest.fixture(scope="module")
+def client(server: RunningServer) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{server.url}/v1", api_key=KEY, max_retries=0)
+
+
+def image_part(seed: int = 0) -> dict[str, object]:
+    return {"type": "image_url", "image_url": {"url": f"data:image/png;base64,{b64_png(seed)}"}}
+
+
+def test_models(client: openai.OpenAI, tiny_model_dir: dict[str, Path]) -> None:
+    models = client.models.list()
+    assert [m.id for m in models.data] == [str(tiny_model_dir["blip2-opt"])]
+
+
+def test_caption_and_question(client: openai.OpenAI) -> None:
+    caption = client.chat.completions.create(
+        model="blip2",
+        max_tokens=5,
+        messages=[{"role": "user", "content": [image_part()]}],
+    )
+    assert caption.object == "chat.completion"
+    choice = caption.choices[0]
+    assert choice.message.role == "assistant"
+    assert isinstance(choice.message.content, str)
+    assert caption.usage is not None
+    assert caption.usage.completion_tokens <= 5
+    assert caption.usage.total_tokens == (
+        caption.usage.prompt_tokens + caption.usage.completion_tokens
+    )
+
+    answer = client.chat.completions.create(
+        model="blip2",
+        max_tokens=3,
+        temperature=0,
+        messages=[
+            {"role": "user", "content": [image_part(), {"type": "text", "text": "what is it?"}]}
+        ],
+    )
+    assert answer.usage is not None
+    # "Question: what is it? Answer:" was sent to the model, not echoed back
+    assert answer.usage.prompt_tokens >= 7
+    assert "Question:" not in (answer.choices[0].message.content or "")
+
+
+def test_length_finish_reason(client: openai.OpenAI) -> None:
+    out = client.chat.completions.create(
+        model="blip2",
+        max_tokens=2,
+        messages=[{"role": "user", "content": [image_part(3)]}],
+        extra_body={"min_tokens": 2},
+    )
+    assert out.choices[0].finish_reason == "length"
+    assert out.usage is not None
+    assert out.usage.completion_tokens == 2
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"n": 2}, "n>1 is not supported"),
+        (
+            {"messages": [{"role": "user", "content": [image_part(), image_part(1)]}]},
+            "several images",
+        ),
+        ({"messages": [{"role": "user", "content": "hello"}]}, "needs an image"),
+        ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]}, "tools"),
+        ({"max_tokens": 0}, "max_tokens"),
+    ],
+)
+def test_unsupported_is_a_clear_400(
+    client: openai.OpenAI, kwargs: dict[str, object], message: str
+) -> None:
+    request = {
+        "model": "blip2",
+        "messages": [{"role": "user", "content": [image_part()]}],
+        **kwargs,
+    }
+    with pytest.raises(openai.BadRequestError) as info:
+        client.chat.completions.create(**request)  # type: ignore[call-overload]
+    assert message in str(info.value)
+
+
+def test_wrong_key(server: RunningServer) -> None:
+    bad = openai.OpenAI(base_url=f"{server.url}/v1", api_key="nope", max_retries=0)
+    with pytest.raises(openai.AuthenticationError):
+        bad.models.list()
+
+
+def test_bad_image_is_400(client: openai.OpenAI) -> None:
+    with pytest.raises(openai.BadRequestError) as info:
+        client.chat.completions.create(
+            model="blip2",
+            messages=[
+                {
+                    "role": "user",
+                    "content": [
+                        {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}
+                    ],
+                }
+            ],
+        )
+    assert "messages: " in str(info.value)
