@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import base64
 import signal
 import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -59,6 +61,8 @@ def server(server_factory: Callable[..., RunningServer], controllable_model: Pat
         "500",
         "--max-batch-size",
         "8",
+        "--allow-url-host",
+        "127.0.0.1",
     )
 
 
@@ -170,6 +174,49 @@ def test_request_id_headers(client: httpx.Client) -> None:
     assert made.headers["x-ms-request-id"] == made.headers["x-request-id"]
     # errors carry them too
     assert client.post("/score", json={}).headers["x-request-id"]
+
+
+@pytest.fixture(scope="module")
+def image_host() -> Iterator[str]:
+    """A loopback HTTP server with one PNG, standing in for an image CDN."""
+    png = base64.b64decode(b64_png(7))
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(200)
+            self.send_header("Content-Type", "image/png")
+            self.send_header("Content-Length", str(len(png)))
+            self.end_headers()
+            self.wfile.write(png)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    yield f"127.0.0.1:{httpd.server_address[1]}"
+    httpd.shutdown()
+    httpd.server_close()
+
+
+def test_url_images_from_an_allowed_host(client: httpx.Client, image_host: str) -> None:
+    by_url = client.post(
+        "/score", json=score_body([[f"http://{image_host}/a.png"]], max_new_tokens=4)
+    )
+    assert by_url.status_code == 200, by_url.text
+    inline = client.post("/score", json=score_body([[b64_png(7)]], max_new_tokens=4))
+    assert by_url.json() == inline.json()
+
+
+@pytest.mark.parametrize("host", ["localhost", "127.1", "[::1]", "169.254.169.254"])
+def test_url_to_internal_address_is_refused(
+    client: httpx.Client, image_host: str, host: str
+) -> None:
+    port = image_host.rsplit(":", 1)[1]
+    response = client.post("/score", json=score_body([[f"http://{host}:{port}/a.png"]]))
+    assert response.status_code == 400
+    assert response.json()["message"].startswith("row 0: URL refused")
 
 
 def test_unknown_route_is_json(client: httpx.Client) -> None:
