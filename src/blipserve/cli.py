@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
+from blipserve.batch.sinks import FORMATS
 from blipserve.config import (
     EngineConfig,
     FetchConfig,
@@ -60,6 +61,16 @@ examples:
 Routes: POST /score, POST /v1/chat/completions, GET /v1/models, GET / (liveness),
 GET /ready, GET /metrics, GET /swagger.json, GET /docs. Every option can also be set as
 an environment variable BLIPSERVE_<OPTION> (e.g. BLIPSERVE_API_KEYS=k1,k2).
+"""
+
+
+BATCH_EPILOG = """\
+examples:
+  blipserve batch photos/ -o captions.jsonl            # resumable: rerun to continue
+  blipserve batch photos/ --sidecar .txt               # photo.jpg -> photo.txt
+  blipserve batch photos/ -o photos/metadata.jsonl     # datasets.load_dataset("imagefolder")
+  blipserve batch catalog_inputs/ -o out/predictions.csv   # the catalog's batch layout
+  blipserve batch web.csv -o clean.parquet --filter-model Salesforce/blip-itm-base-coco
 """
 
 
@@ -155,6 +166,62 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("score", "Answer a catalog-format request body (JSON file, or - for stdin).")
     p.add_argument("request", metavar="REQUEST.json")
 
+    p = command("batch", "Caption (or ask about, or score) a whole collection of images.")
+    p.epilog = BATCH_EPILOG
+    p.add_argument(
+        "input",
+        metavar="INPUT",
+        type=Path,
+        help="folder of images (recursive) or of tables; a CSV/JSONL/Parquet file "
+        "with an 'image' column (path, URL or base64) and optional 'text'; or a "
+        ".txt list of images, one a line",
+    )
+    p.add_argument(
+        "--output",
+        "-o",
+        type=Path,
+        help="results file: .jsonl, .csv, .parquet, predictions.csv (the catalog's "
+        "batch output) or metadata.jsonl (Hugging Face imagefolder)",
+    )
+    p.add_argument("--format", choices=FORMATS, help="output format when the name doesn't say")
+    p.add_argument(
+        "--sidecar", metavar="SUFFIX", help="also write each caption next to its image, e.g. .txt"
+    )
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="start over: ignore earlier results and replace existing sidecars",
+    )
+    p.add_argument(
+        "--retry-errors",
+        action="store_true",
+        help="on resume, run again the rows that failed last time",
+    )
+    p.add_argument("--prompt", help="text for rows without any (e.g. one question for all)")
+    p.add_argument(
+        "--filter-model",
+        metavar="MODEL",
+        help="CapFilt: an image-text matching model that scores each caption and "
+        "original text (e.g. Salesforce/blip-itm-base-coco)",
+    )
+    p.add_argument(
+        "--min-match",
+        type=float,
+        default=0.5,
+        help="CapFilt: keep pairs whose match probability reaches this (default 0.5)",
+    )
+    p.add_argument(
+        "--progress",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="progress bar (default: on a terminal; log lines otherwise)",
+    )
+    ray = p.add_argument_group("ray", "Run on Ray Data (pip install 'blipserve[ray]').")
+    ray.add_argument("--ray", action="store_true", help="run the job on Ray Data")
+    ray.add_argument("--ray-address", help="cluster to join (default: a local one)")
+    ray.add_argument("--concurrency", type=int, default=1, help="model actors (default 1)")
+    ray.add_argument("--num-gpus", type=float, default=0.0, help="GPUs per actor (default 0)")
+
     help_text = "Serve the model over HTTP (catalog /score, OpenAI /v1, /metrics)."
     p = sub.add_parser(
         "serve",
@@ -179,6 +246,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "serve":
             return run_server(args)
+        if args.command == "batch":
+            return run_batch(args)
         return run(args, sys.stdout)
     except BlipserveError as exc:
         print(f"blipserve: error: {exc.message}", file=sys.stderr)
@@ -232,6 +301,66 @@ def run(args: argparse.Namespace, out: TextIO) -> int:
                 print(json.dumps({"image": row.image, "error": reason}), file=out)
             print(f"blipserve: {row.image}: {reason}", file=sys.stderr)
     return 2 if failed else 0
+
+
+def run_batch(args: argparse.Namespace) -> int:
+    from transformers.utils import logging as hf_logging
+
+    from blipserve.batch.runner import BatchJob, BatchOptions
+    from blipserve.engine import Engine
+
+    hf_logging.disable_progress_bar()
+    if not args.verbose:
+        hf_logging.set_verbosity_error()
+        logging.getLogger("blipserve").setLevel(logging.INFO)
+    options = BatchOptions(
+        input=args.input,
+        output=args.output,
+        format=args.format,
+        sidecar=args.sidecar,
+        overwrite=args.overwrite,
+        retry_errors=args.retry_errors,
+        params=params_from_args(args),
+        prompt=args.prompt,
+        min_match=args.min_match,
+        progress=args.progress,
+    )
+    model = config_from_args(ModelConfig, args)
+    engine_config = config_from_args(EngineConfig, args)
+    limits = config_from_args(ImageLimits, args)
+    fetch = config_from_args(FetchConfig, args)
+    if args.ray:
+        from blipserve.batch.ray import run_on_ray
+
+        summary = run_on_ray(
+            options,
+            model=model,
+            engine_config=engine_config,
+            limits=limits,
+            fetch=fetch,
+            filter_model=args.filter_model,
+            address=args.ray_address,
+            concurrency=args.concurrency,
+            num_gpus=args.num_gpus,
+        )
+    else:
+        engines = [Engine.load(model, config=engine_config, limits=limits, fetch=fetch)]
+        if args.filter_model:
+            engines.append(
+                Engine.load(
+                    dataclasses.replace(model, model=args.filter_model),
+                    config=engine_config,
+                    limits=limits,
+                    fetch=fetch,
+                )
+            )
+        try:
+            summary = BatchJob(engines[0], options, engines[1] if args.filter_model else None).run()
+        finally:
+            for engine in engines:
+                engine.close()
+    print(f"blipserve batch: {summary.line()}", file=sys.stderr)
+    return 0
 
 
 def run_server(args: argparse.Namespace) -> int:

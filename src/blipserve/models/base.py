@@ -45,6 +45,8 @@ class Adapter(Protocol):
     image_size: int
     device: torch.device
     dtype: torch.dtype
+    #: where the model was loaded from (folder or hub id)
+    source: str
 
     def batch_key(self, item: ModelInput) -> Hashable:
         """Rows with equal keys may share one ``predict`` call with identical results."""
@@ -94,6 +96,7 @@ class HFAdapter:
         self.device = device
         self.dtype = dtype
         self.image_size = _image_size(processor)
+        self.source = str(getattr(model, "name_or_path", "") or self.kind)
 
     @classmethod
     def load(
@@ -104,7 +107,9 @@ class HFAdapter:
         processor = AutoProcessor.from_pretrained(source, revision=revision)
         model = cls.model_class.from_pretrained(source, revision=revision, dtype=dtype)
         model.to(device).eval()
-        return cls(model, processor, device, dtype)
+        adapter = cls(model, processor, device, dtype)
+        adapter.source = source
+        return adapter
 
     def batch_key(self, item: ModelInput) -> Hashable:
         raise NotImplementedError
