@@ -70,8 +70,11 @@ def test_rows_with_different_keys_are_not_mixed(batcher: Batcher, model: FakeMod
         rows = [(item("a1"), "a"), (item("b1"), "b"), (item("a2"), "a")]
         return await batcher.run(rows, timeout=5)
 
-    assert asyncio.run(main()) == [Prediction("echo a1"), Prediction("echo b1"),
-                                   Prediction("echo a2")]
+    assert asyncio.run(main()) == [
+        Prediction("echo a1"),
+        Prediction("echo b1"),
+        Prediction("echo a2"),
+    ]
     assert sorted(model.batches) == [["a1", "a2"], ["b1"]]
 
 
@@ -89,8 +92,7 @@ def test_full_queue_is_refused_at_once(batcher: Batcher, model: FakeModel) -> No
     async def main() -> None:
         first = asyncio.create_task(batcher.run([(item("x"), "k")], timeout=5))
         await asyncio.to_thread(model.started.wait, 5)  # the model is now busy
-        held = asyncio.create_task(batcher.run([(item(str(i)), "k") for i in range(8)],
-                                               timeout=5))
+        held = asyncio.create_task(batcher.run([(item(str(i)), "k") for i in range(8)], timeout=5))
         await asyncio.sleep(0.05)
         with pytest.raises(Overloaded, match="queue is full"):
             await batcher.run([(item("late"), "k")], timeout=5)
@@ -107,7 +109,7 @@ def test_deadline_drops_queued_work(batcher: Batcher, model: FakeModel) -> None:
     async def main() -> None:
         busy = asyncio.create_task(batcher.run([(item("busy"), "k")], timeout=5))
         await asyncio.to_thread(model.started.wait, 5)
-        with pytest.raises(DeadlineExceeded, match="deadline of 0.1 s"):
+        with pytest.raises(DeadlineExceeded, match=r"deadline of 0\.1 s"):
             await batcher.run([(item("slow"), "other")], timeout=0.1)
         model.gate.set()
         await busy
