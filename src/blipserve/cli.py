@@ -211,6 +211,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="CapFilt: keep pairs whose match probability reaches this (default 0.5)",
     )
     p.add_argument(
+        "--chunk-rows",
+        type=int,
+        default=32,
+        help="rows decoded ahead and journaled together (default 32)",
+    )
+    p.add_argument(
         "--progress",
         action=argparse.BooleanOptionalAction,
         default=None,
@@ -324,6 +330,7 @@ def run_batch(args: argparse.Namespace) -> int:
         prompt=args.prompt,
         min_match=args.min_match,
         progress=args.progress,
+        chunk_rows=args.chunk_rows,
     )
     model = config_from_args(ModelConfig, args)
     engine_config = config_from_args(EngineConfig, args)
