@@ -74,6 +74,17 @@ examples:
 """
 
 
+FINETUNE_EPILOG = """\
+examples:
+  blipserve finetune --init Salesforce/blip-image-captioning-base --data my_images/ \\
+      --output-dir my-blip --epochs 3 --lr 1e-5          # my_images/metadata.jsonl: file_name, text
+  blipserve finetune --init config:blip2 --data synthetic --max-steps 3000 --output-dir demo-vqa
+  blipserve caption --model my-blip photo.jpg            # use the result
+
+A killed run continues from its newest checkpoint when rerun with the same command.
+"""
+
+
 def flag_name(f: dataclasses.Field[Any]) -> str:
     return str(f.metadata.get("flag") or "--" + f.name.replace("_", "-"))
 
@@ -228,6 +239,21 @@ def build_parser() -> argparse.ArgumentParser:
     ray.add_argument("--concurrency", type=int, default=1, help="model actors (default 1)")
     ray.add_argument("--num-gpus", type=float, default=0.0, help="GPUs per actor (default 0)")
 
+    help_text = (
+        "Fine-tune a BLIP or BLIP-2 model (or train one from a config) on image-caption or "
+        "question-answer data."
+    )
+    p = sub.add_parser(
+        "finetune",
+        help=help_text,
+        description=help_text,
+        epilog=FINETUNE_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    from blipserve.finetune.config import FinetuneConfig
+
+    add_config_arguments(p, FinetuneConfig, "fine-tuning")
+
     help_text = "Serve the model over HTTP (catalog /score, OpenAI /v1, /metrics)."
     p = sub.add_parser(
         "serve",
@@ -254,6 +280,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return run_server(args)
         if args.command == "batch":
             return run_batch(args)
+        if args.command == "finetune":
+            return run_finetune(args)
         return run(args, sys.stdout)
     except BlipserveError as exc:
         print(f"blipserve: error: {exc.message}", file=sys.stderr)
@@ -367,6 +395,21 @@ def run_batch(args: argparse.Namespace) -> int:
             for engine in engines:
                 engine.close()
     print(f"blipserve batch: {summary.line()}", file=sys.stderr)
+    return 0
+
+
+def run_finetune(args: argparse.Namespace) -> int:
+    from blipserve.finetune.config import FinetuneConfig
+    from blipserve.finetune.train import finetune
+
+    if not args.verbose:
+        logging.getLogger("blipserve").setLevel(logging.INFO)
+    try:
+        config = config_from_args(FinetuneConfig, args)
+    except ValueError as exc:
+        raise InvalidInput(f"finetune: {exc}") from None
+    folder = finetune(config)
+    print(f"blipserve finetune: model saved to {folder}", file=sys.stderr)
     return 0
 
 

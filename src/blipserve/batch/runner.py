@@ -11,6 +11,7 @@ import logging
 import sys
 import time
 from collections import deque
+from collections.abc import Iterator, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -69,7 +70,106 @@ class Summary:
         )
 
 
-class BatchJob:
+class JobBook:
+    """The driver's side of a batch job, wherever its rows run (here, or on Ray).
+
+    It opens the journal (so a job resumes, and local and Ray runs resume each other),
+    yields the rows still to do, records finished rows (journal, sidecars, counts) and
+    writes the final output.  ``model_source`` and ``filter_source`` identify the models.
+    """
+
+    def __init__(
+        self, options: BatchOptions, model_source: str, filter_source: str | None = None
+    ) -> None:
+        if options.output is None and options.sidecar is None:
+            raise InvalidInput("nothing to write: give --output, --sidecar, or both")
+        self.options = options
+        self.model_source = model_source
+        self.filter_source = filter_source
+        self.format = infer_format(options.output, options.format) if options.output else None
+        self.journal = (
+            Journal(
+                options.output.with_name(f".{options.output.name}.journal.jsonl"), self.signature()
+            )
+            if options.output
+            else None
+        )
+        self.summary = Summary()
+        self._started = time.monotonic()
+        self._progress: _Progress | None = None
+
+    def signature(self) -> dict[str, Any]:
+        """What identifies this job's results: a rerun with another signature is refused."""
+        o = self.options
+        return {
+            "input": str(o.input.resolve()),
+            "model": self.model_source,
+            "params": o.params.generate_kwargs(),
+            "prompt": o.prompt,
+            "filter": self.filter_source,
+            "min_match": o.min_match if self.filter_source else None,
+        }
+
+    def todo(self) -> Iterator[InputRow]:
+        """Open the journal; yield the input rows not done yet (the rest count as skipped)."""
+        o = self.options
+        self._started = time.monotonic()
+        done = self.journal.open(overwrite=o.overwrite) if self.journal else {}
+        self._progress = _Progress(count_rows(o.input), o.progress, o.log_every_s, self.summary)
+        for row in iter_rows(o.input):
+            if self._skip(row, done):
+                self.summary.skipped += 1
+                self._progress.update(1)
+            else:
+                yield row
+
+    def _skip(self, row: InputRow, done: dict[str, bool]) -> bool:
+        if row.id in done and (done[row.id] or not self.options.retry_errors):
+            return True
+        if self.options.sidecar and row.path and not self.options.overwrite:
+            # An existing caption file is left alone (and is the record for sidecar-only jobs).
+            return sidecar_path(row.path, self.options.sidecar).exists() and self.journal is None
+        return False
+
+    def commit(self, records: Sequence[Record]) -> None:
+        """Record finished rows: journal (durably), sidecars, counts, progress."""
+        if self.journal:
+            self.journal.append(records)
+        for record in records:
+            self._write_sidecar(record)
+            if record["error"]:
+                self.summary.failed += 1
+                log.warning("%s: %s", record["id"], record["error"])
+            else:
+                self.summary.done += 1
+        if self._progress:
+            self._progress.update(len(records))
+
+    def _write_sidecar(self, record: Record) -> None:
+        if not self.options.sidecar or not record.get("path"):
+            return
+        text = caption_to_keep(record)
+        target = sidecar_path(Path(record["path"]), self.options.sidecar)
+        if text is None or (target.exists() and not self.options.overwrite):
+            return
+        write_sidecar(target, text)
+
+    def close(self) -> None:
+        if self._progress:
+            self._progress.close()
+        if self.journal:
+            self.journal.close()
+
+    def finish(self) -> Summary:
+        """After :meth:`close`: write the final output from the journal."""
+        o = self.options
+        if self.journal and self.format and o.output:
+            self.summary.written = write_output(self.format, o.output, self.journal.records())
+        self.summary.elapsed_s = time.monotonic() - self._started
+        return self.summary
+
+
+class BatchJob(JobBook):
     """Run ``engine`` over every row of ``options.input``.
 
     ``filter_engine`` (an image-text matching model) turns on CapFilt: each generated
@@ -80,163 +180,117 @@ class BatchJob:
     def __init__(
         self, engine: Engine, options: BatchOptions, filter_engine: Engine | None = None
     ) -> None:
-        if options.output is None and options.sidecar is None:
-            raise InvalidInput("nothing to write: give --output, --sidecar, or both")
         self.engine = engine
-        self.options = options
         self.filter_engine = filter_engine
-        self.format = infer_format(options.output, options.format) if options.output else None
-        self.journal = (
-            Journal(
-                options.output.with_name(f".{options.output.name}.journal.jsonl"), self.signature()
-            )
-            if options.output
-            else None
+        super().__init__(
+            options, engine.adapter.source, filter_engine.adapter.source if filter_engine else None
         )
-        self.summary = Summary()
-
-    def signature(self) -> dict[str, Any]:
-        """What identifies this job's results: a rerun with another signature is refused."""
-        o = self.options
-        return {
-            "input": str(o.input.resolve()),
-            "model": self.engine.adapter.source,
-            "params": o.params.generate_kwargs(),
-            "prompt": o.prompt,
-            "filter": self.filter_engine.adapter.source if self.filter_engine else None,
-            "min_match": o.min_match if self.filter_engine else None,
-        }
 
     # -- the run ---------------------------------------------------------------------------
 
     def run(self) -> Summary:
         o = self.options
-        started = time.monotonic()
-        done = self.journal.open(overwrite=o.overwrite) if self.journal else {}
-        progress = _Progress(count_rows(o.input), o.progress, o.log_every_s, self.summary)
         window: deque[tuple[InputRow, Future[PreparedRow] | None]] = deque()
         try:
-            for row in iter_rows(o.input):
-                if self._skip(row, done):
-                    self.summary.skipped += 1
-                    progress.update(1)
-                    continue
-                window.append((row, self._submit(row)))
+            for row in self.todo():
+                window.append((row, submit_row(self.engine, row, o)))
                 if len(window) >= 2 * o.chunk_rows:
-                    self._process([window.popleft() for _ in range(o.chunk_rows)], progress)
+                    self._process([window.popleft() for _ in range(o.chunk_rows)])
             while window:
                 n = min(o.chunk_rows, len(window))
-                self._process([window.popleft() for _ in range(n)], progress)
+                self._process([window.popleft() for _ in range(n)])
         finally:
             for _, future in window:
                 if future is not None:
                     future.cancel()
-            progress.close()
-            if self.journal:
-                self.journal.close()
-        if self.journal and self.format and o.output:
-            self.summary.written = write_output(self.format, o.output, self.journal.records())
-        self.summary.elapsed_s = time.monotonic() - started
-        return self.summary
+            self.close()
+        return self.finish()
 
-    def _skip(self, row: InputRow, done: dict[str, bool]) -> bool:
-        if row.id in done and (done[row.id] or not self.options.retry_errors):
-            return True
-        if self.options.sidecar and row.path and not self.options.overwrite:
-            # An existing caption file is left alone (and is the record for sidecar-only jobs).
-            return sidecar_path(row.path, self.options.sidecar).exists() and self.journal is None
-        return False
+    def _process(self, chunk: list[tuple[InputRow, Future[PreparedRow] | None]]) -> None:
+        self.commit(make_records(self.engine, chunk, self.options, self.filter_engine))
 
-    def _submit(self, row: InputRow) -> Future[PreparedRow] | None:
-        if row.error:
-            return None
-        text = row.text or self.options.prompt
-        row_input = RowInput(position=0, image=row.image, text=text, index=row.id)
-        return self.engine.decode_pool.submit(
-            self.engine.prepare, row_input, self.options.params, allow_paths=True
-        )
 
-    def _process(
-        self, chunk: list[tuple[InputRow, Future[PreparedRow] | None]], progress: _Progress
-    ) -> None:
-        prepared: list[PreparedRow | RowError] = []
-        for row, future in chunk:
-            if future is None:
-                prepared.append(RowError(0, row.error or "unreadable row", row.id))
+def submit_row(engine: Engine, row: InputRow, options: BatchOptions) -> Future[PreparedRow] | None:
+    """Start decoding ``row`` in the engine's pool (None: the row itself is unreadable)."""
+    if row.error:
+        return None
+    text = row.text or options.prompt
+    row_input = RowInput(position=0, image=row.image, text=text, index=row.id)
+    return engine.decode_pool.submit(engine.prepare, row_input, options.params, allow_paths=True)
+
+
+def make_records(
+    engine: Engine,
+    chunk: Sequence[tuple[InputRow, Future[PreparedRow] | None]],
+    options: BatchOptions,
+    filter_engine: Engine | None = None,
+) -> list[Record]:
+    """The journal records of rows submitted with :func:`submit_row`; bad rows get errors.
+
+    Shared by the local job and the Ray actors, so both write the same records.
+    """
+    prepared: list[PreparedRow | RowError] = []
+    for row, future in chunk:
+        if future is None:
+            prepared.append(RowError(0, row.error or "unreadable row", row.id))
+            continue
+        try:
+            prepared.append(future.result())
+        except RowError as exc:
+            prepared.append(exc)
+        except Exception as exc:  # a bug must not lose the other rows
+            log.exception("decoding %s failed", row.id)
+            prepared.append(RowError(0, f"{type(exc).__name__}: {exc}", row.id))
+    outcomes = engine.run_prepared(prepared)
+    records = [_record(row, outcome) for (row, _), outcome in zip(chunk, outcomes, strict=True)]
+    if filter_engine:
+        _capfilt(filter_engine, records, prepared, options.min_match)
+    return records
+
+
+def _record(row: InputRow, outcome: object) -> Record:
+    record: Record = {"id": row.id, "text": "", "score": None, "error": ""}
+    if isinstance(outcome, Prediction):
+        record["text"] = outcome.text
+        record["score"] = outcome.score
+    elif isinstance(outcome, RowError):
+        record["error"] = outcome.reason
+    else:
+        record["error"] = getattr(outcome, "message", str(outcome))
+    record.update(source=row.source, row=row.row, path=str(row.path) if row.path else None)
+    return record
+
+
+def _capfilt(
+    filter_engine: Engine,
+    records: list[Record],
+    prepared: list[PreparedRow | RowError],
+    min_match: float,
+) -> None:
+    """Score (image, caption) and (image, original text) with the matching model."""
+    adapter = filter_engine.adapter
+    pairs: list[PreparedRow] = []
+    targets: list[tuple[Record, str]] = []
+    for record, prep in zip(records, prepared, strict=True):
+        if record["error"] or not isinstance(prep, PreparedRow):
+            continue
+        for column, text in (("keep", record["text"]), ("text_in_keep", prep.item.text)):
+            if not text:
                 continue
-            try:
-                prepared.append(future.result())
-            except RowError as exc:
-                prepared.append(exc)
-            except Exception as exc:  # a bug must not lose the other rows
-                log.exception("decoding %s failed", row.id)
-                prepared.append(RowError(0, f"{type(exc).__name__}: {exc}", row.id))
-        outcomes = self.engine.run_prepared(prepared)
-        records = [
-            self._record(row, outcome) for (row, _), outcome in zip(chunk, outcomes, strict=True)
-        ]
-        if self.filter_engine:
-            self._capfilt(records, prepared)
-        if self.journal:
-            self.journal.append(records)
-        for (row, _), record in zip(chunk, records, strict=True):
-            self._write_sidecar(row, record)
-            if record["error"]:
-                self.summary.failed += 1
-                log.warning("%s: %s", row.id, record["error"])
-            else:
-                self.summary.done += 1
-        progress.update(len(chunk))
-
-    def _record(self, row: InputRow, outcome: object) -> Record:
-        record: Record = {"id": row.id, "text": "", "score": None, "error": ""}
-        if isinstance(outcome, Prediction):
-            record["text"] = outcome.text
-            record["score"] = outcome.score
-        elif isinstance(outcome, RowError):
-            record["error"] = outcome.reason
+            item = ModelInput(image=prep.item.image, text=text, params=GenerationParams())
+            pairs.append(PreparedRow(prep.row, item, adapter.batch_key(item)))
+            targets.append((record, column))
+        if prep.item.text:
+            record["text_in"] = prep.item.text
+    for (record, column), outcome in zip(targets, filter_engine.run_prepared(pairs), strict=True):
+        if not isinstance(outcome, Prediction) or outcome.score is None:
+            record["error"] = f"matching failed: {getattr(outcome, 'message', outcome)}"
+            continue
+        keep = outcome.score >= min_match
+        if column == "keep":
+            record["score"], record["keep"] = outcome.score, keep
         else:
-            record["error"] = getattr(outcome, "message", str(outcome))
-        record.update(source=row.source, row=row.row, path=str(row.path) if row.path else None)
-        return record
-
-    def _capfilt(self, records: list[Record], prepared: list[PreparedRow | RowError]) -> None:
-        """Score (image, caption) and (image, original text) with the matching model."""
-        assert self.filter_engine is not None
-        adapter = self.filter_engine.adapter
-        pairs: list[PreparedRow] = []
-        targets: list[tuple[Record, str]] = []
-        for record, prep in zip(records, prepared, strict=True):
-            if record["error"] or not isinstance(prep, PreparedRow):
-                continue
-            for column, text in (("keep", record["text"]), ("text_in_keep", prep.item.text)):
-                if not text:
-                    continue
-                item = ModelInput(image=prep.item.image, text=text, params=GenerationParams())
-                pairs.append(PreparedRow(prep.row, item, adapter.batch_key(item)))
-                targets.append((record, column))
-            if prep.item.text:
-                record["text_in"] = prep.item.text
-        for (record, column), outcome in zip(
-            targets, self.filter_engine.run_prepared(pairs), strict=True
-        ):
-            if not isinstance(outcome, Prediction) or outcome.score is None:
-                record["error"] = f"matching failed: {getattr(outcome, 'message', outcome)}"
-                continue
-            keep = outcome.score >= self.options.min_match
-            if column == "keep":
-                record["score"], record["keep"] = outcome.score, keep
-            else:
-                record["text_in_score"], record["text_in_keep"] = outcome.score, keep
-
-    def _write_sidecar(self, row: InputRow, record: Record) -> None:
-        if not self.options.sidecar or row.path is None:
-            return
-        text = caption_to_keep(record)
-        target = sidecar_path(row.path, self.options.sidecar)
-        if text is None or (target.exists() and not self.options.overwrite):
-            return
-        write_sidecar(target, text)
+            record["text_in_score"], record["text_in_keep"] = outcome.score, keep
 
 
 class _Progress:
@@ -275,4 +329,12 @@ class _Progress:
             self.bar.close()
 
 
-__all__ = ["BatchJob", "BatchOptions", "OutputError", "Summary"]
+__all__ = [
+    "BatchJob",
+    "BatchOptions",
+    "JobBook",
+    "OutputError",
+    "Summary",
+    "make_records",
+    "submit_row",
+]

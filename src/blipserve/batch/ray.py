@@ -1,0 +1,227 @@
+"""Batch jobs on Ray Data: the local job's rows, records, journal and outputs, run by actors.
+
+The driver reads the input with :func:`~blipserve.batch.sources.iter_rows` (so rows keep
+the local job's ids) and skips what the journal already holds, exactly as the local job
+does: a local run and a Ray run resume each other.  The rows still to do are put into the
+object store in Arrow blocks of a few chunks each (only one block is in the driver's memory
+at a time; the input is listed before the model starts, which for image paths is quick).
+Model actors (one :class:`~blipserve.engine.Engine` each, loaded once) turn batches of rows
+into journal records with the local job's own :func:`~blipserve.batch.runner.make_records`;
+the driver streams them back in input order into the journal, sidecars and counts, then
+writes the final output.  Image paths must be readable where the actors run (one machine,
+or a shared filesystem), and blipserve must be installed there.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import importlib
+import json
+import logging
+import warnings
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+from blipserve.batch.journal import Record
+from blipserve.batch.runner import BatchOptions, JobBook, Summary, make_records, submit_row
+from blipserve.batch.sources import InputRow
+from blipserve.config import EngineConfig, FetchConfig, ImageLimits, ModelConfig
+from blipserve.errors import BlipserveError, InvalidInput
+
+log = logging.getLogger(__name__)
+
+#: InputRow's fields, as the dataset's (string, nullable) columns
+COLUMNS = tuple(f.name for f in dataclasses.fields(InputRow))
+BLOCK_CHUNKS = 4  # chunks of rows per block in the object store
+
+
+def run_on_ray(
+    options: BatchOptions,
+    *,
+    model: ModelConfig,
+    engine_config: EngineConfig,
+    limits: ImageLimits,
+    fetch: FetchConfig,
+    filter_model: str | None,
+    address: str | None,
+    concurrency: int,
+    num_gpus: float,
+) -> Summary:
+    """Run the batch job described by ``options`` on Ray Data; same results as locally.
+
+    ``address``: a cluster to join (None: start a local one, or use the one this process
+    already joined); ``concurrency`` model actors, each with ``num_gpus`` GPUs.
+    """
+    try:  # imported as Any: Ray's own annotations are partial
+        ray: Any = importlib.import_module("ray")
+        importlib.import_module("ray.data")
+    except ImportError:
+        raise InvalidInput("--ray needs Ray: pip install 'blipserve[ray]'") from None
+    from blipserve.models import resolve_source
+
+    if concurrency < 1:
+        raise InvalidInput(f"--concurrency must be at least 1 (got {concurrency})")
+    # The signature names the models as the local job's engines would: same journal.
+    book = JobBook(
+        options, resolve_source(model.model), resolve_source(filter_model) if filter_model else None
+    )
+    connected_here = not ray.is_initialized()
+    if connected_here:
+        ray.init(address=address, ignore_reinit_error=True)
+    actor = {
+        "options": options,
+        "model": model,
+        "engine_config": engine_config,
+        "limits": limits,
+        "fetch": fetch,
+        "filter_model": filter_model,
+    }
+    try:
+        with _ordered(ray):
+            size = _rows(options)
+            refs = [ray.put(_table(rows)) for rows in _chunks(book.todo(), BLOCK_CHUNKS * size)]
+            for records in _results(ray, refs, size, actor, concurrency, num_gpus):
+                book.commit(records)
+    except ray.exceptions.RayError as exc:
+        cause = _blipserve_cause(exc, ray.exceptions.RayError)
+        if cause is None:
+            raise
+        raise cause from exc
+    finally:
+        book.close()
+        if connected_here:
+            ray.shutdown()  # stops a local cluster started here; only leaves a remote one
+    return book.finish()
+
+
+def _results(
+    ray: Any, refs: list[Any], size: int, actor: dict[str, Any], concurrency: int, gpus: float
+) -> Iterator[list[Record]]:
+    """The records of the rows in ``refs`` (Arrow blocks), as they come, in input order."""
+    if not refs:
+        return
+    dataset = ray.data.from_arrow_refs(refs).map_batches(
+        RecordActor,
+        fn_constructor_kwargs=actor,
+        batch_size=size,
+        batch_format="pyarrow",
+        compute=ray.data.ActorPoolStrategy(size=concurrency),
+        num_gpus=gpus,
+    )
+    for batch in dataset.iter_batches(batch_size=None, batch_format="pyarrow"):
+        yield [json.loads(line) for line in batch.column("record").to_pylist()]
+
+
+@contextlib.contextmanager
+def _ordered(ray: Any) -> Iterator[None]:
+    """Ray Data in input order (the journal, so the output, reads like a local run's) and
+    without its own progress bars; the context is restored after."""
+    with warnings.catch_warnings():  # Ray's first DataContext warns about its own defaults
+        warnings.simplefilter("ignore", DeprecationWarning)
+        context = ray.data.DataContext.get_current()
+    saved = context.execution_options.preserve_order, context.enable_progress_bars
+    context.execution_options.preserve_order = True
+    context.enable_progress_bars = False
+    try:
+        yield
+    finally:
+        context.execution_options.preserve_order, context.enable_progress_bars = saved
+
+
+class RecordActor:
+    """A model actor: the engine (and CapFilt's matching engine) loaded once, then batches
+    of input rows in, one JSON journal record per row out."""
+
+    def __init__(
+        self,
+        *,
+        options: BatchOptions,
+        model: ModelConfig,
+        engine_config: EngineConfig,
+        limits: ImageLimits,
+        fetch: FetchConfig,
+        filter_model: str | None,
+    ) -> None:
+        from blipserve.engine import Engine
+
+        def load(config: ModelConfig) -> Engine:
+            return Engine.load(config, config=engine_config, limits=limits, fetch=fetch)
+
+        self.options = options
+        self.engine = load(model)
+        self.filter_engine = (
+            load(dataclasses.replace(model, model=filter_model)) if filter_model else None
+        )
+
+    def __call__(self, batch: Any) -> dict[str, list[str]]:
+        rows = [_input_row(values) for values in batch.to_pylist()]
+        try:
+            chunk = [(row, submit_row(self.engine, row, self.options)) for row in rows]
+            records = make_records(self.engine, chunk, self.options, self.filter_engine)
+        except Exception as exc:  # a bug fails this batch's rows, never the job
+            log.exception("a batch of %d rows failed", len(rows))
+            records = [_failed(row, f"{type(exc).__name__}: {exc}") for row in rows]
+        return {"record": [json.dumps(r, ensure_ascii=False) for r in records]}
+
+
+def _rows(options: BatchOptions) -> int:
+    return max(1, options.chunk_rows)
+
+
+def _chunks(rows: Iterable[InputRow], size: int) -> Iterator[list[InputRow]]:
+    chunk: list[InputRow] = []
+    for row in rows:
+        chunk.append(row)
+        if len(chunk) >= size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
+def _table(rows: list[InputRow]) -> Any:
+    import pyarrow as pa
+
+    columns = {name: [_text(getattr(row, name)) for row in rows] for name in COLUMNS}
+    # large_string: base64 images from tables can exceed a 2 GiB string column per block
+    return pa.table({name: pa.array(values, pa.large_string()) for name, values in columns.items()})
+
+
+def _text(value: object) -> str | None:
+    return None if value is None else str(value)
+
+
+def _input_row(values: dict[str, Any]) -> InputRow:
+    path = values.get("path")
+    return InputRow(**{**values, "path": Path(path) if path else None})
+
+
+def _failed(row: InputRow, error: str) -> Record:
+    path = str(row.path) if row.path else None
+    return {
+        "id": row.id,
+        "text": "",
+        "score": None,
+        "error": error,
+        "source": row.source,
+        "row": row.row,
+        "path": path,
+    }
+
+
+def _blipserve_cause(exc: BaseException, wrapper: type[BaseException]) -> BaseException | None:
+    """The blipserve error behind Ray's wrappers (e.g. a model actor that could not load its
+    model: ActorDiedError(RayTaskError(cause=ModelLoadError))), for the CLI to report."""
+    todo, seen = [exc], set()
+    while todo:
+        error = todo.pop()
+        if id(error) in seen:
+            continue  # Ray's errors can be their own __cause__
+        seen.add(id(error))
+        if isinstance(error, BlipserveError) and not isinstance(error, wrapper):
+            return error
+        linked = (getattr(error, "cause", None), error.__cause__, *error.args)
+        todo.extend(e for e in linked if isinstance(e, BaseException))
+    return None

@@ -1,0 +1,249 @@
+"""Training examples and how they become model inputs.
+
+An :class:`Example` is an image, an optional prompt and the target text.  Sources are
+indexable and stateless (example ``i`` is always the same), so a resumed run sees exactly
+the examples it would have seen without the interruption:
+
+* :class:`RowSource`: rows of an imagefolder ``metadata.jsonl`` or a CSV (``file_name``,
+  ``text``, optional ``prompt``), reshuffled every epoch;
+* :class:`SceneSource`: an endless stream of fresh synthetic scenes (captions, and for
+  BLIP-2 also questions).
+
+:func:`collate` turns a list of examples into the tensors a family's ``forward`` takes,
+with ``labels`` = -100 wherever no loss belongs (prompt, image placeholders, padding).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+from PIL import Image
+
+from blipserve.demo import scenes
+from blipserve.finetune.build import Bundle
+
+IGNORE = -100  # label value CrossEntropyLoss skips
+
+
+@dataclass(frozen=True)
+class Example:
+    """An image, an optional prompt (BLIP: caption prefix; BLIP-2: ``Question: .. Answer:``)
+    and the text the model should produce after it."""
+
+    image: Image.Image
+    text: str
+    prompt: str | None = None
+
+
+class Source(Protocol):
+    """Examples by index; ``size`` is None for an endless source."""
+
+    size: int | None
+
+    def example(self, index: int) -> Example: ...
+
+
+@dataclass(frozen=True)
+class Row:
+    image_path: Path
+    text: str
+    prompt: str | None
+
+
+class RowSource:
+    """A finite list of rows, in a fresh random order every epoch (seeded)."""
+
+    def __init__(self, rows: Sequence[Row], seed: int = 0, shuffle: bool = True) -> None:
+        if not rows:
+            raise ValueError("the data set has no rows")
+        self.rows = list(rows)
+        self.size: int | None = len(self.rows)
+        self.seed = seed
+        self.shuffle = shuffle
+        self._orders: dict[int, list[int]] = {}
+
+    def _order(self, epoch: int) -> list[int]:
+        if epoch not in self._orders:
+            order = list(range(len(self.rows)))
+            if self.shuffle:
+                random.Random(f"{self.seed}/{epoch}").shuffle(order)
+            self._orders = {epoch: order}  # only the current epoch is ever needed
+        return self._orders[epoch]
+
+    def example(self, index: int) -> Example:
+        epoch, offset = divmod(index, len(self.rows))
+        row = self.rows[self._order(epoch)[offset]]
+        with Image.open(row.image_path) as im:
+            image = im.convert("RGB")
+        return Example(image=image, text=row.text, prompt=row.prompt)
+
+
+class SceneSource:
+    """Synthetic scenes: example ``i`` is scene ``i`` of ``seed``, as a caption or a question.
+
+    With ``caption_fraction`` < 1 a seeded coin decides per example whether it is the
+    scene's caption or one of its questions (chosen uniformly among ``scene.qa``).
+    """
+
+    def __init__(self, seed: int, caption_fraction: float = 1.0) -> None:
+        self.seed = seed
+        self.caption_fraction = caption_fraction
+        self.size: int | None = None
+
+    def example(self, index: int) -> Example:
+        scene = scenes.scene_at(self.seed, index)
+        rng = random.Random(f"task/{self.seed}/{index}")
+        if not scene.qa or rng.random() < self.caption_fraction:
+            return Example(image=scene.image, text=scene.caption)
+        qa = rng.choice(scene.qa)
+        return Example(image=scene.image, text=qa.answer, prompt=qa.prompt)
+
+
+def read_rows(path: str | Path) -> list[Row]:
+    """Rows of a folder's ``metadata.jsonl`` (or ``metadata.csv``), or of a CSV file.
+
+    ``file_name`` is relative to the folder holding the metadata file; ``prompt`` is
+    optional and empty / null means "no prompt".
+    """
+    path = Path(path)
+    if path.is_dir():
+        if (path / "metadata.jsonl").is_file():
+            meta = path / "metadata.jsonl"
+        elif (path / "metadata.csv").is_file():
+            meta = path / "metadata.csv"
+        else:
+            raise ValueError(f"{path}: no metadata.jsonl or metadata.csv in this folder")
+    elif path.is_file():
+        meta = path
+    else:
+        raise ValueError(f"{path}: no such folder or file")
+    if meta.suffix == ".jsonl":
+        with meta.open(encoding="utf-8") as f:
+            records = [(n, json.loads(line)) for n, line in enumerate(f, start=1) if line.strip()]
+    elif meta.suffix == ".csv":
+        with meta.open(encoding="utf-8", newline="") as f:
+            records = list(enumerate(csv.DictReader(f), start=2))
+    else:
+        raise ValueError(f"{meta}: expected a .jsonl or .csv metadata file")
+    rows = []
+    for line, record in records:
+        if not isinstance(record, dict) or not record.get("file_name") or "text" not in record:
+            raise ValueError(f"{meta}:{line}: a row needs 'file_name' and 'text'")
+        image_path = meta.parent / str(record["file_name"])
+        if not image_path.is_file():
+            raise ValueError(f"{meta}:{line}: image {image_path} does not exist")
+        prompt = record.get("prompt") or None
+        rows.append(Row(image_path, str(record["text"]), None if prompt is None else str(prompt)))
+    return rows
+
+
+# --- collation ----------------------------------------------------------------------
+
+
+def collate(bundle: Bundle, batch: Sequence[Example]) -> dict[str, torch.Tensor]:
+    """Model inputs with ``labels`` for a batch of examples."""
+    pixels = bundle.processor.image_processor(
+        images=[ex.image for ex in batch], return_tensors="pt"
+    )["pixel_values"]  # (B, 3, S, S)
+    if bundle.family == "blip":
+        text = _blip_text(bundle, batch)
+    elif bundle.decoder_only:
+        text = _blip2_decoder_only(bundle, batch)
+    else:
+        text = _blip2_seq2seq(bundle, batch)
+    return {"pixel_values": pixels, **text}
+
+
+def _pad(rows: Sequence[list[int]], value: int) -> torch.Tensor:
+    width = max(len(r) for r in rows)
+    out = torch.full((len(rows), width), value, dtype=torch.long)
+    for i, row in enumerate(rows):
+        out[i, : len(row)] = torch.tensor(row, dtype=torch.long)
+    return out  # (B, T), right-padded
+
+
+def _ids(tokenizer: Any, text: str, special: bool = True) -> list[int]:
+    return list(tokenizer(text, add_special_tokens=special)["input_ids"])
+
+
+def _blip_text(bundle: Bundle, batch: Sequence[Example]) -> dict[str, torch.Tensor]:
+    """``[DEC] prompt text [SEP]``; loss on ``text [SEP]`` (as BLIP fine-tunes on COCO).
+
+    BERT tokenization gives ``[CLS] ... [SEP]``; BLIP's decoder replaces ``[CLS]`` with its
+    beginning-of-caption token, as ``generate`` does.
+    """
+    tokenizer = bundle.processor.tokenizer
+    bos = bundle.model.config.text_config.bos_token_id
+    pad = tokenizer.pad_token_id
+    ids, labels = [], []
+    for ex in batch:
+        full = ex.text if ex.prompt is None else f"{ex.prompt} {ex.text}"
+        row = _ids(tokenizer, full)
+        row[0] = bos
+        # The prompt's tokens without its [SEP] are the prefix the caption continues.
+        prefix = 1 if ex.prompt is None else len(_ids(tokenizer, ex.prompt)) - 1
+        ids.append(row)
+        labels.append([IGNORE] * prefix + row[prefix:])
+    input_ids = _pad(ids, pad)  # (B, T)
+    return {
+        "input_ids": input_ids,
+        "attention_mask": (input_ids != pad).long(),  # (B, T); pad never occurs in text
+        "labels": _pad(labels, IGNORE),  # (B, T)
+    }
+
+
+def _blip2_decoder_only(bundle: Bundle, batch: Sequence[Example]) -> dict[str, torch.Tensor]:
+    """``<image> * Q, bos, prompt, text, eos``; loss only on ``text, eos``.
+
+    This is exactly what the processor builds for a prompt (or, with no prompt, what
+    ``generate`` starts from: image tokens and bos), followed by the target.  The prompt
+    is tokenized on its own and as part of prompt + text; the shared prefix is masked.
+    """
+    config = bundle.model.config
+    tokenizer = bundle.processor.tokenizer
+    image = [config.image_token_index] * config.num_query_tokens
+    eos = config.text_config.eos_token_id
+    ids, labels, mask = [], [], []
+    for ex in batch:
+        prompt = _ids(tokenizer, ex.prompt or "")
+        full = [*_ids(tokenizer, f"{ex.prompt} {ex.text}" if ex.prompt else ex.text), eos]
+        if full[: len(prompt)] != prompt:
+            # (a BPE merge across the prompt/answer boundary; tokenize the parts apart)
+            full = prompt + _ids(tokenizer, " " + ex.text, special=False) + [eos]
+        ids.append(image + full)
+        labels.append([IGNORE] * (len(image) + len(prompt)) + full[len(prompt) :])
+        mask.append([1] * (len(image) + len(full)))
+    return {
+        "input_ids": _pad(ids, tokenizer.pad_token_id),  # (B, Q + T)
+        "attention_mask": _pad(mask, 0),  # (B, Q + T)
+        "labels": _pad(labels, IGNORE),  # (B, Q + T); forward aligns and shifts
+    }
+
+
+def _blip2_seq2seq(bundle: Bundle, batch: Sequence[Example]) -> dict[str, torch.Tensor]:
+    """Flan-T5 BLIP-2: the encoder reads ``<image> * Q, prompt``; the decoder writes text."""
+    config = bundle.model.config
+    tokenizer = bundle.processor.tokenizer
+    image = [config.image_token_index] * config.num_query_tokens
+    ids = [image + _ids(tokenizer, ex.prompt or "") for ex in batch]
+    targets = [_ids(tokenizer, ex.text) for ex in batch]  # T5 appends </s> itself
+    return {
+        "input_ids": _pad(ids, tokenizer.pad_token_id),  # (B, Q + P)
+        "attention_mask": _pad([[1] * len(r) for r in ids], 0),  # (B, Q + P)
+        "labels": _pad(targets, IGNORE),  # (B, T)
+    }
+
+
+def make_source(data: str, *, family: str, seed: int, caption_fraction: float) -> Source:
+    """The training source named by ``FinetuneConfig.data``."""
+    if data == "synthetic":
+        fraction = 1.0 if family == "blip" else caption_fraction
+        return SceneSource(scenes.TRAIN_SEED, caption_fraction=fraction)
+    return RowSource(read_rows(data), seed=seed)

@@ -1,0 +1,254 @@
+"""Fine-tuning: tiny runs of a few steps that save loadable folders and resume exactly."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+from transformers import AutoProcessor, Blip2ForConditionalGeneration, BlipForConditionalGeneration
+
+from blipserve.demo import scenes
+from blipserve.finetune import FinetuneConfig, finetune
+from blipserve.finetune import data as data_mod
+from blipserve.finetune import train as train_mod
+from blipserve.finetune.build import make_bundle
+from blipserve.finetune.data import IGNORE, Example, collate, read_rows
+from blipserve.finetune.metrics import corpus_bleu, exact_match
+
+TINY: dict[str, Any] = {
+    "image_size": 32,
+    "patch_size": 8,
+    "hidden_size": 32,
+    "num_heads": 2,
+    "vision_layers": 1,
+    "text_layers": 1,
+    "qformer_layers": 1,
+    "num_query_tokens": 4,
+    "batch_size": 4,
+    "lr": 1e-3,
+    "warmup_steps": 1,
+    "num_threads": 1,
+    "progress": False,
+    "device": "cpu",
+}
+
+
+@pytest.fixture(scope="module")
+def scene_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return scenes.write_imagefolder(tmp_path_factory.mktemp("scenes"), seed=1, n=3)
+
+
+def _cfg(init: str, data: Path, out: Path, **over: Any) -> FinetuneConfig:
+    values = {
+        "init": init,
+        "data": str(data),
+        "eval_data": str(data),
+        "eval_examples": 4,
+        "output_dir": str(out),
+        "max_steps": 3,
+        "eval_every": 0,
+        "save_every": 0,
+        **TINY,
+    }
+    values.update(over)
+    return FinetuneConfig(**values)
+
+
+def test_blip_trains_saves_and_reloads(scene_dir: Path, tmp_path: Path) -> None:
+    out = finetune(_cfg("config:blip", scene_dir, tmp_path / "blip"))
+    summary = json.loads((out / "finetune_summary.json").read_text())
+    assert summary["steps"] == 3
+    assert {"exact", "bleu4"} <= set(summary["final_eval"])
+    processor = AutoProcessor.from_pretrained(out)
+    model = BlipForConditionalGeneration.from_pretrained(out)
+    image = scenes.scene_at(0, 0).image
+    ids = model.generate(**processor(images=image, return_tensors="pt"), max_new_tokens=5)
+    assert ids.shape[0] == 1
+    assert ids.shape[1] <= 6
+    assert isinstance(processor.decode(ids[0], skip_special_tokens=True), str)
+
+
+def test_blip2_trains_saves_and_reloads(scene_dir: Path, tmp_path: Path) -> None:
+    out = finetune(_cfg("config:blip2", scene_dir, tmp_path / "blip2"))
+    summary = json.loads((out / "finetune_summary.json").read_text())
+    assert {"caption_exact", "answer_exact"} <= set(summary["final_eval"])
+    processor = AutoProcessor.from_pretrained(out)
+    assert processor.num_query_tokens == 4
+    model = Blip2ForConditionalGeneration.from_pretrained(out)
+    image_id = processor.tokenizer.convert_tokens_to_ids("<image>")
+    assert model.config.image_token_index == image_id
+    image = scenes.scene_at(0, 0).image
+    inputs = processor(
+        images=image, text="Question: what color is the circle? Answer:", return_tensors="pt"
+    )
+    assert inputs["input_ids"][0, :4].tolist() == [image_id] * 4
+    ids = model.generate(**inputs, max_new_tokens=3)
+    assert ids.shape[1] <= inputs["input_ids"].shape[1] + 3
+    caption = model.generate(**processor(images=image, return_tensors="pt"), max_new_tokens=3)
+    assert caption.shape[0] == 1
+
+
+def test_freeze_language_model(scene_dir: Path, tmp_path: Path) -> None:
+    cfg = _cfg("config:blip2", scene_dir, tmp_path / "b", eval_data="")
+    bundle = make_bundle(cfg)
+    before = {k: v.clone() for k, v in bundle.model.language_model.state_dict().items()}
+    init = tmp_path / "init"
+    bundle.model.save_pretrained(init)
+    bundle.processor.save_pretrained(init)
+    out = finetune(_cfg(str(init), scene_dir, tmp_path / "f", freeze_language_model=True))
+    after = Blip2ForConditionalGeneration.from_pretrained(out).language_model.state_dict()
+    for key, value in before.items():
+        assert torch.equal(value, after[key]), key
+    with pytest.raises(ValueError, match="BLIP-2"):
+        finetune(_cfg("config:blip", scene_dir, tmp_path / "x", freeze_language_model=True))
+
+
+class Interrupted(Exception):
+    pass
+
+
+def test_resume_continues_from_the_last_checkpoint(
+    scene_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    over = {"max_steps": 4, "save_every": 2, "eval_data": ""}
+    straight = finetune(_cfg("config:blip", scene_dir, tmp_path / "straight", **over))
+
+    # Kill the second run while it works on step 3 (after the step-2 checkpoint).
+    real_collate = data_mod.collate
+    calls: list[int] = []
+
+    def dying_collate(bundle: Any, batch: Any) -> Any:
+        calls.append(1)
+        if len(calls) == 3:
+            raise Interrupted
+        return real_collate(bundle, batch)
+
+    monkeypatch.setattr(train_mod, "collate", dying_collate)
+    cfg = _cfg("config:blip", scene_dir, tmp_path / "resumed", **over)
+    with pytest.raises(Interrupted):
+        finetune(cfg)
+    assert train_mod.latest_checkpoint(cfg.checkpoints) == cfg.checkpoints / "step-2"
+    assert not (tmp_path / "resumed" / "model.safetensors").exists()
+
+    # Resume: only steps 3 and 4 run, on the examples the first run would have seen.
+    seen: list[int] = []
+
+    def counting_collate(bundle: Any, batch: Any) -> Any:
+        seen.append(1)
+        return real_collate(bundle, batch)
+
+    monkeypatch.setattr(train_mod, "collate", counting_collate)
+    resumed = finetune(cfg)
+    assert len(seen) == 2
+    summary = json.loads((resumed / "finetune_summary.json").read_text())
+    assert summary["steps"] == 4
+    a = load_file(str(straight / "model.safetensors"))
+    b = load_file(str(resumed / "model.safetensors"))
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6)
+
+
+def test_checkpoints_are_pruned(scene_dir: Path, tmp_path: Path) -> None:
+    cfg = _cfg(
+        "config:blip",
+        scene_dir,
+        tmp_path,
+        max_steps=3,
+        save_every=1,
+        keep_checkpoints=1,
+        eval_data="",
+    )
+    finetune(cfg)
+    assert [p.name for p in cfg.checkpoints.iterdir()] == ["step-3"]
+
+
+def test_collate_masks_prompt_and_padding(scene_dir: Path) -> None:
+    image = Image.new("RGB", (64, 64))
+    prompt = "Question: what color is the circle? Answer:"
+    batch = [Example(image, "red", prompt), Example(image, "a small red circle")]
+    bundle = make_bundle(_cfg("config:blip2", scene_dir, scene_dir, eval_data=""))
+    out = collate(bundle, batch)
+    tokenizer = bundle.processor.tokenizer
+    q = bundle.model.config.num_query_tokens
+    assert out["pixel_values"].shape == (2, 3, 32, 32)
+    for row, ex in enumerate(batch):
+        labels = out["labels"][row]
+        assert (labels[:q] == IGNORE).all()  # image placeholders
+        kept = labels[labels != IGNORE].tolist()
+        assert kept[-1] == tokenizer.eos_token_id
+        assert tokenizer.decode(kept, skip_special_tokens=True) == ex.text
+    # The model input up to the answer is exactly what the processor builds for the prompt.
+    built = bundle.processor(images=image, text=prompt)["input_ids"][0]
+    assert out["input_ids"][0, : len(built)].tolist() == list(built)
+
+    blip = make_bundle(_cfg("config:blip", scene_dir, scene_dir, eval_data=""))
+    out = collate(blip, [Example(image, "a small red circle"), Example(image, "red", "a")])
+    assert out["input_ids"][0, 0] == blip.model.config.text_config.bos_token_id
+    assert out["labels"][0, 0] == IGNORE
+    kept = out["labels"][1][out["labels"][1] != IGNORE].tolist()
+    assert blip.processor.tokenizer.decode(kept, skip_special_tokens=True) == "red"
+
+
+def test_read_rows_from_csv(tmp_path: Path) -> None:
+    Image.new("RGB", (8, 8)).save(tmp_path / "x.png")
+    (tmp_path / "data.csv").write_text("file_name,text,prompt\nx.png,a red circle,\n")
+    rows = read_rows(tmp_path / "data.csv")
+    assert rows[0].text == "a red circle"
+    assert rows[0].prompt is None
+    (tmp_path / "bad.csv").write_text("file_name,text\nmissing.png,x\n")
+    with pytest.raises(ValueError, match="does not exist"):
+        read_rows(tmp_path / "bad.csv")
+    with pytest.raises(ValueError, match="metadata"):
+        read_rows(tmp_path)
+
+
+def test_config_errors() -> None:
+    with pytest.raises(ValueError, match="max_steps"):
+        FinetuneConfig(data="synthetic")
+    with pytest.raises(ValueError, match="multiple"):
+        FinetuneConfig(max_steps=1, image_size=30, patch_size=8)
+
+
+def test_metrics() -> None:
+    refs = ["a small red circle left of a large blue square", "red"]
+    assert exact_match(refs, refs) == 1.0
+    assert exact_match(["A  small red circle left of a large blue square", "blue"], refs) == 0.5
+    assert corpus_bleu(refs, refs) == pytest.approx(1.0)
+    assert corpus_bleu(["a b c d"], ["e f g h"]) == 0.0
+    partial = corpus_bleu(["a small red circle left of a large blue"], refs[:1])
+    assert 0.0 < partial < 1.0
+
+
+def test_resume_with_a_changed_recipe_warns(
+    scene_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    over: dict[str, Any] = {"max_steps": 2, "save_every": 1, "eval_data": ""}
+    finetune(_cfg("config:blip", scene_dir, tmp_path, **over))
+    with caplog.at_level("WARNING", logger="blipserve.finetune.train"):
+        finetune(_cfg("config:blip", scene_dir, tmp_path, **{**over, "max_steps": 3}))
+    assert "max_steps: 2 -> 3" in caplog.text
+
+
+def test_vision_init_copies_the_image_encoder(scene_dir: Path, tmp_path: Path) -> None:
+    blip = make_bundle(_cfg("config:blip", scene_dir, tmp_path, seed=1))
+    blip.model.save_pretrained(tmp_path / "blip")
+    blip.processor.save_pretrained(tmp_path / "blip")
+    blip2 = make_bundle(
+        _cfg("config:blip2", scene_dir, tmp_path, vision_init=str(tmp_path / "blip"))
+    )
+    pixels = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        want = blip.model.vision_model(pixel_values=pixels).last_hidden_state
+        got = blip2.model.vision_model(pixel_values=pixels).last_hidden_state
+    torch.testing.assert_close(got, want)
+    small = make_bundle(_cfg("config:blip", scene_dir, tmp_path, hidden_size=16))
+    small.model.save_pretrained(tmp_path / "small")
+    small.processor.save_pretrained(tmp_path / "small")
+    with pytest.raises(ValueError, match="does not match"):
+        make_bundle(_cfg("config:blip2", scene_dir, tmp_path, vision_init=str(tmp_path / "small")))
