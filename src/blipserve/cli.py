@@ -293,6 +293,7 @@ def run(args: argparse.Namespace, out: TextIO) -> int:
     from transformers.utils import logging as hf_logging
 
     from blipserve.engine import Engine
+    from blipserve.openai_contract import ask_prompt
 
     hf_logging.disable_progress_bar()
     if not args.verbose:
@@ -315,7 +316,9 @@ def run(args: argparse.Namespace, out: TextIO) -> int:
         if args.command == "caption":
             rows = [RowInput(i, image, args.prompt) for i, image in enumerate(args.images)]
         elif args.command == "ask":
-            rows = [RowInput(0, args.image, args.question)]
+            # As on the chat route: BLIP-2 gets a bare question as `Question: ... Answer:`.
+            question = ask_prompt(args.question, engine.adapter.text_role)
+            rows = [RowInput(0, args.image, question)]
         else:
             rows = [RowInput(0, args.image, args.text)]
         outcomes = engine.predict(rows, params, allow_paths=True)

@@ -138,11 +138,16 @@ def build_prompt(req: ChatRequest, text_role: str) -> str | None:
     if text_role != "prompt" or question is None:
         return question
     turns = [_history_turn(q, a) for q, a in req.history]
-    if _ANSWER.search(question):
-        turns.append(question)
-    else:
-        turns.append(f"Question: {question} Answer:")
+    turns.append(ask_prompt(question, text_role))
     return " ".join(turns)
+
+
+def ask_prompt(question: str, text_role: str) -> str:
+    """A bare question as the model takes questions: BLIP-2 (``"prompt"``) gets
+    ``Question: {q} Answer:`` unless the text already holds ``Answer:``; others get it as is."""
+    if text_role != "prompt" or _ANSWER.search(question):
+        return question
+    return f"Question: {question} Answer:"
 
 
 def chat_response(

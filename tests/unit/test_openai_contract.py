@@ -14,6 +14,7 @@ from PIL import Image
 from blipserve.errors import InvalidRequest
 from blipserve.openai_contract import (
     ChatRequest,
+    ask_prompt,
     build_prompt,
     chat_response,
     models_response,
@@ -496,3 +497,16 @@ def test_models_response_shape() -> None:
         ],
     }
     assert isinstance(models_response("m")["data"][0]["created"], int)
+
+
+@pytest.mark.parametrize(
+    ("question", "role", "expected"),
+    [
+        ("what is it?", "prompt", "Question: what is it? Answer:"),
+        ("Question: what is it? Answer:", "prompt", "Question: what is it? Answer:"),
+        ("what is it?", "question", "what is it?"),
+        ("a picture of", "prefix", "a picture of"),
+    ],
+)
+def test_ask_prompt_wraps_bare_questions_for_blip2(question: str, role: str, expected: str) -> None:
+    assert ask_prompt(question, role) == expected

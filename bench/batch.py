@@ -1,0 +1,280 @@
+"""Benchmark `blipserve batch` against the catalog's per-image loop, side by side.
+
+The input: a folder of ``--images`` (default 64) large JPEGs (default 4000x3000, about
+12 MP; made once by this script from scikit-image sample photos, cached).  The model: a
+random-weight copy of ``Salesforce/blip-image-captioning-base`` built from its published
+config, tokenizer and processor settings (full size, 384 px ViT-B/16).  Every caption is
+exactly ``--tokens`` tokens long (``min_new_tokens = max_new_tokens``) on both sides, so
+both do the same model work.
+
+* **loop** (the baseline; what the catalog's scoring wrapper does per image):
+  ``Image.open(path).convert("RGB")``, ``processor(images=..., return_tensors="pt")``,
+  ``model.generate(...)``, ``processor.batch_decode(...)``; float32, one image at a time.
+* **blipserve**: ``blipserve batch FOLDER -o out.jsonl --model MODEL`` as a user runs it
+  (a subprocess, its defaults plus ``--blipserve-args``); its own summary line gives the
+  elapsed time, which excludes loading the model, as the loop's timing does.
+
+Then, "where the time goes": the same work split into its stages, measured one by one in
+this process with blipserve's own functions (image decode with draft mode, the vision
+encoder at the engine's batch size, the text decoder's generation) and, for comparison,
+the loop's decode (full-size PIL decode + the processor's resize).
+
+    .venv/bin/python bench/batch.py                     # full run (~5 min on 2 cores)
+    .venv/bin/python bench/batch.py --images 8 --quick  # smoke test with a tiny model
+
+Run it on a quiet machine; the background load is measured and reported.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import re
+import shlex
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import build_random_model, machine_info, python_command
+from server import CACHE, QUICK_OVERRIDES, background_cpu_busy
+
+LAYOUT = "blip-image-captioning-base"
+_DTYPES = {"float32", "bfloat16", "float16"}
+PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "camera", "hubble_deep_field")
+
+
+def make_jpegs(folder: Path, count: int, size: tuple[int, int], quality: int = 92) -> list[Path]:
+    """``count`` large JPEGs from scikit-image's photos, upscaled, with light noise (so the
+    files are as big as real camera photos); cached by name."""
+    from skimage import data
+
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    rng = np.random.default_rng(0)
+    for i in range(count):
+        path = folder / f"photo-{i:03d}.jpg"
+        paths.append(path)
+        if path.exists():
+            continue
+        photo = Image.fromarray(np.asarray(getattr(data, PHOTOS[i % len(PHOTOS)])())).convert("RGB")
+        big = np.asarray(photo.resize(size, Image.Resampling.BICUBIC), dtype=np.int16)
+        big = big + rng.integers(-6, 7, big.shape, dtype=np.int16)
+        if i // len(PHOTOS) % 2:
+            big = big[:, ::-1]
+        tmp = path.with_suffix(".tmp")
+        Image.fromarray(big.clip(0, 255).astype(np.uint8)).save(tmp, "JPEG", quality=quality)
+        tmp.rename(path)
+    return paths
+
+
+def run_loop(model_dir: Path, paths: list[Path], tokens: int) -> dict[str, Any]:
+    """The baseline: one image at a time, as the catalog's scoring wrapper does."""
+    import torch
+    from transformers import AutoProcessor, BlipForConditionalGeneration
+
+    processor: Any = AutoProcessor.from_pretrained(model_dir)
+    model: Any = BlipForConditionalGeneration.from_pretrained(model_dir, dtype=torch.float32)
+    model.eval()
+    params = {"max_new_tokens": tokens, "min_new_tokens": tokens}
+    with torch.inference_mode():  # warm-up, as blipserve's engine does before its job
+        warm = processor(images=Image.new("RGB", (64, 64)), return_tensors="pt")
+        model.generate(**warm, max_new_tokens=2)
+    start = time.perf_counter()
+    texts = []
+    with torch.inference_mode():
+        for path in paths:
+            image = Image.open(path).convert("RGB")
+            inputs = processor(images=image, return_tensors="pt")
+            out = model.generate(**inputs, **params)
+            texts += processor.batch_decode(out, skip_special_tokens=True)
+    elapsed = time.perf_counter() - start
+    return {"elapsed_s": elapsed, "images_per_s": len(paths) / elapsed, "captions": len(texts)}
+
+
+SUMMARY = re.compile(r"done (\d+), failed (\d+).*elapsed ([\d.]+) s, ([\d.]+) images/s")
+
+
+def run_blipserve(
+    model_dir: Path, folder: Path, tokens: int, extra: list[str], work: Path
+) -> dict[str, Any]:
+    out = work / "captions.jsonl"
+    argv = python_command(
+        "-m",
+        "blipserve.cli",
+        "batch",
+        str(folder),
+        "-o",
+        str(out),
+        "--overwrite",
+        "--no-progress",
+        "--model",
+        str(model_dir),
+        "--max-new-tokens",
+        str(tokens),
+        "--min-new-tokens",
+        str(tokens),
+        *extra,
+    )
+    wall = time.perf_counter()
+    proc = subprocess.run(argv, capture_output=True, text=True, check=False)
+    wall = time.perf_counter() - wall
+    if proc.returncode != 0:
+        raise RuntimeError(f"blipserve batch failed:\n{proc.stderr}")
+    match = SUMMARY.search(proc.stderr)
+    if not match:
+        raise RuntimeError(f"no summary line in blipserve's output:\n{proc.stderr}")
+    done, failed, elapsed, rate = match.groups()
+    if int(failed):
+        raise RuntimeError(f"{failed} images failed:\n{out.read_text()[:2000]}")
+    return {
+        "argv": shlex.join(argv[1:]),
+        "done": int(done),
+        "elapsed_s": float(elapsed),
+        "images_per_s": float(rate),
+        "wall_with_model_load_s": round(wall, 1),
+    }
+
+
+def where_time_goes(model_dir: Path, paths: list[Path], tokens: int, dtype: str) -> dict[str, Any]:
+    """Each stage alone, per image: blipserve's decode, the loop's decode, vision, text."""
+    import torch
+    from transformers import AutoProcessor
+
+    from blipserve.config import EngineConfig, ImageLimits, ModelConfig
+    from blipserve.images import load_image
+    from blipserve.models import load_model
+
+    adapter: Any = load_model(ModelConfig(model=str(model_dir), device="cpu", dtype=dtype))  # type: ignore[arg-type]
+    batch = EngineConfig().max_batch_size
+    sample = paths[:batch]
+    limits = ImageLimits()
+    out: dict[str, Any] = {"dtype": str(adapter.dtype).removeprefix("torch."), "batch": batch}
+
+    start = time.perf_counter()
+    images = [
+        load_image(str(p), limits=limits, target_size=adapter.image_size, allow_paths=True)
+        for p in sample
+    ]
+    out["blipserve_decode_s"] = (time.perf_counter() - start) / len(sample)
+
+    processor: Any = AutoProcessor.from_pretrained(model_dir)
+    start = time.perf_counter()
+    for p in sample:
+        processor(images=Image.open(p).convert("RGB"), return_tensors="pt")
+    out["loop_decode_and_preprocess_s"] = (time.perf_counter() - start) / len(sample)
+
+    model = adapter.model
+    pixels = processor(images=images, return_tensors="pt")["pixel_values"].to(adapter.dtype)
+    with torch.inference_mode():
+        model.vision_model(pixel_values=pixels)  # warm-up
+        start = time.perf_counter()
+        model.vision_model(pixel_values=pixels)
+        vision = (time.perf_counter() - start) / len(sample)
+        start = time.perf_counter()
+        model.generate(pixel_values=pixels, max_new_tokens=tokens, min_new_tokens=tokens)
+        total = (time.perf_counter() - start) / len(sample)
+    out["vision_s"] = vision
+    out["text_s"] = total - vision
+    return out
+
+
+def markdown(report: dict[str, Any]) -> str:
+    loop, ours = report["loop"], report["blipserve"]
+    stages = report["stages"]
+    m = report["machine"]
+    lines = [
+        f"`blipserve batch` vs the catalog's per-image loop: {report['images']} JPEGs of "
+        f"{report['image_size'][0]}x{report['image_size'][1]}, {report['model']}, "
+        f"{report['tokens']} tokens per caption; {m['cpu']}, {m['usable_cores']} cores, "
+        f"torch {m['torch']}; {report['date']}; background load "
+        f"{report['background_busy']:.0%}.",
+        "",
+        "| | images/s | s/image | ratio |",
+        "|---|---|---|---|",
+        f"| loop (float32, one at a time) | {loop['images_per_s']:.3f} | "
+        f"{1 / loop['images_per_s']:.2f} | 1.00x |",
+        f"| blipserve batch ({stages['dtype']}, batch {stages['batch']}) | "
+        f"{ours['images_per_s']:.3f} | {1 / ours['images_per_s']:.2f} | "
+        f"{ours['images_per_s'] / loop['images_per_s']:.2f}x |",
+        "",
+        "Where blipserve's time goes, per image (each stage alone, one after the other):",
+        "",
+        "| stage | s/image |",
+        "|---|---|",
+        f"| image decode (draft mode), blipserve | {stages['blipserve_decode_s']:.3f} |",
+        f"| image decode + processor (the loop's way) | "
+        f"{stages['loop_decode_and_preprocess_s']:.3f} |",
+        f"| vision encoder (batch {stages['batch']}) | {stages['vision_s']:.3f} |",
+        f"| text decoder, {report['tokens']} tokens (batch {stages['batch']}) | "
+        f"{stages['text_s']:.3f} |",
+        "",
+        f"Command: `{report['command']}`",
+    ]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--images", type=int, default=64)
+    parser.add_argument("--size", default="4000x3000", help="JPEG size, WxH (default 12 MP)")
+    parser.add_argument("--tokens", type=int, default=20)
+    parser.add_argument("--quick", action="store_true", help="a tiny model of the same layout")
+    parser.add_argument("--blipserve-args", default="", help="extra flags for blipserve batch")
+    parser.add_argument("--out", type=Path, help="also write the report as JSON here")
+    args = parser.parse_args()
+    width, height = (int(v) for v in args.size.lower().split("x"))
+
+    folder = CACHE / f"jpegs-{width}x{height}"
+    paths = make_jpegs(folder, args.images, (width, height))
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        images = work / "images"  # exactly --images files (the cache may hold more)
+        images.mkdir()
+        for p in paths:
+            (images / p.name).symlink_to(p)
+        name = "quick" if args.quick else "full"
+        model_dir = build_random_model(
+            LAYOUT, CACHE / f"{LAYOUT}-{name}", overrides=QUICK_OVERRIDES if args.quick else None
+        )
+        busy = background_cpu_busy()
+        print(f"background load {busy:.0%}; blipserve batch ...", file=sys.stderr)
+        ours = run_blipserve(model_dir, images, args.tokens, shlex.split(args.blipserve_args), work)
+        print(f"  {ours['images_per_s']:.3f} images/s; loop ...", file=sys.stderr)
+        loop = run_loop(model_dir, paths, args.tokens)
+        print(f"  {loop['images_per_s']:.3f} images/s; stages ...", file=sys.stderr)
+        dtype = next(
+            (a for a in (*shlex.split(args.blipserve_args), "auto") if a in _DTYPES), "auto"
+        )
+        stages = where_time_goes(model_dir, paths, args.tokens, dtype)
+    report = {
+        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "machine": machine_info(),
+        "background_busy": busy,
+        "images": args.images,
+        "image_size": [width, height],
+        "image_mb": round(sum(p.stat().st_size for p in paths) / len(paths) / 1e6, 2),
+        "model": f"random-weight {LAYOUT}" + (" (tiny)" if args.quick else ""),
+        "tokens": args.tokens,
+        "loop": loop,
+        "blipserve": ours,
+        "ratio": ours["images_per_s"] / loop["images_per_s"],
+        "stages": stages,
+        "command": shlex.join(["python", "bench/batch.py", *sys.argv[1:]]),
+    }
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(report, indent=2) + "\n")
+    print(markdown(report))
+
+
+if __name__ == "__main__":
+    main()
