@@ -161,7 +161,9 @@ def where_time_goes(model_dir: Path, paths: list[Path], tokens: int, dtype: str)
 
     start = time.perf_counter()
     images = [
-        load_image(str(p), limits=limits, target_size=adapter.image_size, allow_paths=True)
+        load_image(
+            str(p), limits=limits, fetcher=None, target_size=adapter.image_size, allow_paths=True
+        )
         for p in sample
     ]
     out["blipserve_decode_s"] = (time.perf_counter() - start) / len(sample)
@@ -241,9 +243,10 @@ def main() -> None:
         images.mkdir()
         for p in paths:
             (images / p.name).symlink_to(p)
-        name = "quick" if args.quick else "full"
-        model_dir = build_random_model(
-            LAYOUT, CACHE / f"{LAYOUT}-{name}", overrides=QUICK_OVERRIDES if args.quick else None
+        model_dir = build_random_model(  # the same cached folders as bench/server.py's
+            LAYOUT,
+            CACHE / (LAYOUT + ("-quick" if args.quick else "")),
+            overrides=QUICK_OVERRIDES if args.quick else None,
         )
         busy = background_cpu_busy()
         print(f"background load {busy:.0%}; blipserve batch ...", file=sys.stderr)

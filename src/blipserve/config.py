@@ -79,8 +79,8 @@ class ModelConfig:
     )
     dtype: DType = _opt(  # noqa: RUF009
         "auto",
-        "Weight dtype: auto (bfloat16, else float16, on cuda; float32 on cpu), float32, "
-        "bfloat16, float16.",
+        "Weight dtype: auto (cuda: bfloat16, else float16; cpu: bfloat16 where the CPU "
+        "has native bf16, else float32), float32, bfloat16, float16.",
     )
     revision: str | None = _opt(None, "Hub revision (branch, tag or commit) to load.")
 
@@ -91,6 +91,9 @@ class EngineConfig:
 
     max_batch_size: int = _opt(8, "Most rows run through the model at once.")
     decode_workers: int = _opt(4, "Threads that fetch and decode images in parallel.")
+    torch_threads: int = _opt(
+        0, "CPU threads torch runs the model on; 0 keeps torch's default (one per core)."
+    )
 
 
 @dataclass(frozen=True)

@@ -75,6 +75,8 @@ class Engine:
     ) -> None:
         self.adapter = adapter
         self.config = config or EngineConfig()
+        if self.config.torch_threads > 0:
+            torch.set_num_threads(self.config.torch_threads)  # process-wide, as torch has it
         self.limits = limits or ImageLimits()
         fetch = fetch or FetchConfig()
         self.fetcher = SafeFetcher(fetch) if fetch.allow_urls else None

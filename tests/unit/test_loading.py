@@ -11,6 +11,7 @@ import torch
 from blipserve.config import ModelConfig
 from blipserve.errors import ModelLoadError
 from blipserve.models import ADAPTERS, load_model
+from blipserve.models.base import cpu_has_native_bf16
 
 EXPECTED_KIND = {
     "blip-caption": "blip-caption",
@@ -27,7 +28,9 @@ def test_architecture_maps_to_adapter(tiny_model_dir: dict[str, Path], kind: str
     assert adapter.kind == EXPECTED_KIND[kind]
     assert adapter.image_size == 32
     assert adapter.device == torch.device("cpu")
-    assert adapter.dtype == torch.float32
+    # auto on CPU: bfloat16 where the CPU has native bf16, float32 elsewhere
+    assert adapter.dtype == (torch.bfloat16 if cpu_has_native_bf16() else torch.float32)
+    assert next(adapter.model.parameters()).dtype == adapter.dtype
     assert not adapter.model.training
 
 
@@ -36,6 +39,11 @@ def test_registry_covers_the_published_architectures() -> None:
     for config in layouts.glob("*/config.json"):
         for arch in json.loads(config.read_text())["architectures"]:
             assert arch in ADAPTERS
+
+
+def test_float32_on_request(tiny_model_dir: dict[str, Path]) -> None:
+    adapter = load_model(ModelConfig(model=str(tiny_model_dir["blip-caption"]), dtype="float32"))
+    assert next(adapter.model.parameters()).dtype == torch.float32
 
 
 def test_bfloat16_weights(tiny_model_dir: dict[str, Path]) -> None:
