@@ -87,7 +87,7 @@ def parse_request(body: object, *, max_rows: int = 1024) -> ScoringRequest:
     if "input_data" not in body:
         keys = ", ".join(map(repr, body)) or "none"
         raise InvalidRequest(f"request body has no 'input_data' key (keys found: {keys})")
-    params = GenerationParams.parse(body.get("params"))
+    params = GenerationParams.parse(_params(body))
     input_data = body["input_data"]
     if isinstance(input_data, Mapping):
         rows = _parse_split(input_data)
@@ -104,6 +104,25 @@ def parse_request(body: object, *, max_rows: int = 1024) -> ScoringRequest:
     if len(rows) > max_rows:
         raise InvalidRequest(f"input_data has {len(rows)} rows; at most {max_rows} per request")
     return ScoringRequest(rows=rows, params=params)
+
+
+# Where clients put generation settings: "params" (the catalog's image-to-text samples),
+# or "parameters" beside or inside "input_data" (its text-generation samples). One only.
+_PARAM_PLACES = (("params",), ("parameters",), ("input_data", "parameters"))
+
+
+def _params(body: Mapping[str, Any]) -> object:
+    found: list[tuple[str, object]] = []
+    for path in _PARAM_PLACES:
+        node: object = body
+        for key in path:
+            node = node.get(key) if isinstance(node, Mapping) else None
+        if node is not None:
+            found.append((".".join(path), node))
+    if len(found) > 1:
+        names = " and ".join(repr(name) for name, _ in found)
+        raise InvalidRequest(f"generation settings given twice, in {names}: keep one")
+    return found[0][1] if found else None
 
 
 def _parse_split(input_data: Mapping[str, Any]) -> list[RowInput]:

@@ -136,3 +136,35 @@ def test_row_errors_name_the_row(body: object, row: int, message: str) -> None:
 def test_row_error_names_the_index_label() -> None:
     with pytest.raises(RowError, match=r"^row 1 \(index 'b'\): 'image'"):
         parse_request(split(["image"], [[IMG], [7]], index=["a", "b"]))
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"input_data": {"columns": ["image"], "data": [["x"]]}, "params": {"max_new_tokens": 7}},
+        {
+            "input_data": {"columns": ["image"], "data": [["x"]]},
+            "parameters": {"max_new_tokens": 7},
+        },
+        {
+            "input_data": {
+                "columns": ["image"],
+                "data": [["x"]],
+                "parameters": {"max_new_tokens": 7},
+            }
+        },
+    ],
+    ids=["params", "parameters", "input_data.parameters"],
+)
+def test_generation_settings_in_each_place_clients_put_them(body: dict[str, object]) -> None:
+    assert parse_request(body).params.max_new_tokens == 7
+
+
+def test_generation_settings_given_twice_are_refused() -> None:
+    body = {
+        "input_data": {"columns": ["image"], "data": [["x"]]},
+        "params": {"max_new_tokens": 7},
+        "parameters": {"max_new_tokens": 9},
+    }
+    with pytest.raises(InvalidRequest, match="'params' and 'parameters'"):
+        parse_request(body)

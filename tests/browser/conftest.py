@@ -1,0 +1,178 @@
+"""The /ui page in a real browser: Debian's headless Chromium driven by Playwright.
+
+Servers are real ``blipserve serve`` processes on port 0 (``--port-file``, then ``/ready``
+polled), started once per session and only when a test needs them; the browser is launched
+once. Screenshots of each state go to ``<pytest basetemp>/ui-screenshots/``.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+from playwright.sync_api import Browser, BrowserContext, ConsoleMessage, expect, sync_playwright
+
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+API_KEY = "ui-test-key"
+# Generous waits for the model's answers on a small, busy CPU; a pass takes far less.
+TIMEOUT_MS = 30_000
+
+
+def find_chromium() -> str | None:
+    for candidate in ("/usr/bin/chromium", shutil.which("chromium")):
+        if candidate and os.access(candidate, os.X_OK):
+            return candidate
+    return None
+
+
+@dataclass
+class Server:
+    url: str
+    proc: subprocess.Popen[bytes]
+    log: Path
+
+
+def launch(workdir: Path, *args: str) -> tuple[subprocess.Popen[bytes], Path]:
+    """Start ``blipserve serve ARGS`` on port 0; the process and its port file."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    port_file = workdir / "port"
+    log = workdir / "server.log"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            [
+                *(sys.executable, "-m", "blipserve.cli", "serve", "--port", "0"),
+                *("--port-file", str(port_file), "--log-level", "warning", *args),
+            ],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env=env,
+        )
+    return proc, port_file
+
+
+def wait_ready(proc: subprocess.Popen[bytes], port_file: Path, timeout: float = 120) -> Server:
+    log = port_file.with_name("server.log")
+    deadline = time.monotonic() + timeout
+    url = None
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"server exited with {proc.returncode}:\n{log.read_text()}")
+        if url is None and port_file.exists():
+            url = f"http://127.0.0.1:{port_file.read_text().strip()}"
+        if url is not None:
+            try:
+                if httpx.get(f"{url}/ready", timeout=2).status_code == 200:
+                    return Server(url, proc, log)
+            except httpx.TransportError:
+                pass
+        time.sleep(0.1)
+    proc.kill()
+    raise AssertionError(f"server not ready after {timeout} s:\n{log.read_text()}")
+
+
+@pytest.fixture(scope="session")
+def servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[[str], Server]]:
+    """name -> a running server: ``demo``, ``demo-vqa``, or ``demo-key`` (needs API_KEY).
+
+    The first use starts all three at once (loading in parallel is quicker than one after
+    another); each then serves the rest of the session."""
+    configs = {
+        "demo": ["--model", "demo"],
+        "demo-vqa": ["--model", "demo-vqa"],
+        "demo-key": ["--model", "demo", "--api-key", API_KEY],
+    }
+    starting: dict[str, tuple[subprocess.Popen[bytes], Path]] = {}
+    running: dict[str, Server] = {}
+
+    def get(name: str) -> Server:
+        if not starting:
+            for each, args in configs.items():
+                starting[each] = launch(tmp_path_factory.mktemp(f"server-{each}"), *args)
+        if name not in running:
+            running[name] = wait_ready(*starting[name])
+        return running[name]
+
+    yield get
+    procs = [proc for proc, _ in starting.values()]
+    for proc in procs:
+        if proc.poll() is None:
+            proc.terminate()
+    for proc in procs:
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
+
+
+@pytest.fixture(scope="session")
+def screenshots(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = tmp_path_factory.getbasetemp() / "ui-screenshots"
+    folder.mkdir(exist_ok=True)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def browser() -> Iterator[Browser]:
+    chromium = find_chromium()
+    if chromium is None:
+        pytest.skip(
+            "no Chromium at /usr/bin/chromium or on PATH (scripts/install_chromium.sh installs it)"
+        )
+    expect.set_options(timeout=TIMEOUT_MS)
+    with sync_playwright() as p:
+        launched = p.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS)
+        yield launched
+        launched.close()
+
+
+@dataclass
+class PageProblems:
+    """What the page reported that a working page never does: script errors, CSP refusals."""
+
+    errors: list[str]
+
+    def check(self) -> None:
+        assert not self.errors, self.errors
+
+
+@pytest.fixture
+def context(browser: Browser) -> Iterator[BrowserContext]:
+    """A fresh browser profile per test (nothing remembered between tests)."""
+    ctx = browser.new_context(viewport={"width": 1280, "height": 900})
+    ctx.set_default_timeout(TIMEOUT_MS)
+    yield ctx
+    ctx.close()
+
+
+@pytest.fixture
+def problems(context: BrowserContext) -> Iterator[PageProblems]:
+    found = PageProblems([])
+
+    def on_console(message: ConsoleMessage) -> None:
+        # A fetch answered 4xx is logged by Chromium as "Failed to load resource": expected.
+        if message.type == "error" and "Failed to load resource" not in message.text:
+            found.errors.append(message.text)
+
+    context.on("console", on_console)
+    context.on("weberror", lambda error: found.errors.append(str(error.error)))
+    yield found
+    found.check()
