@@ -100,7 +100,9 @@ def run_loop(model_dir: Path, paths: list[Path], tokens: int) -> dict[str, Any]:
     return {"elapsed_s": elapsed, "images_per_s": len(paths) / elapsed, "captions": len(texts)}
 
 
-SUMMARY = re.compile(r"done (\d+), failed (\d+).*elapsed ([\d.]+) s, ([\d.]+) images/s")
+SUMMARY = re.compile(
+    r"blipserve batch: done (\d+), failed (\d+).*elapsed ([\d.]+) s, ([\d.]+) images/s"
+)
 
 
 def run_blipserve(
