@@ -1,4 +1,4 @@
-"""Shared fixtures: tiny models built once per session."""
+"""Shared fixtures: tiny models built once per session, real servers on free ports."""
 
 from __future__ import annotations
 
@@ -9,11 +9,25 @@ import os
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"
 
+import json
+import shutil
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
 import tiny_models
+from live_server import RunningServer, start_server
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Tests marked ``slow`` run only when asked for (``-m slow``; scripts/hardening.sh)."""
+    if config.getoption("markexpr"):
+        return  # an explicit -m decides
+    skip = pytest.mark.skip(reason="slow: run with -m slow (scripts/hardening.sh)")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)
 
 
 @pytest.fixture(scope="session")
@@ -21,3 +35,36 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """kind -> folder of a tiny random model saved with save_pretrained."""
     root = tmp_path_factory.mktemp("tiny-models")
     return {kind: tiny_models.build(kind, root / kind) for kind in tiny_models.BUILDERS}
+
+
+@pytest.fixture(scope="session")
+def controllable_model(
+    tiny_model_dir: dict[str, Path], tmp_path_factory: pytest.TempPathFactory
+) -> Path:
+    """The tiny BLIP captioner under the test launcher's controllable architecture
+    (tests/integration/serve_controllable.py: ``sleep:S`` and ``boom`` texts)."""
+    dest = tmp_path_factory.mktemp("controllable") / "model"
+    shutil.copytree(tiny_model_dir["blip-caption"], dest)
+    config = json.loads((dest / "config.json").read_text())
+    config["architectures"] = ["ControllableBlipForConditionalGeneration"]
+    (dest / "config.json").write_text(json.dumps(config))
+    return dest
+
+
+@pytest.fixture(scope="session")
+def server_factory(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[Callable[..., RunningServer]]:
+    """``factory(model, *flags)``: a started, ready server; killed at the end of the session."""
+    started: list[RunningServer] = []
+
+    def factory(model: Path, *args: str) -> RunningServer:
+        server = start_server(model, tmp_path_factory.mktemp("server"), *args)
+        started.append(server)
+        return server
+
+    yield factory
+    for server in started:
+        if server.proc.poll() is None:
+            server.proc.kill()
+            server.proc.wait(10)

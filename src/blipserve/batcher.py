@@ -119,13 +119,7 @@ class Batcher:
         now = self._clock()
         pending = [_Pending(item, key, loop.create_future(), loop, now) for item, key in items]
         with self._cond:
-            if self._stopping:
-                raise Overloaded("the server is shutting down", retry_after_s=5)
-            if len(self._queue) + len(pending) > self.max_queue:
-                raise Overloaded(
-                    f"the queue is full ({len(self._queue)} of {self.max_queue} rows waiting); "
-                    "retry shortly"
-                )
+            self.refuse_if_full(len(pending))
             self._queue.extend(pending)
             self._cond.notify_all()
         try:
@@ -142,6 +136,20 @@ class Batcher:
             for p in pending:
                 p.abandoned = True
                 p.future.cancel()
+
+    def refuse_if_full(self, rows: int) -> None:
+        """Raise :class:`Overloaded` if ``rows`` more rows do not fit in the queue now.
+
+        :meth:`run` checks this under its lock; callers may check early (before paying to
+        decode images) for rows that would be refused anyway.
+        """
+        if self._stopping:
+            raise Overloaded("the server is shutting down", retry_after_s=5)
+        if len(self._queue) + rows > self.max_queue:
+            raise Overloaded(
+                f"the queue is full ({len(self._queue)} of {self.max_queue} rows waiting); "
+                "retry shortly"
+            )
 
     # -- the model thread -----------------------------------------------------------------
 

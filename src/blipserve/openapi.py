@@ -137,15 +137,31 @@ CHAT_OPENAPI = _request_body(
     },
 )
 
+ERROR_DESCRIPTIONS = {
+    400: "Bad input; the message names the row and the reason",
+    401: "Missing or wrong API key",
+    413: "Body too large",
+    415: "Body is not JSON",
+    500: "The model failed on this request's batch",
+    503: "Not ready, or the queue is full (see Retry-After)",
+    504: "The request's deadline passed",
+}
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     status: {"model": ErrorBody, "description": description}
-    for status, description in {
-        400: "Bad input; the message names the row and the reason",
-        401: "Missing or wrong API key",
-        413: "Body too large",
-        415: "Body is not JSON",
-        500: "The model failed on this request's batch",
-        503: "Not ready, or the queue is full (see Retry-After)",
-        504: "The request's deadline passed",
-    }.items()
+    for status, description in ERROR_DESCRIPTIONS.items()
 }
+
+
+def json_errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """Error responses documented as JSON on a route whose own answer is not JSON.
+
+    (With ``model``, FastAPI would document them in the route's media type, e.g. text/plain.)
+    """
+    schema = ErrorBody.model_json_schema()
+    return {
+        status: {
+            "description": ERROR_DESCRIPTIONS[status],
+            "content": {"application/json": {"schema": schema}},
+        }
+        for status in statuses
+    }

@@ -28,7 +28,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from blipserve import openai_contract
+from blipserve import openai_contract, ui
 from blipserve.batcher import Batcher
 from blipserve.config import EngineConfig, FetchConfig, ImageLimits, ModelConfig, ServerConfig
 from blipserve.contract import Prediction, RowInput, encode_response, parse_request
@@ -45,7 +45,13 @@ from blipserve.errors import (
     UnsupportedMediaType,
 )
 from blipserve.metrics import Metrics
-from blipserve.openapi import CHAT_OPENAPI, ERROR_RESPONSES, SCORE_OPENAPI, ScoreAnswer
+from blipserve.openapi import (
+    CHAT_OPENAPI,
+    ERROR_RESPONSES,
+    SCORE_OPENAPI,
+    ScoreAnswer,
+    json_errors,
+)
 from blipserve.params import GenerationParams
 
 log = logging.getLogger(__name__)
@@ -137,6 +143,9 @@ class Pipeline:
         self, rows: Sequence[RowInput], params: GenerationParams, deadline: float
     ) -> list[Prediction]:
         engine, batcher = self.ready_parts()
+        # Rows that cannot be queued are refused before their images are fetched and decoded
+        # (each decoded image can hold up to max_image_pixels x 3 bytes).
+        batcher.refuse_if_full(len(rows))
         loop = asyncio.get_running_loop()
         started = time.perf_counter()
         try:
@@ -322,6 +331,7 @@ def create_app(
     app = FastAPI(
         title="blipserve",
         summary="BLIP and BLIP-2 image-to-text models behind the Azure ML catalog's contract.",
+        description="Try the model in a browser: [/ui/](/ui/).",
         version=__import__("blipserve").__version__,
         openapi_url="/swagger.json",
         docs_url="/docs",
@@ -417,18 +427,29 @@ def create_app(
             )
         )
 
-    @app.get("/v1/models", summary="OpenAI-compatible list of the one model served")
+    @app.get(
+        "/v1/models",
+        summary="OpenAI-compatible list of the one model served",
+        responses={401: ERROR_RESPONSES[401]},
+    )
     async def models(request: Request) -> JSONResponse:
         check_auth(request, cfg.api_keys)
         return JSONResponse(openai_contract.models_response(state.model.model))
 
-    @app.get("/metrics", summary="Prometheus metrics", response_class=PlainTextResponse)
+    @app.get(
+        "/metrics",
+        summary="Prometheus metrics",
+        response_class=PlainTextResponse,
+        responses=json_errors(401),
+    )
     async def metrics(request: Request) -> Response:
         check_auth(request, cfg.api_keys)
         if state.batcher is not None:
             state.metrics.queue_rows.set(state.batcher.depth)
         return Response(state.metrics.render(), media_type="text/plain; version=0.0.4")
 
+    # The page for trying the model (static, so open; the calls it makes carry the key).
+    app.mount("/ui", ui.static_app(), name="ui")
     return app
 
 

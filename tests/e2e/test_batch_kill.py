@@ -16,6 +16,8 @@ import pytest
 from helpers import make_image
 
 KILLS = int(os.environ.get("BLIPSERVE_TEST_KILLS", "3"))
+# The long run (-m slow, scripts/hardening.sh): at least 20 kills.
+SLOW_KILLS = max(20, int(os.environ.get("BLIPSERVE_SLOW_KILLS", "20")))
 
 
 def batch_cmd(model: Path, images: Path, out: Path) -> list[str]:
@@ -44,7 +46,9 @@ def journal_rows(out: Path) -> int:
     return journal.read_bytes().count(b"\n") - 1 if journal.exists() else 0
 
 
-@pytest.mark.parametrize("kills", [KILLS])
+@pytest.mark.parametrize(
+    "kills", [KILLS, pytest.param(SLOW_KILLS, marks=pytest.mark.slow, id=f"slow-{SLOW_KILLS}")]
+)
 def test_kill_and_resume_exactly_once(
     tiny_model_dir: dict[str, Path], tmp_path: Path, kills: int
 ) -> None:

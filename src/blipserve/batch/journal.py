@@ -9,6 +9,7 @@ output is refused instead of silently mixing results.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from collections.abc import Iterator, Mapping, Sequence
@@ -36,6 +37,8 @@ class Journal:
         """Start or resume; returns ``{row id: succeeded}`` for rows already recorded."""
         done: dict[str, bool] = {}
         try:
+            if self.path.parent.exists() and not self.path.parent.is_dir():
+                raise OutputError(f"cannot write {self.path}: {self.path.parent} is not a folder")
             self.path.parent.mkdir(parents=True, exist_ok=True)
             if overwrite or not self.path.exists():
                 self._start_fresh()
@@ -82,6 +85,11 @@ class Journal:
             self._file.flush()
             os.fsync(self._file.fileno())
         except OSError as exc:
+            # Let the file go now: closing it later would retry the failed write and raise
+            # a bare OSError over this clear error (a partial line is dropped on resume).
+            file, self._file = self._file, None
+            with contextlib.suppress(OSError):
+                file.close()
             raise OutputError(f"cannot write {self.path}: {exc.strerror or exc}") from None
 
     def close(self) -> None:

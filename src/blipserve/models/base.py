@@ -16,6 +16,7 @@ import torch
 from PIL import Image
 
 from blipserve.contract import Prediction
+from blipserve.errors import InvalidInput
 from blipserve.params import GenerationParams
 
 log = logging.getLogger(__name__)
@@ -141,6 +142,35 @@ class HFAdapter:
 
     def predict(self, items: Sequence[ModelInput]) -> list[Prediction]:
         raise NotImplementedError
+
+    def position_limit(self) -> int | None:
+        """Positions the generating model's learned position embeddings cover (None: any)."""
+        return None
+
+    def check_room(self, prompt_positions: int, params: GenerationParams) -> None:
+        """Refuse a row whose prompt and the tokens it may generate do not fit the model.
+
+        Past its learned position embeddings ``generate`` fails with an index error, which
+        would fail the whole batch; checked per row, it is the row's 400 instead.
+        """
+        limit = self.position_limit()
+        if limit is None:
+            return
+        new = params.max_new_tokens or self.default_max_new_tokens
+        # The last generated token is never fed back through the model: it needs no position.
+        if prompt_positions + new - 1 <= limit:
+            return
+        room = limit - prompt_positions + 1
+        if room < 1:
+            raise InvalidInput(
+                f"'text' is too long: with it this model ({limit} positions) has no room "
+                "left to generate"
+            )
+        which = "max_new_tokens" if params.max_new_tokens else "the model's default max_new_tokens"
+        raise InvalidInput(
+            f"{which} is {new}, but this model ({limit} positions) has room for at most "
+            f"{room} new tokens after this row's text; lower max_new_tokens or shorten 'text'"
+        )
 
     def pixel_values(self, items: Sequence[ModelInput]) -> torch.Tensor:
         images = [item.image for item in items]

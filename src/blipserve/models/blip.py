@@ -35,8 +35,17 @@ class _BlipText(HFAdapter):
             raise InvalidInput(f"'text' is {n} tokens long; this model accepts at most {limit}")
         return n
 
+    def position_limit(self) -> int | None:
+        return int(self.model.config.text_config.max_position_embeddings)
+
+    def prompt_positions(self, text_tokens: int) -> int:
+        """Positions the text decoder's prompt takes, given the row's text length in tokens."""
+        return 1  # [BOS] / [DEC]
+
     def batch_key(self, item: ModelInput) -> Hashable:
-        return (item.params, self.token_length(item.text))
+        n = self.token_length(item.text)
+        self.check_room(self.prompt_positions(n), item.params)
+        return (item.params, n)
 
     def encode_text(self, items: Sequence[ModelInput]) -> dict[str, torch.Tensor]:
         texts = [item.text or "" for item in items]
@@ -54,6 +63,9 @@ class BlipCaptionAdapter(_BlipText):
     model_class = BlipForConditionalGeneration
     kind = "blip-caption"
     text_role = "prefix"
+
+    def prompt_positions(self, text_tokens: int) -> int:
+        return max(1, text_tokens - 1)  # the prefix is the prompt; generate drops its [SEP]
 
     def predict(self, items: Sequence[ModelInput]) -> list[Prediction]:
         pixel_values = self.pixel_values(items)  # (B, 3, S, S)
@@ -94,7 +106,9 @@ class BlipMatchAdapter(_BlipText):
     text_required = True
 
     def batch_key(self, item: ModelInput) -> Hashable:
-        # The text encoder masks padding, and generation settings do not apply.
+        # The text encoder masks padding, and generation settings do not apply; the text
+        # must still fit its positions.
+        self.token_length(item.text)
         return ()
 
     def predict(self, items: Sequence[ModelInput]) -> list[Prediction]:

@@ -30,7 +30,17 @@ class Blip2Adapter(HFAdapter):
     def batch_key(self, item: ModelInput) -> Hashable:
         # Prompts of any length share a batch: padding is masked (left padding for
         # decoder-only LMs, whose OPT positions follow the attention mask).
+        if self.decoder_only:
+            text_ids = self.tokenizer(item.text or "")["input_ids"]  # as encode_prompts does
+            prompt = self.model.config.num_query_tokens + len(text_ids)
+            self.check_room(prompt, item.params)
         return (item.params,)
+
+    def position_limit(self) -> int | None:
+        # OPT learns its positions; T5's are relative, with no limit.
+        if not self.decoder_only:
+            return None
+        return int(self.model.config.text_config.max_position_embeddings)
 
     def encode_prompts(self, items: Sequence[ModelInput]) -> tuple[torch.Tensor, torch.Tensor]:
         """``[<image>] * num_query_tokens + tokenizer(prompt)``, padded to one length.
