@@ -19,6 +19,7 @@ threads except the (thread-safe) SSL context.
 from __future__ import annotations
 
 import ipaddress
+import logging
 import socket
 import ssl
 import time
@@ -45,6 +46,8 @@ _V4_COMPAT = ipaddress.IPv6Network("::/96")
 # getaddrinfo cannot be given a timeout; lookups run here so a hung resolver costs the
 # caller at most its connect timeout (the lookup thread finishes on its own later).
 _RESOLVER = ThreadPoolExecutor(max_workers=4, thread_name_prefix="blipserve-dns")
+
+log = logging.getLogger(__name__)
 
 
 def internal_address_reason(ip: IPAddress) -> str | None:
@@ -296,9 +299,11 @@ class SafeFetcher:
             for ip_text in addresses:
                 reason = internal_address_reason(ipaddress.ip_address(ip_text.split("%")[0]))
                 if reason is not None:
-                    raise UrlRefused(
-                        f"URL refused: host {raw_host!r} resolves to {ip_text}, {reason}"
-                    )
+                    # The address stays in the log: telling the client which internal
+                    # address a name resolves to would help it map the inside.
+                    log.warning("refused URL host %r: %s is %s", raw_host, ip_text, reason)
+                    public = reason.split(" (embedded", 1)[0]
+                    raise UrlRefused(f"URL refused: host {raw_host!r} resolves to {public}")
         target = quote(parts.path or "/", safe="/%:@!$&'()*+,;=-._~")
         if parts.query:
             target += "?" + quote(parts.query, safe="/?%:@!$&'()*+,;=-._~")

@@ -192,7 +192,7 @@ INTERNAL_URLS = [
 @pytest.mark.usefixtures("no_connect")
 @pytest.mark.parametrize("url", INTERNAL_URLS)
 def test_internal_addresses_refused_without_connecting(url: str) -> None:
-    with pytest.raises(UrlRefused, match=r"URL refused: host '.*' resolves to \S+, "):
+    with pytest.raises(UrlRefused, match=r"URL refused: host '.*' resolves to (a|an|not) "):
         fetcher().fetch(url)
 
 
@@ -222,7 +222,7 @@ def test_bad_urls_refused(url: str, message: str) -> None:
 def test_refusal_message_names_host_and_address() -> None:
     with pytest.raises(UrlRefused) as info:
         fetcher().fetch("http://127.1/x.png")
-    assert str(info.value) == "URL refused: host '127.1' resolves to 127.0.0.1, a loopback address"
+    assert str(info.value) == "URL refused: host '127.1' resolves to a loopback address"
 
 
 @pytest.mark.usefixtures("no_connect")
@@ -234,10 +234,9 @@ def test_allow_urls_off_refuses_everything() -> None:
 @pytest.mark.usefixtures("no_connect")
 def test_any_internal_answer_refuses_the_host(fake_dns: dict[str, list[list[str]]]) -> None:
     fake_dns["mixed.test"] = [["8.8.8.8", "10.1.2.3"]]
-    with pytest.raises(
-        UrlRefused, match=r"'mixed\.test' resolves to 10\.1\.2\.3, a private address"
-    ):
+    with pytest.raises(UrlRefused, match=r"'mixed\.test' resolves to a private address") as info:
         fetcher().fetch("http://mixed.test/img.png")
+    assert "10.1.2.3" not in str(info.value)  # the inside's addresses are not told to clients
 
 
 def test_hung_dns_lookup_is_cut_at_connect_timeout(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -283,7 +282,7 @@ def test_bad_allow_list_entry_is_a_config_error() -> None:
 
 
 def test_loopback_refused_by_default(port: int) -> None:
-    with pytest.raises(UrlRefused, match=r"127\.0\.0\.1, a loopback address"):
+    with pytest.raises(UrlRefused, match=r"host .127\.0\.0\.1. resolves to a loopback address"):
         fetcher().fetch(f"http://127.0.0.1:{port}/img.png")
 
 
@@ -334,7 +333,7 @@ def test_no_redirects_allowed(port: int) -> None:
 @pytest.mark.parametrize(
     ("location", "message"),
     [
-        ("http://127.0.0.2:{port}/img.png", "'127.0.0.2' resolves to 127.0.0.2, a loopback"),
+        ("http://127.0.0.2:{port}/img.png", "'127.0.0.2' resolves to a loopback"),
         ("http://169.254.169.254/latest/meta-data/", "link-local"),
         ("http://localhost:{port}/img.png", "loopback"),
         ("file:///etc/passwd", "scheme 'file'"),
