@@ -1,6 +1,6 @@
 """Real `blipserve serve` processes on free ports, polled until ready.
 
-Shared by tests/integration and tests/hardening (the fixtures that use these live in
+Shared by tests/integration, tests/hardening and tests/browser (the fixtures that use these live in
 tests/conftest.py).
 """
 
@@ -34,32 +34,31 @@ class RunningServer:
         return self.proc.wait(timeout)
 
 
-def start_server(model: Path, workdir: Path, *args: str, timeout: float = 120) -> RunningServer:
-    """Start the real server on port 0 and wait until /ready answers 200."""
+def launch(command: list[str], workdir: Path, *args: str) -> tuple[subprocess.Popen[bytes], Path]:
+    """Start ``command serve --port 0 --port-file F --log-level warning ARGS``; output goes
+    to ``workdir/server.log``.  Returns the process and its port file."""
     workdir.mkdir(parents=True, exist_ok=True)
     port_file = workdir / "port"
-    log = workdir / "server.log"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
-    with log.open("wb") as out:
+    with (workdir / "server.log").open("wb") as out:
         proc = subprocess.Popen(
             [
-                sys.executable,
-                str(LAUNCHER),
-                "serve",
-                "--model",
-                str(model),
-                "--port",
-                "0",
-                "--port-file",
-                str(port_file),
-                "--log-level",
-                "warning",
-                *args,
+                *command,
+                *("serve", "--port", "0", "--port-file", str(port_file)),
+                *("--log-level", "warning", *args),
             ],
             stdout=out,
             stderr=subprocess.STDOUT,
             env=env,
         )
+    return proc, port_file
+
+
+def wait_ready(
+    proc: subprocess.Popen[bytes], port_file: Path, timeout: float = 120
+) -> RunningServer:
+    """Poll until the server launched with ``port_file`` answers ``GET /ready`` with 200."""
+    log = port_file.with_name("server.log")
     deadline = time.monotonic() + timeout
     url = None
     while time.monotonic() < deadline:
@@ -76,3 +75,9 @@ def start_server(model: Path, workdir: Path, *args: str, timeout: float = 120) -
         time.sleep(0.1)
     proc.kill()
     raise AssertionError(f"server not ready after {timeout} s:\n{log.read_text()}")
+
+
+def start_server(model: Path, workdir: Path, *args: str, timeout: float = 120) -> RunningServer:
+    """Start the real server (test launcher) on port 0 and wait until /ready answers 200."""
+    proc, port_file = launch([sys.executable, str(LAUNCHER)], workdir, "--model", str(model), *args)
+    return wait_ready(proc, port_file, timeout)

@@ -11,14 +11,15 @@ import os
 import shutil
 import subprocess
 import sys
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import httpx
 import pytest
 from playwright.sync_api import Browser, BrowserContext, ConsoleMessage, expect, sync_playwright
+
+import live_server
+from live_server import RunningServer, wait_ready
 
 CHROMIUM_ARGS = [
     "--headless",
@@ -42,50 +43,12 @@ def find_chromium() -> str | None:
     return None
 
 
-@dataclass
-class Server:
-    url: str
-    proc: subprocess.Popen[bytes]
-    log: Path
+Server = RunningServer  # the name the browser tests use
 
 
 def launch(workdir: Path, *args: str) -> tuple[subprocess.Popen[bytes], Path]:
-    """Start ``blipserve serve ARGS`` on port 0; the process and its port file."""
-    workdir.mkdir(parents=True, exist_ok=True)
-    port_file = workdir / "port"
-    log = workdir / "server.log"
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
-    with log.open("wb") as out:
-        proc = subprocess.Popen(
-            [
-                *(sys.executable, "-m", "blipserve.cli", "serve", "--port", "0"),
-                *("--port-file", str(port_file), "--log-level", "warning", *args),
-            ],
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            env=env,
-        )
-    return proc, port_file
-
-
-def wait_ready(proc: subprocess.Popen[bytes], port_file: Path, timeout: float = 120) -> Server:
-    log = port_file.with_name("server.log")
-    deadline = time.monotonic() + timeout
-    url = None
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise AssertionError(f"server exited with {proc.returncode}:\n{log.read_text()}")
-        if url is None and port_file.exists():
-            url = f"http://127.0.0.1:{port_file.read_text().strip()}"
-        if url is not None:
-            try:
-                if httpx.get(f"{url}/ready", timeout=2).status_code == 200:
-                    return Server(url, proc, log)
-            except httpx.TransportError:
-                pass
-        time.sleep(0.1)
-    proc.kill()
-    raise AssertionError(f"server not ready after {timeout} s:\n{log.read_text()}")
+    """Start the real ``blipserve serve ARGS`` on port 0; the process and its port file."""
+    return live_server.launch([sys.executable, "-m", "blipserve.cli"], workdir, *args)
 
 
 @pytest.fixture(scope="session")
