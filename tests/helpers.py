@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import base64
 import io
+import sys
+from pathlib import Path
 
 import numpy as np
 from PIL import Image
@@ -26,3 +28,12 @@ def png_bytes(image: Image.Image) -> bytes:
 def b64_png(seed: int = 0, *, lines: bool = False) -> str:
     data = png_bytes(make_image(seed))
     return (base64.encodebytes(data) if lines else base64.b64encode(data)).decode()
+
+
+def batch_command(model: Path, images: Path, out: Path, *flags: str) -> list[str]:
+    """``blipserve batch IMAGES -o OUT --model MODEL`` as a subprocess argv: short captions
+    (4 tokens), no progress bar, plus ``flags``."""
+    return [
+        *(sys.executable, "-m", "blipserve.cli", "batch", str(images), "-o", str(out)),
+        *("--model", str(model), "--max-new-tokens", "4", "--no-progress", *flags),
+    ]

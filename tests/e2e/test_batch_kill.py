@@ -7,13 +7,12 @@ import os
 import random
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
-from helpers import make_image
+from helpers import batch_command, make_image
 
 KILLS = int(os.environ.get("BLIPSERVE_TEST_KILLS", "3"))
 # The long run (-m slow, scripts/hardening.sh): at least 20 kills.
@@ -21,24 +20,7 @@ SLOW_KILLS = max(20, int(os.environ.get("BLIPSERVE_SLOW_KILLS", "20")))
 
 
 def batch_cmd(model: Path, images: Path, out: Path) -> list[str]:
-    return [
-        sys.executable,
-        "-m",
-        "blipserve.cli",
-        "batch",
-        str(images),
-        "-o",
-        str(out),
-        "--model",
-        str(model),
-        "--max-new-tokens",
-        "4",
-        "--max-batch-size",
-        "2",
-        "--chunk-rows",
-        "2",
-        "--no-progress",
-    ]
+    return batch_command(model, images, out, "--max-batch-size", "2", "--chunk-rows", "2")
 
 
 def journal_rows(out: Path) -> int:

@@ -15,35 +15,18 @@ import os
 import resource
 import shutil
 import subprocess
-import sys
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
-from helpers import make_image
+from helpers import batch_command, make_image
 
 IMAGES = 24
 
 
 def batch_cmd(model: Path, images: Path, out: Path, *extra: str) -> list[str]:
-    return [
-        sys.executable,
-        "-m",
-        "blipserve.cli",
-        "batch",
-        str(images),
-        "-o",
-        str(out),
-        "--model",
-        str(model),
-        "--max-new-tokens",
-        "4",
-        "--chunk-rows",
-        "4",
-        "--no-progress",
-        *extra,
-    ]
+    return batch_command(model, images, out, "--chunk-rows", "4", *extra)
 
 
 def file_size_limit(limit: int) -> Callable[[], None]:
