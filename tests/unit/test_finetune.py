@@ -252,3 +252,49 @@ def test_vision_init_copies_the_image_encoder(scene_dir: Path, tmp_path: Path) -
     small.processor.save_pretrained(tmp_path / "small")
     with pytest.raises(ValueError, match="does not match"):
         make_bundle(_cfg("config:blip2", scene_dir, tmp_path, vision_init=str(tmp_path / "small")))
+
+
+def test_qformer_init_copies_the_text_decoder_layers(scene_dir: Path, tmp_path: Path) -> None:
+    blip = make_bundle(_cfg("config:blip", scene_dir, tmp_path, seed=1, text_layers=2))
+    blip.model.save_pretrained(tmp_path / "blip")
+    blip.processor.save_pretrained(tmp_path / "blip")
+    blip2 = make_bundle(
+        _cfg(
+            "config:blip2",
+            scene_dir,
+            tmp_path,
+            qformer_layers=2,
+            qformer_init=str(tmp_path / "blip"),
+        )
+    )
+    decoder = blip.model.text_decoder.bert
+    for i, layer in enumerate(blip2.model.qformer.encoder.layer):
+        source = decoder.encoder.layer[i]
+        pairs = [
+            (layer.attention.attention.query.weight, source.attention.self.query.weight),
+            (layer.attention.output.dense.bias, source.attention.output.dense.bias),
+            (layer.crossattention.attention.key.weight, source.crossattention.self.key.weight),
+            (layer.intermediate_query.dense.weight, source.intermediate.dense.weight),
+            (layer.output_query.LayerNorm.weight, source.output.LayerNorm.weight),
+        ]
+        for got, want in pairs:
+            torch.testing.assert_close(got, want)
+    torch.testing.assert_close(
+        blip2.model.qformer.layernorm.bias, decoder.embeddings.LayerNorm.bias
+    )
+
+    deeper = _cfg(
+        "config:blip2", scene_dir, tmp_path, qformer_layers=3, qformer_init=str(tmp_path / "blip")
+    )
+    with pytest.raises(ValueError, match="fewer than"):
+        make_bundle(deeper)
+    with pytest.raises(ValueError, match="new BLIP-2"):
+        make_bundle(_cfg("config:blip", scene_dir, tmp_path, qformer_init=str(tmp_path / "blip")))
+    with pytest.raises(ValueError, match="apply to new models"):
+        make_bundle(
+            _cfg(str(tmp_path / "blip"), scene_dir, tmp_path, qformer_init=str(tmp_path / "blip"))
+        )
+    blip2.model.save_pretrained(tmp_path / "blip2")
+    blip2.processor.save_pretrained(tmp_path / "blip2")
+    with pytest.raises(ValueError, match="not a BLIP captioning model"):
+        make_bundle(_cfg("config:blip2", scene_dir, tmp_path, qformer_init=str(tmp_path / "blip2")))

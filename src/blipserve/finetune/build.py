@@ -189,11 +189,18 @@ def make_bundle(cfg: FinetuneConfig) -> Bundle:
         bundle = new_blip(cfg) if cfg.init == INIT_BLIP else new_blip2(cfg)
         if cfg.vision_init:
             copy_vision(load_bundle(cfg.vision_init).model, bundle.model, cfg.vision_init)
+        if cfg.qformer_init:
+            if bundle.family != "blip2":
+                raise ValueError("qformer_init applies to new BLIP-2 models ('config:blip2')")
+            source = load_bundle(cfg.qformer_init)
+            if source.family != "blip":
+                raise ValueError(f"qformer_init {cfg.qformer_init}: not a BLIP captioning model")
+            copy_qformer(source.model, bundle.model, cfg.qformer_init)
         return bundle
     if cfg.init.startswith("config:"):
         raise ValueError(f"init {cfg.init!r}: expected {INIT_BLIP!r}, {INIT_BLIP2!r} or a folder")
-    if cfg.vision_init:
-        raise ValueError("vision_init applies to new models (init 'config:...') only")
+    if cfg.vision_init or cfg.qformer_init:
+        raise ValueError("vision_init and qformer_init apply to new models ('config:...') only")
     return load_bundle(cfg.init)
 
 
@@ -209,6 +216,54 @@ def copy_vision(source: Any, target: Any, name: str) -> None:
             f"(image size, patch size, width and layers must be equal); differs at {wrong[0]}"
         )
     target.vision_model.load_state_dict({k: weights[k] for k in own})
+
+
+# BLIP text-decoder layer -> BLIP-2 Q-Former layer parameter names.  Both are BERT layers
+# with cross-attention; the Q-Former's query tokens take the feed-forward "_query" branch.
+_QFORMER_NAMES = (
+    ("attention.self.", "attention.attention."),
+    ("crossattention.self.", "crossattention.attention."),
+    ("intermediate.", "intermediate_query."),
+    ("output.dense", "output_query.dense"),
+    ("output.LayerNorm", "output_query.LayerNorm"),
+)
+
+
+def _qformer_name(name: str) -> str:
+    for old, new in _QFORMER_NAMES:
+        if name.startswith(old):
+            return new + name[len(old) :]
+    return name  # attention.output.*, crossattention.output.*: the same names
+
+
+def copy_qformer(source: Any, target: Any, name: str) -> None:
+    """Initialise ``target``'s Q-Former layers from BLIP ``source``'s text decoder layers.
+
+    The decoder's layers learnt to pick out of the image encoder's output what a caption
+    needs; the Q-Former's learnable queries start from that instead of from noise (BLIP-2
+    starts its Q-Former from BERT for the same reason).  Its embedding LayerNorm initialises
+    the one the Q-Former applies to the queries.
+    """
+    layers = source.text_decoder.bert.encoder.layer
+    qformer = target.qformer
+    wanted = len(qformer.encoder.layer)
+    if len(layers) < wanted:
+        raise ValueError(
+            f"qformer_init {name}: its text decoder has {len(layers)} layers, fewer than the "
+            f"Q-Former's {wanted}"
+        )
+    for i, layer in enumerate(qformer.encoder.layer):
+        own = layer.state_dict()
+        weights = {_qformer_name(k): v for k, v in layers[i].state_dict().items()}
+        wrong = sorted(k for k in own if k not in weights or weights[k].shape != own[k].shape)
+        if wrong:
+            raise ValueError(
+                f"qformer_init {name}: its text decoder's layer {i} does not fit the Q-Former "
+                f"(width, heads and cross-attention width must be equal); differs at {wrong[0]}"
+            )
+        layer.load_state_dict({k: weights[k] for k in own})
+    norm = source.text_decoder.bert.embeddings.LayerNorm.state_dict()
+    qformer.layernorm.load_state_dict(norm)
 
 
 def count_parameters(model: Any) -> int:

@@ -75,6 +75,13 @@ class FinetuneConfig:
         "trained 'demo' (same image size, patch size, width and layers), as BLIP-2 starts "
         "from a pretrained image encoder.",
     )
+    qformer_init: str = _opt(
+        "",
+        "New BLIP-2 model: initialise the Q-Former's layers from this BLIP captioning "
+        "folder's text decoder, e.g. a trained 'demo' (same width; its first QFORMER_LAYERS "
+        "layers), as BLIP-2 initialises its Q-Former from BERT: the cross-attention then "
+        "starts out knowing how to read the image encoder it was trained with.",
+    )
     caption_fraction: float = _opt(
         0.4, "Synthetic data for BLIP-2: share of captions; the rest are questions."
     )

@@ -185,6 +185,8 @@ _RECIPE_FIELDS = (
     "freeze_language_model",
     "freeze_vision",
     "caption_fraction",
+    "vision_init",
+    "qformer_init",
 )
 
 

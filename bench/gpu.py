@@ -1,0 +1,399 @@
+"""GPU benchmark: the catalog's per-image float32 loop vs blipserve's engine, side by side.
+
+For each model (random weights built on the GPU from the published configs in
+``tests/data/hf-layouts``: ``blip-image-captioning-base`` and ``blip2-opt-2.7b``), in one
+process on one GPU:
+
+* **baseline** — what the catalog's scoring wrapper does per image: ``Image.open(...)``,
+  ``processor(images=..., return_tensors="pt")``, ``model.generate``, ``batch_decode``;
+  float32 (torch's defaults: no TF32), one image per call.
+* **blipserve** — :class:`blipserve.engine.Engine` over the same model converted to the
+  dtype ``--dtype auto`` picks on this GPU (bfloat16 where supported), at several batch
+  sizes; base64 JPEG rows decoded by its thread pool, as every entry point does.
+
+Every caption is exactly ``--tokens`` tokens (``min_new_tokens = max_new_tokens``), so each
+side does the same model work.  Also measured in the same run: the GPU's bf16 and fp32
+matmul rates (the ceilings), and the CUDA quality guard — the built-in ``demo`` model's
+captions in bfloat16 and float16 against float32 on held-out scenes.
+
+    python bench/gpu.py --out gpu.json            # on a CUDA machine (~3 min on an H100)
+    python bench/gpu.py --quick                   # smoke test with tiny models (CPU works)
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import gc
+import io
+import json
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import LAYOUTS, SEED, _merge, machine_info, percentile, sample_images
+
+QUICK = {
+    "blip-image-captioning-base": {
+        "vision_config": {
+            "hidden_size": 64,
+            "intermediate_size": 128,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 2,
+            "image_size": 64,
+            "patch_size": 16,
+        },
+        "text_config": {
+            "hidden_size": 64,
+            "intermediate_size": 128,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 2,
+        },
+    },
+    "blip2-opt-2.7b": {
+        "vision_config": {
+            "hidden_size": 64,
+            "intermediate_size": 128,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 2,
+            "image_size": 64,
+            "patch_size": 16,
+        },
+        "qformer_config": {
+            "hidden_size": 64,
+            "intermediate_size": 128,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 2,
+            "encoder_hidden_size": 64,
+        },
+        "text_config": {
+            "hidden_size": 64,
+            "ffn_dim": 128,
+            "word_embed_proj_dim": 64,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 2,
+        },
+    },
+}
+
+
+def log(msg: str) -> None:
+    print(f"[gpu-bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def sync() -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def matmul_rate(dtype: Any, n: int, reps: int = 10) -> float:
+    """TFLOP/s of an n x n x n product on random data (mean of ``reps`` after warm-up)."""
+    import torch
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    for _ in range(3):
+        a @ b
+    sync()
+    start = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    sync()
+    return 2 * n**3 * reps / (time.perf_counter() - start) / 1e12
+
+
+def build(layout: str, quick: bool, device: Any) -> tuple[Any, Any]:
+    """A random-weight model of ``layout``'s architecture, built on ``device`` in float32."""
+    import torch
+    import transformers
+    from transformers import AutoConfig, AutoProcessor
+
+    folder = LAYOUTS / layout
+    config = AutoConfig.from_pretrained(folder)
+    if quick:
+        config = type(config).from_dict(_merge(config.to_dict(), QUICK[layout]))
+    processor = AutoProcessor.from_pretrained(folder)
+    if quick:
+        side = config.vision_config.image_size
+        processor.image_processor.size = {"height": side, "width": side}
+    model_cls = getattr(transformers, (config.architectures or [""])[0])
+    torch.manual_seed(SEED)
+    with torch.device(device):
+        model = model_cls(config)
+    return model.to(device=device, dtype=torch.float32).eval(), processor
+
+
+def baseline(model: Any, processor: Any, jpegs: list[bytes], tokens: int) -> dict[str, Any]:
+    """The catalog's loop: one image per call, float32."""
+    import torch
+
+    device = next(model.parameters()).device
+    gen = {"max_new_tokens": tokens, "min_new_tokens": tokens}
+    times = []
+    with torch.inference_mode():
+        warm = processor(images=Image.new("RGB", (64, 64)), return_tensors="pt").to(device)
+        model.generate(**warm, max_new_tokens=2)
+        for data in jpegs:
+            start = time.perf_counter()
+            image = Image.open(io.BytesIO(data)).convert("RGB")
+            inputs = processor(images=image, return_tensors="pt").to(device)
+            out = model.generate(**inputs, **gen)
+            processor.batch_decode(out, skip_special_tokens=True)
+            times.append(time.perf_counter() - start)
+    return {
+        "images": len(jpegs),
+        "images_per_s": len(times) / sum(times),
+        "latency_p50_s": percentile(times, 50),
+    }
+
+
+def engine_run(
+    adapter: Any, jpegs: list[bytes], tokens: int, batch: int, workers: int
+) -> dict[str, Any]:
+    """blipserve's engine over base64 JPEG rows at ``batch`` rows per model call."""
+    from blipserve.config import EngineConfig
+    from blipserve.contract import RowInput
+    from blipserve.engine import Engine
+    from blipserve.params import GenerationParams
+
+    params = GenerationParams(max_new_tokens=tokens, min_new_tokens=tokens)
+    rows = [RowInput(i, base64.b64encode(d).decode()) for i, d in enumerate(jpegs)]
+    with Engine(adapter, config=EngineConfig(max_batch_size=batch, decode_workers=workers)) as e:
+        e.predict(rows[:batch], params)  # warm-up at this batch size
+        sync()
+        start = time.perf_counter()
+        outcomes = e.predict(rows, params)
+        sync()
+        elapsed = time.perf_counter() - start
+        # single-image latency: one row through the whole engine
+        single = []
+        for row in rows[:5]:
+            t = time.perf_counter()
+            e.predict([row], params)
+            single.append(time.perf_counter() - t)
+    bad = [o for o in outcomes if not hasattr(o, "text")]
+    if bad:
+        raise RuntimeError(f"{len(bad)} rows failed: {bad[0]}")
+    return {
+        "batch": batch,
+        "images": len(rows),
+        "images_per_s": len(rows) / elapsed,
+        "single_latency_p50_s": percentile(single, 50),
+        "texts": [getattr(o, "text", "") for o in outcomes],
+    }
+
+
+def bench_model(
+    layout: str, adapter_cls: Callable[..., Any], args: argparse.Namespace, device: Any
+) -> dict[str, Any]:
+    import torch
+
+    from blipserve.models.base import resolve_dtype
+
+    log(f"{layout}: building random weights on {device}")
+    t = time.perf_counter()
+    model, processor = build(layout, args.quick, device)
+    params = sum(p.numel() for p in model.parameters())
+    log(f"{layout}: {params / 1e6:.0f} M parameters in {time.perf_counter() - t:.1f} s")
+    n_base = args.baseline_images if not layout.startswith("blip2") else args.baseline_images // 2
+    jpegs = [base64.b64decode(s) for s in sample_images(max(args.images, n_base))]
+    out: dict[str, Any] = {"layout": layout, "parameters": params}
+
+    log(f"{layout}: baseline float32, {n_base} images one by one")
+    out["baseline"] = baseline(model, processor, jpegs[:n_base], args.tokens)
+    log(f"{layout}: baseline {out['baseline']['images_per_s']:.2f} images/s")
+
+    dtype = resolve_dtype("auto", device)
+    model.to(dtype)
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    adapter = adapter_cls(model, processor, device, dtype)
+    out["dtype"] = str(dtype).removeprefix("torch.")
+    out["blipserve"] = []
+    for batch in args.batches:
+        n = min(len(jpegs), max(16, 4 * batch))  # four full batches (16 rows at least)
+        r = engine_run(adapter, jpegs[:n], args.tokens, batch, 8)
+        r["ratio"] = r["images_per_s"] / out["baseline"]["images_per_s"]
+        out["blipserve"].append(r)
+        log(f"{layout}: blipserve {out['dtype']} batch {batch}: {r['images_per_s']:.2f} images/s")
+    if args.static_cache and hasattr(model, "language_model"):
+        # A static KV cache makes generate compile the LM's decoding step on CUDA
+        # (transformers' auto-compile: torch.compile mode reduce-overhead, i.e. CUDA graphs).
+        model.language_model.generation_config.cache_implementation = "static"
+        eager = {r["batch"]: r["texts"] for r in out["blipserve"]}
+        out["blipserve_static_cache"] = []
+        for batch in args.static_batches:
+            n = min(len(jpegs), max(16, 4 * batch))
+            t = time.perf_counter()
+            r = engine_run(adapter, jpegs[:n], args.tokens, batch, 8)
+            r["wall_with_compile_s"] = time.perf_counter() - t
+            r["ratio"] = r["images_per_s"] / out["baseline"]["images_per_s"]
+            if batch in eager:
+                same = sum(a == b for a, b in zip(r["texts"], eager[batch], strict=False))
+                r["same_as_eager"] = same / len(r["texts"])
+            out["blipserve_static_cache"].append(r)
+            log(f"{layout}: static cache batch {batch}: {r['images_per_s']:.2f} images/s")
+        model.language_model.generation_config.cache_implementation = None
+    for runs in (out["blipserve"], out.get("blipserve_static_cache", [])):
+        for r in runs:
+            r.pop("texts", None)
+    if device.type == "cuda":
+        out["peak_gpu_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
+    del adapter, model
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return out
+
+
+def quality_guard(device: Any, n: int) -> dict[str, Any]:
+    """The ``demo`` model's captions per dtype on ``n`` held-out scenes, against float32."""
+    from blipserve.config import ModelConfig
+    from blipserve.contract import RowInput
+    from blipserve.demo import scenes
+    from blipserve.engine import Engine
+
+    held = list(scenes.generate(scenes.HELDOUT_SEED + 1, n))
+    rows = []
+    for i, scene in enumerate(held):
+        buf = io.BytesIO()
+        scene.image.save(buf, format="PNG")
+        rows.append(RowInput(i, base64.b64encode(buf.getvalue()).decode()))
+    said: dict[str, list[str]] = {}
+    for dtype in ("float32", "bfloat16", "float16"):
+        engine = Engine.load(
+            ModelConfig(model="demo", device=device.type, dtype=dtype)  # type: ignore[arg-type]
+        )
+        with engine:
+            said[dtype] = [getattr(o, "text", "") for o in engine.predict(rows)]
+    truth = [s.caption for s in held]
+    out: dict[str, Any] = {"scenes": n}
+    for dtype, texts in said.items():
+        out[dtype] = {
+            "exact": sum(a == b for a, b in zip(texts, truth, strict=True)) / n,
+            "same_as_float32": sum(a == b for a, b in zip(texts, said["float32"], strict=True)) / n,
+        }
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="tiny models (smoke test)")
+    parser.add_argument("--tokens", type=int, default=20)
+    parser.add_argument("--images", type=int, default=256, help="images per blipserve run")
+    parser.add_argument("--baseline-images", type=int, default=32)
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32, 64])
+    parser.add_argument(
+        "--models", nargs="+", default=["blip-image-captioning-base", "blip2-opt-2.7b"]
+    )
+    parser.add_argument("--guard-scenes", type=int, default=300)
+    parser.add_argument(
+        "--static-cache", action="store_true", help="also BLIP-2 with a static KV cache"
+    )
+    parser.add_argument("--static-batches", type=int, nargs="+", default=[1, 64])
+    parser.add_argument("--no-guard", action="store_true", help="skip the quality guard")
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args()
+
+    import torch
+
+    from blipserve.models.blip import BlipCaptionAdapter
+    from blipserve.models.blip2 import Blip2Adapter
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    report: dict[str, Any] = {"machine": machine_info(), "tokens": args.tokens, "models": []}
+    if device.type == "cuda":
+        report["gpu"] = torch.cuda.get_device_name()
+        n = 512 if args.quick else 8192
+        report["matmul_tflops"] = {
+            "bfloat16": matmul_rate(torch.bfloat16, n),
+            "float32": matmul_rate(torch.float32, n // 2),
+        }
+        log(f"{report['gpu']}: matmul {report['matmul_tflops']}")
+
+    def save() -> None:
+        if args.out:
+            args.out.write_text(json.dumps(report, indent=2) + "\n")
+
+    adapters = {"blip-image-captioning-base": BlipCaptionAdapter, "blip2-opt-2.7b": Blip2Adapter}
+    for layout in args.models:
+        try:
+            report["models"].append(bench_model(layout, adapters[layout], args, device))
+        except Exception as exc:  # keep what was measured for the other model
+            log(f"{layout} failed: {exc!r}")
+            report["models"].append({"layout": layout, "error": repr(exc)})
+        save()
+    try:
+        if args.no_guard:
+            raise RuntimeError("skipped (--no-guard)")
+        report["quality_guard"] = quality_guard(device, 40 if args.quick else args.guard_scenes)
+        log(f"quality guard: {report['quality_guard']}")
+    except Exception as exc:
+        log(f"quality guard failed: {exc!r}")
+        report["quality_guard"] = {"error": repr(exc)}
+    save()
+    print(markdown(report))
+
+
+def markdown(report: dict[str, Any]) -> str:
+    lines = [
+        f"GPU: {report.get('gpu', 'none (CPU)')}; torch {report['machine']['torch']}, "
+        f"transformers {report['machine']['transformers']}; {report['tokens']} tokens per "
+        "caption; random weights with the published configs.",
+    ]
+    if "matmul_tflops" in report:
+        m = report["matmul_tflops"]
+        lines.append(
+            f"Measured matmul: bf16 {m['bfloat16']:.0f} TFLOP/s, fp32 {m['float32']:.0f} TFLOP/s."
+        )
+    lines += [
+        "",
+        "| model | mode | batch | images/s | x baseline | single-image latency |",
+        "| --- | --- | ---: | ---: | ---: | ---: |",
+    ]
+    for m in report["models"]:
+        if "error" in m:
+            lines.append(f"| {m['layout']} | failed: {m['error'][:80]} | | | | |")
+            continue
+        b = m["baseline"]
+        lines.append(
+            f"| {m['layout']} | baseline (float32, one per call) | 1 | {b['images_per_s']:.2f} "
+            f"| 1.00 | {b['latency_p50_s'] * 1000:.0f} ms |"
+        )
+        for r in m["blipserve"]:
+            lines.append(
+                f"| {m['layout']} | blipserve {m['dtype']} | {r['batch']} | "
+                f"{r['images_per_s']:.2f} | {r['ratio']:.2f} | "
+                f"{r['single_latency_p50_s'] * 1000:.0f} ms |"
+            )
+        for r in m.get("blipserve_static_cache", []):
+            same = f", same text as eager {r['same_as_eager']:.0%}" if "same_as_eager" in r else ""
+            lines.append(
+                f"| {m['layout']} | blipserve {m['dtype']} + static cache{same} | {r['batch']} | "
+                f"{r['images_per_s']:.2f} | {r['ratio']:.2f} | "
+                f"{r['single_latency_p50_s'] * 1000:.0f} ms |"
+            )
+    guard = report.get("quality_guard", {})
+    if "scenes" in guard:
+        parts = [
+            f"{k}: exact {v['exact']:.1%}, same as fp32 {v['same_as_float32']:.1%}"
+            for k, v in guard.items()
+            if isinstance(v, dict)
+        ]
+        lines += ["", f"demo quality guard on {guard['scenes']} scenes — " + "; ".join(parts)]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,84 @@
+#!/usr/bin/env bash
+# What we run on a lent GPU machine (one short call per part; see bench/gpu.py).
+#
+#   bash scripts/device_check.sh bench   # GPU benchmark + CUDA quality guard -> $OUT/gpu.*
+#   bash scripts/device_check.sh static  # BLIP-2 with a static KV cache (compiled) -> $OUT/gpu-static.*
+#   bash scripts/device_check.sh train   # demo-vqa recipe variants side by side -> $OUT/train-logs.tgz
+# Parts can be combined: scripts/device_check.sh static train
+#
+# That machine has torch and transformers but not blipserve's other dependencies: wheels
+# for them (and for the transformers we test with) may be carried in .whl/ (untracked).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-/tmp/device-out}
+PY=${PYTHON:-python3}
+mkdir -p "$OUT"
+if [ -z "${NO_WHEELS:-}" ] && compgen -G ".whl/*.whl" >/dev/null; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/site .whl/*.whl || exit 1
+  export PYTHONPATH=/tmp/site
+fi
+export PYTHONPATH=$PWD/src:${PYTHONPATH:-} HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
+nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm --format=csv 2>&1 | tee "$OUT/nvidia-smi.txt"
+"$PY" -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
+
+for part in "${@:-bench}"; do
+case "$part" in
+bench)
+  timeout "${BENCH_SECONDS:-300}" "$PY" bench/gpu.py --out "$OUT/gpu.json" 2>&1 | tee "$OUT/gpu.log"
+  ;;
+static)  # BLIP-2 with a static KV cache (generate then compiles the LM step: CUDA graphs)
+  timeout "${STATIC_SECONDS:-150}" "$PY" bench/gpu.py --models blip2-opt-2.7b --batches 1 64 \
+    --baseline-images 16 --static-cache --no-guard --out "$OUT/gpu-static.json" 2>&1 |
+    tee "$OUT/gpu-static.log"
+  ;;
+train)
+  # demo-vqa recipe variants, each its own process (scene drawing is single-threaded CPU
+  # work; the GPU has room for all).  Periodic held-out evaluation goes to each log.
+  deadline=${TRAIN_SECONDS:-300}
+  steps=${TRAIN_STEPS:-4000}
+  common=(--init config:blip2 --vision-init src/blipserve/demo/models/demo --data synthetic
+    --eval-data synthetic --batch-size 64 --warmup-steps 200 --eval-every 500
+    --eval-examples 200 --save-every 100000 --num-threads 2 --hidden-size 160
+    --vision-layers 4 --text-layers 4 --device "${TRAIN_DEVICE:-cuda}" --no-progress --max-steps "$steps")
+  declare -A variants
+  base="--qformer-layers 2 --num-query-tokens 16 --caption-fraction 0.4 --lr 1e-3 --freeze-vision"
+  qinit="--qformer-layers 4 --qformer-init src/blipserve/demo/models/demo"
+  if [ "${SWEEP:-2}" = 1 ]; then  # 2026-11-26, first sweep: Q-Former size, queries, mix, ViT
+    variants=(
+      [a-base]="$base"
+      [b-q4]="$base --qformer-layers 4"
+      [c-n32]="$base --num-query-tokens 32"
+      [d-cf6]="$base --caption-fraction 0.6"
+      [e-vit]="$base --no-freeze-vision"
+      [f-q4n32]="$base --qformer-layers 4 --num-query-tokens 32 --caption-fraction 0.5"
+    )
+  else  # second sweep: Q-Former from demo's decoder, learning rate.  (It also tried a loss
+    # averaged per example rather than per token, an option since removed: it did not pay.)
+    variants=(
+      [a-base]="$base"
+      [h-qi4]="$base $qinit"
+      [k-lr5e-4]="$base --lr 5e-4"
+      [l-lr2e-3]="$base --lr 2e-3"
+    )
+  fi
+  work=/tmp/variants
+  mkdir -p "$work"
+  for name in "${!variants[@]}"; do
+    # shellcheck disable=SC2086  # the variant's flags are meant to split
+    timeout "$deadline" "$PY" -m blipserve.cli finetune "${common[@]}" ${variants[$name]} \
+      --output-dir "$work/$name" >"$work/$name.log" 2>&1 &
+  done
+  wait
+  grep -H '"step"' "$work"/*.log | sed 's/.*variants\///' | cut -c1-400
+  # the two best finished models by held-out exact match come back too
+  best=$(for s in "$work"/*/finetune_summary.json; do
+    [ -f "$s" ] && "$PY" -c "import json,sys; d=json.load(open(sys.argv[1])); print(d['final_eval'].get('exact',0), sys.argv[1])" "$s"
+  done | sort -rn | head -2 | awk '{print $2}' | xargs -r -n1 dirname | xargs -r -n1 basename)
+  tar -czf "$OUT/train-logs.tgz" -C "$work" $(cd "$work" && ls ./*.log)
+  # (a file that comes back is at most 16 MiB: the models travel in parts)
+  [ -n "$best" ] && tar -cf - --exclude=checkpoints -C "$work" $best | split -b 15M - "$OUT/best-models.tar.part-"
+  ls -la "$OUT"
+  ;;
+esac
+done
