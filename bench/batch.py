@@ -152,11 +152,12 @@ def where_time_goes(model_dir: Path, paths: list[Path], tokens: int, dtype: str)
     from transformers import AutoProcessor
 
     from blipserve.config import EngineConfig, ImageLimits, ModelConfig
+    from blipserve.engine import default_batch_size
     from blipserve.images import load_image
     from blipserve.models import load_model
 
     adapter: Any = load_model(ModelConfig(model=str(model_dir), device="cpu", dtype=dtype))  # type: ignore[arg-type]
-    batch = EngineConfig().max_batch_size
+    batch = EngineConfig().max_batch_size or default_batch_size(adapter.device)
     sample = paths[:batch]
     limits = ImageLimits()
     out: dict[str, Any] = {"dtype": str(adapter.dtype).removeprefix("torch."), "batch": batch}

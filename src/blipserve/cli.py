@@ -128,7 +128,10 @@ def config_from_args(cls: type[Any], args: argparse.Namespace) -> Any:
     for name, value in overrides.items():
         if isinstance(value, list):
             overrides[name] = tuple(value)
-    return from_env(cls, **overrides)
+    try:
+        return from_env(cls, **overrides)
+    except ValueError as exc:  # a config's own checks (e.g. a negative batch size)
+        raise InvalidInput(f"invalid option: {exc}") from None
 
 
 def params_from_args(args: argparse.Namespace) -> GenerationParams:

@@ -75,6 +75,7 @@ class Engine:
     ) -> None:
         self.adapter = adapter
         self.config = config or EngineConfig()
+        self.max_batch_size = self.config.max_batch_size or default_batch_size(adapter.device)
         if self.config.torch_threads > 0:
             torch.set_num_threads(self.config.torch_threads)  # process-wide, as torch has it
         self.limits = limits or ImageLimits()
@@ -190,7 +191,7 @@ class Engine:
             i: p for i, p in enumerate(prepared) if isinstance(p, RowError)
         }
         good = [(i, p) for i, p in enumerate(prepared) if isinstance(p, PreparedRow)]
-        for batch in plan_batches([p.key for _, p in good], self.config.max_batch_size):
+        for batch in plan_batches([p.key for _, p in good], self.max_batch_size):
             members = [good[j] for j in batch]
             try:
                 results: Sequence[Outcome] = self.run_batch([p.item for _, p in members])
@@ -221,6 +222,16 @@ class Engine:
                 raise outcome
             predictions.append(outcome)
         return predictions
+
+
+def default_batch_size(device: torch.device) -> int:
+    """Rows per model call when the config leaves it to us (``max_batch_size`` 0).
+
+    Measured (README, Speed): on a 2-core CPU batching pays little past 8 rows; on an H200
+    BLIP-base gave 6.7x the one-by-one throughput at 8 rows, 14.8x at 32 and 20.7x at 64,
+    with 2 GiB of GPU memory at 64.  32 leaves room on smaller GPUs and larger models.
+    """
+    return 32 if device.type == "cuda" else 8
 
 
 def _warmup_png() -> bytes:

@@ -100,7 +100,7 @@ class ServerState:
                 engine.warm_up()
             self.batcher = Batcher(
                 engine.run_batch,
-                max_batch_size=self.engine_config.max_batch_size,
+                max_batch_size=engine.max_batch_size,
                 max_wait_s=self.server.max_wait_ms / 1000,
                 max_queue=self.server.max_queue,
                 observer=self.metrics,

@@ -12,14 +12,14 @@ import shutil
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 from playwright.sync_api import Browser, BrowserContext, ConsoleMessage, expect, sync_playwright
+from ui_support import API_KEY, PageProblems, Server
 
 import live_server
-from live_server import RunningServer, wait_ready
+from live_server import wait_ready
 
 CHROMIUM_ARGS = [
     "--headless",
@@ -31,7 +31,6 @@ CHROMIUM_ARGS = [
     "--disable-component-update",
     "--disable-sync",
 ]
-API_KEY = "ui-test-key"
 # Generous waits for the model's answers on a small, busy CPU; a pass takes far less.
 TIMEOUT_MS = 30_000
 
@@ -41,9 +40,6 @@ def find_chromium() -> str | None:
         if candidate and os.access(candidate, os.X_OK):
             return candidate
     return None
-
-
-Server = RunningServer  # the name the browser tests use
 
 
 def launch(workdir: Path, *args: str) -> tuple[subprocess.Popen[bytes], Path]:
@@ -107,16 +103,6 @@ def browser() -> Iterator[Browser]:
         launched = p.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS)
         yield launched
         launched.close()
-
-
-@dataclass
-class PageProblems:
-    """What the page reported that a working page never does: script errors, CSP refusals."""
-
-    errors: list[str]
-
-    def check(self) -> None:
-        assert not self.errors, self.errors
 
 
 @pytest.fixture

@@ -8,8 +8,8 @@ from pathlib import Path
 import openai
 import pytest
 
-from conftest import RunningServer
 from helpers import b64_png
+from live_server import RunningServer
 
 KEY = "sk-test"
 

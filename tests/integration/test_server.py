@@ -16,8 +16,8 @@ from typing import Any
 import httpx
 import pytest
 
-from conftest import RunningServer
 from helpers import b64_png
+from live_server import RunningServer
 
 KEY = "test-key-1"
 AUTH = {"Authorization": f"Bearer {KEY}"}

@@ -204,3 +204,25 @@ def test_generated_tokens_are_counted(engines: dict[str, Engine], kind: str) -> 
         for out in engines[kind].predict(rows, params):
             assert isinstance(out, Prediction)
             assert out.tokens == n
+
+
+def test_batch_size_zero_picks_by_device(tiny_model_dir: dict[str, Path]) -> None:
+    import torch
+
+    from blipserve.engine import default_batch_size
+
+    assert default_batch_size(torch.device("cpu")) == 8
+    assert default_batch_size(torch.device("cuda")) == 32
+    path = tiny_model_dir["blip-caption"]
+    with Engine.load(ModelConfig(model=str(path), device="cpu"), config=EngineConfig()) as engine:
+        assert engine.max_batch_size == 8
+    with Engine.load(ModelConfig(model=str(path)), config=EngineConfig(max_batch_size=3)) as e:
+        assert e.max_batch_size == 3
+
+
+@pytest.mark.parametrize(
+    "bad", [{"max_batch_size": -1}, {"torch_threads": -2}, {"decode_workers": 0}]
+)
+def test_engine_config_refuses_nonsense(bad: dict[str, int]) -> None:
+    with pytest.raises(ValueError, match="must be"):
+        EngineConfig(**bad)
