@@ -38,7 +38,9 @@ class ImageLimits:
     draft_decode: bool = _opt(
         True,
         "Decode large JPEGs at a reduced size (Pillow draft mode) when the model needs far "
-        "fewer pixels.",
+        "fewer pixels, and shrink other large images by a whole factor right after decoding "
+        "(never below twice the model's input side), so a queued row holds megabytes, not "
+        "hundreds.",
     )
 
 

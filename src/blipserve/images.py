@@ -177,7 +177,10 @@ def decode_image(data: bytes, limits: ImageLimits, target_size: int | None = Non
                 # Pillow picks the largest 1/2^k scale keeping both sides >= target_size.
                 img.draft("RGB", (target_size, target_size))
             img.load()
-            return _to_rgb(_orient(img))
+            rgb = _to_rgb(_orient(img))
+        if limits.draft_decode and target_size:
+            rgb = _shrink(rgb, target_size)
+        return rgb
     except ImageError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
@@ -193,6 +196,21 @@ def decode_image(data: bytes, limits: ImageLimits, target_size: int | None = Non
     except Exception as exc:  # any parser failure on hostile bytes is bad input
         detail = str(exc) or type(exc).__name__
         raise ImageError(f"image data is truncated or corrupt: {detail}") from None
+
+
+def _shrink(img: Image.Image, target_size: int) -> Image.Image:
+    """``img`` reduced by the largest whole factor that keeps both sides >= 2 x target.
+
+    A decoded 40 MP PNG is 120 MB, and the processor's float conversion of it four times
+    that; rows wait in the queue as decoded images, so without this one request of large,
+    highly compressible images could take gigabytes.  ``reduce`` averages whole blocks
+    (no aliasing), and the processor's own resize to ``target_size`` still follows, from at
+    least twice that size.
+    """
+    factor = min(img.size) // (2 * target_size)
+    if factor < 2:
+        return img
+    return img.reduce(factor)
 
 
 def _read_path(path: Path, limits: ImageLimits) -> bytes:

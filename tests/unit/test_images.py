@@ -404,8 +404,18 @@ def test_draft_changes_model_input_only_slightly(photos: dict[str, np.ndarray]) 
 
 
 def test_draft_never_applies_to_png() -> None:
-    data = encode(Image.new("RGB", (1600, 1600), RED), "PNG")
-    assert decode_image(data, LIMITS, target_size=384).size == (1600, 1600)
+    data = encode(Image.new("RGB", (1500, 1500), RED), "PNG")
+    assert decode_image(data, LIMITS, target_size=384).size == (1500, 1500)
+
+
+def test_large_images_are_shrunk_after_decoding_but_never_below_twice_the_target() -> None:
+    data = encode(Image.new("RGB", (6000, 3300), RED), "PNG")
+    image = decode_image(data, LIMITS, target_size=384)
+    assert image.size == (1500, 825)  # reduced by 4: 3300 // 768
+    assert min(image.size) >= 2 * 384
+    assert image.getpixel((700, 400)) == RED
+    exact = ImageLimits(max_image_pixels=LIMITS.max_image_pixels, draft_decode=False)
+    assert decode_image(data, exact, target_size=384).size == (6000, 3300)
 
 
 # --- load_image -----------------------------------------------------------------------
