@@ -177,10 +177,10 @@ def decode_image(data: bytes, limits: ImageLimits, target_size: int | None = Non
                 # Pillow picks the largest 1/2^k scale keeping both sides >= target_size.
                 img.draft("RGB", (target_size, target_size))
             img.load()
-            rgb = _to_rgb(_orient(img))
-        if limits.draft_decode and target_size:
-            rgb = _shrink(rgb, target_size)
-        return rgb
+            pixels = _orient(img)
+            if limits.draft_decode and target_size and pixels.mode in _REDUCIBLE:
+                pixels = _shrink(pixels, target_size)  # before a conversion copies them
+            return _to_rgb(pixels)
     except ImageError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
@@ -196,6 +196,11 @@ def decode_image(data: bytes, limits: ImageLimits, target_size: int | None = Non
     except Exception as exc:  # any parser failure on hostile bytes is bad input
         detail = str(exc) or type(exc).__name__
         raise ImageError(f"image data is truncated or corrupt: {detail}") from None
+
+
+# Modes whose pixels ``Image.reduce`` averages as they are (palette and 16-bit modes are
+# converted to RGB first, at full size).
+_REDUCIBLE = frozenset({"L", "LA", "RGB", "RGBA", "RGBX", "CMYK", "YCbCr"})
 
 
 def _shrink(img: Image.Image, target_size: int) -> Image.Image:
