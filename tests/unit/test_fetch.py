@@ -89,6 +89,10 @@ class Handler(BaseHTTPRequestHandler):
 class QuietServer(ThreadingHTTPServer):
     daemon_threads = True
     block_on_close = False
+    # socketserver's default backlog is 5: eight threads connecting at once on a busy
+    # machine could find it full, and a dropped SYN is retried after 1 s, past the tests'
+    # 1 s connect timeout (the cause of a rare failure of the threads test).
+    request_queue_size = 64
 
     def handle_error(self, request: Any, client_address: Any) -> None:
         pass
