@@ -14,7 +14,8 @@ The two servers run one after the other on the same model folder (never both at 
   ``model.generate(...)``, ``processor.batch_decode(...)``; float32; one request at a time,
   no batching across requests.
 * **blipserve**: ``blipserve serve --model FOLDER`` with its defaults (dtype ``auto``:
-  float32 on CPU; the dtype used is read from its log and reported), plus
+  bfloat16 on CPUs with native bf16, else float32; the dtype used is read from its log
+  and reported), plus
   ``--blipserve-args`` (e.g. ``"--dtype bfloat16 --max-batch-size 16"``).  Its request
   deadline is raised to 600 s so that queueing at high concurrency is measured, not cut.
 
