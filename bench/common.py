@@ -51,6 +51,46 @@ def _merge(base: dict[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]
     return out
 
 
+# --quick models: each architecture with its real tokenizer and processor, shrunk to a
+# tiny network (seconds on a CPU).
+_TINY_VISION = {
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 2,
+    "image_size": 64,
+    "patch_size": 16,
+}
+QUICK_BLIP: dict[str, Any] = {
+    "vision_config": _TINY_VISION,
+    "text_config": {
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 2,
+    },
+    "projection_dim": 64,
+    "image_text_hidden_size": 64,
+}
+QUICK_BLIP2: dict[str, Any] = {
+    "vision_config": _TINY_VISION,
+    "qformer_config": {
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 2,
+        "encoder_hidden_size": 64,
+    },
+    "text_config": {
+        "hidden_size": 64,
+        "ffn_dim": 128,
+        "word_embed_proj_dim": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 2,
+    },
+}
+
+
 def _has_weights(folder: Path) -> bool:
     return (folder / "model.safetensors").exists() or (
         folder / "model.safetensors.index.json"

@@ -68,6 +68,7 @@ import httpx
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import (  # bench/ is not a package: found through sys.path
+    QUICK_BLIP,
     ROOT,
     RunningServer,
     build_random_model,
@@ -83,24 +84,7 @@ DEFAULT_LAYOUT = "blip-image-captioning-base"
 CACHE = Path.home() / ".cache" / "blipserve-bench"
 JSON_HEADERS = {"Content-Type": "application/json"}
 # --quick: the same architecture, tokenizer and processor, shrunk to a tiny network.
-QUICK_OVERRIDES: dict[str, Any] = {
-    "vision_config": {
-        "hidden_size": 64,
-        "intermediate_size": 128,
-        "num_hidden_layers": 2,
-        "num_attention_heads": 2,
-        "image_size": 64,
-        "patch_size": 16,
-    },
-    "text_config": {
-        "hidden_size": 64,
-        "intermediate_size": 128,
-        "num_hidden_layers": 2,
-        "num_attention_heads": 2,
-    },
-    "projection_dim": 64,
-    "image_text_hidden_size": 64,
-}
+QUICK_OVERRIDES = QUICK_BLIP
 BACKGROUND_WARN = 0.10  # warn when other processes keep this share of the CPUs busy
 
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# What we run on a lent GPU machine (one short call per part; see bench/gpu.py).
+# What we run on a lent GPU machine (one short call per part; see bench/speed.py).
 #
 #   bash scripts/device_check.sh bench   # GPU benchmark + CUDA quality guard -> $OUT/gpu.*
 #   bash scripts/device_check.sh static  # BLIP-2 with a static KV cache (compiled) -> $OUT/gpu-static.*
@@ -25,10 +25,10 @@ nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm --format=csv 2
 for part in "${@:-bench}"; do
 case "$part" in
 bench)
-  timeout "${BENCH_SECONDS:-300}" "$PY" bench/gpu.py --out "$OUT/gpu.json" 2>&1 | tee "$OUT/gpu.log"
+  timeout "${BENCH_SECONDS:-300}" "$PY" bench/speed.py --out "$OUT/gpu.json" 2>&1 | tee "$OUT/gpu.log"
   ;;
 static)  # BLIP-2 with a static KV cache (generate then compiles the LM step: CUDA graphs)
-  timeout "${STATIC_SECONDS:-150}" "$PY" bench/gpu.py --models blip2-opt-2.7b --batches 1 64 \
+  timeout "${STATIC_SECONDS:-150}" "$PY" bench/speed.py --models blip2-opt-2.7b --batches 1 64 \
     --baseline-images 16 --static-cache --no-guard --out "$OUT/gpu-static.json" 2>&1 |
     tee "$OUT/gpu-static.log"
   ;;

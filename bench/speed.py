@@ -1,23 +1,26 @@
-"""GPU benchmark: the catalog's per-image float32 loop vs blipserve's engine, side by side.
+"""Speed table: the catalog's per-image float32 loop vs blipserve's engine, side by side.
 
-For each model (random weights built on the GPU from the published configs in
-``tests/data/hf-layouts``: ``blip-image-captioning-base`` and ``blip2-opt-2.7b``), in one
-process on one GPU:
+For each model (random weights built on the device from the published configs in
+``tests/data/hf-layouts``: ``blip-image-captioning-base`` and, by default on a GPU,
+``blip2-opt-2.7b``), in one process:
 
 * **baseline** — what the catalog's scoring wrapper does per image: ``Image.open(...)``,
   ``processor(images=..., return_tensors="pt")``, ``model.generate``, ``batch_decode``;
   float32 (torch's defaults: no TF32), one image per call.
-* **blipserve** — :class:`blipserve.engine.Engine` over the same model converted to the
-  dtype ``--dtype auto`` picks on this GPU (bfloat16 where supported), at several batch
-  sizes; base64 JPEG rows decoded by its thread pool, as every entry point does.
+* **blipserve** — :class:`blipserve.engine.Engine` over the same model, in each dtype
+  (``--dtypes``; default: what ``--dtype auto`` picks on a GPU, float32 and bfloat16 on a
+  CPU with native bf16, so each optimisation shows alone) at each batch size
+  (``--batches``); base64 JPEG rows decoded by its thread pool, as every entry point does.
 
 Every caption is exactly ``--tokens`` tokens (``min_new_tokens = max_new_tokens``), so each
-side does the same model work.  Also measured in the same run: the GPU's bf16 and fp32
-matmul rates (the ceilings), and the CUDA quality guard — the built-in ``demo`` model's
-captions in bfloat16 and float16 against float32 on held-out scenes.
+side does the same model work.  Also measured in the same run: the device's bf16 and fp32
+matmul rates (the ceilings), the FLOPs of one caption (torch's FlopCounterMode over one
+``generate``), hence each mode's achieved GFLOP/s as a share of the bf16 ceiling, and the
+quality guard — the built-in ``demo`` model's captions per dtype against float32's on
+held-out scenes.
 
-    python bench/gpu.py --out gpu.json            # on a CUDA machine (~3 min on an H100)
-    python bench/gpu.py --quick                   # smoke test with tiny models (CPU works)
+    python bench/speed.py --out speed.json        # CPU ~3 min on 2 cores; H100/H200 ~2 min
+    python bench/speed.py --quick                 # smoke test with tiny models
 """
 
 from __future__ import annotations
@@ -37,54 +40,22 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import LAYOUTS, SEED, _merge, machine_info, percentile, sample_images
+from common import (
+    LAYOUTS,
+    QUICK_BLIP,
+    QUICK_BLIP2,
+    SEED,
+    _merge,
+    machine_info,
+    percentile,
+    sample_images,
+)
 
-QUICK = {
-    "blip-image-captioning-base": {
-        "vision_config": {
-            "hidden_size": 64,
-            "intermediate_size": 128,
-            "num_hidden_layers": 2,
-            "num_attention_heads": 2,
-            "image_size": 64,
-            "patch_size": 16,
-        },
-        "text_config": {
-            "hidden_size": 64,
-            "intermediate_size": 128,
-            "num_hidden_layers": 2,
-            "num_attention_heads": 2,
-        },
-    },
-    "blip2-opt-2.7b": {
-        "vision_config": {
-            "hidden_size": 64,
-            "intermediate_size": 128,
-            "num_hidden_layers": 2,
-            "num_attention_heads": 2,
-            "image_size": 64,
-            "patch_size": 16,
-        },
-        "qformer_config": {
-            "hidden_size": 64,
-            "intermediate_size": 128,
-            "num_hidden_layers": 2,
-            "num_attention_heads": 2,
-            "encoder_hidden_size": 64,
-        },
-        "text_config": {
-            "hidden_size": 64,
-            "ffn_dim": 128,
-            "word_embed_proj_dim": 64,
-            "num_hidden_layers": 2,
-            "num_attention_heads": 2,
-        },
-    },
-}
+QUICK = {"blip-image-captioning-base": QUICK_BLIP, "blip2-opt-2.7b": QUICK_BLIP2}
 
 
 def log(msg: str) -> None:
-    print(f"[gpu-bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+    print(f"[speed {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
 def sync() -> None:
@@ -130,6 +101,42 @@ def build(layout: str, quick: bool, device: Any) -> tuple[Any, Any]:
     with torch.device(device):
         model = model_cls(config)
     return model.to(device=device, dtype=torch.float32).eval(), processor
+
+
+def caption_flops(model: Any, processor: Any, jpeg: bytes, tokens: int) -> int:
+    """FLOPs of one caption (``tokens`` new tokens), counted op by op with torch's formulas.
+
+    (A plain dispatch mode over ``flop_registry``: FlopCounterMode's module tracker fails
+    inside BLIP-2's ``generate``.)
+    """
+    import torch
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils.flop_counter import flop_registry
+
+    class Count(TorchDispatchMode):
+        total = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+            kwargs = kwargs or {}
+            formula = flop_registry.get(func._overloadpacket)
+            if formula is None:
+                # Composite ops (linear, ...) reach a mode whole: count their parts.
+                parts = func.decompose(*args, **kwargs)
+                if parts is not NotImplemented:
+                    return parts
+                return func(*args, **kwargs)
+            out = func(*args, **kwargs)
+            self.total += int(formula(*args, **kwargs, out_val=out))
+            return out
+
+    device = next(model.parameters()).device
+    inputs = processor(images=Image.open(io.BytesIO(jpeg)).convert("RGB"), return_tensors="pt")
+    counter = Count()
+    # no_grad, not inference_mode: under inference_mode composite ops such as linear reach
+    # the mode undecomposed, and their matmuls would go uncounted.
+    with torch.no_grad(), counter:
+        model.generate(**inputs.to(device), max_new_tokens=tokens, min_new_tokens=tokens)
+    return counter.total
 
 
 def baseline(model: Any, processor: Any, jpegs: list[bytes], tokens: int) -> dict[str, Any]:
@@ -208,30 +215,39 @@ def bench_model(
     jpegs = [base64.b64decode(s) for s in sample_images(max(args.images, n_base))]
     out: dict[str, Any] = {"layout": layout, "parameters": params}
 
+    out["flops_per_image"] = caption_flops(model, processor, jpegs[0], args.tokens)
+    log(f"{layout}: {out['flops_per_image'] / 1e9:.1f} GFLOP per caption")
     log(f"{layout}: baseline float32, {n_base} images one by one")
     out["baseline"] = baseline(model, processor, jpegs[:n_base], args.tokens)
     log(f"{layout}: baseline {out['baseline']['images_per_s']:.2f} images/s")
 
-    dtype = resolve_dtype("auto", device)
-    model.to(dtype)
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
-    adapter = adapter_cls(model, processor, device, dtype)
-    out["dtype"] = str(dtype).removeprefix("torch.")
     out["blipserve"] = []
-    for batch in args.batches:
-        n = min(len(jpegs), max(16, 4 * batch))  # four full batches (16 rows at least)
-        r = engine_run(adapter, jpegs[:n], args.tokens, batch, 8)
-        r["ratio"] = r["images_per_s"] / out["baseline"]["images_per_s"]
-        out["blipserve"].append(r)
-        log(f"{layout}: blipserve {out['dtype']} batch {batch}: {r['images_per_s']:.2f} images/s")
+    adapter = None
+    # float32 first: converting the model is one way (the baseline needed it in float32).
+    dtypes = sorted(
+        {resolve_dtype(d, device) for d in args.dtypes}, key=lambda t: t != torch.float32
+    )
+    for dtype in dtypes:
+        model.to(dtype)
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+        adapter = adapter_cls(model, processor, device, dtype)
+        name = str(dtype).removeprefix("torch.")
+        for batch in args.batches:
+            n = min(len(jpegs), max(args.min_images, 2 * batch))  # two batches at least
+            r = engine_run(adapter, jpegs[:n], args.tokens, batch, 8)
+            r["dtype"] = name
+            r["ratio"] = r["images_per_s"] / out["baseline"]["images_per_s"]
+            out["blipserve"].append(r)
+            log(f"{layout}: blipserve {name} batch {batch}: {r['images_per_s']:.2f} images/s")
+    out["dtype"] = out["blipserve"][-1]["dtype"]
     if args.static_cache and hasattr(model, "language_model"):
         # A static KV cache makes generate compile the LM's decoding step on CUDA
         # (transformers' auto-compile: torch.compile mode reduce-overhead, i.e. CUDA graphs).
         model.language_model.generation_config.cache_implementation = "static"
-        eager = {r["batch"]: r["texts"] for r in out["blipserve"]}
+        eager = {r["batch"]: r["texts"] for r in out["blipserve"] if r["dtype"] == out["dtype"]}
         out["blipserve_static_cache"] = []
         for batch in args.static_batches:
             n = min(len(jpegs), max(16, 4 * batch))
@@ -271,7 +287,10 @@ def quality_guard(device: Any, n: int) -> dict[str, Any]:
         scene.image.save(buf, format="PNG")
         rows.append(RowInput(i, base64.b64encode(buf.getvalue()).decode()))
     said: dict[str, list[str]] = {}
-    for dtype in ("float32", "bfloat16", "float16"):
+    dtypes = (
+        ("float32", "bfloat16", "float16") if device.type == "cuda" else ("float32", "bfloat16")
+    )
+    for dtype in dtypes:
         engine = Engine.load(
             ModelConfig(model="demo", device=device.type, dtype=dtype)  # type: ignore[arg-type]
         )
@@ -291,13 +310,17 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="tiny models (smoke test)")
     parser.add_argument("--tokens", type=int, default=20)
-    parser.add_argument("--images", type=int, default=256, help="images per blipserve run")
-    parser.add_argument("--baseline-images", type=int, default=32)
-    parser.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32, 64])
+    parser.add_argument("--images", type=int, default=256, help="distinct test images at most")
+    parser.add_argument("--min-images", type=int, help="per run (default 16 GPU, 8 CPU)")
+    parser.add_argument("--baseline-images", type=int, help="default 32 GPU, 8 CPU")
+    parser.add_argument("--batches", type=int, nargs="+", help="default 1 8 32 64 GPU, 1 8 CPU")
     parser.add_argument(
-        "--models", nargs="+", default=["blip-image-captioning-base", "blip2-opt-2.7b"]
+        "--dtypes",
+        nargs="+",
+        help="blipserve modes (default: auto on GPU; float32 and auto on CPU)",
     )
-    parser.add_argument("--guard-scenes", type=int, default=300)
+    parser.add_argument("--models", nargs="+", help="default: BLIP-base, and BLIP-2 on GPU")
+    parser.add_argument("--guard-scenes", type=int, help="default 300 GPU, 200 CPU")
     parser.add_argument(
         "--static-cache", action="store_true", help="also BLIP-2 with a static KV cache"
     )
@@ -312,15 +335,24 @@ def main() -> None:
     from blipserve.models.blip2 import Blip2Adapter
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    gpu = device.type == "cuda"
+    layouts = ["blip-image-captioning-base", "blip2-opt-2.7b"]
+    args.models = args.models or (layouts if gpu or args.quick else layouts[:1])
+    args.batches = args.batches or ([1, 8, 32, 64] if gpu else [1, 8])
+    args.dtypes = args.dtypes or (["auto"] if gpu else ["float32", "auto"])
+    args.min_images = args.min_images or (16 if gpu else 8)
+    args.baseline_images = args.baseline_images or (32 if gpu else 8)
+    args.guard_scenes = args.guard_scenes or (300 if gpu else 200)
     report: dict[str, Any] = {"machine": machine_info(), "tokens": args.tokens, "models": []}
-    if device.type == "cuda":
+    if gpu:
         report["gpu"] = torch.cuda.get_device_name()
-        n = 512 if args.quick else 8192
-        report["matmul_tflops"] = {
-            "bfloat16": matmul_rate(torch.bfloat16, n),
-            "float32": matmul_rate(torch.float32, n // 2),
-        }
-        log(f"{report['gpu']}: matmul {report['matmul_tflops']}")
+    n = 512 if args.quick else (8192 if gpu else 2048)
+    # Ceilings measured here and now, with this process's torch threads.
+    report["matmul_tflops"] = {
+        "bfloat16": matmul_rate(torch.bfloat16, n),
+        "float32": matmul_rate(torch.float32, n // 2 if gpu else n),
+    }
+    log(f"{report.get('gpu', 'CPU')}: matmul TFLOP/s {report['matmul_tflops']}")
 
     def save() -> None:
         if args.out:
@@ -347,43 +379,71 @@ def main() -> None:
 
 
 def markdown(report: dict[str, Any]) -> str:
+    m = report["machine"]
+    where = (
+        report.get("gpu") or f"{m['cpu']}, {m['usable_cores']} cores, {m['torch_threads']} threads"
+    )
+    peak = report["matmul_tflops"]
     lines = [
-        f"GPU: {report.get('gpu', 'none (CPU)')}; torch {report['machine']['torch']}, "
-        f"transformers {report['machine']['transformers']}; {report['tokens']} tokens per "
-        "caption; random weights with the published configs.",
-    ]
-    if "matmul_tflops" in report:
-        m = report["matmul_tflops"]
-        lines.append(
-            f"Measured matmul: bf16 {m['bfloat16']:.0f} TFLOP/s, fp32 {m['float32']:.0f} TFLOP/s."
-        )
-    lines += [
+        f"{where}; torch {m['torch']}, transformers {m['transformers']}; {report['tokens']} "
+        "tokens per caption; random weights with the published configs.",
+        f"Measured matmul ceilings: bf16 {peak['bfloat16'] * 1000:.0f} GFLOP/s, fp32 "
+        f"{peak['float32'] * 1000:.0f} GFLOP/s.",
         "",
-        "| model | mode | batch | images/s | x baseline | single-image latency |",
-        "| --- | --- | ---: | ---: | ---: | ---: |",
+        "| model | mode | batch | images/s | x baseline | one image | GFLOP/s | of bf16 peak |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
-    for m in report["models"]:
-        if "error" in m:
-            lines.append(f"| {m['layout']} | failed: {m['error'][:80]} | | | | |")
-            continue
-        b = m["baseline"]
-        lines.append(
-            f"| {m['layout']} | baseline (float32, one per call) | 1 | {b['images_per_s']:.2f} "
-            f"| 1.00 | {b['latency_p50_s'] * 1000:.0f} ms |"
+
+    def row(
+        model: dict[str, Any], mode: str, batch: int, rate: float, ratio: float, lat: float
+    ) -> str:
+        achieved = rate * model["flops_per_image"] / 1e9
+        share = achieved / (peak["bfloat16"] * 1000)
+        return (
+            f"| {model['layout']} | {mode} | {batch} | {rate:.2f} | {ratio:.2f} | "
+            f"{lat * 1000:.0f} ms | {achieved:.0f} | {share:.1%} |"
         )
-        for r in m["blipserve"]:
-            lines.append(
-                f"| {m['layout']} | blipserve {m['dtype']} | {r['batch']} | "
-                f"{r['images_per_s']:.2f} | {r['ratio']:.2f} | "
-                f"{r['single_latency_p50_s'] * 1000:.0f} ms |"
+
+    for model in report["models"]:
+        if "error" in model:
+            lines.append(f"| {model['layout']} | failed: {model['error'][:80]} | | | | | | |")
+            continue
+        b = model["baseline"]
+        lines.append(
+            row(
+                model,
+                "baseline (float32, one per call)",
+                1,
+                b["images_per_s"],
+                1.0,
+                b["latency_p50_s"],
             )
-        for r in m.get("blipserve_static_cache", []):
+        )
+        for r in model["blipserve"]:
+            lines.append(
+                row(
+                    model,
+                    f"blipserve {r['dtype']}",
+                    r["batch"],
+                    r["images_per_s"],
+                    r["ratio"],
+                    r["single_latency_p50_s"],
+                )
+            )
+        for r in model.get("blipserve_static_cache", []):
             same = f", same text as eager {r['same_as_eager']:.0%}" if "same_as_eager" in r else ""
+            mode = f"blipserve {model['dtype']} + static cache{same}"
             lines.append(
-                f"| {m['layout']} | blipserve {m['dtype']} + static cache{same} | {r['batch']} | "
-                f"{r['images_per_s']:.2f} | {r['ratio']:.2f} | "
-                f"{r['single_latency_p50_s'] * 1000:.0f} ms |"
+                row(
+                    model,
+                    mode,
+                    r["batch"],
+                    r["images_per_s"],
+                    r["ratio"],
+                    r["single_latency_p50_s"],
+                )
             )
+        lines.append(f"({model['layout']}: {model['flops_per_image'] / 1e9:.1f} GFLOP per caption)")
     guard = report.get("quality_guard", {})
     if "scenes" in guard:
         parts = [
