@@ -38,9 +38,9 @@ class ImageLimits:
     draft_decode: bool = _opt(
         True,
         "Decode large JPEGs at a reduced size (Pillow draft mode) when the model needs far "
-        "fewer pixels, and shrink other large images by a whole factor right after decoding "
-        "(never below twice the model's input side), so a queued row holds megabytes, not "
-        "hundreds.",
+        "fewer pixels, and shrink any image larger than 4x the model's input on a side by a "
+        "whole factor per side right after decoding (never below 2x), so a queued row holds "
+        "megabytes, not hundreds.",
     )
 
 

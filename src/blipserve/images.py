@@ -204,18 +204,21 @@ _REDUCIBLE = frozenset({"L", "LA", "RGB", "RGBA", "RGBX", "CMYK", "YCbCr"})
 
 
 def _shrink(img: Image.Image, target_size: int) -> Image.Image:
-    """``img`` reduced by the largest whole factor that keeps both sides >= 2 x target.
+    """``img`` with each side reduced by the largest whole factor keeping it >= 2 x target.
 
     A decoded 40 MP PNG is 120 MB, and the processor's float conversion of it four times
     that; rows wait in the queue as decoded images, so without this one request of large,
-    highly compressible images could take gigabytes.  ``reduce`` averages whole blocks
-    (no aliasing), and the processor's own resize to ``target_size`` still follows, from at
-    least twice that size.
+    highly compressible images could take gigabytes.  After it, no side exceeds 4 x target
+    (a 384 px model: at most 1536 x 1536, 7 MB).  Each side has its own factor, so a long
+    thin image shrinks too: the processors of the BLIP family stretch every image to a
+    ``target_size`` square anyway.  ``reduce`` averages whole blocks (no aliasing), and the
+    processor's own resize still follows, from at least twice its output size.
     """
-    factor = min(img.size) // (2 * target_size)
-    if factor < 2:
+    width, height = img.size
+    factors = (max(1, width // (2 * target_size)), max(1, height // (2 * target_size)))
+    if max(factors) < 2:
         return img
-    return img.reduce(factor)
+    return img.reduce(factors)
 
 
 def _read_path(path: Path, limits: ImageLimits) -> bytes:

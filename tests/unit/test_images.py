@@ -373,10 +373,11 @@ def gradient_jpeg(width: int, height: int) -> bytes:
 @pytest.mark.parametrize(
     ("size", "expected"),
     [
-        ((767, 2000), (767, 2000)),  # smaller side below 2x target: full decode
+        # smaller side below 2x target: full decode, then the long side shrinks on its own
+        ((767, 2000), (767, 1000)),
         ((769, 769), (385, 385)),
-        ((4000, 800), (2000, 400)),
-        ((800, 4000), (400, 2000)),
+        ((4000, 800), (1000, 400)),  # draft 1/2 -> (2000, 400), then 2000 // 768 = 2
+        ((800, 4000), (400, 1000)),
         ((3072, 3071), (768, 768)),
         ((3200, 3200), (400, 400)),
     ],
@@ -411,9 +412,12 @@ def test_draft_never_applies_to_png() -> None:
 def test_large_images_are_shrunk_after_decoding_but_never_below_twice_the_target() -> None:
     data = encode(Image.new("RGB", (6000, 3300), RED), "PNG")
     image = decode_image(data, LIMITS, target_size=384)
-    assert image.size == (1500, 825)  # reduced by 4: 3300 // 768
+    assert image.size == (858, 825)  # each side by its own factor: 6000 / 7, 3300 / 4
     assert min(image.size) >= 2 * 384
+    assert max(image.size) < 4 * 384
     assert image.getpixel((700, 400)) == RED
+    thin = decode_image(encode(Image.new("RGB", (20000, 700), RED), "PNG"), LIMITS, 384)
+    assert thin.size == (770, 700)  # a long thin image shrinks along its long side only
     exact = ImageLimits(max_image_pixels=LIMITS.max_image_pixels, draft_decode=False)
     assert decode_image(data, exact, target_size=384).size == (6000, 3300)
 
