@@ -7,7 +7,12 @@
 # Parts can be combined: scripts/device_check.sh static train
 #
 # That machine has torch and transformers but not blipserve's other dependencies: wheels
-# for them (and for the transformers we test with) may be carried in .whl/ (untracked).
+# for them (and for the transformers we test with) may be carried in .whl/ (untracked;
+# `run` with carry [".whl"]).  Used on 2026-11-26, for its Python 3.12: transformers
+# 5.24.0, tokenizers 0.23.3, regex 2026.11.19, pydantic 2.14.4, pydantic_core 2.50.5
+# (cp312 manylinux), annotated-types 0.8.0, typing-inspection 0.4.5, typing_extensions
+# 4.16.0 -- `pip download --no-deps --only-binary=:all: --python-version 3.12
+# --implementation cp --platform manylinux2014_x86_64 -d .whl NAME==VERSION ...`.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/device-out}
