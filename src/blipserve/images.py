@@ -178,9 +178,12 @@ def decode_image(data: bytes, limits: ImageLimits, target_size: int | None = Non
                 img.draft("RGB", (target_size, target_size))
             img.load()
             pixels = _orient(img)
-            if limits.draft_decode and target_size and pixels.mode in _REDUCIBLE:
+            if not (limits.draft_decode and target_size):
+                return _to_rgb(pixels)
+            if pixels.mode in _REDUCIBLE:
                 pixels = _shrink(pixels, target_size)  # before a conversion copies them
-            return _to_rgb(pixels)
+            # (other modes, e.g. palette, shrink once converted: a no-op if done above)
+            return _shrink(_to_rgb(pixels), target_size)
     except ImageError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
@@ -198,8 +201,8 @@ def decode_image(data: bytes, limits: ImageLimits, target_size: int | None = Non
         raise ImageError(f"image data is truncated or corrupt: {detail}") from None
 
 
-# Modes whose pixels ``Image.reduce`` averages as they are (palette and 16-bit modes are
-# converted to RGB first, at full size).
+# Modes whose pixels ``Image.reduce`` averages as they are (palette and 16-bit images are
+# converted to RGB first, at full size, and reduced after).
 _REDUCIBLE = frozenset({"L", "LA", "RGB", "RGBA", "RGBX", "CMYK", "YCbCr"})
 
 

@@ -418,6 +418,11 @@ def test_large_images_are_shrunk_after_decoding_but_never_below_twice_the_target
     assert image.getpixel((700, 400)) == RED
     thin = decode_image(encode(Image.new("RGB", (20000, 700), RED), "PNG"), LIMITS, 384)
     assert thin.size == (770, 700)  # a long thin image shrinks along its long side only
+    # palette images cannot be reduced as they are: they shrink once converted to RGB
+    palette = Image.new("RGB", (6000, 3300), RED).convert("P", palette=Image.Palette.ADAPTIVE)
+    shrunk = decode_image(encode(palette, "PNG"), LIMITS, target_size=384)
+    assert shrunk.size == (858, 825)
+    assert shrunk.mode == "RGB"
     exact = ImageLimits(max_image_pixels=LIMITS.max_image_pixels, draft_decode=False)
     assert decode_image(data, exact, target_size=384).size == (6000, 3300)
 
