@@ -204,18 +204,25 @@ def make_bundle(cfg: FinetuneConfig) -> Bundle:
     return load_bundle(cfg.init)
 
 
+def _load_matching(module: Any, weights: dict[str, Any], mismatch: str) -> None:
+    """Load ``weights`` into ``module``, which must find each of its tensors there in the
+    same shape; else ``ValueError(mismatch + where)``."""
+    own = module.state_dict()
+    wrong = sorted(k for k in own if k not in weights or weights[k].shape != own[k].shape)
+    if wrong:
+        raise ValueError(f"{mismatch}; differs at {wrong[0]}")
+    module.load_state_dict({k: weights[k] for k in own})
+
+
 def copy_vision(source: Any, target: Any, name: str) -> None:
     """Load ``source``'s ViT into ``target``'s (BLIP and BLIP-2 vision towers have the same
     parameter names and shapes in transformers, so either can feed either)."""
-    weights = source.vision_model.state_dict()
-    own = target.vision_model.state_dict()
-    wrong = sorted(k for k in own if k not in weights or weights[k].shape != own[k].shape)
-    if wrong:
-        raise ValueError(
-            f"vision_init {name}: its image encoder does not match the new model's "
-            f"(image size, patch size, width and layers must be equal); differs at {wrong[0]}"
-        )
-    target.vision_model.load_state_dict({k: weights[k] for k in own})
+    _load_matching(
+        target.vision_model,
+        source.vision_model.state_dict(),
+        f"vision_init {name}: its image encoder does not match the new model's "
+        "(image size, patch size, width and layers must be equal)",
+    )
 
 
 # BLIP text-decoder layer -> BLIP-2 Q-Former layer parameter names.  Both are BERT layers
@@ -253,15 +260,12 @@ def copy_qformer(source: Any, target: Any, name: str) -> None:
             f"Q-Former's {wanted}"
         )
     for i, layer in enumerate(qformer.encoder.layer):
-        own = layer.state_dict()
-        weights = {_qformer_name(k): v for k, v in layers[i].state_dict().items()}
-        wrong = sorted(k for k in own if k not in weights or weights[k].shape != own[k].shape)
-        if wrong:
-            raise ValueError(
-                f"qformer_init {name}: its text decoder's layer {i} does not fit the Q-Former "
-                f"(width, heads and cross-attention width must be equal); differs at {wrong[0]}"
-            )
-        layer.load_state_dict({k: weights[k] for k in own})
+        _load_matching(
+            layer,
+            {_qformer_name(k): v for k, v in layers[i].state_dict().items()},
+            f"qformer_init {name}: its text decoder's layer {i} does not fit the Q-Former "
+            "(width, heads and cross-attention width must be equal)",
+        )
     norm = source.text_decoder.bert.embeddings.LayerNorm.state_dict()
     qformer.layernorm.load_state_dict(norm)
 
