@@ -212,7 +212,13 @@ def bench_model(
     params = sum(p.numel() for p in model.parameters())
     log(f"{layout}: {params / 1e6:.0f} M parameters in {time.perf_counter() - t:.1f} s")
     n_base = args.baseline_images if not layout.startswith("blip2") else args.baseline_images // 2
-    jpegs = [base64.b64decode(s) for s in sample_images(max(args.images, n_base))]
+
+    def rows_for(batch: int) -> int:  # images per engine run: two batches at least
+        return max(args.min_images, 2 * batch)
+
+    static = args.static_batches if args.static_cache else []
+    needed = max(n_base, *(rows_for(b) for b in [*args.batches, *static]))
+    jpegs = [base64.b64decode(s) for s in sample_images(min(args.images, needed))]
     out: dict[str, Any] = {"layout": layout, "parameters": params}
 
     out["flops_per_image"] = caption_flops(model, processor, jpegs[0], args.tokens)
@@ -236,8 +242,7 @@ def bench_model(
         adapter = adapter_cls(model, processor, device, dtype)
         name = str(dtype).removeprefix("torch.")
         for batch in args.batches:
-            n = min(len(jpegs), max(args.min_images, 2 * batch))  # two batches at least
-            r = engine_run(adapter, jpegs[:n], args.tokens, batch, 8)
+            r = engine_run(adapter, jpegs[: rows_for(batch)], args.tokens, batch, 8)
             r["dtype"] = name
             r["ratio"] = r["images_per_s"] / out["baseline"]["images_per_s"]
             out["blipserve"].append(r)
@@ -250,9 +255,8 @@ def bench_model(
         eager = {r["batch"]: r["texts"] for r in out["blipserve"] if r["dtype"] == out["dtype"]}
         out["blipserve_static_cache"] = []
         for batch in args.static_batches:
-            n = min(len(jpegs), max(16, 4 * batch))
             t = time.perf_counter()
-            r = engine_run(adapter, jpegs[:n], args.tokens, batch, 8)
+            r = engine_run(adapter, jpegs[: rows_for(batch)], args.tokens, batch, 8)
             r["wall_with_compile_s"] = time.perf_counter() - t
             r["ratio"] = r["images_per_s"] / out["baseline"]["images_per_s"]
             if batch in eager:
