@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, TypeVar
 
 Device = Literal["auto", "cpu", "cuda"]
-DType = Literal["auto", "float32", "bfloat16", "float16"]
+DType = Literal["auto", "float32", "bfloat16", "float16", "int8"]
 
 
 def _opt(default: Any, help: str, *, flag: str | None = None, **extra: Any) -> Any:
@@ -81,8 +81,9 @@ class ModelConfig:
     )
     dtype: DType = _opt(  # noqa: RUF009
         "auto",
-        "Weight dtype: auto (cuda: bfloat16, else float16; cpu: bfloat16 where the CPU "
-        "has native bf16, else float32), float32, bfloat16, float16.",
+        "Precision: auto (cuda: bfloat16, else float16; cpu: int8), float32, bfloat16, "
+        "float16, or int8 (CPU only: Linear layers in int8 with per-row activation scales, "
+        "float32 elsewhere).",
     )
     revision: str | None = _opt(None, "Hub revision (branch, tag or commit) to load.")
 

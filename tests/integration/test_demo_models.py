@@ -23,6 +23,7 @@ from blipserve.config import EngineConfig, ModelConfig
 from blipserve.contract import Prediction, RowInput
 from blipserve.demo.scenes import HELDOUT_SEED, Scene, generate
 from blipserve.engine import Engine, Outcome
+from blipserve.models import optimize
 
 ROOT = Path(__file__).resolve().parents[2]
 SAMPLE = 200  # scenes per check: a few seconds on two CPU cores
@@ -112,12 +113,34 @@ def test_conditional_caption_continues_the_prefix(
     assert exact(said, [s.caption for s in sample]) >= CAPTION_TARGET["demo"]
 
 
-def test_bfloat16_says_what_float32_says(engines: dict[str, Engine], scenes: list[Scene]) -> None:
+def guard_rows(name: str, scenes: list[Scene]) -> list[RowInput]:
     rows = [RowInput(i, b64(s)) for i, s in enumerate(scenes)]
-    reference = texts(engines["demo"].predict(rows))
-    with load("demo", "bfloat16") as fast:
+    if name == "demo-vqa":  # its answers too
+        qas = [s.qa[i % len(s.qa)] for i, s in enumerate(scenes)]
+        images = [row.image for row in rows]
+        rows += [
+            RowInput(len(images) + i, image, qa.prompt)
+            for i, (image, qa) in enumerate(zip(images, qas, strict=True))
+        ]
+    return rows
+
+
+# `auto` picks int8 on a CPU; bfloat16 is what it picked before (and on CPUs without
+# torch's int8 kernels).  demo-vqa in bfloat16 says what float32 says for only ~96% of its
+# captions and answers (its OPT decoder is sensitive to bf16 rounding), so it is not listed.
+@pytest.mark.parametrize(
+    ("name", "mode"), [("demo", "bfloat16"), ("demo", "int8"), ("demo-vqa", "int8")]
+)
+def test_speed_modes_say_what_float32_says(
+    engines: dict[str, Engine], scenes: list[Scene], name: str, mode: str
+) -> None:
+    if mode == "int8" and optimize.int8_available() is not None:
+        pytest.skip(str(optimize.int8_available()))
+    rows = guard_rows(name, scenes)
+    reference = texts(engines[name].predict(rows))
+    with load(name, mode) as fast:
         said = texts(fast.predict(rows))
-    rate = report("demo bfloat16 vs float32", said, reference)
+    rate = report(f"{name} {mode} vs float32", said, reference)
     assert rate >= SAME_AS_FLOAT32
 
 

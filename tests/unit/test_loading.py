@@ -10,7 +10,7 @@ import torch
 
 from blipserve.config import ModelConfig
 from blipserve.errors import ModelLoadError
-from blipserve.models import ADAPTERS, load_model
+from blipserve.models import ADAPTERS, load_model, optimize
 from blipserve.models.base import cpu_has_native_bf16
 
 EXPECTED_KIND = {
@@ -28,8 +28,15 @@ def test_architecture_maps_to_adapter(tiny_model_dir: dict[str, Path], kind: str
     assert adapter.kind == EXPECTED_KIND[kind]
     assert adapter.image_size == 32
     assert adapter.device == torch.device("cpu")
-    # auto on CPU: bfloat16 where the CPU has native bf16, float32 elsewhere
-    assert adapter.dtype == (torch.bfloat16 if cpu_has_native_bf16() else torch.float32)
+    # auto on CPU: int8 where torch has the int8 kernels; else bfloat16 where the CPU has
+    # native bf16, float32 elsewhere
+    if optimize.int8_available() is None:
+        assert str(adapter.precision) == "int8"
+        assert adapter.dtype == torch.float32
+        linears = [m for m in adapter.model.modules() if isinstance(m, torch.nn.Linear)]
+        assert linears == []  # every one is an Int8Linear
+    else:
+        assert adapter.dtype == (torch.bfloat16 if cpu_has_native_bf16() else torch.float32)
     assert next(adapter.model.parameters()).dtype == adapter.dtype
     assert not adapter.model.training
 
@@ -50,6 +57,23 @@ def test_bfloat16_weights(tiny_model_dir: dict[str, Path]) -> None:
     adapter = load_model(ModelConfig(model=str(tiny_model_dir["blip-caption"]), dtype="bfloat16"))
     assert adapter.dtype == torch.bfloat16
     assert next(adapter.model.parameters()).dtype == torch.bfloat16
+
+
+def test_int8_on_request(tiny_model_dir: dict[str, Path]) -> None:
+    if optimize.int8_available() is not None:
+        with pytest.raises(ModelLoadError, match="int8 is not available"):
+            load_model(ModelConfig(model=str(tiny_model_dir["blip-caption"]), dtype="int8"))
+        return
+    adapter = load_model(ModelConfig(model=str(tiny_model_dir["blip-caption"]), dtype="int8"))
+    assert adapter.precision.int8
+    assert any(isinstance(m, optimize.Int8Linear) for m in adapter.model.modules())
+
+
+def test_int8_is_refused_on_a_gpu(tiny_model_dir: dict[str, Path]) -> None:
+    from blipserve.models.base import resolve_precision
+
+    with pytest.raises(ModelLoadError, match="CPUs only"):
+        resolve_precision("int8", torch.device("cuda"))
 
 
 def test_unknown_architecture(tmp_path: Path) -> None:

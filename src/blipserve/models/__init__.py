@@ -11,7 +11,13 @@ from typing import Any
 from blipserve.config import ModelConfig
 from blipserve.errors import ModelLoadError
 from blipserve.models import blip, blip2  # noqa: F401  (registers the adapters)
-from blipserve.models.base import Adapter, HFAdapter, ModelInput, resolve_device, resolve_dtype
+from blipserve.models.base import (
+    Adapter,
+    HFAdapter,
+    ModelInput,
+    resolve_device,
+    resolve_precision,
+)
 from blipserve.models.registry import ADAPTERS
 
 log = logging.getLogger(__name__)
@@ -67,10 +73,10 @@ def load_model(cfg: ModelConfig) -> HFAdapter:
             f"supported: {', '.join(sorted(ADAPTERS))}"
         )
     device = resolve_device(cfg.device)
-    dtype = resolve_dtype(cfg.dtype, device)
-    log.info("loading %s (%s) on %s as %s", cfg.model, adapter_cls.kind, device, dtype)
+    precision = resolve_precision(cfg.dtype, device)
+    log.info("loading %s (%s) on %s as %s", cfg.model, adapter_cls.kind, device, precision)
     try:
-        return adapter_cls.load(source, device=device, dtype=dtype, revision=cfg.revision)
+        return adapter_cls.load(source, device=device, precision=precision, revision=cfg.revision)
     except ModelLoadError:
         raise
     except (OSError, ValueError, KeyError, RuntimeError) as exc:

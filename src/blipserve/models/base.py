@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 
 from blipserve.contract import Prediction
-from blipserve.errors import InvalidInput
+from blipserve.errors import InvalidInput, ModelLoadError
 from blipserve.params import GenerationParams
 
 log = logging.getLogger(__name__)
@@ -67,8 +67,6 @@ def resolve_device(device: str) -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cuda" and not torch.cuda.is_available():
-        from blipserve.errors import ModelLoadError
-
         raise ModelLoadError("device 'cuda' was requested but no CUDA GPU is available")
     return torch.device(device)
 
@@ -85,16 +83,51 @@ def cpu_has_native_bf16() -> bool:
         return False
 
 
-def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
-    if dtype == "auto":
-        if device.type == "cuda":
-            # bf16 keeps fp32's exponent range (no overflow in the ViT) where the GPU has it.
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        # On a CPU with native bf16 the matmul peak is ~2.3x float32's and the weights
-        # stream at half the bytes; the demo models' captions stay the same (the quality
-        # guard in tests/integration/test_demo_models.py), so auto takes it.
-        return torch.bfloat16 if cpu_has_native_bf16() else torch.float32
-    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+@dataclass(frozen=True)
+class Precision:
+    """How a model computes: its float dtype, and whether its Linear layers run in int8."""
+
+    dtype: torch.dtype
+    int8: bool = False
+
+    def __str__(self) -> str:
+        return "int8" if self.int8 else str(self.dtype).removeprefix("torch.")
+
+
+_FLOATS = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_precision(name: str, device: torch.device) -> Precision:
+    """``--dtype`` -> :class:`Precision` on ``device``; ``auto`` picks the fastest guarded mode.
+
+    Every mode ``auto`` may pick says what float32 says on the demo models' held-out scenes
+    for at least 98% of them (tests/integration/test_demo_models.py; bench/speed.py).
+    """
+    from blipserve.models import optimize
+
+    if name == "int8":
+        if device.type != "cpu":
+            raise ModelLoadError(
+                "--dtype int8 runs on CPUs only (fbgemm's int8 kernels); on a GPU use "
+                "auto, bfloat16 or float16"
+            )
+        why = optimize.int8_available()
+        if why is not None:
+            raise ModelLoadError(f"--dtype int8 is not available here: {why}")
+        return Precision(torch.float32, int8=True)
+    if name != "auto":
+        return Precision(_FLOATS[name])
+    if device.type == "cuda":
+        # bf16 keeps fp32's exponent range (no overflow in the ViT) where the GPU has it.
+        return Precision(torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16)
+    if optimize.int8_available() is None:
+        # On the 2-core Zen 4 this was measured on, int8 linears run at 1.5-2x the bf16
+        # matmul rate (VNNI) and read a quarter of float32's bytes per decoding step:
+        # BLIP-base captions ~2.4x faster than float32 one at a time (README, Speed).
+        return Precision(torch.float32, int8=True)
+    # With native bf16 the matmul peak is ~2.3x float32's and the weights stream at half
+    # the bytes.
+    return Precision(torch.bfloat16 if cpu_has_native_bf16() else torch.float32)
 
 
 class HFAdapter:
@@ -105,25 +138,36 @@ class HFAdapter:
     text_role: ClassVar[TextRole]
     text_required: ClassVar[bool] = False
 
-    def __init__(self, model: Any, processor: Any, device: torch.device, dtype: torch.dtype):
+    def __init__(
+        self,
+        model: Any,
+        processor: Any,
+        device: torch.device,
+        dtype: torch.dtype,
+        precision: Precision | None = None,
+    ):
         self.model = model
         self.processor = processor
         self.tokenizer = processor.tokenizer
         self.device = device
-        self.dtype = dtype
+        self.dtype = dtype  # of the pixel values (and the model's float weights)
+        self.precision = precision or Precision(dtype)
         self.image_size = _image_size(processor)
         self.source = str(getattr(model, "name_or_path", "") or self.kind)
 
     @classmethod
     def load(
-        cls, source: str, *, device: torch.device, dtype: torch.dtype, revision: str | None
+        cls, source: str, *, device: torch.device, precision: Precision, revision: str | None
     ) -> HFAdapter:
         from transformers import AutoProcessor
 
+        from blipserve.models import optimize
+
         processor = AutoProcessor.from_pretrained(source, revision=revision)
-        model = cls.model_class.from_pretrained(source, revision=revision, dtype=dtype)
+        model = cls.model_class.from_pretrained(source, revision=revision, dtype=precision.dtype)
         model.to(device).eval()
-        adapter = cls(model, processor, device, dtype)
+        optimize.prepare(model, int8=precision.int8)
+        adapter = cls(model, processor, device, precision.dtype, precision)
         adapter.source = source
         return adapter
 

@@ -1,0 +1,230 @@
+"""Speed options applied to a loaded transformers model, each measured in ``bench/speed.py``.
+
+* :func:`use_sdpa` — BLIP's vision encoder (``BlipAttention``) computes attention eagerly
+  (matmul, scale, softmax, matmul: four passes over a (B, 12, 577, 577) tensor per layer);
+  transformers has no SDPA path for it (BLIP-2's encoder does have one).  The same
+  arithmetic through ``scaled_dot_product_attention`` fuses those passes.  Only the
+  instance's ``forward`` is replaced; the model class is untouched.
+* :class:`Int8Linear` / :func:`quantize_linears` — every ``nn.Linear`` of the model with
+  int8 weights (symmetric, one scale per output channel) and activations quantized per call
+  (fbgemm's dynamic int8 linear, which uses AVX-512 VNNI where the CPU has it).
+
+Why torch's ``quantized::linear_dynamic`` rather than torchao: on the 2-core Zen 4 this was
+built on (torch 2.13), torchao 0.18's eager int8 CPU paths were 1.5-9x *slower* than bf16
+linears (weight-only int8: 325 vs 129 us for a 768x3072 GEMV; dynamic int8 at 577 rows:
+142 vs 383 GFLOP/s), while fbgemm's dynamic linear ran at 600-690 GFLOP/s on 512-row chunks
+(bf16: 330-410) and 2-9x faster than bf16 for single rows (decoding).  torch marks its
+quantized tensors deprecated; if a later torch drops the ops, :func:`int8_available` says
+so and loading with int8 fails with that message instead of producing wrong output.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import threading
+import warnings
+from typing import Any, cast
+
+import torch
+from torch import nn
+from torch.nn import functional
+
+log = logging.getLogger(__name__)
+
+# Most rows per int8 matmul call.  fbgemm's dynamic linear converts its whole input to
+# uint8 and its int32 result back to float; in chunks of ~512 rows those stay in cache
+# (measured: 590-690 GFLOP/s at 512-577 rows vs 380-420 at 4616 rows, 8 images at once).
+INT8_MAX_ROWS = 1024
+
+
+def _has_vnni() -> bool:
+    """Whether the CPU has VNNI (int8 dot products into 32-bit sums, no 16-bit saturation)."""
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    flags = line.split()
+                    return "avx512_vnni" in flags or "avx_vnni" in flags
+    except OSError:
+        pass
+    return False
+
+
+# Without VNNI, fbgemm's kernels add pairs of uint8*int8 products in 16 bits, which can
+# saturate with full-range activations; torch's own dynamic Linear therefore quantizes
+# activations to 7 bits ("reduce_range").  With VNNI the 8th bit is safe, and on the demo
+# models it halves the captions that differ from float32's.
+_REDUCE_RANGE = not _has_vnni()
+
+
+def _quantized_weight(weight: torch.Tensor) -> torch.Tensor:
+    w = weight.detach().float()  # (out, in)
+    scale = w.abs().amax(dim=1).clamp(min=1e-12) / 127  # (out,) one per output channel
+    zero = torch.zeros(w.shape[0], dtype=torch.long)
+    with warnings.catch_warnings():
+        # "quantized tensor creation functions ... are deprecated": see the module docstring.
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.quantize_per_channel(w, scale.double(), zero, 0, torch.qint8)
+
+
+_local = threading.local()
+
+
+def _scratch(rows: int, cols: int) -> torch.Tensor:
+    """A (rows, cols) float32 input whose last two columns hold +1 and -1.
+
+    One per shape and thread, shared by all layers (a model has few distinct widths;
+    a buffer per layer would hold hundreds of MB for 577-token images).
+    """
+    buffers: dict[tuple[int, int], torch.Tensor] = _local.__dict__.setdefault("buffers", {})
+    buf = buffers.get((rows, cols))
+    if buf is None:
+        if len(buffers) > 32:  # decoding batch sizes vary; keep a handful
+            buffers.clear()
+        buf = torch.empty(rows, cols)
+        buf[:, -2] = 1.0
+        buf[:, -1] = -1.0
+        buffers[(rows, cols)] = buf
+    return buf
+
+
+class Int8Linear(nn.Module):
+    """Drop-in for an ``nn.Linear``: int8 weights, int8 matmul, output in the input's dtype.
+
+    fbgemm's dynamic linear quantizes its whole input with one (asymmetric) scale, so a row's
+    result would depend on the other rows of its batch.  Each row is therefore scaled to a
+    largest magnitude of 1 first and given two extra columns, +1 and -1, that meet zero
+    weights: every input then spans exactly [-1, 1], the kernel picks the same scale for
+    any batch, and the int32 sums are exact — a row's output is bit-identical whether it
+    runs alone or in a batch (per-row quantization, measured also more accurate than one
+    scale per call).  The row's magnitude is multiplied back afterwards, then the bias.
+    """
+
+    bias: torch.Tensor | None
+
+    def __init__(self, linear: nn.Linear) -> None:
+        super().__init__()
+        self.in_features = linear.in_features
+        self.out_features = linear.out_features
+        # (out, in + 2): zero weights for the two constant columns
+        weight = functional.pad(linear.weight.detach().float(), (0, 2))
+        self._packed = torch.ops.quantized.linear_prepack(_quantized_weight(weight), None)
+        bias = None if linear.bias is None else linear.bias.detach().float()
+        self.register_buffer("bias", bias, persistent=False)
+        # For model code that inspects a layer's weight (T5 skips a dtype cast when it is
+        # int8): the right shape and dtype, no data (one byte, expanded).
+        self.weight = torch.zeros((), dtype=torch.int8).expand(self.out_features, self.in_features)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, self.in_features).float()  # (M, in); the kernel takes fp32
+        if flat.shape[0] <= INT8_MAX_ROWS:
+            out = self._rows(flat)  # (M, out) float32
+        else:
+            out = torch.cat([self._rows(rows) for rows in torch.split(flat, INT8_MAX_ROWS)])
+        return out.to(x.dtype).view(*x.shape[:-1], self.out_features)
+
+    def _rows(self, rows: torch.Tensor) -> torch.Tensor:
+        # (m, in) -> (m, out), float32
+        # (abs().amax(): 20x faster here than vector_norm(inf), which does not vectorize)
+        size = rows.abs().amax(dim=-1, keepdim=True).clamp_(min=1e-30)  # (m, 1); zero rows stay 0
+        buf = _scratch(rows.shape[0], self.in_features + 2)
+        torch.div(rows, size, out=buf[:, : self.in_features])
+        out: torch.Tensor = torch.ops.quantized.linear_dynamic(buf, self._packed, _REDUCE_RANGE)
+        if self.bias is None:
+            return out.mul_(size)
+        return torch.addcmul(self.bias, out, size)
+
+
+@functools.cache
+def int8_available() -> str | None:
+    """None when int8 linears work here, else why not (for the load error)."""
+    try:
+        layer = Int8Linear(nn.Linear(4, 3))
+        layer(torch.ones(2, 4))
+    except (RuntimeError, AttributeError, NotImplementedError) as exc:
+        return f"this torch build has no usable quantized::linear_dynamic ({exc})"
+    return None
+
+
+def quantize_linears(model: nn.Module) -> int:
+    """Replace every ``nn.Linear`` in ``model`` by an :class:`Int8Linear`; returns how many.
+
+    One-way (the float weights are dropped).  Tied weights (an LM head sharing the word
+    embeddings) simply stop being tied: the embedding keeps its float copy.
+    """
+    targets = [
+        (parent, name, child)
+        for parent in model.modules()
+        for name, child in parent.named_children()
+        if type(child) is nn.Linear
+    ]
+    for parent, name, child in targets:
+        setattr(parent, name, Int8Linear(child))
+    return len(targets)
+
+
+def _sdpa_forward(module: Any, hidden_states: torch.Tensor, **_: Any) -> tuple[torch.Tensor, None]:
+    """``BlipAttention.forward`` through SDPA; attention weights are not returned."""
+    b, n, d = hidden_states.shape
+    qkv = module.qkv(hidden_states)  # (B, N, 3D)
+    qkv = qkv.view(b, n, 3, module.num_heads, module.head_dim).permute(2, 0, 3, 1, 4)
+    q, k, v = qkv.unbind(0)  # each (B, heads, N, head_dim)
+    # Dropout is 0 at inference (eval), as in the eager code path.
+    ctx = functional.scaled_dot_product_attention(q, k, v, scale=module.scale)  # (B, heads, N, hd)
+    return module.projection(ctx.transpose(1, 2).reshape(b, n, d)), None
+
+
+def use_sdpa(model: nn.Module, enabled: bool = True) -> int:
+    """Route BLIP vision attention through SDPA (or back, ``enabled=False``); returns count."""
+    from transformers.models.blip.modeling_blip import BlipAttention
+
+    count = 0
+    for module in model.modules():
+        if isinstance(module, BlipAttention):
+            if enabled:
+                module.forward = functools.partial(_sdpa_forward, module)
+            else:
+                module.__dict__.pop("forward", None)
+            count += 1
+    return count
+
+
+def _cat(parts: list[Any]) -> Any:
+    """Concatenate along the batch dimension what the chunks returned (tensors, tuples, None)."""
+    first = parts[0]
+    if isinstance(first, torch.Tensor):
+        return torch.cat(parts)
+    if isinstance(first, tuple):  # hidden_states / attentions: one tensor per layer
+        return tuple(_cat([p[i] for p in parts]) for i in range(len(first)))
+    return first  # None
+
+
+def _per_image_forward(forward: Any, rows: int, pixel_values: torch.Tensor, **kw: Any) -> Any:
+    chunks = [forward(pixel_values=chunk, **kw) for chunk in torch.split(pixel_values, rows)]
+    if isinstance(chunks[0], tuple):  # return_dict=False
+        return tuple(_cat([c[i] for c in chunks]) for i in range(len(chunks[0])))
+    return type(chunks[0])(**{key: _cat([c[key] for c in chunks]) for key in chunks[0]})
+
+
+def split_vision_batches(model: nn.Module, rows: int = 1) -> None:
+    """Run ``model.vision_model`` on ``rows`` images at a time, whatever the batch size.
+
+    The decoder still sees the whole batch (its steps are memory-bound and gain from it);
+    the vision encoder's activations (577 x 3072 float32 per image in an MLP) stay in cache
+    instead of streaming through memory.
+    """
+    vision = cast(nn.Module, model.vision_model)
+    original = type(vision).forward.__get__(vision)
+    vision.forward = functools.partial(_per_image_forward, original, rows)
+
+
+def prepare(model: nn.Module, *, int8: bool) -> None:
+    """What every loaded model gets: SDPA for BLIP's vision attention; int8 when asked."""
+    use_sdpa(model)
+    if int8:
+        quantize_linears(model)
+        if hasattr(model, "vision_model"):
+            # Measured on BLIP-base, batch 8: 272 ms per image one at a time vs 330-390 in
+            # one call (the float32 activations of 8 images stream through memory).
+            split_vision_batches(model, rows=1)

@@ -1,0 +1,123 @@
+"""Speed options: int8 linears (accurate, batch-invariant), SDPA attention, per-image vision."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+from transformers import BlipVisionConfig, BlipVisionModel
+
+from blipserve.models import optimize
+
+needs_int8 = pytest.mark.skipif(
+    optimize.int8_available() is not None, reason=str(optimize.int8_available())
+)
+
+
+def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
+    got, want = got.detach().float(), want.detach().float()
+    return float((got - want).norm() / want.norm())
+
+
+@pytest.fixture
+def linear() -> nn.Linear:
+    torch.manual_seed(0)
+    return nn.Linear(96, 40)
+
+
+@needs_int8
+@pytest.mark.parametrize("bias", [True, False])
+def test_int8_linear_is_close_to_float(bias: bool) -> None:
+    torch.manual_seed(0)
+    layer = nn.Linear(96, 40, bias=bias)
+    x = torch.randn(3, 7, 96)
+    want = layer(x)
+    got = optimize.Int8Linear(layer)(x)
+    assert got.shape == want.shape == (3, 7, 40)
+    assert relative_error(got, want) < 0.02
+
+
+@needs_int8
+def test_int8_linear_keeps_the_input_dtype(linear: nn.Linear) -> None:
+    x = torch.randn(5, 96, dtype=torch.bfloat16)
+    got = optimize.Int8Linear(linear)(x)
+    assert got.dtype == torch.bfloat16
+    assert relative_error(got, linear(x.float())) < 0.03
+
+
+@needs_int8
+def test_int8_rows_do_not_depend_on_their_batch(linear: nn.Linear) -> None:
+    # fbgemm picks one activation scale per call; the +1/-1 columns make it the same for
+    # any batch, so each row's output is bit-identical alone and in company — including a
+    # companion row 1000x larger, and a batch split into several calls.
+    int8 = optimize.Int8Linear(linear)
+    torch.manual_seed(1)
+    rows = torch.randn(optimize.INT8_MAX_ROWS + 37, 96)
+    rows[3] *= 1000.0
+    rows[5] = 0.0
+    together = int8(rows)
+    alone = torch.cat([int8(row[None]) for row in rows[:8]])
+    assert torch.equal(together[:8], alone)
+    assert torch.equal(together[-1:], int8(rows[-1:]))
+    assert torch.equal(together[5], linear.bias.detach())  # a zero row gives the bias
+
+
+@needs_int8
+def test_int8_weight_attribute_describes_the_layer(linear: nn.Linear) -> None:
+    int8 = optimize.Int8Linear(linear)
+    assert int8.weight.shape == (40, 96)
+    assert int8.weight.dtype == torch.int8
+
+
+@needs_int8
+def test_quantize_linears_replaces_every_linear() -> None:
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Sequential(nn.Linear(8, 4)))
+    assert optimize.quantize_linears(model) == 2
+    assert not any(type(m) is nn.Linear for m in model.modules())
+    assert model(torch.randn(2, 8)).shape == (2, 4)
+
+
+@pytest.fixture
+def vision() -> BlipVisionModel:
+    torch.manual_seed(0)
+    config = BlipVisionConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        image_size=32,
+        patch_size=8,
+    )
+    return BlipVisionModel(config).eval()
+
+
+def test_sdpa_attention_matches_the_eager_code(vision: BlipVisionModel) -> None:
+    pixels = torch.randn(3, 3, 32, 32)
+    with torch.inference_mode():
+        eager = vision(pixel_values=pixels).last_hidden_state
+        assert optimize.use_sdpa(vision) == 2
+        fused = vision(pixel_values=pixels).last_hidden_state
+        assert optimize.use_sdpa(vision, enabled=False) == 2
+        back = vision(pixel_values=pixels).last_hidden_state
+    torch.testing.assert_close(fused, eager, rtol=1e-5, atol=1e-5)
+    assert torch.equal(back, eager)
+
+
+def test_vision_split_per_image_returns_the_same_outputs(vision: BlipVisionModel) -> None:
+    holder = nn.Module()
+    holder.vision_model = vision
+    pixels = torch.randn(3, 3, 32, 32)
+    with torch.inference_mode():
+        whole = vision(pixel_values=pixels, output_hidden_states=True)
+        whole_tuple = vision(pixel_values=pixels, return_dict=False)
+        optimize.split_vision_batches(holder, rows=1)
+        split = vision(pixel_values=pixels, output_hidden_states=True)
+        split_tuple = vision(pixel_values=pixels, return_dict=False)
+    assert type(split) is type(whole)
+    torch.testing.assert_close(split.last_hidden_state, whole.last_hidden_state)
+    torch.testing.assert_close(split.pooler_output, whole.pooler_output)
+    assert len(split.hidden_states) == len(whole.hidden_states) == 3
+    for a, b in zip(split.hidden_states, whole.hidden_states, strict=True):
+        torch.testing.assert_close(a, b)
+    assert isinstance(split_tuple, tuple)
+    torch.testing.assert_close(split_tuple[0], whole_tuple[0])
