@@ -7,10 +7,11 @@ For each model (random weights built on the device from the published configs in
 * **baseline** — what the catalog's scoring wrapper does per image: ``Image.open(...)``,
   ``processor(images=..., return_tensors="pt")``, ``model.generate``, ``batch_decode``;
   float32 (torch's defaults: no TF32), one image per call.
-* **blipserve** — :class:`blipserve.engine.Engine` over the same model, in each dtype
-  (``--dtypes``; default: what ``--dtype auto`` picks on a GPU, float32 and bfloat16 on a
-  CPU with native bf16, so each optimisation shows alone) at each batch size
-  (``--batches``); base64 JPEG rows decoded by its thread pool, as every entry point does.
+* **blipserve** — :class:`blipserve.engine.Engine` over the same model, in each mode
+  (``--modes``; default: what ``--dtype auto`` picks on a GPU; on a CPU bfloat16 without
+  and with SDPA vision attention, then int8, so each optimisation shows alone) at each
+  batch size (``--batches``); base64 JPEG rows decoded by its thread pool, as every entry
+  point does.
 
 Every caption is exactly ``--tokens`` tokens (``min_new_tokens = max_new_tokens``), so each
 side does the same model work.  Also measured in the same run: the device's bf16 and fp32
@@ -204,8 +205,6 @@ def bench_model(
 ) -> dict[str, Any]:
     import torch
 
-    from blipserve.models.base import resolve_dtype
-
     log(f"{layout}: building random weights on {device}")
     t = time.perf_counter()
     model, processor = build(layout, args.quick, device)
@@ -229,24 +228,19 @@ def bench_model(
 
     out["blipserve"] = []
     adapter = None
-    # float32 first: converting the model is one way (the baseline needed it in float32).
-    dtypes = sorted(
-        {resolve_dtype(d, device) for d in args.dtypes}, key=lambda t: t != torch.float32
-    )
-    for dtype in dtypes:
-        model.to(dtype)
+    for mode in args.modes:
+        last = mode == args.modes[-1]
+        adapter = make_adapter(adapter_cls, model, processor, device, mode, last)
         gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
-        adapter = adapter_cls(model, processor, device, dtype)
-        name = str(dtype).removeprefix("torch.")
         for batch in args.batches:
             r = engine_run(adapter, jpegs[: rows_for(batch)], args.tokens, batch, 8)
-            r["dtype"] = name
+            r["dtype"] = mode
             r["ratio"] = r["images_per_s"] / out["baseline"]["images_per_s"]
             out["blipserve"].append(r)
-            log(f"{layout}: blipserve {name} batch {batch}: {r['images_per_s']:.2f} images/s")
+            log(f"{layout}: blipserve {mode} batch {batch}: {r['images_per_s']:.2f} images/s")
     out["dtype"] = out["blipserve"][-1]["dtype"]
     if args.static_cache and hasattr(model, "language_model"):
         # A static KV cache makes generate compile the LM's decoding step on CUDA
@@ -277,6 +271,35 @@ def bench_model(
     return out
 
 
+def make_adapter(
+    adapter_cls: Callable[..., Any], model: Any, processor: Any, device: Any, mode: str, last: bool
+) -> Any:
+    """``model`` (float32) prepared as ``mode``: ``auto``, a dtype, ``int8``, or a float dtype
+    with ``-eager`` (BLIP's vision attention as transformers computes it, without SDPA).
+
+    Float modes convert the model in place; int8 replaces its Linear layers, so unless it
+    is the ``last`` mode it works on a copy.
+    """
+    import copy
+
+    import torch
+
+    from blipserve.models import optimize
+    from blipserve.models.base import resolve_precision
+
+    name, _, variant = mode.partition("-")
+    precision = resolve_precision(name, device)
+    if precision.int8:
+        model = model if last else copy.deepcopy(model)
+        model.to(torch.float32)
+    else:
+        model.to(precision.dtype)
+    optimize.use_sdpa(model, enabled=variant != "eager")
+    if precision.int8:
+        optimize.prepare(model, int8=True)
+    return adapter_cls(model, processor, device, precision.dtype, precision)
+
+
 def quality_guard(device: Any, n: int) -> dict[str, Any]:
     """The ``demo`` model's captions per dtype on ``n`` held-out scenes, against float32."""
     from blipserve.config import ModelConfig
@@ -292,7 +315,9 @@ def quality_guard(device: Any, n: int) -> dict[str, Any]:
         rows.append(RowInput(i, base64.b64encode(buf.getvalue()).decode()))
     said: dict[str, list[str]] = {}
     dtypes = (
-        ("float32", "bfloat16", "float16") if device.type == "cuda" else ("float32", "bfloat16")
+        ("float32", "bfloat16", "float16")
+        if device.type == "cuda"
+        else ("float32", "bfloat16", "int8")
     )
     for dtype in dtypes:
         engine = Engine.load(
@@ -319,9 +344,11 @@ def main() -> None:
     parser.add_argument("--baseline-images", type=int, help="default 32 GPU, 8 CPU")
     parser.add_argument("--batches", type=int, nargs="+", help="default 1 8 32 64 GPU, 1 8 CPU")
     parser.add_argument(
-        "--dtypes",
+        "--modes",
         nargs="+",
-        help="blipserve modes (default: auto on GPU; float32 and auto on CPU)",
+        help="blipserve modes, in order: auto, float32, bfloat16, float16, int8, or a float "
+        "dtype with -eager (no SDPA for BLIP's vision attention); default: auto on GPU; "
+        "bfloat16-eager, bfloat16, int8 on CPU",
     )
     parser.add_argument("--models", nargs="+", help="default: BLIP-base, and BLIP-2 on GPU")
     parser.add_argument("--guard-scenes", type=int, help="default 300 GPU, 200 CPU")
@@ -343,7 +370,7 @@ def main() -> None:
     layouts = ["blip-image-captioning-base", "blip2-opt-2.7b"]
     args.models = args.models or (layouts if gpu or args.quick else layouts[:1])
     args.batches = args.batches or ([1, 8, 32, 64] if gpu else [1, 8])
-    args.dtypes = args.dtypes or (["auto"] if gpu else ["float32", "auto"])
+    args.modes = args.modes or (["auto"] if gpu else ["bfloat16-eager", "bfloat16", "int8"])
     args.min_images = args.min_images or (16 if gpu else 8)
     args.baseline_images = args.baseline_images or (32 if gpu else 8)
     args.guard_scenes = args.guard_scenes or (300 if gpu else 200)
