@@ -48,7 +48,7 @@ from common import build_random_model, machine_info, python_command
 from server import CACHE, QUICK_OVERRIDES, background_cpu_busy
 
 LAYOUT = "blip-image-captioning-base"
-_DTYPES = {"float32", "bfloat16", "float16"}
+_DTYPES = {"float32", "bfloat16", "float16", "int8"}
 PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "camera", "hubble_deep_field")
 
 
@@ -160,7 +160,7 @@ def where_time_goes(model_dir: Path, paths: list[Path], tokens: int, dtype: str)
     batch = EngineConfig().max_batch_size or default_batch_size(adapter.device)
     sample = paths[:batch]
     limits = ImageLimits()
-    out: dict[str, Any] = {"dtype": str(adapter.dtype).removeprefix("torch."), "batch": batch}
+    out: dict[str, Any] = {"dtype": str(adapter.precision), "batch": batch}
 
     start = time.perf_counter()
     images = [

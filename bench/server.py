@@ -14,8 +14,8 @@ The two servers run one after the other on the same model folder (never both at 
   ``model.generate(...)``, ``processor.batch_decode(...)``; float32; one request at a time,
   no batching across requests.
 * **blipserve**: ``blipserve serve --model FOLDER`` with its defaults (dtype ``auto``:
-  bfloat16 on CPUs with native bf16, else float32; the dtype used is read from its log
-  and reported), plus
+  int8 on a CPU with torch's int8 kernels, else bfloat16 where native, else float32; the
+  mode used is read from its log and reported), plus
   ``--blipserve-args`` (e.g. ``"--dtype bfloat16 --max-batch-size 16"``).  Its request
   deadline is raised to 600 s so that queueing at high concurrency is measured, not cut.
 
@@ -284,7 +284,7 @@ def server_dtype(name: str, log: str) -> str:
     if name == "baseline":
         match = re.search(r"dtype torch\.(\w+)", log)
     else:
-        match = re.search(r"loading .* on \S+ as torch\.(\w+)", log)
+        match = re.search(r"loading .* on \S+ as (?:torch\.)?(\w+)", log)
     return match.group(1) if match else "unknown (see the log)"
 
 

@@ -8,10 +8,10 @@ For each model (random weights built on the device from the published configs in
   ``processor(images=..., return_tensors="pt")``, ``model.generate``, ``batch_decode``;
   float32 (torch's defaults: no TF32), one image per call.
 * **blipserve** — :class:`blipserve.engine.Engine` over the same model, in each mode
-  (``--modes``; default: what ``--dtype auto`` picks on a GPU; on a CPU bfloat16 without
-  and with SDPA vision attention, then int8, so each optimisation shows alone) at each
-  batch size (``--batches``); base64 JPEG rows decoded by its thread pool, as every entry
-  point does.
+  (``--modes``; default: what ``--dtype auto`` picks on a GPU; on a CPU bfloat16 and
+  int8 each with and without SDPA vision attention, so each optimisation shows alone) at
+  each batch size (``--batches``); base64 JPEG rows decoded by its thread pool, as every
+  entry point does.
 
 Every caption is exactly ``--tokens`` tokens (``min_new_tokens = max_new_tokens``), so each
 side does the same model work.  Also measured in the same run: the device's bf16 and fp32
@@ -31,6 +31,7 @@ import base64
 import gc
 import io
 import json
+import statistics
 import sys
 import time
 from collections.abc import Callable
@@ -223,24 +224,52 @@ def bench_model(
     out["flops_per_image"] = caption_flops(model, processor, jpegs[0], args.tokens)
     log(f"{layout}: {out['flops_per_image'] / 1e9:.1f} GFLOP per caption")
     log(f"{layout}: baseline float32, {n_base} images one by one")
-    out["baseline"] = baseline(model, processor, jpegs[:n_base], args.tokens)
-    log(f"{layout}: baseline {out['baseline']['images_per_s']:.2f} images/s")
+    bases = [baseline(model, processor, jpegs[:n_base], args.tokens)]
+    log(f"{layout}: baseline {bases[0]['images_per_s']:.2f} images/s")
 
+    # One adapter per mode, all alive at once so that repeats can interleave them (this
+    # machine's speed drifts by 10-20% over minutes).  Each works on its own copy of the
+    # float32 model, which the baseline keeps using; with one pass the last mode converts
+    # the model itself (on a GPU, no float32 copy is then left taking memory).
+    adapters = {
+        mode: make_adapter(
+            adapter_cls,
+            model,
+            processor,
+            device,
+            mode,
+            copy=not (args.repeats == 1 and mode == args.modes[-1]),
+        )
+        for mode in args.modes
+    }
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    runs: dict[tuple[str, int], list[dict[str, Any]]] = {
+        (mode, batch): [] for mode in args.modes for batch in args.batches
+    }
+    for rep in range(args.repeats):
+        if rep:
+            bases.append(baseline(model, processor, jpegs[:n_base], args.tokens))
+            log(f"{layout}: pass {rep + 1}: baseline {bases[-1]['images_per_s']:.2f} images/s")
+        for mode, adapter in adapters.items():
+            for batch in args.batches:
+                r = engine_run(adapter, jpegs[: rows_for(batch)], args.tokens, batch, 8)
+                runs[(mode, batch)].append(r)
+                log(
+                    f"{layout}: pass {rep + 1}: blipserve {mode} batch {batch}: "
+                    f"{r['images_per_s']:.2f} images/s"
+                )
+    out["baseline"] = summarise(bases, "latency_p50_s")
     out["blipserve"] = []
-    adapter = None
-    for mode in args.modes:
-        last = mode == args.modes[-1]
-        adapter = make_adapter(adapter_cls, model, processor, device, mode, last)
-        gc.collect()
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-            torch.cuda.reset_peak_memory_stats()
-        for batch in args.batches:
-            r = engine_run(adapter, jpegs[: rows_for(batch)], args.tokens, batch, 8)
-            r["dtype"] = mode
-            r["ratio"] = r["images_per_s"] / out["baseline"]["images_per_s"]
-            out["blipserve"].append(r)
-            log(f"{layout}: blipserve {mode} batch {batch}: {r['images_per_s']:.2f} images/s")
+    for (mode, batch), rs in runs.items():
+        r = summarise(rs, "single_latency_p50_s")
+        r.update(dtype=mode, batch=batch, texts=rs[0]["texts"])
+        r["ratio"] = r["images_per_s"] / out["baseline"]["images_per_s"]
+        out["blipserve"].append(r)
+    adapter = adapters[args.modes[-1]]
+    model = adapter.model
     out["dtype"] = out["blipserve"][-1]["dtype"]
     if args.static_cache and hasattr(model, "language_model"):
         # A static KV cache makes generate compile the LM's decoding step on CUDA
@@ -264,39 +293,44 @@ def bench_model(
             r.pop("texts", None)
     if device.type == "cuda":
         out["peak_gpu_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
-    del adapter, model
+    del adapter, adapters, model
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return out
 
 
+def summarise(runs: list[dict[str, Any]], latency: str) -> dict[str, Any]:
+    """Median images/s and latency over repeated runs, with the images/s of each run."""
+    rates = [r["images_per_s"] for r in runs]
+    return {
+        "images": runs[0]["images"],
+        "images_per_s": statistics.median(rates),
+        "images_per_s_runs": rates,
+        latency: statistics.median(r[latency] for r in runs),
+    }
+
+
 def make_adapter(
-    adapter_cls: Callable[..., Any], model: Any, processor: Any, device: Any, mode: str, last: bool
+    adapter_cls: Callable[..., Any], model: Any, processor: Any, device: Any, mode: str, copy: bool
 ) -> Any:
-    """``model`` (float32) prepared as ``mode``: ``auto``, a dtype, ``int8``, or a float dtype
-    with ``-eager`` (BLIP's vision attention as transformers computes it, without SDPA).
-
-    Float modes convert the model in place; int8 replaces its Linear layers, so unless it
-    is the ``last`` mode it works on a copy.
+    """``model`` (float32) prepared as ``mode`` (``auto``, a dtype or ``int8``, as blipserve
+    loads it; ``-eager`` / ``-sdpa`` force BLIP's vision attention one way); on a ``copy``
+    of it, or converting ``model`` itself.
     """
-    import copy
-
-    import torch
+    import copy as copying
 
     from blipserve.models import optimize
     from blipserve.models.base import resolve_precision
 
     name, _, variant = mode.partition("-")
     precision = resolve_precision(name, device)
-    if precision.int8:
-        model = model if last else copy.deepcopy(model)
-        model.to(torch.float32)
-    else:
-        model.to(precision.dtype)
-    optimize.use_sdpa(model, enabled=variant != "eager")
-    if precision.int8:
-        optimize.prepare(model, int8=True)
+    if copy:
+        model = copying.deepcopy(model)
+    model.to(precision.dtype)
+    optimize.prepare(model, int8=precision.int8, device=device)
+    if variant:  # -eager / -sdpa: BLIP's vision attention one way or the other
+        optimize.use_sdpa(model, enabled=variant == "sdpa")
     return adapter_cls(model, processor, device, precision.dtype, precision)
 
 
@@ -346,9 +380,10 @@ def main() -> None:
     parser.add_argument(
         "--modes",
         nargs="+",
-        help="blipserve modes, in order: auto, float32, bfloat16, float16, int8, or a float "
-        "dtype with -eager (no SDPA for BLIP's vision attention); default: auto on GPU; "
-        "bfloat16-eager, bfloat16, int8 on CPU",
+        help="blipserve modes, in order: auto, float32, bfloat16, float16, int8, each as "
+        "blipserve loads it, or with -eager / -sdpa to force BLIP's vision attention one "
+        "way (blipserve uses SDPA for float32 on a CPU only); default: auto on GPU; "
+        "bfloat16, bfloat16-sdpa, int8-eager, int8 on CPU",
     )
     parser.add_argument("--models", nargs="+", help="default: BLIP-base, and BLIP-2 on GPU")
     parser.add_argument("--guard-scenes", type=int, help="default 300 GPU, 200 CPU")
@@ -356,6 +391,12 @@ def main() -> None:
         "--static-cache", action="store_true", help="also BLIP-2 with a static KV cache"
     )
     parser.add_argument("--static-batches", type=int, nargs="+", default=[1, 64])
+    parser.add_argument(
+        "--repeats",
+        type=int,
+        default=1,
+        help="passes over baseline and modes, interleaved; medians are reported",
+    )
     parser.add_argument("--no-guard", action="store_true", help="skip the quality guard")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
@@ -370,11 +411,18 @@ def main() -> None:
     layouts = ["blip-image-captioning-base", "blip2-opt-2.7b"]
     args.models = args.models or (layouts if gpu or args.quick else layouts[:1])
     args.batches = args.batches or ([1, 8, 32, 64] if gpu else [1, 8])
-    args.modes = args.modes or (["auto"] if gpu else ["bfloat16-eager", "bfloat16", "int8"])
+    args.modes = args.modes or (
+        ["auto"] if gpu else ["bfloat16", "bfloat16-sdpa", "int8-eager", "int8"]
+    )
     args.min_images = args.min_images or (16 if gpu else 8)
     args.baseline_images = args.baseline_images or (32 if gpu else 8)
     args.guard_scenes = args.guard_scenes or (300 if gpu else 200)
-    report: dict[str, Any] = {"machine": machine_info(), "tokens": args.tokens, "models": []}
+    report: dict[str, Any] = {
+        "machine": machine_info(),
+        "tokens": args.tokens,
+        "repeats": args.repeats,
+        "models": [],
+    }
     if gpu:
         report["gpu"] = torch.cuda.get_device_name()
     n = 512 if args.quick else (8192 if gpu else 2048)
@@ -419,19 +467,27 @@ def markdown(report: dict[str, Any]) -> str:
         f"{where}; torch {m['torch']}, transformers {m['transformers']}; {report['tokens']} "
         "tokens per caption; random weights with the published configs.",
         f"Measured matmul ceilings: bf16 {peak['bfloat16'] * 1000:.0f} GFLOP/s, fp32 "
-        f"{peak['float32'] * 1000:.0f} GFLOP/s.",
+        f"{peak['float32'] * 1000:.0f} GFLOP/s. Images/s: median of {report.get('repeats', 1)} "
+        "interleaved passes (range).",
         "",
         "| model | mode | batch | images/s | x baseline | one image | GFLOP/s | of bf16 peak |",
         "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
 
     def row(
-        model: dict[str, Any], mode: str, batch: int, rate: float, ratio: float, lat: float
+        model: dict[str, Any],
+        mode: str,
+        batch: int,
+        rate: float,
+        ratio: float,
+        lat: float,
+        runs: list[float] | None = None,
     ) -> str:
         achieved = rate * model["flops_per_image"] / 1e9
         share = achieved / (peak["bfloat16"] * 1000)
+        spread = f" ({min(runs):.2f}-{max(runs):.2f})" if runs and len(runs) > 1 else ""
         return (
-            f"| {model['layout']} | {mode} | {batch} | {rate:.2f} | {ratio:.2f} | "
+            f"| {model['layout']} | {mode} | {batch} | {rate:.2f}{spread} | {ratio:.2f} | "
             f"{lat * 1000:.0f} ms | {achieved:.0f} | {share:.1%} |"
         )
 
@@ -448,6 +504,7 @@ def markdown(report: dict[str, Any]) -> str:
                 b["images_per_s"],
                 1.0,
                 b["latency_p50_s"],
+                b.get("images_per_s_runs"),
             )
         )
         for r in model["blipserve"]:
@@ -459,6 +516,7 @@ def markdown(report: dict[str, Any]) -> str:
                     r["images_per_s"],
                     r["ratio"],
                     r["single_latency_p50_s"],
+                    r.get("images_per_s_runs"),
                 )
             )
         for r in model.get("blipserve_static_cache", []):

@@ -298,3 +298,20 @@ def test_qformer_init_copies_the_text_decoder_layers(scene_dir: Path, tmp_path: 
     blip2.processor.save_pretrained(tmp_path / "blip2")
     with pytest.raises(ValueError, match="not a BLIP captioning model"):
         make_bundle(_cfg("config:blip2", scene_dir, tmp_path, qformer_init=str(tmp_path / "blip2")))
+
+
+def test_question_weights_shape_the_synthetic_mix() -> None:
+    def exists_share(weights: dict[str, float] | None) -> float:
+        source = data_mod.SceneSource(scenes.TRAIN_SEED, caption_fraction=0.0, kind_weights=weights)
+        prompts = [source.example(i).prompt or "" for i in range(600)]
+        return sum(p.startswith("is there") for p in prompts) / len(prompts)
+
+    uniform = exists_share(None)  # one question per kind, 7 kinds
+    assert 0.09 < uniform < 0.20
+    assert 0.25 < exists_share({"exists": 3.0}) < 0.42  # 3/9
+    assert exists_share({"exists": 0.0}) == 0.0
+    cfg = FinetuneConfig(max_steps=1, question_weights="exists=3, count=0.5")
+    assert cfg.kind_weights() == {"exists": 3.0, "count": 0.5}
+    for bad in ("exist=3", "exists", "exists=-1", "exists=x"):
+        with pytest.raises(ValueError, match="question_weights"):
+            FinetuneConfig(max_steps=1, question_weights=bad)

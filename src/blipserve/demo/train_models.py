@@ -208,6 +208,11 @@ def _stage_line(cfg: FinetuneConfig, steps: str, blip2: bool) -> str:
         + (
             f"; {cfg.caption_fraction:.0%} captions, the rest questions with the loss on "
             "the answer only"
+            + (
+                f" (question kinds weighted {cfg.question_weights}, others 1)"
+                if cfg.question_weights
+                else ""
+            )
             if blip2
             else "; language-modelling loss on the caption"
         )

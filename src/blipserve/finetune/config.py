@@ -85,6 +85,12 @@ class FinetuneConfig:
     caption_fraction: float = _opt(
         0.4, "Synthetic data for BLIP-2: share of captions; the rest are questions."
     )
+    question_weights: str = _opt(
+        "",
+        "Synthetic data for BLIP-2: relative weights of question kinds, e.g. 'exists=3' "
+        "(kinds not named weigh 1; kinds: color, shape, size, count, count_shape, exists, "
+        "position).",
+    )
     max_new_tokens: int = _opt(32, "Generation length limit during evaluation.")
     progress: bool = _opt(True, "Show a progress bar (loss, samples/s).")
     # Shape of a model built from a config (init 'config:...'); ignored for folders.
@@ -109,6 +115,7 @@ class FinetuneConfig:
             raise ValueError(f"lr must be > 0, got {self.lr}")
         if not 0.0 <= self.caption_fraction <= 1.0:
             raise ValueError(f"caption_fraction must be in [0, 1], got {self.caption_fraction}")
+        self.kind_weights()  # raises on a malformed --question-weights
         if self.image_size % self.patch_size:
             raise ValueError(
                 f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}"
@@ -117,6 +124,26 @@ class FinetuneConfig:
             raise ValueError(
                 f"hidden_size {self.hidden_size} is not a multiple of num_heads {self.num_heads}"
             )
+
+    def kind_weights(self) -> dict[str, float]:
+        """``question_weights`` parsed: kind -> weight (only the kinds it names)."""
+        from blipserve.demo.scenes import QUESTION_KINDS
+
+        weights: dict[str, float] = {}
+        for part in filter(None, (p.strip() for p in self.question_weights.split(","))):
+            kind, sep, value = part.partition("=")
+            kind = kind.strip()
+            try:
+                weight = float(value) if sep else -1.0
+            except ValueError:
+                weight = -1.0
+            if kind not in QUESTION_KINDS or weight < 0:
+                raise ValueError(
+                    f"question_weights: expected KIND=WEIGHT (weight >= 0) with KIND one of "
+                    f"{', '.join(QUESTION_KINDS)}; got {part!r}"
+                )
+            weights[kind] = weight
+        return weights
 
     @property
     def checkpoints(self) -> Path:

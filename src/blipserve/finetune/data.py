@@ -18,7 +18,7 @@ from __future__ import annotations
 import csv
 import json
 import random
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -89,12 +89,19 @@ class SceneSource:
     """Synthetic scenes: example ``i`` is scene ``i`` of ``seed``, as a caption or a question.
 
     With ``caption_fraction`` < 1 a seeded coin decides per example whether it is the
-    scene's caption or one of its questions (chosen uniformly among ``scene.qa``).
+    scene's caption or one of its questions (one per kind in ``scene.qa``, chosen with
+    ``kind_weights``, 1 for kinds it does not name: uniformly by default).
     """
 
-    def __init__(self, seed: int, caption_fraction: float = 1.0) -> None:
+    def __init__(
+        self,
+        seed: int,
+        caption_fraction: float = 1.0,
+        kind_weights: Mapping[str, float] | None = None,
+    ) -> None:
         self.seed = seed
         self.caption_fraction = caption_fraction
+        self.kind_weights = dict(kind_weights or {})
         self.size: int | None = None
 
     def example(self, index: int) -> Example:
@@ -102,7 +109,11 @@ class SceneSource:
         rng = random.Random(f"task/{self.seed}/{index}")
         if not scene.qa or rng.random() < self.caption_fraction:
             return Example(image=scene.image, text=scene.caption)
-        qa = rng.choice(scene.qa)
+        if self.kind_weights:
+            weights = [self.kind_weights.get(q.kind, 1.0) for q in scene.qa]
+            qa = rng.choices(scene.qa, weights)[0] if sum(weights) > 0 else rng.choice(scene.qa)
+        else:
+            qa = rng.choice(scene.qa)  # (as before weights existed: same streams)
         return Example(image=scene.image, text=qa.answer, prompt=qa.prompt)
 
 
@@ -241,11 +252,20 @@ def _blip2_seq2seq(bundle: Bundle, batch: Sequence[Example]) -> dict[str, torch.
     }
 
 
-def make_source(data: str, *, family: str, seed: int, caption_fraction: float) -> Source:
+def make_source(
+    data: str,
+    *,
+    family: str,
+    seed: int,
+    caption_fraction: float,
+    kind_weights: Mapping[str, float] | None = None,
+) -> Source:
     """The training source named by ``FinetuneConfig.data``."""
     if data == "synthetic":
         fraction = 1.0 if family == "blip" else caption_fraction
         # seed 0 is the scene stream TRAIN_SEED; another seed, another fresh stream (e.g. a
         # second training stage that should not replay the first one's scenes).
-        return SceneSource(scenes.TRAIN_SEED + seed, caption_fraction=fraction)
+        return SceneSource(
+            scenes.TRAIN_SEED + seed, caption_fraction=fraction, kind_weights=kind_weights
+        )
     return RowSource(read_rows(data), seed=seed)

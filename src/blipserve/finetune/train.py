@@ -49,7 +49,11 @@ def finetune(cfg: FinetuneConfig) -> Path:
     model = bundle.model.to(device)
     trainable = _set_trainable(bundle, cfg)
     source = make_source(
-        cfg.data, family=bundle.family, seed=cfg.seed, caption_fraction=cfg.caption_fraction
+        cfg.data,
+        family=bundle.family,
+        seed=cfg.seed,
+        caption_fraction=cfg.caption_fraction,
+        kind_weights=cfg.kind_weights(),
     )
     total = total_steps(cfg, source)
     optimizer = _optimizer(trainable, cfg)
@@ -185,6 +189,7 @@ _RECIPE_FIELDS = (
     "freeze_language_model",
     "freeze_vision",
     "caption_fraction",
+    "question_weights",
     "vision_init",
     "qformer_init",
 )

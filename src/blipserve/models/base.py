@@ -166,7 +166,7 @@ class HFAdapter:
         processor = AutoProcessor.from_pretrained(source, revision=revision)
         model = cls.model_class.from_pretrained(source, revision=revision, dtype=precision.dtype)
         model.to(device).eval()
-        optimize.prepare(model, int8=precision.int8)
+        optimize.prepare(model, int8=precision.int8, device=device)
         adapter = cls(model, processor, device, precision.dtype, precision)
         adapter.source = source
         return adapter
