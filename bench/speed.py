@@ -328,10 +328,10 @@ def make_adapter(
     if copy:
         model = copying.deepcopy(model)
     model.to(precision.dtype)
-    optimize.prepare(model, int8=precision.int8, device=device)
+    optimize.prepare(model, precision, device)
     if variant:  # -eager / -sdpa: BLIP's vision attention one way or the other
         optimize.use_sdpa(model, enabled=variant == "sdpa")
-    return adapter_cls(model, processor, device, precision.dtype, precision)
+    return adapter_cls(model, processor, device, precision)
 
 
 def quality_guard(device: Any, n: int) -> dict[str, Any]:

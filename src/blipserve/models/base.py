@@ -143,15 +143,14 @@ class HFAdapter:
         model: Any,
         processor: Any,
         device: torch.device,
-        dtype: torch.dtype,
-        precision: Precision | None = None,
+        precision: Precision,
     ):
         self.model = model
         self.processor = processor
         self.tokenizer = processor.tokenizer
         self.device = device
-        self.dtype = dtype  # of the pixel values (and the model's float weights)
-        self.precision = precision or Precision(dtype)
+        self.precision = precision
+        self.dtype = precision.dtype  # of the pixel values (and the model's float weights)
         self.image_size = _image_size(processor)
         self.source = str(getattr(model, "name_or_path", "") or self.kind)
 
@@ -166,8 +165,8 @@ class HFAdapter:
         processor = AutoProcessor.from_pretrained(source, revision=revision)
         model = cls.model_class.from_pretrained(source, revision=revision, dtype=precision.dtype)
         model.to(device).eval()
-        optimize.prepare(model, int8=precision.int8, device=device)
-        adapter = cls(model, processor, device, precision.dtype, precision)
+        optimize.prepare(model, precision, device)
+        adapter = cls(model, processor, device, precision)
         adapter.source = source
         return adapter
 

@@ -24,11 +24,14 @@ from __future__ import annotations
 import functools
 import threading
 import warnings
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from torch import nn
 from torch.nn import functional
+
+if TYPE_CHECKING:
+    from blipserve.models.base import Precision
 
 
 def _has_vnni() -> bool:
@@ -204,17 +207,17 @@ def split_vision_batches(model: nn.Module, rows: int = 1) -> None:
     vision.forward = functools.partial(_per_image_forward, original, rows)
 
 
-def prepare(model: nn.Module, *, int8: bool, device: torch.device) -> None:
+def prepare(model: nn.Module, precision: Precision, device: torch.device) -> None:
     """The speed options a loaded model gets, as measured (README, Speed).
 
     SDPA only for float32 on a CPU (the int8 mode's attention too): there BLIP-base's
     vision encoder ran 20% faster with it (median 297 vs 370 ms per image, six interleaved
     runs), while in bfloat16 torch's CPU kernel was slower than the eager code at batch 8
-    (1.75 vs 1.97 images/s, bench/speed.py, three passes); on a GPU it is not measured yet.
+    (1.79 vs 1.92 images/s, bench/results/speed-cpu.json, medians of three passes); on a GPU
+    it is not measured yet.
     """
-    float32 = next(model.parameters()).dtype == torch.float32
-    use_sdpa(model, enabled=device.type == "cpu" and float32)
-    if int8:
+    use_sdpa(model, enabled=device.type == "cpu" and precision.dtype == torch.float32)
+    if precision.int8:
         quantize_linears(model)
         if hasattr(model, "vision_model"):
             # Measured on BLIP-base, batch 8: 272 ms per image one at a time vs 330-390 in
