@@ -80,8 +80,9 @@ def _demo_vqa(out: Path, ckpt: Path) -> FinetuneConfig:
     return dataclasses.replace(
         _common(out, ckpt),
         init=INIT_BLIP2,
-        max_steps=_steps(3000),
-        eval_every=500,
+        max_steps=_steps(1350),
+        eval_every=250,
+        warmup_steps=100,
         # As BLIP-2 starts from a frozen pretrained image encoder, this one starts from the
         # trained `demo` model's ViT and keeps it frozen: only the Q-Former, projection and
         # language model learn, which is both faster per step and far quicker to converge.
@@ -94,7 +95,12 @@ def _demo_vqa(out: Path, ckpt: Path) -> FinetuneConfig:
         qformer_init=str(MODELS_DIR / "demo"),
         qformer_layers=4,
         num_query_tokens=16,
-        caption_fraction=0.4,
+        # Each scene gives its caption and three questions, all answered from one pass of
+        # the image through the ViT and Q-Former: 64 scenes (256 rows) a step.  Against
+        # one example per scene, in the same wall time (7.4 min of steps continuing the
+        # earlier model): held-out answers 86.2% vs 82.0%, "exists" 69% vs 52%.
+        questions_per_image=3,
+        batch_size=256,
     )
 
 
@@ -200,14 +206,27 @@ def train(name: str, work: Path) -> dict[str, object]:
     return result
 
 
+def _step_examples(cfg: FinetuneConfig) -> str:
+    if not cfg.questions_per_image:
+        return f"{cfg.batch_size} freshly generated scenes"
+    scenes_n = cfg.batch_size // (1 + cfg.questions_per_image)
+    return f"{cfg.batch_size} rows from {scenes_n} freshly generated scenes"
+
+
 def _stage_line(cfg: FinetuneConfig, steps: str, blip2: bool) -> str:
     return (
-        f"{steps} AdamW steps of {cfg.batch_size} freshly generated scenes (scene stream "
+        f"{steps} AdamW steps of {_step_examples(cfg)} (scene stream "
         f"`TRAIN_SEED + {cfg.seed}`), peak learning rate {cfg.lr:g} with {cfg.warmup_steps} "
         "warm-up steps and cosine decay"
         + (
-            f"; {cfg.caption_fraction:.0%} captions, the rest questions with the loss on "
-            "the answer only"
+            (
+                f"; each scene's caption and {cfg.questions_per_image} of its questions "
+                "(different kinds; loss on the answer only), its image passed once through "
+                f"the ViT and Q-Former for all {1 + cfg.questions_per_image} rows"
+                if cfg.questions_per_image
+                else f"; {cfg.caption_fraction:.0%} captions, the rest questions with the "
+                "loss on the answer only"
+            )
             + (
                 f" (question kinds weighted {cfg.question_weights}, others 1)"
                 if cfg.question_weights

@@ -83,7 +83,16 @@ class FinetuneConfig:
         "starts out knowing how to read the image encoder it was trained with.",
     )
     caption_fraction: float = _opt(
-        0.4, "Synthetic data for BLIP-2: share of captions; the rest are questions."
+        0.4,
+        "Synthetic data for BLIP-2: share of captions; the rest are questions (unused with "
+        "--questions-per-image).",
+    )
+    questions_per_image: int = _opt(
+        0,
+        "Synthetic data for BLIP-2: each scene gives its caption and this many of its "
+        "questions (distinct kinds) as consecutive examples, and a batch passes each image "
+        "through the vision encoder and Q-Former once for all its rows (--batch-size still "
+        "counts rows). 0: one example per scene, a caption or a question.",
     )
     question_weights: str = _opt(
         "",
@@ -115,6 +124,8 @@ class FinetuneConfig:
             raise ValueError(f"lr must be > 0, got {self.lr}")
         if not 0.0 <= self.caption_fraction <= 1.0:
             raise ValueError(f"caption_fraction must be in [0, 1], got {self.caption_fraction}")
+        if self.questions_per_image < 0:
+            raise ValueError(f"questions_per_image must be >= 0, got {self.questions_per_image}")
         self.kind_weights()  # raises on a malformed --question-weights
         if self.image_size % self.patch_size:
             raise ValueError(

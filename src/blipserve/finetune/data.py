@@ -18,7 +18,7 @@ from __future__ import annotations
 import csv
 import json
 import random
-from collections.abc import Mapping, Sequence
+from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -40,6 +40,8 @@ class Example:
     image: Image.Image
     text: str
     prompt: str | None = None
+    # Examples with the same key show the same image (BLIP-2 batches then encode it once).
+    image_key: Hashable | None = None
 
 
 class Source(Protocol):
@@ -82,7 +84,7 @@ class RowSource:
         row = self.rows[self._order(epoch)[offset]]
         with Image.open(row.image_path) as im:
             image = im.convert("RGB")
-        return Example(image=image, text=row.text, prompt=row.prompt)
+        return Example(image=image, text=row.text, prompt=row.prompt, image_key=row.image_path)
 
 
 class SceneSource:
@@ -91,6 +93,10 @@ class SceneSource:
     With ``caption_fraction`` < 1 a seeded coin decides per example whether it is the
     scene's caption or one of its questions (one per kind in ``scene.qa``, chosen with
     ``kind_weights``, 1 for kinds it does not name: uniformly by default).
+
+    With ``questions_per_image`` = K > 0, examples come in groups of 1 + K per scene
+    instead: its caption, then K of its questions of distinct kinds (fewer if the scene
+    has fewer kinds; chosen with ``kind_weights``), all with the scene's ``image_key``.
     """
 
     def __init__(
@@ -98,13 +104,18 @@ class SceneSource:
         seed: int,
         caption_fraction: float = 1.0,
         kind_weights: Mapping[str, float] | None = None,
+        questions_per_image: int = 0,
     ) -> None:
         self.seed = seed
         self.caption_fraction = caption_fraction
         self.kind_weights = dict(kind_weights or {})
+        self.questions_per_image = questions_per_image
         self.size: int | None = None
+        self._last: tuple[int, scenes.Scene] | None = None  # a group's rows share one render
 
     def example(self, index: int) -> Example:
+        if self.questions_per_image:
+            return self._grouped(*divmod(index, 1 + self.questions_per_image))
         scene = scenes.scene_at(self.seed, index)
         rng = random.Random(f"task/{self.seed}/{index}")
         if not scene.qa or rng.random() < self.caption_fraction:
@@ -115,6 +126,27 @@ class SceneSource:
         else:
             qa = rng.choice(scene.qa)  # (as before weights existed: same streams)
         return Example(image=scene.image, text=qa.answer, prompt=qa.prompt)
+
+    def _grouped(self, index: int, slot: int) -> Example:
+        if self._last is None or self._last[0] != index:
+            self._last = (index, scenes.scene_at(self.seed, index))
+        scene = self._last[1]
+        key = ("scene", self.seed, index)
+        chosen = self._questions(scene.qa, random.Random(f"questions/{self.seed}/{index}"))
+        if slot == 0 or slot > len(chosen):  # (a scene with fewer kinds: its caption again)
+            return Example(image=scene.image, text=scene.caption, image_key=key)
+        qa = chosen[slot - 1]
+        return Example(image=scene.image, text=qa.answer, prompt=qa.prompt, image_key=key)
+
+    def _questions(self, qa: Sequence[scenes.QA], rng: random.Random) -> list[scenes.QA]:
+        """``questions_per_image`` of ``qa`` without repeats, weighted by kind."""
+        pool = [q for q in qa if self.kind_weights.get(q.kind, 1.0) > 0] or list(qa)
+        chosen: list[scenes.QA] = []
+        while pool and len(chosen) < self.questions_per_image:
+            weights = [self.kind_weights.get(q.kind, 1.0) for q in pool]
+            pick = rng.choices(range(len(pool)), weights)[0] if sum(weights) > 0 else 0
+            chosen.append(pool.pop(pick))
+        return chosen
 
 
 def read_rows(path: str | Path) -> list[Row]:
@@ -159,17 +191,41 @@ def read_rows(path: str | Path) -> list[Row]:
 
 
 def collate(bundle: Bundle, batch: Sequence[Example]) -> dict[str, torch.Tensor]:
-    """Model inputs with ``labels`` for a batch of examples."""
-    pixels = bundle.processor.image_processor(
-        images=[ex.image for ex in batch], return_tensors="pt"
-    )["pixel_values"]  # (B, 3, S, S)
+    """Model inputs with ``labels`` for a batch of examples.
+
+    For BLIP-2, rows with the same ``image_key`` share one image: ``pixel_values`` then
+    holds each distinct image once and ``image_index`` (B,) says which is each row's.
+    """
+    images, index = [ex.image for ex in batch], None
+    if bundle.family == "blip2":
+        images, index = _distinct_images(batch)
+    pixels = bundle.processor.image_processor(images=images, return_tensors="pt")[
+        "pixel_values"
+    ]  # (images, 3, S, S)
+    shared = {} if index is None else {"image_index": index}
     if bundle.family == "blip":
         text = _blip_text(bundle, batch)
     elif bundle.decoder_only:
         text = _blip2_decoder_only(bundle, batch)
     else:
         text = _blip2_seq2seq(bundle, batch)
-    return {"pixel_values": pixels, **text}
+    return {"pixel_values": pixels, **text, **shared}
+
+
+def _distinct_images(batch: Sequence[Example]) -> tuple[list[Image.Image], torch.Tensor | None]:
+    """Each keyed image once, and every row's position among them (None: no sharing)."""
+    images: list[Image.Image] = []
+    slots: dict[Hashable, int] = {}
+    index = []
+    for ex in batch:
+        key = ex.image_key if ex.image_key is not None else ("row", id(ex))
+        if key not in slots:
+            slots[key] = len(images)
+            images.append(ex.image)
+        index.append(slots[key])
+    if len(images) == len(batch):
+        return images, None
+    return images, torch.tensor(index, dtype=torch.long)  # (B,)
 
 
 def _pad(rows: Sequence[list[int]], value: int) -> torch.Tensor:
@@ -259,6 +315,7 @@ def make_source(
     seed: int,
     caption_fraction: float,
     kind_weights: Mapping[str, float] | None = None,
+    questions_per_image: int = 0,
 ) -> Source:
     """The training source named by ``FinetuneConfig.data``."""
     if data == "synthetic":
@@ -266,6 +323,9 @@ def make_source(
         # seed 0 is the scene stream TRAIN_SEED; another seed, another fresh stream (e.g. a
         # second training stage that should not replay the first one's scenes).
         return SceneSource(
-            scenes.TRAIN_SEED + seed, caption_fraction=fraction, kind_weights=kind_weights
+            scenes.TRAIN_SEED + seed,
+            caption_fraction=fraction,
+            kind_weights=kind_weights,
+            questions_per_image=0 if family == "blip" else questions_per_image,
         )
     return RowSource(read_rows(data), seed=seed)

@@ -18,7 +18,7 @@ import shutil
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 
@@ -54,6 +54,7 @@ def finetune(cfg: FinetuneConfig) -> Path:
         seed=cfg.seed,
         caption_fraction=cfg.caption_fraction,
         kind_weights=cfg.kind_weights(),
+        questions_per_image=cfg.questions_per_image,
     )
     total = total_steps(cfg, source)
     optimizer = _optimizer(trainable, cfg)
@@ -138,8 +139,8 @@ def _loop(
         first = state["step"] * cfg.batch_size  # stateless: the same examples after a resume
         batch = [source.example(first + j) for j in range(cfg.batch_size)]
         inputs = {k: v.to(device) for k, v in collate(bundle, batch).items()}
-        loss = model(**inputs).loss
-        loss.backward()
+        loss = _loss(model, inputs)
+        torch.autograd.backward(loss)
         if cfg.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
         optimizer.step()
@@ -173,6 +174,24 @@ def _loop(
     bar.close()
 
 
+def _loss(model: Any, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The batch's loss; rows that share an image (``image_index``) share its features.
+
+    BLIP-2's ``forward`` takes precomputed image features (``mm_encoder_outputs``) in place
+    of ``pixel_values``: each distinct image goes through the vision encoder and Q-Former
+    once, and every row gets its image's query outputs (gradients from all of its rows
+    add up in the Q-Former).
+    """
+    index = inputs.pop("image_index", None)
+    if index is None:
+        return cast(torch.Tensor, model(**inputs).loss)
+    features = model.get_image_features(inputs.pop("pixel_values"), return_dict=True)
+    # (images, Q, D) -> (rows, Q, D): what forward scatters into each row's image tokens
+    features.pooler_output = features.pooler_output.index_select(0, index)
+    out = model(pixel_values=None, mm_encoder_outputs={"image": features}, **inputs)
+    return cast(torch.Tensor, out.loss)
+
+
 # Fields that change what is trained; the rest (threads, eval, paths) may change on resume.
 _RECIPE_FIELDS = (
     "data",
@@ -190,6 +209,7 @@ _RECIPE_FIELDS = (
     "freeze_vision",
     "caption_fraction",
     "question_weights",
+    "questions_per_image",
     "vision_init",
     "qformer_init",
 )
