@@ -315,8 +315,8 @@ def make_adapter(
     adapter_cls: Callable[..., Any], model: Any, processor: Any, device: Any, mode: str, copy: bool
 ) -> Any:
     """``model`` (float32) prepared as ``mode`` (``auto``, a dtype or ``int8``, as blipserve
-    loads it; ``-eager`` / ``-sdpa`` force BLIP's vision attention one way); on a ``copy``
-    of it, or converting ``model`` itself.
+    loads it; ``-eager`` / ``-sdpa`` / ``-bf16`` force BLIP's vision attention one way); on
+    a ``copy`` of it, or converting ``model`` itself.
     """
     import copy as copying
 
@@ -329,8 +329,8 @@ def make_adapter(
         model = copying.deepcopy(model)
     model.to(precision.dtype)
     optimize.prepare(model, precision, device)
-    if variant:  # -eager / -sdpa: BLIP's vision attention one way or the other
-        optimize.use_sdpa(model, enabled=variant == "sdpa")
+    if variant:  # -eager / -sdpa / -bf16: BLIP's vision attention one way or another
+        optimize.set_vision_attention(model, variant)
     return adapter_cls(model, processor, device, precision)
 
 
@@ -381,9 +381,10 @@ def main() -> None:
         "--modes",
         nargs="+",
         help="blipserve modes, in order: auto, float32, bfloat16, float16, int8, each as "
-        "blipserve loads it, or with -eager / -sdpa to force BLIP's vision attention one "
-        "way (blipserve uses SDPA for float32 on a CPU only); default: auto on GPU; "
-        "bfloat16, bfloat16-sdpa, int8-eager, int8 on CPU",
+        "blipserve loads it, or with -eager / -sdpa / -bf16 to force BLIP's vision attention "
+        "one way (blipserve uses SDPA for float32 on a CPU, bf16 products for int8 where the "
+        "CPU has native bf16); default: auto on GPU; bfloat16, bfloat16-sdpa, int8-eager, "
+        "int8-sdpa, int8 on CPU",
     )
     parser.add_argument("--models", nargs="+", help="default: BLIP-base, and BLIP-2 on GPU")
     parser.add_argument("--guard-scenes", type=int, help="default 300 GPU, 200 CPU")
@@ -412,7 +413,7 @@ def main() -> None:
     args.models = args.models or (layouts if gpu or args.quick else layouts[:1])
     args.batches = args.batches or ([1, 8, 32, 64] if gpu else [1, 8])
     args.modes = args.modes or (
-        ["auto"] if gpu else ["bfloat16", "bfloat16-sdpa", "int8-eager", "int8"]
+        ["auto"] if gpu else ["bfloat16", "bfloat16-sdpa", "int8-eager", "int8-sdpa", "int8"]
     )
     args.min_images = args.min_images or (16 if gpu else 8)
     args.baseline_images = args.baseline_images or (32 if gpu else 8)

@@ -88,7 +88,16 @@ def vision() -> BlipVisionModel:
         image_size=32,
         patch_size=8,
     )
-    return BlipVisionModel(config).eval()
+    model = BlipVisionModel(config).eval()
+    # The config's own initializer_range (1e-10) would make every layer a near no-op, and
+    # any two attention implementations trivially equal: real-scale weights instead.
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "norm" in name and name.endswith("weight"):
+                param.uniform_(0.8, 1.2)
+            else:
+                param.normal_(0.0, 0.3)
+    return model
 
 
 def test_sdpa_attention_matches_the_eager_code(vision: BlipVisionModel) -> None:
@@ -101,6 +110,40 @@ def test_sdpa_attention_matches_the_eager_code(vision: BlipVisionModel) -> None:
         back = vision(pixel_values=pixels).last_hidden_state
     torch.testing.assert_close(fused, eager, rtol=1e-5, atol=1e-5)
     assert torch.equal(back, eager)
+
+
+def test_bf16_attention_is_close_to_the_eager_code(vision: BlipVisionModel) -> None:
+    pixels = torch.randn(3, 3, 32, 32)
+    with torch.inference_mode():
+        eager = vision(pixel_values=pixels).last_hidden_state
+        assert optimize.set_vision_attention(vision, "bf16") == 2
+        bf16 = vision(pixel_values=pixels).last_hidden_state
+        one = vision(pixel_values=pixels[1:2]).last_hidden_state
+    assert bf16.dtype == torch.float32
+    # bfloat16 keeps 8 bits of mantissa: close to float32, not equal to it.
+    torch.testing.assert_close(bf16, eager, rtol=0.05, atol=0.05)
+    assert not torch.equal(bf16, eager)
+    torch.testing.assert_close(one, bf16[1:2], rtol=0, atol=1e-6)
+    with pytest.raises(ValueError, match="unknown vision attention"):
+        optimize.set_vision_attention(vision, "flash")
+
+
+def test_int8_models_get_bf16_vision_attention_where_the_cpu_has_bf16() -> None:
+    from blipserve.models.base import Precision, cpu_has_native_bf16
+
+    config = BlipVisionConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        image_size=32,
+        patch_size=8,
+    )
+    model = BlipVisionModel(config).eval()
+    optimize.prepare(model, Precision(torch.float32, int8=True), torch.device("cpu"))
+    attention = model.encoder.layers[0].self_attn
+    expected = optimize._bf16_forward if cpu_has_native_bf16() else optimize._sdpa_forward
+    assert attention.forward.func is expected
 
 
 def test_vision_split_per_image_returns_the_same_outputs(vision: BlipVisionModel) -> None:

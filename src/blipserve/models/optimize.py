@@ -1,10 +1,11 @@
 """Speed options applied to a loaded transformers model, each measured in ``bench/speed.py``.
 
-* :func:`use_sdpa` — BLIP's vision encoder (``BlipAttention``) computes attention eagerly
-  (matmul, scale, softmax, matmul: four passes over a (B, 12, 577, 577) tensor per layer);
-  transformers has no SDPA path for it (BLIP-2's encoder does have one).  The same
-  arithmetic through ``scaled_dot_product_attention`` fuses those passes.  Only the
-  instance's ``forward`` is replaced; the model class is untouched.
+* :func:`set_vision_attention` — BLIP's vision encoder (``BlipAttention``) computes
+  attention eagerly (matmul, scale, softmax, matmul: four passes over a (B, 12, 577, 577)
+  tensor per layer); transformers has no SDPA path for it (BLIP-2's encoder does have one).
+  ``sdpa``: the same arithmetic through ``scaled_dot_product_attention``, which fuses those
+  passes; ``bf16``: the two products and the softmax in bfloat16 (for the int8 mode).
+  Only the instance's ``forward`` is replaced; the model class is untouched.
 * :class:`Int8Linear` / :func:`quantize_linears` — every ``nn.Linear`` of the model with
   int8 weights (symmetric, one scale per output channel) and activations quantized per row
   at run time (fbgemm's dynamic int8 linear, which uses AVX-512 VNNI where the CPU has it).
@@ -168,30 +169,60 @@ def quantize_linears(model: nn.Module) -> int:
     return len(targets)
 
 
+def _qkv(module: Any, hidden_states: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    b, n, _ = hidden_states.shape
+    qkv = module.qkv(hidden_states)  # (B, N, 3D)
+    qkv = qkv.view(b, n, 3, module.num_heads, module.head_dim).permute(2, 0, 3, 1, 4)
+    return tuple(qkv.unbind(0))  # q, k, v: each (B, heads, N, head_dim)
+
+
 def _sdpa_forward(module: Any, hidden_states: torch.Tensor, **_: Any) -> tuple[torch.Tensor, None]:
     """``BlipAttention.forward`` through SDPA; attention weights are not returned."""
     b, n, d = hidden_states.shape
-    qkv = module.qkv(hidden_states)  # (B, N, 3D)
-    qkv = qkv.view(b, n, 3, module.num_heads, module.head_dim).permute(2, 0, 3, 1, 4)
-    q, k, v = qkv.unbind(0)  # each (B, heads, N, head_dim)
+    q, k, v = _qkv(module, hidden_states)
     # Dropout is 0 at inference (eval), as in the eager code path.
     ctx = functional.scaled_dot_product_attention(q, k, v, scale=module.scale)  # (B, heads, N, hd)
     return module.projection(ctx.transpose(1, 2).reshape(b, n, d)), None
 
 
-def use_sdpa(model: nn.Module, enabled: bool = True) -> int:
-    """Route BLIP vision attention through SDPA (or back, ``enabled=False``); returns count."""
+def _bf16_forward(module: Any, hidden_states: torch.Tensor, **_: Any) -> tuple[torch.Tensor, None]:
+    """``BlipAttention.forward`` with its two products and softmax in bfloat16.
+
+    For the float32 activations of the int8 model: torch's CPU SDPA kernel is no faster in
+    bfloat16, but plain bf16 matmuls run at twice the float32 rate (577 tokens, 12 heads:
+    4.8 vs 7.3 ms per layer against float32 SDPA).
+    """
+    b, n, d = hidden_states.shape
+    q, k, v = (t.to(torch.bfloat16) for t in _qkv(module, hidden_states))
+    scores = torch.matmul(q * module.scale, k.transpose(-1, -2))  # (B, heads, N, N)
+    ctx = torch.matmul(scores.softmax(dim=-1), v)  # (B, heads, N, head_dim)
+    out = ctx.transpose(1, 2).reshape(b, n, d).to(hidden_states.dtype)
+    return module.projection(out), None
+
+
+_ATTENTION = {"sdpa": _sdpa_forward, "bf16": _bf16_forward}
+
+
+def set_vision_attention(model: nn.Module, how: str) -> int:
+    """How BLIP's vision attention runs: ``eager`` (transformers' own code), ``sdpa``
+    (float32 through SDPA) or ``bf16`` (products in bfloat16); returns how many layers."""
     from transformers.models.blip.modeling_blip import BlipAttention
 
+    if how != "eager" and how not in _ATTENTION:
+        raise ValueError(f"unknown vision attention {how!r}")
     count = 0
     for module in model.modules():
         if isinstance(module, BlipAttention):
-            if enabled:
-                module.forward = functools.partial(_sdpa_forward, module)
-            else:
-                module.__dict__.pop("forward", None)
+            module.__dict__.pop("forward", None)
+            if how != "eager":
+                module.forward = functools.partial(_ATTENTION[how], module)
             count += 1
     return count
+
+
+def use_sdpa(model: nn.Module, enabled: bool = True) -> int:
+    """Route BLIP vision attention through SDPA (or back, ``enabled=False``); returns count."""
+    return set_vision_attention(model, "sdpa" if enabled else "eager")
 
 
 def _cat(parts: list[Any]) -> Any:
@@ -226,13 +257,21 @@ def split_vision_batches(model: nn.Module, rows: int = 1) -> None:
 def prepare(model: nn.Module, precision: Precision, device: torch.device) -> None:
     """The speed options a loaded model gets, as measured (README, Speed).
 
-    SDPA only for float32 on a CPU (the int8 mode's attention too): there BLIP-base's
-    vision encoder ran 20% faster with it (median 297 vs 370 ms per image, six interleaved
-    runs), while in bfloat16 torch's CPU kernel was slower than the eager code at batch 8
-    (1.79 vs 1.92 images/s, bench/results/speed-cpu.json, medians of three passes); on a GPU
-    it is not measured yet.
+    BLIP's vision attention: SDPA for float32 on a CPU, where BLIP-base's vision encoder ran
+    20% faster with it (median 297 vs 370 ms per image, six interleaved runs), while in
+    bfloat16 torch's CPU kernel was slower than the eager code at batch 8 (1.79 vs 1.92
+    images/s, medians of three passes); on a GPU it is not measured yet.  In int8 mode, on
+    a CPU with native bf16, its products in bfloat16 instead (batch 8: 2.39 vs 2.29 images/s
+    with float32 SDPA, medians of three interleaved passes of ``bench/speed.py``; the demo
+    model's captions stay those of float32).
     """
-    use_sdpa(model, enabled=device.type == "cpu" and precision.dtype == torch.float32)
+    from blipserve.models.base import cpu_has_native_bf16
+
+    cpu_float32 = device.type == "cpu" and precision.dtype == torch.float32
+    if cpu_float32 and precision.int8 and cpu_has_native_bf16():
+        set_vision_attention(model, "bf16")
+    else:
+        set_vision_attention(model, "sdpa" if cpu_float32 else "eager")
     if precision.int8:
         quantize_linears(model)
         if hasattr(model, "vision_model"):
