@@ -32,7 +32,9 @@ SMALL = {
     "num_hidden_layers": 2,
     "num_attention_heads": 2,
 }
-VISION = {**SMALL, "image_size": IMAGE_SIZE, "patch_size": 8}
+# initializer_range as in the published configs: BlipVisionConfig's own default (1e-10)
+# would make the image encoder a near no-op, and every image look the same to the model.
+VISION = {**SMALL, "image_size": IMAGE_SIZE, "patch_size": 8, "initializer_range": 0.02}
 
 
 def _copy_layout(layout: str, dest: Path) -> None:
