@@ -8,10 +8,10 @@ For each model (random weights built on the device from the published configs in
   ``processor(images=..., return_tensors="pt")``, ``model.generate``, ``batch_decode``;
   float32 (torch's defaults: no TF32), one image per call.
 * **blipserve** — :class:`blipserve.engine.Engine` over the same model, in each mode
-  (``--modes``; default: what ``--dtype auto`` picks on a GPU; on a CPU bfloat16 and
-  int8 each with and without SDPA vision attention, so each optimisation shows alone) at
-  each batch size (``--batches``); base64 JPEG rows decoded by its thread pool, as every
-  entry point does.
+  (``--modes``; default: what ``--dtype auto`` picks on a GPU; on a CPU bfloat16 with
+  and without SDPA vision attention, and int8 with eager, float32 SDPA and bf16 vision
+  attention, so each optimisation shows alone) at each batch size (``--batches``); base64
+  JPEG rows decoded by its thread pool, as every entry point does.
 
 Every caption is exactly ``--tokens`` tokens (``min_new_tokens = max_new_tokens``), so each
 side does the same model work.  Also measured in the same run: the device's bf16 and fp32
