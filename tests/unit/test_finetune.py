@@ -377,3 +377,26 @@ def test_blip2_trains_with_questions_per_image(tmp_path: Path) -> None:
     )
     out = finetune(cfg)
     assert json.loads((out / "finetune_summary.json").read_text())["steps"] == 2
+
+
+def test_score_reports_answers_by_kind(monkeypatch: pytest.MonkeyPatch) -> None:
+    from blipserve.finetune import evaluate
+
+    examples = evaluate.heldout_examples(6, "blip2", every_question=True)
+    kinds = {ex.kind for ex in examples if ex.prompt is not None}
+    assert {"color", "count", "exists"} <= kinds
+    assert all(ex.kind is None for ex in examples if ex.prompt is None)  # captions
+
+    def predict(bundle: Any, batch: list[Example], **_: Any) -> list[str]:
+        # Right about everything except existence, which it always gets wrong.
+        return ["maybe" if ex.kind == "exists" else ex.text for ex in batch]
+
+    monkeypatch.setattr(evaluate, "predict", predict)
+    bundle = make_bundle(_cfg("config:blip2", Path("synthetic"), Path("unused"), eval_data=""))
+    result = evaluate.score(bundle, examples)
+    assert result["answer_exact/exists"] == 0.0
+    assert result["answer_exact/color"] == result["answer_exact/count"] == 1.0
+    assert {k for k in result if k.startswith("answer_exact/")} == {
+        f"answer_exact/{k}" for k in kinds
+    }
+    assert 0.0 < result["answer_exact"] < 1.0

@@ -316,6 +316,14 @@ def model_card(recipe: Recipe, configs: list[FinetuneConfig], result: dict[str, 
         lines.append(
             f"| captions | {int(heldout['n'])} | {heldout['exact']:.1%} | {heldout['bleu4']:.3f} |"
         )
+    by_kind = {k.split("/", 1)[1]: v for k, v in heldout.items() if k.startswith("answer_exact/")}
+    if by_kind:
+        lines += [
+            "",
+            "Answers by kind of question: "
+            + ", ".join(f"{kind} {value:.1%}" for kind, value in by_kind.items())
+            + ".",
+        ]
     lines += [
         "",
         "Measured with `blipserve.finetune.evaluate.evaluate_folder(folder, scenes_n=500)`.",

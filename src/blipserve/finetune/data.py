@@ -42,6 +42,7 @@ class Example:
     prompt: str | None = None
     # Examples with the same key show the same image (BLIP-2 batches then encode it once).
     image_key: Hashable | None = None
+    kind: str | None = None  # a synthetic question's kind (per-kind scores in evaluation)
 
 
 class Source(Protocol):

@@ -32,7 +32,7 @@ def heldout_examples(n: int, family: str, *, every_question: bool = False) -> li
         if family == "blip" or not scene.qa:
             continue
         qas = scene.qa if every_question else [random.Random(f"eval/{i}").choice(scene.qa)]
-        examples.extend(Example(scene.image, qa.answer, qa.prompt) for qa in qas)
+        examples.extend(Example(scene.image, qa.answer, qa.prompt, kind=qa.kind) for qa in qas)
     return examples
 
 
@@ -138,6 +138,12 @@ def score(
             result[f"{name}_n"] = float(len(idx))
             result[f"{name}_exact"] = exact_match(p, r)
             result[f"{name}_bleu4"] = corpus_bleu(p, r)
+    # Synthetic questions also by kind ("answer_exact/exists"): where a recipe falls short.
+    kinds = sorted({ex.kind for ex in examples if ex.kind is not None})
+    for kind in kinds:
+        idx = [i for i, ex in enumerate(examples) if ex.kind == kind]
+        said, truth = [preds[i] for i in idx], [refs[i] for i in idx]
+        result[f"answer_exact/{kind}"] = exact_match(said, truth)
     return result
 
 
