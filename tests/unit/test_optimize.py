@@ -128,20 +128,13 @@ def test_bf16_attention_is_close_to_the_eager_code(vision: BlipVisionModel) -> N
         optimize.set_vision_attention(vision, "flash")
 
 
-def test_int8_models_get_bf16_vision_attention_where_the_cpu_has_bf16() -> None:
+def test_int8_models_get_bf16_vision_attention_where_the_cpu_has_bf16(
+    vision: BlipVisionModel,
+) -> None:
     from blipserve.models.base import Precision, cpu_has_native_bf16
 
-    config = BlipVisionConfig(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=1,
-        num_attention_heads=4,
-        image_size=32,
-        patch_size=8,
-    )
-    model = BlipVisionModel(config).eval()
-    optimize.prepare(model, Precision(torch.float32, int8=True), torch.device("cpu"))
-    attention = model.encoder.layers[0].self_attn
+    optimize.prepare(vision, Precision(torch.float32, int8=True), torch.device("cpu"))
+    attention = vision.encoder.layers[0].self_attn
     expected = optimize._bf16_forward if cpu_has_native_bf16() else optimize._sdpa_forward
     assert attention.forward.func is expected
 

@@ -112,7 +112,8 @@ class SceneSource:
         self.kind_weights = dict(kind_weights or {})
         self.questions_per_image = questions_per_image
         self.size: int | None = None
-        self._last: tuple[int, scenes.Scene] | None = None  # a group's rows share one render
+        # A group's rows share one render and one choice of questions.
+        self._last: tuple[int, scenes.Scene, list[scenes.QA]] | None = None
 
     def example(self, index: int) -> Example:
         if self.questions_per_image:
@@ -122,18 +123,22 @@ class SceneSource:
         if not scene.qa or rng.random() < self.caption_fraction:
             return Example(image=scene.image, text=scene.caption)
         if self.kind_weights:
-            weights = [self.kind_weights.get(q.kind, 1.0) for q in scene.qa]
+            weights = [self._weight(q) for q in scene.qa]
             qa = rng.choices(scene.qa, weights)[0] if sum(weights) > 0 else rng.choice(scene.qa)
         else:
             qa = rng.choice(scene.qa)  # (as before weights existed: same streams)
         return Example(image=scene.image, text=qa.answer, prompt=qa.prompt)
 
+    def _weight(self, qa: scenes.QA) -> float:
+        return self.kind_weights.get(qa.kind, 1.0)
+
     def _grouped(self, index: int, slot: int) -> Example:
         if self._last is None or self._last[0] != index:
-            self._last = (index, scenes.scene_at(self.seed, index))
-        scene = self._last[1]
+            scene = scenes.scene_at(self.seed, index)
+            rng = random.Random(f"questions/{self.seed}/{index}")
+            self._last = (index, scene, self._questions(scene.qa, rng))
+        _, scene, chosen = self._last
         key = ("scene", self.seed, index)
-        chosen = self._questions(scene.qa, random.Random(f"questions/{self.seed}/{index}"))
         if slot == 0 or slot > len(chosen):  # (a scene with fewer kinds: its caption again)
             return Example(image=scene.image, text=scene.caption, image_key=key)
         qa = chosen[slot - 1]
@@ -141,10 +146,10 @@ class SceneSource:
 
     def _questions(self, qa: Sequence[scenes.QA], rng: random.Random) -> list[scenes.QA]:
         """``questions_per_image`` of ``qa`` without repeats, weighted by kind."""
-        pool = [q for q in qa if self.kind_weights.get(q.kind, 1.0) > 0] or list(qa)
+        pool = [q for q in qa if self._weight(q) > 0] or list(qa)
         chosen: list[scenes.QA] = []
         while pool and len(chosen) < self.questions_per_image:
-            weights = [self.kind_weights.get(q.kind, 1.0) for q in pool]
+            weights = [self._weight(q) for q in pool]
             pick = rng.choices(range(len(pool)), weights)[0] if sum(weights) > 0 else 0
             chosen.append(pool.pop(pick))
         return chosen
