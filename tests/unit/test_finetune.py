@@ -341,28 +341,46 @@ def test_questions_per_image_groups_a_scene_with_its_questions() -> None:
 
 
 def test_rows_sharing_an_image_share_its_features(scene_dir: Path) -> None:
-    """One pass of each image for all its rows gives the same loss and gradients."""
+    """One pass of each image for all its rows (and, packed, one language-model sequence
+    per image) gives the same loss and gradients as separate rows."""
     bundle = make_bundle(_cfg("config:blip2", scene_dir, scene_dir, eval_data=""))
     source = data_mod.SceneSource(scenes.TRAIN_SEED, questions_per_image=2)
     batch = [source.example(i) for i in range(6)]  # two scenes, three rows each
-    shared = collate(bundle, batch)
+    packed = collate(bundle, batch)
+    assert packed["pixel_values"].shape[0] == 2
+    assert packed["input_ids"].shape[0] == 2  # one sequence per image
+    width = packed["input_ids"].shape[1]
+    assert packed["attention_mask"].shape == (2, 1, width, width)
+    assert "image_index" not in packed
+    shared = collate(bundle, batch, pack=False)
     assert shared["pixel_values"].shape[0] == 2
     assert shared["image_index"].tolist() == [0, 0, 0, 1, 1, 1]
     separate = collate(bundle, [Example(ex.image, ex.text, ex.prompt) for ex in batch])
     assert "image_index" not in separate
     assert separate["pixel_values"].shape[0] == 6
+    # Packing drops the repeated image tokens and the padding of short rows.
+    assert packed["input_ids"].numel() < shared["input_ids"].numel()
+    # ... but keeps every target token.
+    assert int((packed["labels"] != IGNORE).sum()) == int((separate["labels"] != IGNORE).sum())
 
-    def loss_and_grad(inputs: dict[str, torch.Tensor]) -> tuple[float, torch.Tensor]:
+    def loss_and_grads(inputs: dict[str, torch.Tensor]) -> tuple[float, list[torch.Tensor]]:
         bundle.model.zero_grad()
         loss = train_mod._loss(bundle.model, dict(inputs))
         torch.autograd.backward(loss)
-        grad = bundle.model.query_tokens.grad
-        assert grad is not None
-        return float(loss.detach()), grad.clone()
+        grads = [  # the Q-Former's queries and the language model's first layer
+            bundle.model.query_tokens.grad,
+            bundle.model.language_model.get_input_embeddings().weight.grad,
+            next(bundle.model.language_model.model.decoder.layers[0].parameters()).grad,
+        ]
+        assert all(g is not None for g in grads)
+        return float(loss.detach()), [g.clone() for g in grads if g is not None]
 
-    (a, grad_a), (b, grad_b) = loss_and_grad(shared), loss_and_grad(separate)
-    assert a == pytest.approx(b, rel=1e-5)
-    torch.testing.assert_close(grad_a, grad_b, rtol=1e-4, atol=1e-7)
+    b, grads_b = loss_and_grads(separate)
+    for inputs in (packed, shared):
+        a, grads_a = loss_and_grads(inputs)
+        assert a == pytest.approx(b, rel=1e-5)
+        for grad_a, grad_b in zip(grads_a, grads_b, strict=True):
+            torch.testing.assert_close(grad_a, grad_b, rtol=1e-4, atol=1e-7)
 
 
 def test_blip2_trains_with_questions_per_image(tmp_path: Path) -> None:

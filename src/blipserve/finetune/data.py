@@ -196,11 +196,13 @@ def read_rows(path: str | Path) -> list[Row]:
 # --- collation ----------------------------------------------------------------------
 
 
-def collate(bundle: Bundle, batch: Sequence[Example]) -> dict[str, torch.Tensor]:
+def collate(bundle: Bundle, batch: Sequence[Example], pack: bool = True) -> dict[str, torch.Tensor]:
     """Model inputs with ``labels`` for a batch of examples.
 
     For BLIP-2, rows with the same ``image_key`` share one image: ``pixel_values`` then
-    holds each distinct image once and ``image_index`` (B,) says which is each row's.
+    holds each distinct image once.  With an OPT-style (decoder-only) language model and
+    ``pack``, an image's rows become one sequence (see :func:`_blip2_packed`); otherwise
+    ``image_index`` (B,) says which image is each row's.
     """
     images, index = [ex.image for ex in batch], None
     if bundle.family == "blip2":
@@ -211,6 +213,8 @@ def collate(bundle: Bundle, batch: Sequence[Example]) -> dict[str, torch.Tensor]
     shared = {} if index is None else {"image_index": index}
     if bundle.family == "blip":
         text = _blip_text(bundle, batch)
+    elif bundle.decoder_only and index is not None and pack:
+        text, shared = _blip2_packed(bundle, batch, index), {}
     elif bundle.decoder_only:
         text = _blip2_decoder_only(bundle, batch)
     else:
@@ -297,6 +301,59 @@ def _blip2_decoder_only(bundle: Bundle, batch: Sequence[Example]) -> dict[str, t
         "input_ids": _pad(ids, tokenizer.pad_token_id),  # (B, Q + T)
         "attention_mask": _pad(mask, 0),  # (B, Q + T)
         "labels": _pad(labels, IGNORE),  # (B, Q + T); forward aligns and shifts
+    }
+
+
+def _blip2_packed(
+    bundle: Bundle, batch: Sequence[Example], index: torch.Tensor
+) -> dict[str, torch.Tensor]:
+    """One language-model sequence per image: ``<image> * Q`` and then each of its rows.
+
+    Every row ``bos, prompt, text, eos`` sees the image tokens and itself only (a 4D
+    block-causal mask) and takes the positions it would have on its own (Q, Q + 1, ...),
+    so each row's logits, and the batch's loss, are those of separate rows; but the image
+    tokens go through the language model once per image instead of once per row, and no
+    short question is padded to the caption's length.  (4 rows per image: about half the
+    language model's tokens.)  The mask is additive float, which transformers passes
+    unchanged to the eager and SDPA attention paths.
+    """
+    config = bundle.model.config
+    tokenizer = bundle.processor.tokenizer
+    q = config.num_query_tokens
+    rows = _blip2_decoder_only(bundle, batch)  # (B, Q + T) each, right-padded
+    lengths = [int(n) for n in rows["attention_mask"].sum(dim=1)]
+    groups: list[list[int]] = [[] for _ in range(int(index.max()) + 1)]
+    for row, image in enumerate(index.tolist()):
+        groups[image].append(row)
+    width = max(q + sum(lengths[r] - q for r in group) for group in groups)
+    ids = torch.full((len(groups), width), tokenizer.pad_token_id, dtype=torch.long)
+    labels = torch.full((len(groups), width), IGNORE, dtype=torch.long)
+    positions = torch.zeros((len(groups), width), dtype=torch.long)
+    segment = torch.full((len(groups), width), -1, dtype=torch.long)  # -1: padding
+    for image, group in enumerate(groups):
+        ids[image, :q] = rows["input_ids"][group[0], :q]  # the image placeholders
+        positions[image, :q] = torch.arange(q)
+        segment[image, :q] = 0  # the image tokens, seen by every row
+        at = q
+        for n, row in enumerate(group, start=1):
+            end = at + lengths[row] - q
+            ids[image, at:end] = rows["input_ids"][row, q : lengths[row]]
+            labels[image, at:end] = rows["labels"][row, q : lengths[row]]
+            positions[image, at:end] = torch.arange(q, lengths[row])
+            segment[image, at:end] = n
+            at = end
+    # allowed[s, i, j]: token i may attend to token j (causal, own row or image tokens)
+    causal = torch.ones(width, width, dtype=torch.bool).tril()
+    same = segment[:, :, None] == segment[:, None, :]  # (S, L, L)
+    image_key = (segment == 0)[:, None, :]  # (S, 1, L)
+    allowed = causal & (same | image_key)
+    dtype = bundle.model.dtype
+    mask = torch.zeros(allowed.shape, dtype=dtype).masked_fill(~allowed, torch.finfo(dtype).min)
+    return {
+        "input_ids": ids,  # (S, L)
+        "attention_mask": mask[:, None],  # (S, 1, L, L), 0 or the dtype's minimum
+        "position_ids": positions,  # (S, L)
+        "labels": labels,  # (S, L)
     }
 
 
