@@ -28,13 +28,11 @@ from blipserve.models import optimize
 ROOT = Path(__file__).resolve().parents[2]
 SAMPLE = 200  # scenes per check: a few seconds on two CPU cores
 START = 5_000  # held-out indices 5000.. (the model cards use 0..499, examples 10000..)
-# `demo`: the issue's target (95% exact captions), on this smaller sample.
-# `demo-vqa` reaches its caption target (90%: 92.2% on 500 held-out scenes, its model card;
-# 94.5% on this sample) but not its answer target (90%: 85.0% on 500 scenes, 85.0% on this
-# sample).  The answer floor guards what it does reach; raise it to 0.90 with a better
-# recipe.
+# The issue's targets (exact captions: `demo` 95%, `demo-vqa` 90%; `demo-vqa` answers 90%),
+# on this smaller sample.  Measured on it: `demo` captions 97.5%; `demo-vqa` captions 96.0%,
+# answers 92.0% of 1305 (its model card, 500 scenes: 95.0% and 93.1%).
 CAPTION_TARGET = {"demo": 0.95, "demo-vqa": 0.90}
-ANSWER_TARGET = 0.80
+ANSWER_TARGET = 0.90
 # Speed modes must say the same thing (issue 6's quality guard).
 SAME_AS_FLOAT32 = 0.98
 
@@ -92,13 +90,12 @@ def test_captions(engines: dict[str, Engine], scenes: list[Scene], name: str) ->
 
 
 def test_vqa_answers(engines: dict[str, Engine], scenes: list[Scene]) -> None:
-    # One question per scene, cycling through the kinds the scenes ask about.
-    qas = [s.qa[i % len(s.qa)] for i, s in enumerate(scenes)]
-    rows = [
-        RowInput(i, b64(s), qa.prompt) for i, (s, qa) in enumerate(zip(scenes, qas, strict=True))
-    ]
+    # Every question of every scene (about 6.5 per scene, all kinds), as the model card
+    # counts them: ~1300 answers, so the 90% floor is not at the mercy of a few dozen.
+    qas = [(s, qa) for s in scenes for qa in s.qa]
+    rows = [RowInput(i, b64(s), qa.prompt) for i, (s, qa) in enumerate(qas)]
     said = texts(engines["demo-vqa"].predict(rows))
-    rate = report("demo-vqa answers", said, [qa.answer for qa in qas])
+    rate = report("demo-vqa answers", said, [qa.answer for _, qa in qas])
     assert rate >= ANSWER_TARGET
 
 
