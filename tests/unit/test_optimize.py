@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import copy
+from typing import Any
+
 import pytest
 import torch
 from torch import nn
@@ -157,3 +160,58 @@ def test_vision_split_per_image_returns_the_same_outputs(vision: BlipVisionModel
         torch.testing.assert_close(a, b)
     assert isinstance(split_tuple, tuple)
     torch.testing.assert_close(split_tuple[0], whole_tuple[0])
+
+
+@pytest.fixture(scope="module")
+def demo_caption() -> tuple[Any, Any]:
+    """The trained `demo` captioner: real weights, so its captions mean something."""
+    from transformers import AutoProcessor, BlipForConditionalGeneration
+
+    from blipserve.models import builtin_path
+
+    folder = builtin_path("demo")
+    return (
+        AutoProcessor.from_pretrained(folder),
+        BlipForConditionalGeneration.from_pretrained(folder).eval(),
+    )
+
+
+def test_lean_text_layers_compute_what_transformers_computes(
+    demo_caption: tuple[Any, Any],
+) -> None:
+    from blipserve.demo import scenes
+
+    processor, model = demo_caption
+    lean = copy.deepcopy(model)
+    assert optimize.lean_text_layers(lean) == len(model.text_decoder.bert.encoder.layer) == 4
+    layer = lean.text_decoder.bert.encoder.layer[0]
+    assert not hasattr(layer.attention.self, "query")  # transformers' forward cannot run
+    images = [scenes.scene_at(scenes.HELDOUT_SEED, i).image for i in range(8)]
+    # Prompts of two lengths in one batch: a padded, causal self-attention mask.
+    prompted = processor(
+        images=images, text=["a small", "a large red"] * 4, return_tensors="pt", padding=True
+    )
+    plain = processor(images=images, return_tensors="pt")
+    with torch.inference_mode():
+        want, got = model(**prompted).logits, lean(**prompted).logits
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        # Decoding with the key/value cache (cross-attention keys/values from step 1 on)
+        captions = model.generate(**plain, max_new_tokens=30)
+        assert torch.equal(lean.generate(**plain, max_new_tokens=30), captions)
+        # int8: one fused query/key/value layer is bit-identical to three.
+        int8, lean_int8 = copy.deepcopy(model), copy.deepcopy(lean)
+        optimize.quantize_linears(int8)
+        optimize.quantize_linears(lean_int8)
+        assert torch.equal(lean_int8(**prompted).logits, int8(**prompted).logits)
+    lean.train()
+    with pytest.raises(RuntimeError, match="inference-only"):
+        lean(**prompted)
+
+
+def test_cpu_models_get_lean_text_layers(demo_caption: tuple[Any, Any]) -> None:
+    from blipserve.models.base import Precision
+
+    model = copy.deepcopy(demo_caption[1])
+    optimize.prepare(model, Precision(torch.float32), torch.device("cpu"))
+    layer = model.text_decoder.bert.encoder.layer[0]
+    assert layer.forward.func is optimize._lean_text_layer
