@@ -29,21 +29,25 @@ def linear() -> nn.Linear:
 
 
 @needs_int8
+@pytest.mark.parametrize("per_row", [True, False])
 @pytest.mark.parametrize("bias", [True, False])
-def test_int8_linear_is_close_to_float(bias: bool) -> None:
+def test_int8_linear_is_close_to_float(bias: bool, per_row: bool) -> None:
     torch.manual_seed(0)
     layer = nn.Linear(96, 40, bias=bias)
+    if bias:
+        nn.init.uniform_(layer.bias, 0.5, 1.0)  # large enough that dropping it would show
     x = torch.randn(3, 7, 96)
     want = layer(x)
-    got = optimize.Int8Linear(layer)(x)
+    got = optimize.Int8Linear(layer, per_row=per_row)(x)
     assert got.shape == want.shape == (3, 7, 40)
     assert relative_error(got, want) < 0.02
 
 
 @needs_int8
-def test_int8_linear_keeps_the_input_dtype(linear: nn.Linear) -> None:
+@pytest.mark.parametrize("per_row", [True, False])
+def test_int8_linear_keeps_the_input_dtype(linear: nn.Linear, per_row: bool) -> None:
     x = torch.randn(5, 96, dtype=torch.bfloat16)
-    got = optimize.Int8Linear(linear)(x)
+    got = optimize.Int8Linear(linear, per_row=per_row)(x)
     assert got.dtype == torch.bfloat16
     assert relative_error(got, linear(x.float())) < 0.03
 
@@ -215,3 +219,27 @@ def test_cpu_models_get_lean_text_layers(demo_caption: tuple[Any, Any]) -> None:
     optimize.prepare(model, Precision(torch.float32), torch.device("cpu"))
     layer = model.text_decoder.bert.encoder.layer[0]
     assert layer.forward.func is optimize._lean_text_layer
+
+
+@needs_int8
+def test_int8_vision_layers_take_one_scale_per_image(demo_caption: tuple[Any, Any]) -> None:
+    """The vision encoder runs one image per call, so its layers use fbgemm's whole-input
+    scale (no per-row passes) and an image's features still do not depend on its batch."""
+    from blipserve.demo import scenes
+    from blipserve.models.base import Precision
+
+    processor, model = demo_caption
+    model = copy.deepcopy(model)
+    optimize.prepare(model, Precision(torch.float32, int8=True), torch.device("cpu"))
+    vision = [m for m in model.vision_model.modules() if isinstance(m, optimize.Int8Linear)]
+    text = [m for m in model.text_decoder.modules() if isinstance(m, optimize.Int8Linear)]
+    assert vision
+    assert not any(m.per_row for m in vision)
+    assert text
+    assert all(m.per_row for m in text)
+    images = [scenes.scene_at(scenes.HELDOUT_SEED, i).image for i in range(4)]
+    pixels = processor(images=images, return_tensors="pt")["pixel_values"]
+    with torch.inference_mode():
+        together = model.vision_model(pixel_values=pixels).last_hidden_state
+        alone = model.vision_model(pixel_values=pixels[2:3]).last_hidden_state
+    assert torch.equal(together[2:3], alone)
