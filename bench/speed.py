@@ -272,9 +272,9 @@ def bench_model(
     model = adapter.model
     out["dtype"] = out["blipserve"][-1]["dtype"]
     if args.static_cache and hasattr(model, "language_model"):
-        # A static KV cache makes generate compile the LM's decoding step on CUDA
-        # (transformers' auto-compile: torch.compile mode reduce-overhead, i.e. CUDA graphs).
-        model.language_model.generation_config.cache_implementation = "static"
+        # --cuda-graphs: a static KV cache, which makes generate compile the LM's decoding
+        # step on CUDA (transformers' auto-compile: torch.compile mode reduce-overhead).
+        adapter.use_static_cache(layout)
         eager = {r["batch"]: r["texts"] for r in out["blipserve"] if r["dtype"] == out["dtype"]}
         out["blipserve_static_cache"] = []
         for batch in args.static_batches:
@@ -286,8 +286,11 @@ def bench_model(
                 same = sum(a == b for a, b in zip(r["texts"], eager[batch], strict=False))
                 r["same_as_eager"] = same / len(r["texts"])
             out["blipserve_static_cache"].append(r)
-            log(f"{layout}: static cache batch {batch}: {r['images_per_s']:.2f} images/s")
-        model.language_model.generation_config.cache_implementation = None
+            log(
+                f"{layout}: static cache batch {batch}: {r['images_per_s']:.2f} images/s "
+                f"({r['wall_with_compile_s']:.0f} s with compilation)"
+            )
+        adapter.static_cache = False
     for runs in (out["blipserve"], out.get("blipserve_static_cache", [])):
         for r in runs:
             r.pop("texts", None)
@@ -366,6 +369,52 @@ def quality_guard(device: Any, n: int) -> dict[str, Any]:
             "exact": sum(a == b for a, b in zip(texts, truth, strict=True)) / n,
             "same_as_float32": sum(a == b for a, b in zip(texts, said["float32"], strict=True)) / n,
         }
+    return out
+
+
+def static_cache_guard(device: Any, n: int, dtype: str) -> dict[str, Any]:
+    """``demo-vqa`` (a trained BLIP-2 with an OPT decoder) with ``--cuda-graphs`` and without:
+    its captions and answers on ``n`` held-out scenes (every question of each), the share
+    that are the same, each side's exact match, and the wall time of each side's pass (the
+    compiled side's includes its compilations: batches of several sizes).
+    """
+    from blipserve.config import EngineConfig, ModelConfig
+    from blipserve.contract import RowInput
+    from blipserve.demo import scenes
+    from blipserve.engine import Engine
+
+    held = list(scenes.generate(scenes.HELDOUT_SEED + 1, n))
+    rows: list[RowInput] = []
+    truth: list[str] = []
+    for scene in held:
+        buf = io.BytesIO()
+        scene.image.save(buf, format="PNG")
+        image = base64.b64encode(buf.getvalue()).decode()
+        rows.append(RowInput(len(rows), image))
+        truth.append(scene.caption)
+        for qa in scene.qa:
+            rows.append(RowInput(len(rows), image, qa.prompt))
+            truth.append(qa.answer)
+    out: dict[str, Any] = {"scenes": n, "rows": len(rows), "dtype": dtype}
+    said: dict[bool, list[str]] = {}
+    for graphs in (False, True):
+        cfg = ModelConfig(model="demo-vqa", device=device.type, dtype=dtype, cuda_graphs=graphs)  # type: ignore[arg-type]
+        t = time.perf_counter()
+        with Engine.load(cfg, config=EngineConfig(max_batch_size=32)) as engine:
+            said[graphs] = [getattr(o, "text", "") for o in engine.predict(rows)]
+            first = time.perf_counter() - t
+            t = time.perf_counter()
+            engine.predict(rows)
+            second = time.perf_counter() - t
+        key = "cuda_graphs" if graphs else "eager"
+        out[key] = {
+            "exact": sum(a == b for a, b in zip(said[graphs], truth, strict=True)) / len(rows),
+            "first_pass_s": first,
+            "second_pass_s": second,
+        }
+        log(f"demo-vqa {key}: {out[key]}")
+    out["same"] = sum(a == b for a, b in zip(said[True], said[False], strict=True)) / len(rows)
+    log(f"demo-vqa with --cuda-graphs says what it says without for {out['same']:.1%} of rows")
     return out
 
 
@@ -455,6 +504,15 @@ def main() -> None:
         log(f"quality guard failed: {exc!r}")
         report["quality_guard"] = {"error": repr(exc)}
     save()
+    if args.static_cache and gpu:
+        try:
+            report["static_cache_guard"] = static_cache_guard(
+                device, 40 if args.quick else args.guard_scenes, "bfloat16"
+            )
+        except Exception as exc:
+            log(f"static cache guard failed: {exc!r}")
+            report["static_cache_guard"] = {"error": repr(exc)}
+        save()
     print(markdown(report))
 
 
@@ -542,6 +600,17 @@ def markdown(report: dict[str, Any]) -> str:
             if isinstance(v, dict)
         ]
         lines += ["", f"demo quality guard on {guard['scenes']} scenes — " + "; ".join(parts)]
+    sc = report.get("static_cache_guard", {})
+    if "same" in sc:
+        lines += [
+            "",
+            f"demo-vqa ({sc['dtype']}, {sc['rows']} captions and answers of {sc['scenes']} "
+            f"scenes) with --cuda-graphs says what it says without for {sc['same']:.1%} of "
+            f"rows; exact {sc['cuda_graphs']['exact']:.1%} vs {sc['eager']['exact']:.1%}; "
+            f"passes {sc['cuda_graphs']['first_pass_s']:.0f} s then "
+            f"{sc['cuda_graphs']['second_pass_s']:.1f} s vs {sc['eager']['first_pass_s']:.0f} s "
+            f"then {sc['eager']['second_pass_s']:.1f} s",
+        ]
     return "\n".join(lines)
 
 

@@ -2,7 +2,7 @@
 # What we run on a lent GPU machine (one short call per part; see bench/speed.py).
 #
 #   bash scripts/device_check.sh bench   # GPU benchmark + CUDA quality guard -> $OUT/gpu.*
-#   bash scripts/device_check.sh static  # BLIP-2 with a static KV cache (compiled) -> $OUT/gpu-static.*
+#   bash scripts/device_check.sh static  # BLIP-2 with --cuda-graphs (static KV cache) -> $OUT/gpu-static.*
 #   bash scripts/device_check.sh train   # demo-vqa recipe variants side by side -> $OUT/train-logs.tgz
 # Parts can be combined: scripts/device_check.sh static train
 #
@@ -32,10 +32,13 @@ case "$part" in
 bench)
   timeout "${BENCH_SECONDS:-300}" "$PY" bench/speed.py --out "$OUT/gpu.json" 2>&1 | tee "$OUT/gpu.log"
   ;;
-static)  # BLIP-2 with a static KV cache (generate then compiles the LM step: CUDA graphs)
-  timeout "${STATIC_SECONDS:-150}" "$PY" bench/speed.py --models blip2-opt-2.7b --batches 1 64 \
-    --baseline-images 16 --static-cache --no-guard --out "$OUT/gpu-static.json" 2>&1 |
-    tee "$OUT/gpu-static.log"
+static)  # BLIP-2 with --cuda-graphs (a static KV cache: generate compiles the LM step),
+  # full-size OPT-2.7b at three batch sizes, and demo-vqa's captions and answers with and
+  # without it (the quality check that random weights cannot give)
+  timeout "${STATIC_SECONDS:-420}" "$PY" bench/speed.py --models blip2-opt-2.7b \
+    --batches ${STATIC_BATCHES:-1 8 32} --static-batches ${STATIC_BATCHES:-1 8 32} \
+    --baseline-images 16 --static-cache --no-guard --guard-scenes "${GUARD_SCENES:-200}" \
+    --out "$OUT/gpu-static.json" 2>&1 | tee "$OUT/gpu-static.log"
   ;;
 train)
   # demo-vqa recipe variants, each its own process (scene drawing is single-threaded CPU

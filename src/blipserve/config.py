@@ -86,6 +86,14 @@ class ModelConfig:
         "float32 elsewhere).",
     )
     revision: str | None = _opt(None, "Hub revision (branch, tag or commit) to load.")
+    cuda_graphs: bool = _opt(
+        False,
+        "BLIP-2 with a decoder-only LM (OPT) on a GPU: decode with a static KV cache, which "
+        "transformers compiles into CUDA graphs (torch.compile, mode reduce-overhead). "
+        "Batches are padded to a power of two rows and the cache to a multiple of 64 "
+        "positions so that a few graphs serve every request; the first batch of each new "
+        "size compiles for tens of seconds.",
+    )
 
 
 @dataclass(frozen=True)

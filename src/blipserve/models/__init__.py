@@ -74,9 +74,18 @@ def load_model(cfg: ModelConfig) -> HFAdapter:
         )
     device = resolve_device(cfg.device)
     precision = resolve_precision(cfg.dtype, device)
+    if cfg.cuda_graphs and device.type != "cuda":
+        raise ModelLoadError(
+            f"--cuda-graphs needs a CUDA GPU; model {cfg.model!r} would run on {device.type}"
+        )
     log.info("loading %s (%s) on %s as %s", cfg.model, adapter_cls.kind, device, precision)
     try:
-        return adapter_cls.load(source, device=device, precision=precision, revision=cfg.revision)
+        adapter = adapter_cls.load(
+            source, device=device, precision=precision, revision=cfg.revision
+        )
+        if cfg.cuda_graphs:
+            adapter.use_static_cache(cfg.model)
+        return adapter
     except ModelLoadError:
         raise
     except (OSError, ValueError, KeyError, RuntimeError) as exc:

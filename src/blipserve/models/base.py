@@ -173,6 +173,13 @@ class HFAdapter:
     def batch_key(self, item: ModelInput) -> Hashable:
         raise NotImplementedError
 
+    def use_static_cache(self, name: str) -> None:
+        """Decode with a static KV cache (``--cuda-graphs``), where the family supports it."""
+        raise ModelLoadError(
+            f"--cuda-graphs: model {name!r} ({self.kind}) does not support it; it applies to "
+            "BLIP-2 models whose language model is decoder-only (OPT)"
+        )
+
     def count_tokens(self, text: str | None) -> int:
         """Tokens the language model sees for ``text`` (usage reporting)."""
         return len(self.tokenizer(text)["input_ids"]) if text else 0

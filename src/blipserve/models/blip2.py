@@ -22,6 +22,8 @@ class Blip2Adapter(HFAdapter):
     model_class = Blip2ForConditionalGeneration
     kind = "blip2"
     text_role = "prompt"
+    #: decode with a static KV cache (``--cuda-graphs``; set by :meth:`use_static_cache`)
+    static_cache = False
 
     @property
     def decoder_only(self) -> bool:
@@ -64,16 +66,43 @@ class Blip2Adapter(HFAdapter):
             mask[i, span] = 1
         return ids.to(self.device), mask.to(self.device)  # (B, Q + T) each
 
+    def use_static_cache(self, name: str) -> None:
+        if not self.decoder_only:
+            super().use_static_cache(name)
+        self.static_cache = True
+
     def predict(self, items: Sequence[ModelInput]) -> list[Prediction]:
+        n = len(items)
+        if self.static_cache:
+            # Compiled decoding steps (CUDA graphs) are specialised to the batch and cache
+            # shapes: pad to a power of two rows (copies of the last row, dropped below) so
+            # that a handful of graphs serve every batch size.
+            items = [*items, *[items[-1]] * (_next_power_of_two(n) - n)]
         pixel_values = self.pixel_values(items)  # (B, 3, S, S)
         input_ids, attention_mask = self.encode_prompts(items)
+        kwargs = self.generate_kwargs(items[0].params)
+        if self.static_cache:
+            # A cache sized to a multiple of 64 positions; transformers keeps the longest
+            # seen so far (another shape, another compilation), so lengths soon settle.
+            new = items[0].params.max_new_tokens or self.default_max_new_tokens
+            kwargs.update(
+                cache_implementation="static",
+                max_cache_len=_CACHE_STEP * -(-(input_ids.shape[1] + new) // _CACHE_STEP),
+            )
         out = self.model.generate(
             pixel_values=pixel_values,
             input_ids=input_ids,
             attention_mask=attention_mask,
-            **self.generate_kwargs(items[0].params),
+            **kwargs,
         )
         if self.decoder_only:
             # Decoder-only generate returns prompt + continuation; keep the continuation.
-            return self.decode(out[:, input_ids.shape[1] :])
+            return self.decode(out[:n, input_ids.shape[1] :])
         return self.decode(out, new_from=1)  # after T5's decoder start token
+
+
+_CACHE_STEP = 64  # static KV cache lengths are multiples of this
+
+
+def _next_power_of_two(n: int) -> int:
+    return 1 << (n - 1).bit_length()
