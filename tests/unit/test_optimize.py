@@ -224,7 +224,8 @@ def test_cpu_models_get_lean_text_layers(demo_caption: tuple[Any, Any]) -> None:
 @needs_int8
 def test_int8_vision_layers_take_one_scale_per_image(demo_caption: tuple[Any, Any]) -> None:
     """The vision encoder runs one image per call, so its layers use fbgemm's whole-input
-    scale (no per-row passes) and an image's features still do not depend on its batch."""
+    scale (no per-row passes) and an image's features still do not depend on its batch;
+    likewise the decoder's keys and values of the image tokens, and so its captions."""
     from blipserve.demo import scenes
     from blipserve.models.base import Precision
 
@@ -235,11 +236,18 @@ def test_int8_vision_layers_take_one_scale_per_image(demo_caption: tuple[Any, An
     text = [m for m in model.text_decoder.modules() if isinstance(m, optimize.Int8Linear)]
     assert vision
     assert not any(m.per_row for m in vision)
-    assert text
-    assert all(m.per_row for m in text)
+    layers = model.text_decoder.bert.encoder.layer
+    image_kv = {id(layer.crossattention.self.kv) for layer in layers}
+    assert all(not m.per_row for m in text if id(m) in image_kv)
+    assert all(layer.crossattention.self.kv_rows == 1 for layer in layers)
+    assert all(m.per_row for m in text if id(m) not in image_kv)  # the decoding rows
     images = [scenes.scene_at(scenes.HELDOUT_SEED, i).image for i in range(4)]
     pixels = processor(images=images, return_tensors="pt")["pixel_values"]
     with torch.inference_mode():
         together = model.vision_model(pixel_values=pixels).last_hidden_state
         alone = model.vision_model(pixel_values=pixels[2:3]).last_hidden_state
-    assert torch.equal(together[2:3], alone)
+        assert torch.equal(together[2:3], alone)
+        captions = model.generate(pixel_values=pixels, max_new_tokens=12)
+        one = model.generate(pixel_values=pixels[2:3], max_new_tokens=12)  # (1, L <= 13)
+    assert torch.equal(one[0], captions[2, : one.shape[1]])  # (the batch pads after EOS)
+    assert (captions[2, one.shape[1] :] == processor.tokenizer.pad_token_id).all()
