@@ -10,8 +10,9 @@ For each model (random weights built on the device from the published configs in
 * **blipserve** — :class:`blipserve.engine.Engine` over the same model, in each mode
   (``--modes``; default: what ``--dtype auto`` picks on a GPU; on a CPU bfloat16 with
   and without SDPA vision attention, and int8 with eager, float32 SDPA and bf16 vision
-  attention, so each optimisation shows alone) at each batch size (``--batches``); base64
-  JPEG rows decoded by its thread pool, as every entry point does.
+  attention, and with one model worker instead of two, so each optimisation shows alone)
+  at each batch size (``--batches``); base64 JPEG rows decoded by its thread pool, as
+  every entry point does.
 
 Every caption is exactly ``--tokens`` tokens (``min_new_tokens = max_new_tokens``), so each
 side does the same model work.  Also measured in the same run: the device's bf16 and fp32
@@ -166,7 +167,12 @@ def baseline(model: Any, processor: Any, jpegs: list[bytes], tokens: int) -> dic
 
 
 def engine_run(
-    adapter: Any, jpegs: list[bytes], tokens: int, batch: int, workers: int
+    adapter: Any,
+    jpegs: list[bytes],
+    tokens: int,
+    batch: int,
+    workers: int,
+    model_workers: int = 0,
 ) -> dict[str, Any]:
     """blipserve's engine over base64 JPEG rows at ``batch`` rows per model call."""
     from blipserve.config import EngineConfig
@@ -176,7 +182,8 @@ def engine_run(
 
     params = GenerationParams(max_new_tokens=tokens, min_new_tokens=tokens)
     rows = [RowInput(i, base64.b64encode(d).decode()) for i, d in enumerate(jpegs)]
-    with Engine(adapter, config=EngineConfig(max_batch_size=batch, decode_workers=workers)) as e:
+    config = EngineConfig(max_batch_size=batch, decode_workers=workers, model_workers=model_workers)
+    with Engine(adapter, config=config) as e:
         e.predict(rows[:batch], params)  # warm-up at this batch size
         sync()
         start = time.perf_counter()
@@ -231,17 +238,21 @@ def bench_model(
     # machine's speed drifts by 10-20% over minutes).  Each works on its own copy of the
     # float32 model, which the baseline keeps using; with one pass the last mode converts
     # the model itself (on a GPU, no float32 copy is then left taking memory).
-    adapters = {
-        mode: make_adapter(
+    # A mode may end in ":wN": the engine with N model workers (default: its own choice),
+    # on the same adapter as the mode without it.
+    base_modes = list(dict.fromkeys(mode.partition(":w")[0] for mode in args.modes))
+    prepared = {
+        base: make_adapter(
             adapter_cls,
             model,
             processor,
             device,
-            mode,
-            copy=not (args.repeats == 1 and mode == args.modes[-1]),
+            base,
+            copy=not (args.repeats == 1 and base == base_modes[-1]),
         )
-        for mode in args.modes
+        for base in base_modes
     }
+    adapters = {mode: prepared[mode.partition(":w")[0]] for mode in args.modes}
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -255,7 +266,8 @@ def bench_model(
             log(f"{layout}: pass {rep + 1}: baseline {bases[-1]['images_per_s']:.2f} images/s")
         for mode, adapter in adapters.items():
             for batch in args.batches:
-                r = engine_run(adapter, jpegs[: rows_for(batch)], args.tokens, batch, 8)
+                workers = int(mode.partition(":w")[2] or 0)
+                r = engine_run(adapter, jpegs[: rows_for(batch)], args.tokens, batch, 8, workers)
                 runs[(mode, batch)].append(r)
                 log(
                     f"{layout}: pass {rep + 1}: blipserve {mode} batch {batch}: "
@@ -296,7 +308,7 @@ def bench_model(
             r.pop("texts", None)
     if device.type == "cuda":
         out["peak_gpu_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
-    del adapter, adapters, model
+    del adapter, adapters, prepared, model
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -432,8 +444,8 @@ def main() -> None:
         help="blipserve modes, in order: auto, float32, bfloat16, float16, int8, each as "
         "blipserve loads it, or with -eager / -sdpa / -bf16 to force BLIP's vision attention "
         "one way (blipserve uses SDPA for float32 on a CPU, bf16 products for int8 where the "
-        "CPU has native bf16); default: auto on GPU; bfloat16, bfloat16-sdpa, int8-eager, "
-        "int8-sdpa, int8 on CPU",
+        "CPU has native bf16), and with :wN for N model workers (int8:w1); default: auto on "
+        "GPU; bfloat16, bfloat16-sdpa, int8-eager, int8-sdpa, int8:w1, int8 on CPU",
     )
     parser.add_argument("--models", nargs="+", help="default: BLIP-base, and BLIP-2 on GPU")
     parser.add_argument("--guard-scenes", type=int, help="default 300 GPU, 200 CPU")
@@ -462,7 +474,9 @@ def main() -> None:
     args.models = args.models or (layouts if gpu or args.quick else layouts[:1])
     args.batches = args.batches or ([1, 8, 32, 64] if gpu else [1, 8])
     args.modes = args.modes or (
-        ["auto"] if gpu else ["bfloat16", "bfloat16-sdpa", "int8-eager", "int8-sdpa", "int8"]
+        ["auto"]
+        if gpu
+        else ["bfloat16", "bfloat16-sdpa", "int8-eager", "int8-sdpa", "int8:w1", "int8"]
     )
     args.min_images = args.min_images or (16 if gpu else 8)
     args.baseline_images = args.baseline_images or (32 if gpu else 8)

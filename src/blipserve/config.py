@@ -109,13 +109,23 @@ class EngineConfig:
     torch_threads: int = _opt(
         0, "CPU threads torch runs the model on; 0 keeps torch's default (one per core)."
     )
+    model_workers: int = _opt(
+        0,
+        "Batches run at once when a call (a batch job's chunk, a request of many rows) "
+        "holds several: the calling thread and model_workers - 1 helpers, each helper on "
+        "one torch thread; 0 picks by device: 2 on a CPU with at least 2 torch threads, 1 "
+        "on a GPU. One batch's Python-bound decoding steps then overlap another's arithmetic.",
+    )
 
     def __post_init__(self) -> None:
-        if self.max_batch_size < 0 or self.torch_threads < 0 or self.decode_workers < 1:
+        if (
+            min(self.max_batch_size, self.torch_threads, self.model_workers) < 0
+            or self.decode_workers < 1
+        ):
             raise ValueError(
-                "max_batch_size and torch_threads must be >= 0 (0: automatic) and "
-                f"decode_workers >= 1; got {self.max_batch_size}, {self.torch_threads} and "
-                f"{self.decode_workers}"
+                "max_batch_size, torch_threads and model_workers must be >= 0 (0: automatic) "
+                f"and decode_workers >= 1; got {self.max_batch_size}, {self.torch_threads}, "
+                f"{self.model_workers} and {self.decode_workers}"
             )
 
 

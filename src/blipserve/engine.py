@@ -15,11 +15,13 @@ catalog request, raising on the first bad row.
 from __future__ import annotations
 
 import base64
+import contextlib
 import io
 import logging
 import threading
 import time
-from collections.abc import Hashable, Iterable, Sequence
+from collections import deque
+from collections.abc import Hashable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -78,14 +80,24 @@ class Engine:
         self.max_batch_size = self.config.max_batch_size or default_batch_size(adapter.device)
         if self.config.torch_threads > 0:
             torch.set_num_threads(self.config.torch_threads)  # process-wide, as torch has it
+        self.torch_threads = torch.get_num_threads()
+        self.model_workers = self.config.model_workers or default_model_workers(
+            adapter.device, self.torch_threads
+        )
         self.limits = limits or ImageLimits()
         fetch = fetch or FetchConfig()
         self.fetcher = SafeFetcher(fetch) if fetch.allow_urls else None
         self._decode_pool = ThreadPoolExecutor(
             max_workers=self.config.decode_workers, thread_name_prefix="blipserve-decode"
         )
-        # One batch at a time: the model is not re-entrant and torch already uses every core.
-        self._model_lock = threading.Lock()
+        # At most model_workers batches at once (inference keeps no state in the model, and
+        # int8 scratch buffers are per thread), sharing the torch threads while they overlap.
+        self._model_slots = threading.BoundedSemaphore(self.model_workers)
+        self._busy_lock = threading.Lock()
+        self._helpers_active = 0  # helper threads of run_prepared taking batches now
+        self._model_pool = ThreadPoolExecutor(
+            max_workers=max(1, self.model_workers - 1), thread_name_prefix="blipserve-model"
+        )
 
     @classmethod
     def load(
@@ -116,6 +128,7 @@ class Engine:
 
     def close(self) -> None:
         self._decode_pool.shutdown(wait=False, cancel_futures=True)
+        self._model_pool.shutdown(wait=False, cancel_futures=True)
 
     def __enter__(self) -> Engine:
         return self
@@ -164,9 +177,36 @@ class Engine:
 
     # -- stage 3: the model ---------------------------------------------------------------
 
-    def run_batch(self, items: Sequence[ModelInput]) -> list[Prediction]:
-        """Run rows that share a batch key; raise :class:`InferenceError` if the model fails."""
-        with self._model_lock, torch.inference_mode():
+    @contextlib.contextmanager
+    def _model_slot(self, helper: bool) -> Iterator[None]:
+        """Wait for a free model slot; run with this thread's share of the torch threads.
+
+        torch's intra-op thread count is per calling thread (OpenMP's).  Helpers (the
+        extra model workers of :meth:`run_prepared`) always run on one: a thread that has
+        run a parallel region keeps its OpenMP team, and once a process holds more team
+        threads than cores, libgomp stops spinning at barriers for every team -- one image
+        on its own then took 0.85 s instead of 0.6 s, for the same CPU time.  The calling
+        thread takes what the busy helpers leave.
+        """
+        with self._model_slots:
+            with self._busy_lock:
+                share = 1 if helper else max(1, self.torch_threads - self._helpers_active)
+            before = torch.get_num_threads()
+            if self.model_workers > 1 and before != share:
+                torch.set_num_threads(share)
+            try:
+                yield
+            finally:
+                if torch.get_num_threads() != before:  # (the caller's thread, as it was)
+                    torch.set_num_threads(before)
+
+    def run_batch(self, items: Sequence[ModelInput], *, helper: bool = False) -> list[Prediction]:
+        """Run rows that share a batch key; raise :class:`InferenceError` if the model fails.
+
+        Safe to call from several threads: at most ``model_workers`` batches run at once
+        (``helper``: on one torch thread, see :meth:`_model_slot`).
+        """
+        with self._model_slot(helper), torch.inference_mode():
             try:
                 predictions = self.adapter.predict(items)
             except BlipserveError:
@@ -191,14 +231,44 @@ class Engine:
             i: p for i, p in enumerate(prepared) if isinstance(p, RowError)
         }
         good = [(i, p) for i, p in enumerate(prepared) if isinstance(p, PreparedRow)]
-        for batch in plan_batches([p.key for _, p in good], self.max_batch_size):
-            members = [good[j] for j in batch]
+        batches = [
+            [good[j] for j in batch]
+            for batch in plan_batches([p.key for _, p in good], self.max_batch_size)
+        ]
+
+        todo = deque(batches)
+        taking = threading.Lock()
+
+        def drain(helper: bool) -> None:
+            # This thread takes the next batch until none is left.
             try:
-                results: Sequence[Outcome] = self.run_batch([p.item for _, p in members])
-            except InferenceError as exc:
-                results = [exc] * len(members)
-            for (i, _), result in zip(members, results, strict=True):
-                outcomes[i] = result
+                while True:
+                    with taking:
+                        if not todo:
+                            return
+                        members = todo.popleft()
+                    try:
+                        results: Sequence[Outcome] = self.run_batch(
+                            [p.item for _, p in members], helper=helper
+                        )
+                    except InferenceError as exc:
+                        results = [exc] * len(members)
+                    for (i, _), result in zip(members, results, strict=True):
+                        outcomes[i] = result
+            finally:
+                if helper:
+                    with self._busy_lock:
+                        self._helpers_active -= 1
+
+        # Extra model workers join in when there is more than one batch; the caller's
+        # thread works too, on the torch threads they leave.
+        helpers = max(0, min(self.model_workers, len(batches)) - 1)
+        with self._busy_lock:  # counted from now, so that the caller leaves them threads
+            self._helpers_active += helpers
+        futures = [self._model_pool.submit(drain, True) for _ in range(helpers)]
+        drain(False)
+        for future in futures:
+            future.result()
         return [outcomes[i] for i in range(len(prepared))]
 
     def predict(
@@ -222,6 +292,19 @@ class Engine:
                 raise outcome
             predictions.append(outcome)
         return predictions
+
+
+def default_model_workers(device: torch.device, torch_threads: int) -> int:
+    """Batches run at once when the config leaves it to us (``model_workers`` 0).
+
+    Measured on BLIP-base int8, 2-core Zen 4: two batches of 8 on two threads with one
+    torch thread each against one after the other with two threads, images/s (medians of
+    7 interleaved pairs, three runs): +13%, +3% and +9%, captions identical.  A GPU
+    runs one batch at a time (CUDA graphs and the memory of two batches in flight).
+    """
+    if device.type != "cpu" or torch_threads < 2:
+        return 1
+    return 2
 
 
 def default_batch_size(device: torch.device) -> int:

@@ -260,3 +260,72 @@ def test_cuda_graphs_are_refused_where_they_cannot_work(
         adapter = load_model(ModelConfig(model=str(tiny_model_dir[kind]), device="cpu"))
         with pytest.raises(ModelLoadError, match="decoder-only"):
             adapter.use_static_cache(kind)
+
+
+def test_model_workers_by_device() -> None:
+    import torch
+
+    from blipserve.engine import default_model_workers
+
+    assert default_model_workers(torch.device("cpu"), 2) == 2
+    assert default_model_workers(torch.device("cpu"), 16) == 2
+    assert default_model_workers(torch.device("cpu"), 1) == 1
+    assert default_model_workers(torch.device("cuda"), 16) == 1
+
+
+def test_two_model_workers_share_the_torch_threads(tiny_model_dir: dict[str, Path]) -> None:
+    # Three batches of two rows on two model workers: the same outcomes, in row order, as
+    # one worker; never more than two batches in the model, and while two overlap each
+    # runs on one torch thread of two (the caller's thread gets its count back).
+    import threading
+
+    import torch
+
+    original = torch.get_num_threads()  # torch_threads=2 below sets it process-wide
+    path = str(tiny_model_dir["blip-caption"])
+    rows = [RowInput(i, b64_png(i)) for i in range(6)]
+    with Engine.load(
+        ModelConfig(model=path, device="cpu"), config=EngineConfig(max_batch_size=2)
+    ) as one:
+        one_worker = EngineConfig(max_batch_size=2, model_workers=1)
+        want = Engine(one.adapter, config=one_worker).predict(rows, PARAMS)
+    engine = Engine.load(
+        ModelConfig(model=path, device="cpu"),
+        config=EngineConfig(max_batch_size=2, model_workers=2, torch_threads=2),
+    )
+    predict = engine.adapter.predict
+    seen: list[tuple[int, int]] = []  # (batches in the model, this thread's torch threads)
+    inside = 0
+    lock = threading.Lock()
+    both = threading.Barrier(2, timeout=10)
+
+    def watched(items):  # type: ignore[no-untyped-def]
+        nonlocal inside
+        with lock:
+            inside += 1
+            now = inside
+        if len(seen) < 2:
+            both.wait()  # the first two batches meet inside the model
+        seen.append((now, torch.get_num_threads()))
+        try:
+            return predict(items)
+        finally:
+            with lock:
+                inside -= 1
+
+    engine.adapter.predict = watched  # type: ignore[method-assign]
+    before = torch.get_num_threads()
+    try:
+        with engine:
+            assert engine.model_workers == 2
+            got = engine.predict(rows, PARAMS)
+            assert len(seen) == 3
+            engine.predict(rows[:1], PARAMS)
+        after = torch.get_num_threads()
+    finally:
+        torch.set_num_threads(original)
+    assert got == want
+    assert max(n for n, _ in seen) == 2
+    assert sorted(seen[:2]) == [(1, 1), (2, 1)]  # overlapping: one torch thread each
+    assert seen[3] == (1, 2)  # a call of one batch runs alone on every thread
+    assert after == before
