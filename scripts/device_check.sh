@@ -3,6 +3,7 @@
 #
 #   bash scripts/device_check.sh bench   # GPU benchmark + CUDA quality guard -> $OUT/gpu.*
 #   bash scripts/device_check.sh static  # BLIP-2 with --cuda-graphs (static KV cache) -> $OUT/gpu-static.*
+#   bash scripts/device_check.sh warmup  # --cuda-graphs warm-up: no compilation left for requests
 #   bash scripts/device_check.sh train   # demo-vqa recipe variants side by side -> $OUT/train-logs.tgz
 # Parts can be combined: scripts/device_check.sh static train
 #
@@ -39,6 +40,27 @@ static)  # BLIP-2 with --cuda-graphs (a static KV cache: generate compiles the L
     --batches ${STATIC_BATCHES:-1 8 32} --static-batches ${STATIC_BATCHES:-1 8 32} \
     --baseline-images 16 --static-cache --no-guard --guard-scenes "${GUARD_SCENES:-200}" \
     --out "$OUT/gpu-static.json" 2>&1 | tee "$OUT/gpu-static.log"
+  ;;
+warmup)  # --cuda-graphs: warm-up compiles each padded batch size; later batches must not
+  timeout "${WARMUP_SECONDS:-240}" "$PY" - <<'PY' 2>&1 | tee "$OUT/gpu-warmup.log"
+import base64, io, logging, time
+from blipserve.config import EngineConfig, ModelConfig
+from blipserve.contract import RowInput
+from blipserve.demo import scenes
+from blipserve.engine import Engine
+logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+held = list(scenes.generate(scenes.HELDOUT_SEED + 1, 40))
+def b64(img):
+    buf = io.BytesIO(); img.save(buf, format="PNG"); return base64.b64encode(buf.getvalue()).decode()
+rows = [RowInput(i, b64(s.image), s.qa[0].prompt if i % 2 else None) for i, s in enumerate(held)]
+cfg = ModelConfig(model="demo-vqa", device="cuda", dtype="bfloat16", cuda_graphs=True)
+t = time.perf_counter()
+engine = Engine.load(cfg, config=EngineConfig(max_batch_size=32))
+engine.warm_up()
+print(f"load + warm-up: {time.perf_counter() - t:.1f} s", flush=True)
+for n in (3, 8, 20, 32, 40, 1):
+    t = time.perf_counter(); engine.predict(rows[:n]); print(f"{n} rows: {time.perf_counter() - t:.2f} s", flush=True)
+PY
   ;;
 train)
   # demo-vqa recipe variants, each its own process (scene drawing is single-threaded CPU

@@ -91,8 +91,8 @@ class ModelConfig:
         "BLIP-2 with a decoder-only LM (OPT) on a GPU: decode with a static KV cache, which "
         "transformers compiles into CUDA graphs (torch.compile, mode reduce-overhead). "
         "Batches are padded to a power of two rows and the cache to a multiple of 64 "
-        "positions so that a few graphs serve every request; the first batch of each new "
-        "size compiles for tens of seconds.",
+        "positions (at least 128) so that a few graphs serve every request; warm-up "
+        "compiles them (tens of seconds) before the server reports ready.",
     )
 
 
@@ -111,10 +111,11 @@ class EngineConfig:
     )
     model_workers: int = _opt(
         0,
-        "Batches run at once when a call (a batch job's chunk, a request of many rows) "
-        "holds several: the calling thread and model_workers - 1 helpers, each helper on "
-        "one torch thread; 0 picks by device: 2 on a CPU with at least 2 torch threads, 1 "
-        "on a GPU. One batch's Python-bound decoding steps then overlap another's arithmetic.",
+        "Batches run at once when a call holds several (a batch job's chunk of rows, "
+        "'blipserve caption' of many images; the server runs one batch at a time): the "
+        "calling thread and model_workers - 1 helpers, each helper on one torch thread; 0 "
+        "picks by device: 2 on a CPU with at least 2 torch threads, 1 on a GPU. One batch's "
+        "Python-bound decoding steps then overlap another's arithmetic.",
     )
 
     def __post_init__(self) -> None:

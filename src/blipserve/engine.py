@@ -111,15 +111,26 @@ class Engine:
         return cls(load_model(model), config=config, limits=limits, fetch=fetch)
 
     def warm_up(self) -> None:
-        """Run one synthetic image through the model (first-call costs paid before serving)."""
+        """Run one synthetic image through the model (first-call costs paid before serving).
+
+        With ``--cuda-graphs`` a batch of each size the adapter pads to (powers of two, and
+        ``max_batch_size``) and the model's default caption length: each compiles its
+        decoding step on first use (seconds to tens of seconds), which would otherwise
+        stall the first requests of that size.
+        """
         image = base64.b64encode(_warmup_png()).decode()
         text = "what is this?" if self.adapter.text_required else None
         row = RowInput(0, image, text)
-        started = time.perf_counter()
-        [outcome] = self.predict([row], GenerationParams(max_new_tokens=2))
-        if not isinstance(outcome, Prediction):
-            raise outcome
-        log.info("warm-up took %.2f s", time.perf_counter() - started)
+        sizes, params = [1], GenerationParams(max_new_tokens=2)
+        if getattr(self.adapter, "static_cache", False):
+            sizes, params = _powers_of_two_to(self.max_batch_size), GenerationParams()
+        for size in sizes:
+            started = time.perf_counter()
+            outcomes = self.predict([row] * size, params)
+            bad = [o for o in outcomes if not isinstance(o, Prediction)]
+            if bad:
+                raise bad[0]
+            log.info("warm-up (%d rows) took %.2f s", size, time.perf_counter() - started)
 
     @property
     def decode_pool(self) -> ThreadPoolExecutor:
@@ -315,6 +326,14 @@ def default_batch_size(device: torch.device) -> int:
     with 2 GiB of GPU memory at 64.  32 leaves room on smaller GPUs and larger models.
     """
     return 32 if device.type == "cuda" else 8
+
+
+def _powers_of_two_to(n: int) -> list[int]:
+    """1, 2, 4, ... below ``n``, then ``n`` (which pads to the next power of two)."""
+    sizes = [1]
+    while sizes[-1] * 2 < n:
+        sizes.append(sizes[-1] * 2)
+    return sizes if n <= 1 else [*sizes, n]
 
 
 def _warmup_png() -> bytes:

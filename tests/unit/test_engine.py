@@ -240,7 +240,7 @@ def test_static_cache_says_what_the_dynamic_cache_says(tiny_model_dir: dict[str,
     ):
         static.adapter.use_static_cache(path)  # type: ignore[attr-defined]
         rows = rows_for("blip2-opt")[:5]  # 5 rows -> a batch of 8
-        for params in (PARAMS, GenerationParams(max_new_tokens=70)):  # cache 64 or 128+
+        for params in (PARAMS, GenerationParams(max_new_tokens=100)):  # 128 positions, filled
             want = dynamic.predict(rows, params)
             assert all(isinstance(p, Prediction) for p in want)
             assert static.predict(rows, params) == want
@@ -329,3 +329,29 @@ def test_two_model_workers_share_the_torch_threads(tiny_model_dir: dict[str, Pat
     assert sorted(seen[:2]) == [(1, 1), (2, 1)]  # overlapping: one torch thread each
     assert seen[3] == (1, 2)  # a call of one batch runs alone on every thread
     assert after == before
+
+
+def test_warm_up_compiles_every_padded_batch_size_with_cuda_graphs(
+    tiny_model_dir: dict[str, Path],
+) -> None:
+    # --cuda-graphs compiles a decoding step per batch size on first use: warm-up runs each
+    # size the adapter pads to (1, 2, 4, and max_batch_size 6, padded to 8) so that no
+    # request waits for it.  Without it, one row of 2 tokens.
+    path = str(tiny_model_dir["blip2-opt"])
+    for static, want in ((False, [(1, 2)]), (True, [(1, None), (2, None), (4, None), (6, None)])):
+        engine = Engine.load(
+            ModelConfig(model=path, device="cpu"), config=EngineConfig(max_batch_size=6)
+        )
+        if static:
+            engine.adapter.use_static_cache(path)  # type: ignore[attr-defined]
+        predict = engine.adapter.predict
+        seen: list[tuple[int, int | None]] = []
+
+        def watched(items, predict=predict, seen=seen):  # type: ignore[no-untyped-def]
+            seen.append((len(items), items[0].params.max_new_tokens))
+            return predict(items)
+
+        engine.adapter.predict = watched  # type: ignore[method-assign]
+        with engine:
+            engine.warm_up()
+        assert seen == want

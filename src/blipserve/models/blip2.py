@@ -82,13 +82,12 @@ class Blip2Adapter(HFAdapter):
         input_ids, attention_mask = self.encode_prompts(items)
         kwargs = self.generate_kwargs(items[0].params)
         if self.static_cache:
-            # A cache sized to a multiple of 64 positions; transformers keeps the longest
-            # seen so far (another shape, another compilation), so lengths soon settle.
+            # A cache of at least 128 positions (32 query tokens, a question and 20 new
+            # tokens fit), else a multiple of 64: transformers keeps the longest seen so
+            # far, and each new length compiles anew, so warm-up's length should hold.
             new = items[0].params.max_new_tokens or self.default_max_new_tokens
-            kwargs.update(
-                cache_implementation="static",
-                max_cache_len=_CACHE_STEP * -(-(input_ids.shape[1] + new) // _CACHE_STEP),
-            )
+            needed = _CACHE_STEP * -(-(input_ids.shape[1] + new) // _CACHE_STEP)
+            kwargs.update(cache_implementation="static", max_cache_len=max(_CACHE_MIN, needed))
         out = self.model.generate(
             pixel_values=pixel_values,
             input_ids=input_ids,
@@ -102,6 +101,7 @@ class Blip2Adapter(HFAdapter):
 
 
 _CACHE_STEP = 64  # static KV cache lengths are multiples of this
+_CACHE_MIN = 128  # ... and at least this
 
 
 def _next_power_of_two(n: int) -> int:
