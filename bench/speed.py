@@ -349,6 +349,13 @@ def make_adapter(
     return adapter_cls(model, processor, device, precision)
 
 
+def png_b64(image: Image.Image) -> str:
+    """``image`` as a base64 PNG row (the demo scenes are drawn, so lossless)."""
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return base64.b64encode(buf.getvalue()).decode()
+
+
 def quality_guard(device: Any, n: int) -> dict[str, Any]:
     """The ``demo`` model's captions per dtype on ``n`` held-out scenes, against float32."""
     from blipserve.config import ModelConfig
@@ -357,11 +364,7 @@ def quality_guard(device: Any, n: int) -> dict[str, Any]:
     from blipserve.engine import Engine
 
     held = list(scenes.generate(scenes.HELDOUT_SEED + 1, n))
-    rows = []
-    for i, scene in enumerate(held):
-        buf = io.BytesIO()
-        scene.image.save(buf, format="PNG")
-        rows.append(RowInput(i, base64.b64encode(buf.getvalue()).decode()))
+    rows = [RowInput(i, png_b64(scene.image)) for i, scene in enumerate(held)]
     said: dict[str, list[str]] = {}
     dtypes = (
         ("float32", "bfloat16", "float16")
@@ -399,9 +402,7 @@ def static_cache_guard(device: Any, n: int, dtype: str) -> dict[str, Any]:
     rows: list[RowInput] = []
     truth: list[str] = []
     for scene in held:
-        buf = io.BytesIO()
-        scene.image.save(buf, format="PNG")
-        image = base64.b64encode(buf.getvalue()).decode()
+        image = png_b64(scene.image)
         rows.append(RowInput(len(rows), image))
         truth.append(scene.caption)
         for qa in scene.qa:

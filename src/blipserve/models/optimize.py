@@ -359,10 +359,12 @@ def _store(stored: Any, idx: int, k: torch.Tensor, v: torch.Tensor) -> tuple[Any
 
     layers = getattr(stored, "layers", ())
     layer = layers[idx] if idx < len(layers) else None
-    # (exactly DynamicLayer: a subclass may store differently)
-    if not isinstance(layer, DynamicLayer) or type(layer) is not DynamicLayer:
-        return cast(tuple[Any, Any], stored.update(k, v, idx))
-    if layer.is_initialized:
+    # Only a fresh, exactly-DynamicLayer layer (a subclass may store differently).
+    if (
+        not isinstance(layer, DynamicLayer)
+        or type(layer) is not DynamicLayer
+        or (layer.is_initialized)
+    ):
         return cast(tuple[Any, Any], stored.update(k, v, idx))
     layer.lazy_initialization(k, v)
     layer.keys, layer.values = k, v
