@@ -158,3 +158,130 @@ def test_stop_finishes_queued_rows(model: FakeModel) -> None:
         return await task
 
     assert asyncio.run(main()) == [Prediction("echo q")]
+
+
+class TwoThreadModel(FakeModel):
+    """FakeModel for ``workers=2``: records whether each batch ran single-threaded, and how
+    many ran at once."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.modes: list[tuple[list[str | None], bool]] = []
+        self.most = 0
+        self._active = 0
+        self._lock = threading.Lock()
+
+    def run(self, items: Sequence[ModelInput], single: bool) -> list[Prediction]:
+        with self._lock:
+            self._active += 1
+            self.most = max(self.most, self._active)
+        try:
+            return self(items)
+        finally:
+            with self._lock:
+                self._active -= 1
+                self.modes.append(([i.text for i in items], single))
+
+    def run_batch(self, items: Sequence[ModelInput]) -> list[Prediction]:
+        return self.run(items, single=False)
+
+    def run_single(self, items: Sequence[ModelInput]) -> list[Prediction]:
+        return self.run(items, single=True)
+
+
+@pytest.fixture
+def two() -> Iterator[tuple[Batcher, TwoThreadModel]]:
+    model = TwoThreadModel()
+    b = Batcher(
+        model.run_batch,
+        max_batch_size=4,
+        max_wait_s=0.2,
+        max_queue=16,
+        workers=2,
+        run_single=model.run_single,
+    )
+    b.start()
+    yield b, model
+    model.gate.set()
+    b.stop(timeout=5)
+
+
+def test_two_workers_run_full_batches_side_by_side_single_threaded(
+    two: tuple[Batcher, TwoThreadModel],
+) -> None:
+    batcher, model = two
+    model.gate.clear()
+
+    async def main() -> list[object]:
+        task = asyncio.create_task(
+            batcher.run([(item(f"r{i}"), "k") for i in range(12)], timeout=5)
+        )
+        await asyncio.sleep(0.3)  # both threads are now held at the gate
+        running = model.most
+        model.gate.set()
+        assert running == 2
+        return await task
+
+    assert asyncio.run(main()) == [Prediction(f"echo r{i}") for i in range(12)]
+    assert model.most == 2
+    assert sorted(len(texts) for texts, _ in model.modes) == [4, 4, 4]
+    # The first two batches overlapped: both ran on one torch thread.
+    assert [single for _, single in model.modes[:2]] == [True, True]
+
+
+def test_two_workers_leave_light_load_to_one_batch_on_every_thread(
+    two: tuple[Batcher, TwoThreadModel],
+) -> None:
+    batcher, model = two
+
+    async def main() -> list[object]:
+        return await batcher.run([(item(f"r{i}"), "k") for i in range(3)], timeout=5)
+
+    assert len(asyncio.run(main())) == 3
+    assert model.modes == [(["r0", "r1", "r2"], False)]
+    assert model.most == 1
+
+
+def test_helper_never_joins_a_batch_running_on_every_thread(
+    two: tuple[Batcher, TwoThreadModel],
+) -> None:
+    batcher, model = two
+    model.gate.clear()
+
+    async def main() -> None:
+        first = asyncio.create_task(
+            batcher.run([(item(f"a{i}"), "k") for i in range(4)], timeout=5)
+        )
+        await asyncio.to_thread(model.started.wait, 5)  # a full batch, alone: every thread
+        second = asyncio.create_task(
+            batcher.run([(item(f"b{i}"), "k") for i in range(4)], timeout=5)
+        )
+        await asyncio.sleep(0.3)  # a full batch now waits; the helper must not take it
+        model.gate.set()
+        await first
+        await second
+
+    asyncio.run(main())
+    assert model.most == 1
+    assert [single for _, single in model.modes] == [False, False]
+
+
+def test_two_workers_need_a_single_thread_runner() -> None:
+    with pytest.raises(ValueError, match="run_single"):
+        Batcher(FakeModel(), max_batch_size=2, max_wait_s=0.1, max_queue=4, workers=2)
+
+
+def test_stop_finishes_what_both_workers_hold(two: tuple[Batcher, TwoThreadModel]) -> None:
+    batcher, model = two
+    model.gate.clear()
+
+    async def main() -> list[object]:
+        task = asyncio.create_task(
+            batcher.run([(item(f"r{i}"), "k") for i in range(10)], timeout=5)
+        )
+        await asyncio.sleep(0.3)
+        model.gate.set()
+        await asyncio.to_thread(batcher.stop, 5)
+        return await task
+
+    assert asyncio.run(main()) == [Prediction(f"echo r{i}") for i in range(10)]

@@ -127,8 +127,12 @@ class Int8Linear(nn.Module):
             _quantized_weight(weight), None if per_row else bias
         )
         # The op itself, not its overload packet, whose Python-side dispatch checks cost
-        # about as much as the kernel does for one decoding row.
-        self._linear = torch.ops.quantized.linear_dynamic.default
+        # about as much as the kernel does for one decoding row; and below the overload's
+        # own __call__ its C++ entry point (``_op``), skipping a per-call scan of the
+        # arguments for fake script objects (tracing only): a 768x768 layer on one row
+        # 44.8 vs 48.2 us per forward (medians of ten runs of 2000 calls).
+        overload = torch.ops.quantized.linear_dynamic.default
+        self._linear = getattr(overload, "_op", overload)
         self.register_buffer("bias", bias if per_row else None, persistent=False)
         # For model code that inspects a layer's weight (T5 skips a dtype cast when it is
         # int8): the right shape and dtype, no data (one byte, expanded).
