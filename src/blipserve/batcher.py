@@ -1,18 +1,11 @@
 """Dynamic batching across concurrent requests.
 
-Rows from every request go into one bounded queue.  The model thread takes the oldest
+Rows from every request go into one bounded queue.  A single model thread takes the oldest
 row, waits up to ``max_wait_s`` (from that row's arrival) for more rows with the same batch
 key, and runs up to ``max_batch_size`` of them in one model call.  Results go back to each
 request's asyncio futures through ``call_soon_threadsafe``, so the event loop never blocks on
 inference.  Rows whose request gave up (deadline, disconnect) are dropped before they reach
 the model.
-
-Under load (``workers=2`` and a ``run_single``): when the model thread starts a batch and
-another *full* batch is already waiting, a helper thread runs that one beside it, both on
-one torch thread (``run_single``), so that one batch's Python-bound decoding steps overlap
-the other's arithmetic; the helper goes on with full batches while the model thread's batch
-runs single-threaded, and otherwise waits.  Below that load nothing changes: one batch at a
-time on every torch thread, which is what a lone request's latency wants.
 
 The class knows nothing of HTTP: tests drive it with a fake ``run_batch`` and a plain
 event loop.
@@ -41,7 +34,7 @@ Result = Prediction | BlipserveError
 
 
 class BatchObserver(Protocol):
-    """Hooks for metrics; called on the model threads (two with ``workers=2``)."""
+    """Hooks for metrics; every method is called on the model thread."""
 
     def queue_depth(self, rows: int) -> None: ...
     def batch_done(self, size: int, queue_waits_s: Sequence[float], model_s: float) -> None: ...
@@ -79,18 +72,10 @@ class Batcher:
         max_queue: int,
         observer: BatchObserver | None = None,
         clock: Callable[[], float] = time.monotonic,
-        workers: int = 1,
-        run_single: RunBatch | None = None,
     ) -> None:
-        """``run_batch`` runs a batch on the model's usual threads; ``run_single`` (needed
-        for ``workers`` 2) runs one on a single torch thread, for batches that overlap."""
         if max_batch_size < 1 or max_queue < 1:
             raise ValueError("max_batch_size and max_queue must be at least 1")
-        if workers not in (1, 2) or (workers == 2 and run_single is None):
-            raise ValueError("workers must be 1, or 2 with a run_single")
         self._run_batch = run_batch
-        self._run_single = run_single or run_batch
-        self.workers = workers
         self.max_batch_size = max_batch_size
         self.max_wait_s = max_wait_s
         self.max_queue = max_queue
@@ -99,33 +84,21 @@ class Batcher:
         self._queue: deque[_Pending] = deque()
         self._cond = threading.Condition()
         self._stopping = False
-        self._threads: list[threading.Thread] = []
-        # The helper's state (workers=2), under _cond: the batch handed to it, whether it is
-        # busy, and whether the model thread's current batch runs single-threaded (None:
-        # the model thread is between batches).
-        self._handed: list[_Pending] | None = None
-        self._helper_busy = False
-        self._primary_single: bool | None = None
+        self._thread: threading.Thread | None = None
 
     # -- lifecycle ------------------------------------------------------------------------
 
     def start(self) -> None:
-        self._threads = [threading.Thread(target=self._work, name="blipserve-model", daemon=True)]
-        if self.workers == 2:
-            self._threads.append(
-                threading.Thread(target=self._help, name="blipserve-model-helper", daemon=True)
-            )
-        for thread in self._threads:
-            thread.start()
+        self._thread = threading.Thread(target=self._work, name="blipserve-model", daemon=True)
+        self._thread.start()
 
     def stop(self, timeout: float | None = None) -> None:
-        """Finish what is queued, then stop the model threads."""
+        """Finish what is queued, then stop the model thread."""
         with self._cond:
             self._stopping = True
             self._cond.notify_all()
-        deadline = None if timeout is None else self._clock() + timeout
-        for thread in self._threads:
-            thread.join(None if deadline is None else max(0.0, deadline - self._clock()))
+        if self._thread is not None:
+            self._thread.join(timeout)
 
     @property
     def depth(self) -> int:
@@ -201,66 +174,21 @@ class Batcher:
                     return batch
                 self._cond.wait(due)
 
-    def _take_full(self) -> list[_Pending] | None:
-        """A full batch (``max_batch_size`` live rows of one key) off the queue, if one is
-        waiting; call under ``_cond``."""
-        counts: dict[Hashable, int] = {}
-        for p in self._queue:
-            if not p.abandoned:
-                counts[p.key] = counts.get(p.key, 0) + 1
-                if counts[p.key] == self.max_batch_size:
-                    batch = [q for q in self._queue if q.key == p.key and not q.abandoned]
-                    batch = batch[: self.max_batch_size]
-                    taken = {id(q) for q in batch}
-                    self._queue = deque(q for q in self._queue if id(q) not in taken)
-                    return batch
-        return None
-
     def _work(self) -> None:
         while (batch := self._next_batch()) is not None:
-            with self._cond:
-                if self.workers == 2 and not self._helper_busy:
-                    self._handed = self._take_full()
-                    if self._handed is not None:
-                        self._helper_busy = True
-                        self._cond.notify_all()
-                # Beside a busy helper, this batch runs on one torch thread too.
-                single = self._primary_single = self._helper_busy
-            self._execute(batch, single)
-            with self._cond:
-                self._primary_single = None
-
-    def _help(self) -> None:
-        while True:
-            with self._cond:
-                while self._handed is None and not self._stopping:
-                    self._cond.wait()
-                batch, self._handed = self._handed, None
-            if batch is None:  # stopping; the model thread finishes the queue
-                return
-            self._execute(batch, single=True)
-            with self._cond:
-                # Go on only beside a single-threaded batch of the model thread: beside a
-                # multi-threaded one the cores are taken.
-                if self._primary_single:
-                    self._handed = self._take_full()
-                self._helper_busy = self._handed is not None
-
-    def _execute(self, batch: list[_Pending], single: bool) -> None:
-        if self._observer:
-            self._observer.queue_depth(len(self._queue))
-        started = self._clock()
-        run = self._run_single if single else self._run_batch
-        try:
-            results: Sequence[Result] = run([p.item for p in batch])
-        except BlipserveError as exc:
-            results = [exc] * len(batch)
-        except Exception as exc:  # never let a model thread die
-            log.exception("batch of %d rows failed", len(batch))
-            results = [InferenceError(f"the model failed on this batch: {exc}")] * len(batch)
-        model_s = self._clock() - started
-        for p, result in zip(batch, results, strict=True):
-            p.resolve(result)
-        if self._observer:
-            waits = [started - p.enqueued for p in batch]
-            self._observer.batch_done(len(batch), waits, model_s)
+            if self._observer:
+                self._observer.queue_depth(len(self._queue))
+            started = self._clock()
+            try:
+                results: Sequence[Result] = self._run_batch([p.item for p in batch])
+            except BlipserveError as exc:
+                results = [exc] * len(batch)
+            except Exception as exc:  # never let the model thread die
+                log.exception("batch of %d rows failed", len(batch))
+                results = [InferenceError(f"the model failed on this batch: {exc}")] * len(batch)
+            model_s = self._clock() - started
+            for p, result in zip(batch, results, strict=True):
+                p.resolve(result)
+            if self._observer:
+                waits = [started - p.enqueued for p in batch]
+                self._observer.batch_done(len(batch), waits, model_s)

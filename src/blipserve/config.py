@@ -112,11 +112,10 @@ class EngineConfig:
     model_workers: int = _opt(
         0,
         "Batches run at once when a call holds several (a batch job's chunk of rows, "
-        "'blipserve caption' of many images; the server when a full batch waits while "
-        "another starts, at most 2): the calling thread and model_workers - 1 helpers, each "
-        "helper on one torch thread; 0 picks by device: 2 on a CPU with at least 2 torch "
-        "threads, 1 on a GPU. One batch's Python-bound decoding steps then overlap "
-        "another's arithmetic.",
+        "'blipserve caption' of many images; the server runs one batch at a time): the "
+        "calling thread and model_workers - 1 helpers, each helper on one torch thread; 0 "
+        "picks by device: 2 on a CPU with at least 2 torch threads, 1 on a GPU. One batch's "
+        "Python-bound decoding steps then overlap another's arithmetic.",
     )
 
     def __post_init__(self) -> None:

@@ -215,8 +215,7 @@ class Engine:
         """Run rows that share a batch key; raise :class:`InferenceError` if the model fails.
 
         Safe to call from several threads: at most ``model_workers`` batches run at once
-        (``helper``: on one torch thread, see :meth:`_model_slot`; for batches that overlap
-        another: :meth:`run_prepared`'s helpers, the server's batcher under load).
+        (``helper``: on one torch thread, see :meth:`_model_slot`).
         """
         with self._model_slot(helper), torch.inference_mode():
             try:

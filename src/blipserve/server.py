@@ -104,10 +104,6 @@ class ServerState:
                 max_wait_s=self.server.max_wait_ms / 1000,
                 max_queue=self.server.max_queue,
                 observer=self.metrics,
-                # Two batches at once only under load (full batches waiting), each on one
-                # torch thread, as the engine runs a batch job's batches.
-                workers=min(2, engine.model_workers),
-                run_single=functools.partial(engine.run_batch, helper=True),
             )
             self.batcher.start()
             self.ready = True

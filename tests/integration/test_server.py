@@ -347,46 +347,6 @@ def test_full_queue_gives_503_with_retry_after(limited: RunningServer) -> None:
     assert httpx.get(f"{limited.url}/ready").status_code == 200
 
 
-# -- two model workers: full batches side by side under load ---------------------------
-
-
-@pytest.fixture(scope="module")
-def two_workers(
-    server_factory: Callable[..., RunningServer], controllable_model: Path
-) -> RunningServer:
-    return server_factory(
-        controllable_model, "--max-batch-size", "1", "--max-wait-ms", "0", "--model-workers", "2"
-    )
-
-
-def test_waiting_full_batches_run_two_at_a_time(two_workers: RunningServer) -> None:
-    def send(rows: list[list[str]], columns: list[str]) -> httpx.Response:
-        body = score_body(rows, columns)
-        return httpx.post(f"{two_workers.url}/score", json=body, timeout=30)
-
-    started = time.monotonic()
-    with ThreadPoolExecutor(3) as pool:
-        # A holds the model alone (on every thread); B and C queue behind it, each a full
-        # batch (max 1 row), and then run side by side: 2 x 1.5 s, not 3 x 1.5 s.
-        a = pool.submit(send, [[b64_png(0), "sleep:1.5"]], ["image", "text"])
-        time.sleep(0.4)
-        b = pool.submit(send, [[b64_png(1), "sleep:1.5"]], ["image", "text"])
-        c = pool.submit(send, [[b64_png(2), "sleep:1.50"]], ["image", "text"])
-        answers = [f.result() for f in (a, b, c)]
-    elapsed = time.monotonic() - started
-    assert [r.status_code for r in answers] == [200, 200, 200]
-    assert elapsed < 4.0, f"one batch at a time: {elapsed:.1f} s"
-
-
-def test_two_workers_answer_real_rows_as_one_worker_does(two_workers: RunningServer) -> None:
-    bodies = [score_body([[b64_png(20 + i)]], max_new_tokens=6) for i in range(6)]
-    url = f"{two_workers.url}/score"
-    alone = [httpx.post(url, json=b, timeout=60).json() for b in bodies]
-    with ThreadPoolExecutor(6) as pool:
-        together = list(pool.map(lambda b: httpx.post(url, json=b, timeout=60).json(), bodies))
-    assert together == alone
-
-
 # -- shutdown ----------------------------------------------------------------------------
 
 
