@@ -15,7 +15,10 @@ For each model (random weights built on the device from the published configs in
   every entry point does.
 
 Every caption is exactly ``--tokens`` tokens (``min_new_tokens = max_new_tokens``), so each
-side does the same model work.  Also measured in the same run: the device's bf16 and fp32
+side does the same model work.  With ``--repeats N`` each pass runs the baseline and then
+every mode, and a mode's ratio to the baseline is the median over the passes of its ratio
+to the same pass's baseline (this machine's speed drifts by 10-30% within minutes; within
+a pass the two sides run minutes apart at most).  Also measured in the same run: the device's bf16 and fp32
 matmul rates (the ceilings), the FLOPs of one caption (torch's FlopCounterMode over one
 ``generate``), hence each mode's achieved GFLOP/s as a share of the bf16 ceiling, and the
 quality guard — the built-in ``demo`` model's captions per dtype against float32's on
