@@ -18,11 +18,11 @@ Every caption is exactly ``--tokens`` tokens (``min_new_tokens = max_new_tokens`
 side does the same model work.  With ``--repeats N`` each pass runs the baseline and then
 every mode, and a mode's ratio to the baseline is the median over the passes of its ratio
 to the same pass's baseline (this machine's speed drifts by 10-30% within minutes; within
-a pass the two sides run minutes apart at most).  Also measured in the same run: the device's bf16 and fp32
-matmul rates (the ceilings), the FLOPs of one caption (torch's FlopCounterMode over one
-``generate``), hence each mode's achieved GFLOP/s as a share of the bf16 ceiling, and the
-quality guard — the built-in ``demo`` model's captions per dtype against float32's on
-held-out scenes.
+a pass the two sides run minutes apart at most).  Also measured in the same run: the
+device's bf16 and fp32 matmul rates (the ceilings), the FLOPs of one caption (torch's
+FlopCounterMode over one ``generate``), hence each mode's achieved GFLOP/s as a share of
+the bf16 ceiling, and the quality guard — the built-in ``demo`` model's captions per dtype
+against float32's on held-out scenes.
 
     python bench/speed.py --out speed.json        # CPU ~3 min on 2 cores; H100/H200 ~2 min
     python bench/speed.py --quick                 # smoke test with tiny models
