@@ -76,49 +76,6 @@ def test_int8_weight_attribute_describes_the_layer(linear: nn.Linear) -> None:
     assert int8.weight.dtype == torch.int8
 
 
-needs_int4 = pytest.mark.skipif(
-    optimize.int4_available() is not None, reason=str(optimize.int4_available())
-)
-
-
-@needs_int4
-def test_int4_linear_computes_its_dequantized_weights() -> None:
-    torch.manual_seed(0)
-    layer = nn.Linear(96, 30)  # 30 outputs: the kernel's 16s are padded and cut off
-    nn.init.uniform_(layer.bias, 0.5, 1.0)
-    x = torch.randn(3, 5, 96)
-    got = optimize.Int4Linear(layer, group=32)(x)
-    # The same arithmetic written plainly: groups of 32 inputs, 16 levels from min to max.
-    w = layer.weight.detach().view(30, 3, 32)
-    low, high = w.amin(-1, keepdim=True), w.amax(-1, keepdim=True)
-    scale = (high - low) / 15
-    dequantized = (torch.round((w - low) / scale) * scale + low).view(30, 96)
-    want = x.bfloat16().float() @ dequantized.T + layer.bias.detach()
-    assert got.shape == (3, 5, 30)
-    assert got.dtype == torch.float32
-    assert relative_error(got, want) < 0.01  # bf16 activations, scales and zeros
-    assert relative_error(got, layer(x)) < 0.1  # int4 itself: a coarse copy of the layer
-
-
-@needs_int4
-def test_int4_rows_do_not_depend_on_their_batch(linear: nn.Linear) -> None:
-    int4 = optimize.Int4Linear(linear)
-    torch.manual_seed(1)
-    rows = torch.randn(9, 96)
-    rows[2] *= 1000.0
-    together = int4(rows)
-    assert torch.equal(together, torch.cat([int4(row[None]) for row in rows]))
-
-
-@needs_int4
-def test_int4_takes_layers_whose_inputs_split_into_whole_groups() -> None:
-    model = nn.Sequential(nn.Linear(64, 8), nn.ReLU(), nn.Linear(8, 40))
-    assert optimize.quantize_decoder_int4(model, group=32) == 1
-    assert isinstance(model[0], optimize.Int4Linear)
-    assert type(model[2]) is nn.Linear  # 8 inputs: no whole group of 32
-    assert model(torch.randn(2, 64)).shape == (2, 40)
-
-
 @needs_int8
 def test_quantize_linears_replaces_every_linear() -> None:
     model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Sequential(nn.Linear(8, 4)))
@@ -283,20 +240,7 @@ def test_int8_vision_layers_take_one_scale_per_image(demo_caption: tuple[Any, An
     image_kv = {id(layer.crossattention.self.kv) for layer in layers}
     assert all(not m.per_row for m in text if id(m) in image_kv)
     assert all(layer.crossattention.self.kv_rows == 1 for layer in layers)
-    # The decoding steps' layers: int4 weights where the CPU has native bf16, else int8
-    # with per-row scales.
-    from blipserve.models.base import cpu_has_native_bf16
-
-    decoding = [
-        m
-        for m in model.text_decoder.modules()
-        if isinstance(m, optimize.Int8Linear | optimize.Int4Linear) and id(m) not in image_kv
-    ]
-    assert decoding
-    if cpu_has_native_bf16() and optimize.int4_available() is None:
-        assert all(isinstance(m, optimize.Int4Linear) for m in decoding)
-    else:
-        assert all(isinstance(m, optimize.Int8Linear) and m.per_row for m in decoding)
+    assert all(m.per_row for m in text if id(m) not in image_kv)  # the decoding rows
     images = [scenes.scene_at(scenes.HELDOUT_SEED, i).image for i in range(4)]
     pixels = processor(images=images, return_tensors="pt")["pixel_values"]
     with torch.inference_mode():

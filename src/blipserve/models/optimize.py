@@ -9,9 +9,6 @@
 * :class:`Int8Linear` / :func:`quantize_linears` — every ``nn.Linear`` of the model with
   int8 weights (symmetric, one scale per output channel) and activations quantized per row
   at run time (fbgemm's dynamic int8 linear, which uses AVX-512 VNNI where the CPU has it).
-* :class:`Int4Linear` / :func:`quantize_decoder_int4` — under int8, BLIP's text decoder
-  (whose decoding steps stream all its weights per token) with int4 weights instead, where
-  the CPU has native bf16: torch's CPU int4 weight-only kernel, bf16 activations.
 * :func:`split_vision_batches` — the vision encoder one image at a time under int8.
 
 Why torch's ``quantized::linear_dynamic`` rather than torchao: on the 2-core Zen 4 this was
@@ -162,81 +159,6 @@ class Int8Linear(nn.Module):
         if x.dtype != torch.float32:
             out = out.to(x.dtype)
         return out.view(*x.shape[:-1], self.out_features)  # (..., out)
-
-
-class Int4Linear(nn.Module):
-    """Drop-in for an ``nn.Linear`` of a text decoder: int4 weights (asymmetric, a scale
-    and a zero per group of ``group`` inputs of an output channel), activations rounded to
-    bfloat16 and not quantized; torch's own CPU kernel for it (``_weight_int4pack_mm_for_
-    cpu``, the one torchao's int4 weight-only mode calls).
-
-    For decoding steps, which read every weight of the decoder per token and little else:
-    half the bytes of int8.  Each row is computed on its own, so a row's result does not
-    depend on its batch.
-    """
-
-    bias: torch.Tensor | None
-
-    def __init__(self, linear: nn.Linear, group: int = 32) -> None:
-        super().__init__()
-        self.in_features = linear.in_features
-        self.out_features = linear.out_features
-        self.group = group
-        w = linear.weight.detach().float()  # (out, in)
-        pad = -w.shape[0] % 16  # the kernel takes output channels in sixteens
-        if pad:
-            w = torch.cat([w, w.new_zeros(pad, w.shape[1])])
-        n, k = w.shape
-        groups = w.view(n, k // group, group)
-        low, high = groups.amin(-1), groups.amax(-1)  # (n, k / group)
-        scale = ((high - low) / 15).clamp(min=1e-12)
-        q = torch.round((groups - low[..., None]) / scale[..., None]).clamp(0, 15)
-        # w = (q - 8) * scale + zero, so zero = low + 8 * scale
-        pairs = torch.stack([scale.t(), (low + 8 * scale).t()], dim=-1)  # (k / group, n, 2)
-        self._scales = pairs.contiguous().to(torch.bfloat16)
-        self._packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(
-            q.view(n, k).to(torch.int32), 2
-        )
-        overload = torch.ops.aten._weight_int4pack_mm_for_cpu.default
-        self._mm = getattr(overload, "_op", overload)  # (see Int8Linear)
-        bias = None if linear.bias is None else linear.bias.detach().float()
-        self.register_buffer("bias", bias, persistent=False)
-        self.weight = torch.zeros((), dtype=torch.int8).expand(self.out_features, self.in_features)
-
-    @staticmethod
-    def fits(linear: nn.Linear, group: int = 32) -> bool:
-        """Whether ``linear``'s inputs split into whole groups."""
-        return linear.in_features % group == 0
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x.reshape(-1, self.in_features).to(torch.bfloat16)  # (M, in)
-        out = self._mm(rows, self._packed, self.group, self._scales)[:, : self.out_features]
-        out = out.float() if self.bias is None else torch.add(self.bias, out)  # (M, out) fp32
-        return out.to(x.dtype).view(*x.shape[:-1], self.out_features)
-
-
-@functools.cache
-def int4_available() -> str | None:
-    """None when :class:`Int4Linear` works here, else why not."""
-    try:
-        Int4Linear(nn.Linear(32, 3))(torch.ones(2, 32))
-    except (RuntimeError, AttributeError, NotImplementedError) as exc:
-        return f"this torch build has no usable _weight_int4pack_mm_for_cpu ({exc})"
-    return None
-
-
-def quantize_decoder_int4(decoder: nn.Module, group: int = 32) -> int:
-    """Every ``nn.Linear`` of ``decoder`` whose inputs split into groups of ``group`` as an
-    :class:`Int4Linear`; returns how many."""
-    targets = [
-        (parent, name, child)
-        for parent in decoder.modules()
-        for name, child in parent.named_children()
-        if type(child) is nn.Linear and Int4Linear.fits(child, group)
-    ]
-    for parent, name, child in targets:
-        setattr(parent, name, Int4Linear(child, group))
-    return len(targets)
 
 
 @functools.cache
@@ -593,12 +515,4 @@ def prepare(model: nn.Module, precision: Precision, device: torch.device) -> Non
             quantize_linears(cast(nn.Module, model.vision_model), per_row=False)
         # Likewise the image's keys and values in the text decoder's cross-attention.
         quantize_image_keys_values(model)
-        decoder = getattr(model, "text_decoder", None)  # BLIP's (captions, VQA answers)
-        if decoder is not None and cpu_has_native_bf16() and int4_available() is None:
-            # Its weights in int4: a decoding step streams 62 instead of 123 MB of them.
-            # BLIP-base, engine, two workers, six interleaved pairs: one image 605 vs 635
-            # ms (every pair faster, 2-14%), batch 8 2.68 vs 2.71 images/s; the demo
-            # model's captions equal float32's for 99.67% of 600 held-out scenes, as with
-            # int8 decoder weights.
-            quantize_decoder_int4(cast(nn.Module, decoder))
         quantize_linears(model)
