@@ -34,11 +34,13 @@ bench)
   timeout "${BENCH_SECONDS:-300}" "$PY" bench/speed.py --out "$OUT/gpu.json" 2>&1 | tee "$OUT/gpu.log"
   ;;
 static)  # BLIP-2 with --cuda-graphs (a static KV cache: generate compiles the LM step),
-  # full-size OPT-2.7b at three batch sizes, and demo-vqa's captions and answers with and
-  # without it (the quality check that random weights cannot give)
+  # full-size OPT-2.7b at three batch sizes (eager and compiled in interleaved pairs), and
+  # demo-vqa's captions and answers with and without it (the quality check that random
+  # weights cannot give)
   timeout "${STATIC_SECONDS:-420}" "$PY" bench/speed.py --models blip2-opt-2.7b \
     --batches ${STATIC_BATCHES:-1 8 32} --static-batches ${STATIC_BATCHES:-1 8 32} \
     --baseline-images 16 --static-cache --no-guard --guard-scenes "${GUARD_SCENES:-200}" \
+    --repeats "${STATIC_REPEATS:-3}" \
     --out "$OUT/gpu-static.json" 2>&1 | tee "$OUT/gpu-static.log"
   ;;
 warmup)  # --cuda-graphs: warm-up compiles each padded batch size; later batches must not
