@@ -368,7 +368,7 @@ def make_adapter(
     """
     import copy as copying
 
-    from blipserve.models import optimize
+    from blipserve.models import int8_kernel, optimize
     from blipserve.models.base import resolve_precision
 
     name, _, variant = mode.partition("-")
@@ -376,8 +376,12 @@ def make_adapter(
     if copy:
         model = copying.deepcopy(model)
     model.to(precision.dtype)
-    optimize.prepare(model, precision, device)
-    if variant:  # -eager / -sdpa / -bf16: BLIP's vision attention one way or another
+    if variant == "fbgemm":  # int8 layers on torch's fbgemm kernel rather than blipserve's
+        with int8_kernel.disabled():
+            optimize.prepare(model, precision, device)
+    else:
+        optimize.prepare(model, precision, device)
+    if variant and variant != "fbgemm":  # -eager / -sdpa / -bf16: BLIP's vision attention
         optimize.set_vision_attention(model, variant)
     return adapter_cls(model, processor, device, precision)
 
@@ -478,7 +482,8 @@ def main() -> None:
         help="blipserve modes, in order: auto, float32, bfloat16, float16, int8, each as "
         "blipserve loads it, or with -eager / -sdpa / -bf16 to force BLIP's vision attention "
         "one way (blipserve uses SDPA for float32 on a CPU, bf16 products for int8 where the "
-        "CPU has native bf16), and with :wN for N model workers (int8:w1); default: auto on "
+        "CPU has native bf16), int8-fbgemm for int8 on torch's kernel instead of blipserve's, "
+        "and with :wN for N model workers (int8:w1); default: auto on "
         "GPU; bfloat16, bfloat16-sdpa, int8-eager, int8-sdpa, int8:w1, int8 on CPU",
     )
     parser.add_argument("--models", nargs="+", help="default: BLIP-base, and BLIP-2 on GPU")

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 from transformers import BlipVisionConfig, BlipVisionModel
 
-from blipserve.models import optimize
+from blipserve.models import int8_kernel, optimize
 
 needs_int8 = pytest.mark.skipif(
     optimize.int8_available() is not None, reason=str(optimize.int8_available())
@@ -22,6 +22,18 @@ def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
     return float((got - want).norm() / want.norm())
 
 
+@pytest.fixture(params=["kernel", "fbgemm"])
+def backend(request: pytest.FixtureRequest) -> Any:
+    """Int8Linear layers made in the test use blipserve's kernel, or torch's fbgemm."""
+    if request.param == "fbgemm":
+        with int8_kernel.disabled():
+            yield request.param
+        return
+    if int8_kernel.load() is None:
+        pytest.skip(f"blipserve's int8 kernel: {int8_kernel.unavailable()}")
+    yield request.param
+
+
 @pytest.fixture
 def linear() -> nn.Linear:
     torch.manual_seed(0)
@@ -31,7 +43,7 @@ def linear() -> nn.Linear:
 @needs_int8
 @pytest.mark.parametrize("per_row", [True, False])
 @pytest.mark.parametrize("bias", [True, False])
-def test_int8_linear_is_close_to_float(bias: bool, per_row: bool) -> None:
+def test_int8_linear_is_close_to_float(bias: bool, per_row: bool, backend: str) -> None:
     torch.manual_seed(0)
     layer = nn.Linear(96, 40, bias=bias)
     if bias:
@@ -45,7 +57,9 @@ def test_int8_linear_is_close_to_float(bias: bool, per_row: bool) -> None:
 
 @needs_int8
 @pytest.mark.parametrize("per_row", [True, False])
-def test_int8_linear_keeps_the_input_dtype(linear: nn.Linear, per_row: bool) -> None:
+def test_int8_linear_keeps_the_input_dtype(
+    linear: nn.Linear, per_row: bool, backend: str
+) -> None:
     x = torch.randn(5, 96, dtype=torch.bfloat16)
     got = optimize.Int8Linear(linear, per_row=per_row)(x)
     assert got.dtype == torch.bfloat16
@@ -53,10 +67,10 @@ def test_int8_linear_keeps_the_input_dtype(linear: nn.Linear, per_row: bool) -> 
 
 
 @needs_int8
-def test_int8_rows_do_not_depend_on_their_batch(linear: nn.Linear) -> None:
+def test_int8_rows_do_not_depend_on_their_batch(linear: nn.Linear, backend: str) -> None:
     # fbgemm picks one activation scale per call; the +1/-1 columns make it the same for
-    # any batch, so each row's output is bit-identical alone and in company — including a
-    # companion row 1000x larger.
+    # any batch (blipserve's kernel scales each row itself), so each row's output is
+    # bit-identical alone and in company — including a companion row 1000x larger.
     int8 = optimize.Int8Linear(linear)
     torch.manual_seed(1)
     rows = torch.randn(2, 300, 96)
@@ -222,10 +236,14 @@ def test_cpu_models_get_lean_text_layers(demo_caption: tuple[Any, Any]) -> None:
 
 
 @needs_int8
-def test_int8_vision_layers_take_one_scale_per_image(demo_caption: tuple[Any, Any]) -> None:
-    """The vision encoder runs one image per call, so its layers use fbgemm's whole-input
-    scale (no per-row passes) and an image's features still do not depend on its batch;
-    likewise the decoder's keys and values of the image tokens, and so its captions."""
+def test_int8_vision_layers_take_one_scale_per_image(
+    demo_caption: tuple[Any, Any], backend: str
+) -> None:
+    """The vision encoder runs one image per call, so with fbgemm its layers use the
+    whole-input scale (no per-row passes) and an image's features still do not depend on
+    its batch; likewise the decoder's keys and values of the image tokens, and so its
+    captions.  (blipserve's kernel scales every row on its own, so no layer depends on
+    its batch.)"""
     from blipserve.demo import scenes
     from blipserve.models.base import Precision
 
@@ -235,10 +253,11 @@ def test_int8_vision_layers_take_one_scale_per_image(demo_caption: tuple[Any, An
     vision = [m for m in model.vision_model.modules() if isinstance(m, optimize.Int8Linear)]
     text = [m for m in model.text_decoder.modules() if isinstance(m, optimize.Int8Linear)]
     assert vision
-    assert not any(m.per_row for m in vision)
+    one_scale = backend == "fbgemm"
+    assert all(m.per_row is not one_scale for m in vision)
     layers = model.text_decoder.bert.encoder.layer
     image_kv = {id(layer.crossattention.self.kv) for layer in layers}
-    assert all(not m.per_row for m in text if id(m) in image_kv)
+    assert all(m.per_row is not one_scale for m in text if id(m) in image_kv)
     assert all(layer.crossattention.self.kv_rows == 1 for layer in layers)
     assert all(m.per_row for m in text if id(m) not in image_kv)  # the decoding rows
     images = [scenes.scene_at(scenes.HELDOUT_SEED, i).image for i in range(4)]

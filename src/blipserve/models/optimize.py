@@ -32,6 +32,8 @@ import torch
 from torch import nn
 from torch.nn import functional
 
+from blipserve.models import int8_kernel
+
 if TYPE_CHECKING:
     from blipserve.models.base import Precision
 
@@ -95,6 +97,10 @@ def _scratch(rows: int, cols: int) -> tuple[torch.Tensor, torch.Tensor]:
 class Int8Linear(nn.Module):
     """Drop-in for an ``nn.Linear``: int8 weights, int8 matmul, output in the input's dtype.
 
+    Where it builds (AVX-512 VNNI, a C compiler; :mod:`blipserve.models.int8_kernel`),
+    blipserve's own kernel does the work: each row quantized with its own scale, so a row's
+    output is bit-identical alone or in any batch.  Otherwise torch's fbgemm kernel:
+
     fbgemm's dynamic linear quantizes its whole input with one (asymmetric) scale, so a row's
     result would depend on the other rows of its batch.  Each row is therefore scaled to a
     largest magnitude of 1 first and given two extra columns, +1 and -1, that meet zero
@@ -117,9 +123,19 @@ class Int8Linear(nn.Module):
         super().__init__()
         self.in_features = linear.in_features
         self.out_features = linear.out_features
-        self.per_row = per_row
         weight = linear.weight.detach().float()
         bias = None if linear.bias is None else linear.bias.detach().float()
+        # For model code that inspects a layer's weight (T5 skips a dtype cast when it is
+        # int8): the right shape and dtype, no data (one byte, expanded).
+        self.weight = torch.zeros((), dtype=torch.int8).expand(self.out_features, self.in_features)
+        kernel = int8_kernel.load()
+        # blipserve's own kernel where it builds (faster at every row count measured, and
+        # always one scale per row), else fbgemm's
+        self._kernel = None if kernel is None else kernel.pack(weight, bias)
+        self.per_row = per_row or self._kernel is not None
+        if self._kernel is not None:
+            self.register_buffer("bias", None, persistent=False)  # (the kernel holds it)
+            return
         if per_row:
             # (out, in + 2): zero weights for the two constant columns
             weight = functional.pad(weight, (0, 2))
@@ -134,9 +150,6 @@ class Int8Linear(nn.Module):
         overload = torch.ops.quantized.linear_dynamic.default
         self._linear = getattr(overload, "_op", overload)
         self.register_buffer("bias", bias if per_row else None, persistent=False)
-        # For model code that inspects a layer's weight (T5 skips a dtype cast when it is
-        # int8): the right shape and dtype, no data (one byte, expanded).
-        self.weight = torch.zeros((), dtype=torch.int8).expand(self.out_features, self.in_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Kept to the fewest calls: a decoding step runs ~100 of these on one row each,
@@ -144,6 +157,11 @@ class Int8Linear(nn.Module):
         # 39 us per call, against 48 for the first version of this function; medians of
         # five interleaved runs of 2000 calls).
         rows = x.reshape(-1, self.in_features)  # (M, in)
+        if self._kernel is not None:
+            done = self._kernel(rows)  # (M, out), float32, bias added
+            if x.dtype != torch.float32:
+                done = done.to(x.dtype)
+            return done.view(*x.shape[:-1], self.out_features)
         if rows.dtype != torch.float32:
             rows = rows.float()  # the kernel takes float32
         if not self.per_row:
@@ -164,6 +182,8 @@ class Int8Linear(nn.Module):
 @functools.cache
 def int8_available() -> str | None:
     """None when int8 linears work here, else why not (for the load error)."""
+    if int8_kernel.load() is not None:
+        return None
     try:
         layer = Int8Linear(nn.Linear(4, 3))
         layer(torch.ones(2, 4))
