@@ -57,9 +57,7 @@ def test_int8_linear_is_close_to_float(bias: bool, per_row: bool, backend: str) 
 
 @needs_int8
 @pytest.mark.parametrize("per_row", [True, False])
-def test_int8_linear_keeps_the_input_dtype(
-    linear: nn.Linear, per_row: bool, backend: str
-) -> None:
+def test_int8_linear_keeps_the_input_dtype(linear: nn.Linear, per_row: bool, backend: str) -> None:
     x = torch.randn(5, 96, dtype=torch.bfloat16)
     got = optimize.Int8Linear(linear, per_row=per_row)(x)
     assert got.dtype == torch.bfloat16
