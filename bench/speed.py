@@ -367,8 +367,9 @@ def make_adapter(
     a ``copy`` of it, or converting ``model`` itself.
     """
     import copy as copying
+    import dataclasses
 
-    from blipserve.models import int8_kernel, optimize
+    from blipserve.models import optimize
     from blipserve.models.base import resolve_precision
 
     name, _, variant = mode.partition("-")
@@ -377,10 +378,8 @@ def make_adapter(
         model = copying.deepcopy(model)
     model.to(precision.dtype)
     if variant == "fbgemm":  # int8 layers on torch's fbgemm kernel rather than blipserve's
-        with int8_kernel.disabled():
-            optimize.prepare(model, precision, device)
-    else:
-        optimize.prepare(model, precision, device)
+        precision = dataclasses.replace(precision, int8_kernel="fbgemm")
+    optimize.prepare(model, precision, device)
     if variant and variant != "fbgemm":  # -eager / -sdpa / -bf16: BLIP's vision attention
         optimize.set_vision_attention(model, variant)
     return adapter_cls(model, processor, device, precision)

@@ -15,6 +15,7 @@ from typing import Any, Literal, TypeVar
 
 Device = Literal["auto", "cpu", "cuda"]
 DType = Literal["auto", "float32", "bfloat16", "float16", "int8"]
+Int8Kernel = Literal["auto", "fbgemm"]
 
 
 def _opt(default: Any, help: str, *, flag: str | None = None, **extra: Any) -> Any:
@@ -84,6 +85,11 @@ class ModelConfig:
         "Precision: auto (cuda: bfloat16, else float16; cpu: int8), float32, bfloat16, "
         "float16, or int8 (CPU only: Linear layers in int8 with per-row activation scales, "
         "float32 elsewhere).",
+    )
+    int8_kernel: Int8Kernel = _opt(  # noqa: RUF009
+        "auto",
+        "Who computes int8 matmuls: auto (blipserve's own kernel where the CPU has AVX-512 "
+        "VNNI and a C compiler builds it on first use, else torch's fbgemm) or fbgemm.",
     )
     revision: str | None = _opt(None, "Hub revision (branch, tag or commit) to load.")
     cuda_graphs: bool = _opt(

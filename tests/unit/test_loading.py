@@ -69,6 +69,21 @@ def test_int8_on_request(tiny_model_dir: dict[str, Path]) -> None:
     assert any(isinstance(m, optimize.Int8Linear) for m in adapter.model.modules())
 
 
+@pytest.mark.parametrize("kernel", ["auto", "fbgemm"])
+def test_int8_kernel_on_request(tiny_model_dir: dict[str, Path], kernel: str) -> None:
+    from blipserve.models import int8_kernel
+
+    if optimize.int8_available() is not None:
+        pytest.skip(str(optimize.int8_available()))
+    cfg = ModelConfig(model=str(tiny_model_dir["blip-caption"]), dtype="int8", int8_kernel=kernel)
+    adapter = load_model(cfg)
+    ours = kernel == "auto" and int8_kernel.load() is not None
+    assert adapter.precision.int8_kernel == ("blipserve" if ours else "fbgemm")
+    layers = [m for m in adapter.model.modules() if isinstance(m, optimize.Int8Linear)]
+    assert layers
+    assert all((m._kernel is not None) is ours for m in layers)
+
+
 def test_int8_is_refused_on_a_gpu(tiny_model_dir: dict[str, Path]) -> None:
     from blipserve.models.base import resolve_precision
 

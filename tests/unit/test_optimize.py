@@ -23,15 +23,11 @@ def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
 
 
 @pytest.fixture(params=["kernel", "fbgemm"])
-def backend(request: pytest.FixtureRequest) -> Any:
-    """Int8Linear layers made in the test use blipserve's kernel, or torch's fbgemm."""
-    if request.param == "fbgemm":
-        with int8_kernel.disabled():
-            yield request.param
-        return
-    if int8_kernel.load() is None:
+def backend(request: pytest.FixtureRequest) -> str:
+    """Whose int8 kernel the test's layers use: blipserve's or torch's fbgemm."""
+    if request.param == "kernel" and int8_kernel.load() is None:
         pytest.skip(f"blipserve's int8 kernel: {int8_kernel.unavailable()}")
-    yield request.param
+    return str(request.param)
 
 
 @pytest.fixture
@@ -50,7 +46,7 @@ def test_int8_linear_is_close_to_float(bias: bool, per_row: bool, backend: str) 
         nn.init.uniform_(layer.bias, 0.5, 1.0)  # large enough that dropping it would show
     x = torch.randn(3, 7, 96)
     want = layer(x)
-    got = optimize.Int8Linear(layer, per_row=per_row)(x)
+    got = optimize.Int8Linear(layer, per_row=per_row, kernel=backend == "kernel")(x)
     assert got.shape == want.shape == (3, 7, 40)
     assert relative_error(got, want) < 0.02
 
@@ -59,7 +55,7 @@ def test_int8_linear_is_close_to_float(bias: bool, per_row: bool, backend: str) 
 @pytest.mark.parametrize("per_row", [True, False])
 def test_int8_linear_keeps_the_input_dtype(linear: nn.Linear, per_row: bool, backend: str) -> None:
     x = torch.randn(5, 96, dtype=torch.bfloat16)
-    got = optimize.Int8Linear(linear, per_row=per_row)(x)
+    got = optimize.Int8Linear(linear, per_row=per_row, kernel=backend == "kernel")(x)
     assert got.dtype == torch.bfloat16
     assert relative_error(got, linear(x.float())) < 0.03
 
@@ -69,7 +65,7 @@ def test_int8_rows_do_not_depend_on_their_batch(linear: nn.Linear, backend: str)
     # fbgemm picks one activation scale per call; the +1/-1 columns make it the same for
     # any batch (blipserve's kernel scales each row itself), so each row's output is
     # bit-identical alone and in company — including a companion row 1000x larger.
-    int8 = optimize.Int8Linear(linear)
+    int8 = optimize.Int8Linear(linear, kernel=backend == "kernel")
     torch.manual_seed(1)
     rows = torch.randn(2, 300, 96)
     rows[0, 3] *= 1000.0
@@ -247,7 +243,8 @@ def test_int8_vision_layers_take_one_scale_per_image(
 
     processor, model = demo_caption
     model = copy.deepcopy(model)
-    optimize.prepare(model, Precision(torch.float32, int8=True), torch.device("cpu"))
+    kernel = "blipserve" if backend == "kernel" else "fbgemm"
+    optimize.prepare(model, Precision(torch.float32, True, kernel), torch.device("cpu"))
     vision = [m for m in model.vision_model.modules() if isinstance(m, optimize.Int8Linear)]
     text = [m for m in model.text_decoder.modules() if isinstance(m, optimize.Int8Linear)]
     assert vision

@@ -73,12 +73,13 @@ def load_model(cfg: ModelConfig) -> HFAdapter:
             f"supported: {', '.join(sorted(ADAPTERS))}"
         )
     device = resolve_device(cfg.device)
-    precision = resolve_precision(cfg.dtype, device)
+    precision = resolve_precision(cfg.dtype, device, cfg.int8_kernel)
     if cfg.cuda_graphs and device.type != "cuda":
         raise ModelLoadError(
             f"--cuda-graphs needs a CUDA GPU; model {cfg.model!r} would run on {device.type}"
         )
-    log.info("loading %s (%s) on %s as %s", cfg.model, adapter_cls.kind, device, precision)
+    how = f"int8 ({precision.int8_kernel}'s kernel)" if precision.int8 else str(precision)
+    log.info("loading %s (%s) on %s as %s", cfg.model, adapter_cls.kind, device, how)
     try:
         adapter = adapter_cls.load(
             source, device=device, precision=precision, revision=cfg.revision

@@ -85,10 +85,12 @@ def cpu_has_native_bf16() -> bool:
 
 @dataclass(frozen=True)
 class Precision:
-    """How a model computes: its float dtype, and whether its Linear layers run in int8."""
+    """How a model computes: its float dtype, and whether its Linear layers run in int8
+    (and on whose kernel: ``blipserve``'s or ``fbgemm``)."""
 
     dtype: torch.dtype
     int8: bool = False
+    int8_kernel: str = "blipserve"  # (fbgemm where blipserve's cannot be built)
 
     def __str__(self) -> str:
         return "int8" if self.int8 else str(self.dtype).removeprefix("torch.")
@@ -97,13 +99,26 @@ class Precision:
 _FLOATS = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def resolve_precision(name: str, device: torch.device) -> Precision:
+def _int8(kernel: str) -> Precision | str:
+    """int8 on ``kernel`` (``auto``: blipserve's where it builds, else fbgemm), or why
+    neither works here."""
+    from blipserve.models import int8_kernel, optimize
+
+    if kernel == "auto" and int8_kernel.load() is not None:
+        return Precision(torch.float32, int8=True, int8_kernel="blipserve")
+    why = optimize.int8_available(kernel=False)
+    return Precision(torch.float32, int8=True, int8_kernel="fbgemm") if why is None else why
+
+
+def resolve_precision(name: str, device: torch.device, int8_kernel: str = "auto") -> Precision:
     """``--dtype`` -> :class:`Precision` on ``device``; ``auto`` picks the fastest guarded mode.
+
+    ``int8_kernel`` (``--int8-kernel``): ``auto`` takes blipserve's own kernel where it builds
+    here (:mod:`blipserve.models.int8_kernel`), else fbgemm; ``fbgemm`` insists on fbgemm.
 
     Every mode ``auto`` may pick says what float32 says on the demo models' held-out scenes
     for at least 98% of them (tests/integration/test_demo_models.py; bench/speed.py).
     """
-    from blipserve.models import optimize
 
     if name == "int8":
         if device.type != "cpu":
@@ -111,20 +126,21 @@ def resolve_precision(name: str, device: torch.device) -> Precision:
                 "--dtype int8 runs on CPUs only (fbgemm's int8 kernels); on a GPU use "
                 "auto, bfloat16 or float16"
             )
-        why = optimize.int8_available()
-        if why is not None:
-            raise ModelLoadError(f"--dtype int8 is not available here: {why}")
-        return Precision(torch.float32, int8=True)
+        int8 = _int8(int8_kernel)
+        if isinstance(int8, str):
+            raise ModelLoadError(f"--dtype int8 is not available here: {int8}")
+        return int8
     if name != "auto":
         return Precision(_FLOATS[name])
     if device.type == "cuda":
         # bf16 keeps fp32's exponent range (no overflow in the ViT) where the GPU has it.
         return Precision(torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16)
-    if optimize.int8_available() is None:
+    int8 = _int8(int8_kernel)
+    if isinstance(int8, Precision):
         # On the 2-core Zen 4 this was measured on, int8 linears run at 1.5-2x the bf16
         # matmul rate (VNNI) and read a quarter of float32's bytes per decoding step:
-        # BLIP-base captions ~2.4x faster than float32 one at a time (README, Speed).
-        return Precision(torch.float32, int8=True)
+        # BLIP-base captions ~3x faster than float32 one at a time (README, Speed).
+        return int8
     # With native bf16 the matmul peak is ~2.3x float32's and the weights stream at half
     # the bytes.
     return Precision(torch.bfloat16 if cpu_has_native_bf16() else torch.float32)

@@ -4,8 +4,9 @@ Compiled on first use with the system's C compiler (under a second) into the use
 folder, loaded with ctypes, and linked to the OpenMP runtime torch itself loaded, so that
 its threads are torch's (``torch.set_num_threads`` applies per calling thread, as the
 engine's model workers need).  Where it cannot be had -- no VNNI, no compiler, torch
-without libgomp, ``BLIPSERVE_INT8_KERNEL=fbgemm`` -- :func:`load` says why and
-:class:`~blipserve.models.optimize.Int8Linear` uses torch's fbgemm kernel instead.
+without libgomp -- :func:`unavailable` says why and
+:class:`~blipserve.models.optimize.Int8Linear` uses torch's fbgemm kernel instead (as it
+does with ``--int8-kernel fbgemm``).
 
 Measured on the 2-core Zen 4 this was written on (torch 2.13, medians of three sweeps over
 BLIP-base's 73 decoder linears): one row on two threads 5.4-5.7 vs 8.0-10.5 ms with fbgemm
@@ -16,7 +17,6 @@ scale per call.
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import functools
 import hashlib
@@ -26,7 +26,6 @@ import shutil
 import subprocess
 import tempfile
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +35,6 @@ from torch.nn import functional
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("int8_kernel.c")
-ENV = "BLIPSERVE_INT8_KERNEL"  # "fbgemm": do not use this kernel
 _CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512_vnni")
 _CFLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni", "-mfma", "-fPIC"]
 _BLOCK = 16  # outputs per block (int8_kernel.c)
@@ -177,34 +175,19 @@ def _scratch(rows: int, cols: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 _state: dict[str, Kernel | str] = {}
 _lock = threading.Lock()
-_disabled = 0
 
 
 def load() -> Kernel | None:
     """The kernel, built and checked on first call; None where it cannot be had (see
     :func:`unavailable`)."""
     found = _loaded()
-    return found if isinstance(found, Kernel) and not _disabled else None
+    return found if isinstance(found, Kernel) else None
 
 
 def unavailable() -> str | None:
     """Why :func:`load` gives None (None when it gives the kernel)."""
     found = _loaded()
-    if _disabled:
-        return "disabled (int8_kernel.disabled)"
     return None if isinstance(found, Kernel) else found
-
-
-@contextlib.contextmanager
-def disabled() -> Iterator[None]:
-    """Int8Linear layers made inside use fbgemm (side-by-side benchmarks and tests; the
-    switch is process-wide)."""
-    global _disabled
-    _disabled += 1
-    try:
-        yield
-    finally:
-        _disabled -= 1
 
 
 def _loaded() -> Kernel | str:
@@ -215,8 +198,6 @@ def _loaded() -> Kernel | str:
 
 
 def _load() -> Kernel | str:
-    if os.environ.get(ENV, "").lower() == "fbgemm":
-        return f"{ENV}=fbgemm"
     missing = [flag for flag in _CPU_FLAGS if flag not in _cpu_flags()]
     if missing:
         return f"the CPU lacks {', '.join(missing)}"

@@ -119,7 +119,7 @@ class Int8Linear(nn.Module):
 
     bias: torch.Tensor | None
 
-    def __init__(self, linear: nn.Linear, per_row: bool = True) -> None:
+    def __init__(self, linear: nn.Linear, per_row: bool = True, kernel: bool = True) -> None:
         super().__init__()
         self.in_features = linear.in_features
         self.out_features = linear.out_features
@@ -128,10 +128,10 @@ class Int8Linear(nn.Module):
         # For model code that inspects a layer's weight (T5 skips a dtype cast when it is
         # int8): the right shape and dtype, no data (one byte, expanded).
         self.weight = torch.zeros((), dtype=torch.int8).expand(self.out_features, self.in_features)
-        kernel = int8_kernel.load()
         # blipserve's own kernel where it builds (faster at every row count measured, and
-        # always one scale per row), else fbgemm's
-        self._kernel = None if kernel is None else kernel.pack(weight, bias)
+        # always one scale per row), unless told not to; else fbgemm's
+        own = int8_kernel.load() if kernel else None
+        self._kernel = None if own is None else own.pack(weight, bias)
         self.per_row = per_row or self._kernel is not None
         if self._kernel is not None:
             self.register_buffer("bias", None, persistent=False)  # (the kernel holds it)
@@ -180,19 +180,20 @@ class Int8Linear(nn.Module):
 
 
 @functools.cache
-def int8_available() -> str | None:
-    """None when int8 linears work here, else why not (for the load error)."""
-    if int8_kernel.load() is not None:
+def int8_available(kernel: bool = True) -> str | None:
+    """None when int8 linears work here (on blipserve's kernel or, failing that or without
+    ``kernel``, fbgemm's), else why not (for the load error)."""
+    if kernel and int8_kernel.load() is not None:
         return None
     try:
-        layer = Int8Linear(nn.Linear(4, 3))
+        layer = Int8Linear(nn.Linear(4, 3), kernel=False)
         layer(torch.ones(2, 4))
     except (RuntimeError, AttributeError, NotImplementedError) as exc:
         return f"this torch build has no usable quantized::linear_dynamic ({exc})"
     return None
 
 
-def quantize_linears(model: nn.Module, per_row: bool = True) -> int:
+def quantize_linears(model: nn.Module, per_row: bool = True, kernel: bool = True) -> int:
     """Replace every ``nn.Linear`` in ``model`` by an :class:`Int8Linear`; returns how many.
 
     One-way (the float weights are dropped).  Tied weights (an LM head sharing the word
@@ -205,7 +206,7 @@ def quantize_linears(model: nn.Module, per_row: bool = True) -> int:
         if type(child) is nn.Linear
     ]
     for parent, name, child in targets:
-        setattr(parent, name, Int8Linear(child, per_row=per_row))
+        setattr(parent, name, Int8Linear(child, per_row=per_row, kernel=kernel))
     return len(targets)
 
 
@@ -421,7 +422,7 @@ def lean_text_layers(model: nn.Module) -> int:
     return count
 
 
-def quantize_image_keys_values(model: nn.Module) -> int:
+def quantize_image_keys_values(model: nn.Module, kernel: bool = True) -> int:
     """In each lean BLIP text layer (:func:`lean_text_layers`), the cross-attention's fused
     key/value Linear in int8 with one activation scale per image, run one image per call
     (:func:`_image_keys_values`); returns how many layers.
@@ -437,7 +438,7 @@ def quantize_image_keys_values(model: nn.Module) -> int:
     for module in model.modules():
         kv = getattr(module, "kv", None)
         if type(kv) is nn.Linear and hasattr(module, "layer_idx"):
-            module.kv = Int8Linear(kv, per_row=False)
+            module.kv = Int8Linear(kv, per_row=False, kernel=kernel)
             module.__dict__["kv_rows"] = 1  # (a plain attribute, not a submodule)
             count += 1
     return count
@@ -527,12 +528,13 @@ def prepare(model: nn.Module, precision: Precision, device: torch.device) -> Non
     else:
         set_vision_attention(model, "sdpa" if cpu_float32 else "eager")
     if precision.int8:
+        own = precision.int8_kernel == "blipserve"  # (else fbgemm)
         if hasattr(model, "vision_model"):
             # Measured on BLIP-base, batch 8: 272 ms per image one at a time vs 330-390 in
             # one call (the float32 activations of 8 images stream through memory).
             split_vision_batches(model, rows=1)
             # ... so its layers see one image at a time: one scale per image (Int8Linear).
-            quantize_linears(cast(nn.Module, model.vision_model), per_row=False)
+            quantize_linears(cast(nn.Module, model.vision_model), per_row=False, kernel=own)
         # Likewise the image's keys and values in the text decoder's cross-attention.
-        quantize_image_keys_values(model)
-        quantize_linears(model)
+        quantize_image_keys_values(model, kernel=own)
+        quantize_linears(model, kernel=own)
