@@ -26,8 +26,9 @@ import shutil
 import subprocess
 import tempfile
 import threading
+from collections.abc import Callable, Hashable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar, cast
 
 import torch
 from torch.nn import functional
@@ -154,23 +155,30 @@ class PackedLinear:
 
 
 _local = threading.local()
+_T = TypeVar("_T")
+
+
+def per_thread(key: Hashable, make: Callable[[], _T]) -> _T:
+    """What ``make()`` gives, kept per thread and ``key``: scratch buffers shared by all
+    layers (a model has few distinct widths; a buffer per layer would hold hundreds of MB
+    for 577-token images), a handful at a time, as decoding batch sizes vary."""
+    try:
+        kept: dict[Hashable, Any] = _local.kept
+    except AttributeError:
+        kept = _local.kept = {}
+    if key not in kept:
+        if len(kept) > 32:
+            kept.clear()
+        kept[key] = make()
+    return cast(_T, kept[key])
 
 
 def _scratch(rows: int, cols: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The kernel's per-call scratch (codes and row scales), one per shape and thread."""
-    try:
-        buffers: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = _local.buffers
-    except AttributeError:
-        buffers = _local.buffers = {}
-    found = buffers.get((rows, cols))
-    if found is None:
-        if len(buffers) > 32:  # decoding batch sizes vary; keep a handful
-            buffers.clear()
-        found = buffers[(rows, cols)] = (
-            torch.empty(rows, cols, dtype=torch.uint8),
-            torch.empty(rows),
-        )
-    return found
+    """The kernel's per-call scratch: codes (rows, cols) and one scale per row."""
+    return per_thread(
+        ("int8 codes", rows, cols),
+        lambda: (torch.empty(rows, cols, dtype=torch.uint8), torch.empty(rows)),
+    )
 
 
 _state: dict[str, Kernel | str] = {}

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import functools
 import math
-import threading
 import warnings
 from typing import TYPE_CHECKING, Any, cast
 
@@ -73,29 +72,19 @@ def _quantized_weight(weight: torch.Tensor) -> torch.Tensor:
         return torch.quantize_per_channel(w, scale.double(), zero, 0, torch.qint8)
 
 
-_local = threading.local()
+def _signed_unit_input(rows: int, cols: int) -> tuple[torch.Tensor, torch.Tensor]:
+    buf = torch.empty(rows, cols)
+    buf[:, -2] = 1.0
+    buf[:, -1] = -1.0
+    return buf, buf[:, :-2]
 
 
 def _scratch(rows: int, cols: int) -> tuple[torch.Tensor, torch.Tensor]:
     """A (rows, cols) float32 input whose last two columns hold +1 and -1, and a view of
-    its other columns (where the scaled rows go).
-
-    One per shape and thread, shared by all layers (a model has few distinct widths;
-    a buffer per layer would hold hundreds of MB for 577-token images).
-    """
-    try:
-        buffers: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = _local.buffers
-    except AttributeError:
-        buffers = _local.buffers = {}
-    found = buffers.get((rows, cols))
-    if found is None:
-        if len(buffers) > 32:  # decoding batch sizes vary; keep a handful
-            buffers.clear()
-        buf = torch.empty(rows, cols)
-        buf[:, -2] = 1.0
-        buf[:, -1] = -1.0
-        found = buffers[(rows, cols)] = (buf, buf[:, :-2])
-    return found
+    its other columns (where the scaled rows go); one per shape and thread."""
+    return int8_kernel.per_thread(
+        ("fbgemm input", rows, cols), functools.partial(_signed_unit_input, rows, cols)
+    )
 
 
 class Int8Linear(nn.Module):
