@@ -13,7 +13,7 @@ from torch.nn import functional
 
 from blipserve.models import int8_kernel
 
-CAN_BUILD = all(f in int8_kernel._cpu_flags() for f in int8_kernel._CPU_FLAGS) and bool(
+CAN_BUILD = all(f in int8_kernel.cpu_flags() for f in int8_kernel._CPU_FLAGS) and bool(
     shutil.which("cc") or shutil.which("gcc")
 )
 needs_kernel = pytest.mark.skipif(not CAN_BUILD, reason="no AVX-512 VNNI CPU or C compiler")
@@ -130,9 +130,9 @@ def test_the_build_is_cached_and_survives_an_unwritable_cache(
 
 
 def test_reasons_for_not_using_it(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(int8_kernel, "_cpu_flags", lambda: {"avx512f"})
+    monkeypatch.setattr(int8_kernel, "cpu_flags", lambda: {"avx512f"})
     assert "avx512_vnni" in str(int8_kernel._load())
-    monkeypatch.setattr(int8_kernel, "_cpu_flags", lambda: set(int8_kernel._CPU_FLAGS))
+    monkeypatch.setattr(int8_kernel, "cpu_flags", lambda: set(int8_kernel._CPU_FLAGS))
     monkeypatch.setattr(int8_kernel.shutil, "which", lambda name: None)
     monkeypatch.delenv("CC", raising=False)
     if int8_kernel._torch_openmp() is not None:

@@ -43,7 +43,8 @@ _BLOCK = 16  # outputs per block (int8_kernel.c)
 _P, _I = ctypes.c_void_p, ctypes.c_int64
 
 
-def _cpu_flags() -> set[str]:
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags, as Linux lists them (empty elsewhere)."""
     try:
         with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
             for line in f:
@@ -206,7 +207,7 @@ def _loaded() -> Kernel | str:
 
 
 def _load() -> Kernel | str:
-    missing = [flag for flag in _CPU_FLAGS if flag not in _cpu_flags()]
+    missing = [flag for flag in _CPU_FLAGS if flag not in cpu_flags()]
     if missing:
         return f"the CPU lacks {', '.join(missing)}"
     openmp = _torch_openmp()

@@ -43,15 +43,8 @@ if TYPE_CHECKING:
 
 def _has_vnni() -> bool:
     """Whether the CPU has VNNI (int8 dot products into 32-bit sums, no 16-bit saturation)."""
-    try:
-        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    flags = line.split()
-                    return "avx512_vnni" in flags or "avx_vnni" in flags
-    except OSError:
-        pass
-    return False
+    flags = int8_kernel.cpu_flags()
+    return "avx512_vnni" in flags or "avx_vnni" in flags
 
 
 # Without VNNI, fbgemm's kernels add pairs of uint8*int8 products in 16 bits, which can
