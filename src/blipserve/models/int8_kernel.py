@@ -68,9 +68,14 @@ def _torch_openmp() -> str | None:
     return None
 
 
-def _cache_dir() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "blipserve" / "kernels"
+def _folders() -> list[Path]:
+    """Where a build may go: the user's cache folder, else a temporary one."""
+    temporary = Path(tempfile.gettempdir()) / f"blipserve-kernels-{os.getuid()}"
+    try:
+        base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    except RuntimeError:  # no home folder to be found
+        return [temporary]
+    return [Path(base) / "blipserve" / "kernels", temporary]
 
 
 def _build(compiler: str, openmp: str) -> Path:
@@ -79,7 +84,7 @@ def _build(compiler: str, openmp: str) -> Path:
     key = hashlib.sha256(
         b"\0".join([source, " ".join(_CFLAGS).encode(), compiler.encode(), openmp.encode()])
     ).hexdigest()[:16]
-    for folder in (_cache_dir(), Path(tempfile.gettempdir()) / f"blipserve-kernels-{os.getuid()}"):
+    for folder in _folders():
         target = folder / f"int8_kernel-{key}.so"
         if target.exists():
             return target
