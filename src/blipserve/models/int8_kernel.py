@@ -187,10 +187,6 @@ def _scratch(rows: int, cols: int) -> tuple[torch.Tensor, torch.Tensor]:
     )
 
 
-_state: dict[str, Kernel | str] = {}
-_lock = threading.Lock()
-
-
 def load() -> Kernel | None:
     """The kernel, built and checked on first call; None where it cannot be had (see
     :func:`unavailable`)."""
@@ -204,11 +200,9 @@ def unavailable() -> str | None:
     return None if isinstance(found, Kernel) else found
 
 
+@functools.cache
 def _loaded() -> Kernel | str:
-    with _lock:
-        if "kernel" not in _state:
-            _state["kernel"] = _load()
-        return _state["kernel"]
+    return _load()
 
 
 def _load() -> Kernel | str:
@@ -228,7 +222,7 @@ def _load() -> Kernel | str:
         detail = getattr(exc, "stderr", b"") or b""
         why = f"building it failed: {exc} {detail.decode(errors='replace')[-500:]}".strip()
     if why:
-        log.warning("int8 linears use torch's fbgemm kernel: blipserve's own %s", why)
+        log.warning("int8 linears use torch's fbgemm kernel, not blipserve's own: %s", why)
         return why
     log.info("int8 linears use blipserve's AVX-512 VNNI kernel (%s)", kernel.path)
     return kernel
