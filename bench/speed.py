@@ -367,18 +367,16 @@ def make_adapter(
     a ``copy`` of it, or converting ``model`` itself.
     """
     import copy as copying
-    import dataclasses
 
     from blipserve.models import optimize
     from blipserve.models.base import resolve_precision
 
     name, _, variant = mode.partition("-")
-    precision = resolve_precision(name, device)
+    # -fbgemm: int8 layers on torch's fbgemm kernel rather than blipserve's
+    precision = resolve_precision(name, device, "fbgemm" if variant == "fbgemm" else "auto")
     if copy:
         model = copying.deepcopy(model)
     model.to(precision.dtype)
-    if variant == "fbgemm":  # int8 layers on torch's fbgemm kernel rather than blipserve's
-        precision = dataclasses.replace(precision, int8_kernel="fbgemm")
     optimize.prepare(model, precision, device)
     if variant and variant != "fbgemm":  # -eager / -sdpa / -bf16: BLIP's vision attention
         optimize.set_vision_attention(model, variant)
