@@ -10,7 +10,7 @@ import sys
 import typing
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 from blipserve.batch.sinks import FORMATS
 from blipserve.config import (
@@ -30,6 +30,9 @@ from blipserve.contract import (
 )
 from blipserve.errors import BlipserveError, InvalidInput
 from blipserve.params import GenerationParams
+
+if TYPE_CHECKING:
+    from blipserve.batch.runner import BatchOptions, Summary
 
 CONFIG_GROUPS: tuple[tuple[str, type[Any]], ...] = (
     ("model", ModelConfig),
@@ -71,6 +74,18 @@ examples:
   blipserve batch photos/ -o photos/metadata.jsonl     # datasets.load_dataset("imagefolder")
   blipserve batch catalog_inputs/ -o out/predictions.csv   # the catalog's batch layout
   blipserve batch web.csv -o clean.parquet --filter-model Salesforce/blip-itm-base-coco
+  blipserve batch az://data/inputs/ -o az://data/out/predictions.csv   # Azure Blob (adlfs)
+  blipserve batch s3://bucket/photos/ --sidecar .txt --storage-option anon=true
+
+Object stores: az:// and abfs:// (pip install 'blipserve[azure]'), s3:// ('blipserve[s3]'),
+gs:// ('blipserve[gcs]'). Credentials are read as those libraries read them (e.g.
+AZURE_STORAGE_CONNECTION_STRING, AWS_ACCESS_KEY_ID, GOOGLE_APPLICATION_CREDENTIALS) or
+given with --storage-option; they are never printed.
+
+Exit status: 0 when the job finished (rows that failed are recorded in the output with
+their error, and counted on the last line), 3 when more rows failed than
+--max-failures allows (the job stops; finished rows are kept and a rerun resumes), 2 for
+invalid input or options, 1 for other errors (a store that cannot be reached, ...).
 """
 
 
@@ -185,17 +200,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "input",
         metavar="INPUT",
-        type=Path,
         help="folder of images (recursive) or of tables; a CSV/JSONL/Parquet file "
         "with an 'image' column (path, URL or base64) and optional 'text'; or a "
-        ".txt list of images, one a line",
+        ".txt list of images, one a line. A local path or an object-store URL "
+        "(az://, abfs://, s3://, gs://)",
     )
     p.add_argument(
         "--output",
         "-o",
-        type=Path,
         help="results file: .jsonl, .csv, .parquet, predictions.csv (the catalog's "
-        "batch output) or metadata.jsonl (Hugging Face imagefolder)",
+        "batch output) or metadata.jsonl (Hugging Face imagefolder); a local path or "
+        "an object-store URL",
     )
     p.add_argument("--format", choices=FORMATS, help="output format when the name doesn't say")
     p.add_argument(
@@ -229,6 +244,26 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=32,
         help="rows decoded ahead and journaled together (default 32)",
+    )
+    p.add_argument(
+        "--max-failures",
+        metavar="N|N%",
+        help="stop with exit status 3 when more than N rows (or N%% of the rows) fail "
+        "(the catalog's error_threshold; default: never stop for failed rows)",
+    )
+    p.add_argument(
+        "--storage-option",
+        action="append",
+        metavar="KEY=VALUE",
+        help="an option for the object store's filesystem (adlfs, s3fs, gcsfs), e.g. "
+        "anon=true, endpoint_url=http://127.0.0.1:9000, account_name=NAME; repeatable; "
+        "VALUE is JSON where it parses as JSON",
+    )
+    p.add_argument(
+        "--read-workers",
+        type=int,
+        default=16,
+        help="image files read at once, ahead of the model (default 16)",
     )
     p.add_argument(
         "--progress",
@@ -327,6 +362,7 @@ def run(args: argparse.Namespace, out: TextIO) -> int:
         outcomes = engine.predict(rows, params, allow_paths=True)
     failed = 0
     for row, outcome in zip(rows, outcomes, strict=True):
+        assert isinstance(row.image, str)  # the command line's own text
         if isinstance(outcome, Prediction):
             if args.json:
                 print(json.dumps({"image": row.image, **outcome.to_json()}), file=out)
@@ -346,8 +382,8 @@ def run(args: argparse.Namespace, out: TextIO) -> int:
 def run_batch(args: argparse.Namespace) -> int:
     from transformers.utils import logging as hf_logging
 
-    from blipserve.batch.runner import BatchJob, BatchOptions
-    from blipserve.engine import Engine
+    from blipserve.batch.runner import BatchOptions, FailureLimit, TooManyFailures
+    from blipserve.batch.storage import parse_storage_options
 
     hf_logging.disable_progress_bar()
     if not args.verbose:
@@ -365,7 +401,23 @@ def run_batch(args: argparse.Namespace) -> int:
         min_match=args.min_match,
         progress=args.progress,
         chunk_rows=args.chunk_rows,
+        max_failures=FailureLimit.parse(args.max_failures),
+        read_workers=args.read_workers,
+        storage_options=parse_storage_options(args.storage_option),
     )
+    try:
+        summary = _run_batch_job(args, options)
+    except TooManyFailures as exc:
+        print(f"blipserve batch: error: {exc.message}", file=sys.stderr)
+        return 3
+    print(f"blipserve batch: {summary.line()}", file=sys.stderr)
+    return 0
+
+
+def _run_batch_job(args: argparse.Namespace, options: BatchOptions) -> Summary:
+    from blipserve.batch.runner import BatchJob
+    from blipserve.engine import Engine
+
     model = config_from_args(ModelConfig, args)
     engine_config = config_from_args(EngineConfig, args)
     limits = config_from_args(ImageLimits, args)
@@ -400,8 +452,7 @@ def run_batch(args: argparse.Namespace) -> int:
         finally:
             for engine in engines:
                 engine.close()
-    print(f"blipserve batch: {summary.line()}", file=sys.stderr)
-    return 0
+    return summary
 
 
 def run_finetune(args: argparse.Namespace) -> int:

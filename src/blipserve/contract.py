@@ -32,12 +32,13 @@ class RowInput:
     """One row of a request, before its image is decoded.
 
     ``image`` is an http(s) URL or base64 text (a local path only where the entry point
-    allows paths: CLI and batch jobs, never HTTP).  ``index`` is the row's label from the
+    allows paths: the CLI, never HTTP), or the bytes of an image file (batch jobs read
+    files themselves, from a disk or an object store).  ``index`` is the row's label from the
     request's ``index`` (its position when there is none).
     """
 
     position: int
-    image: str
+    image: str | bytes
     text: str | None = None
     index: object | None = None
 

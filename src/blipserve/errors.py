@@ -9,6 +9,17 @@ is answered with a 400 naming that row, and a batch job records the row and goes
 from __future__ import annotations
 
 
+def quote(value: str, limit: int = 60) -> str:
+    """``value`` for a message: the whole of short text, else a prefix and the length.
+
+    Messages and logs name the cell they are about, but a cell can be hundreds of kilobytes
+    of base64: never quote all of it.
+    """
+    if len(value) <= limit:
+        return repr(value)
+    return f"{value[:limit]!r}... ({len(value)} characters)"
+
+
 class BlipserveError(Exception):
     """Base class: ``message`` is safe to show to the client."""
 

@@ -13,6 +13,7 @@ import binascii
 import functools
 import io
 import re
+from collections.abc import Callable
 from pathlib import Path
 from urllib.parse import unquote
 
@@ -20,7 +21,7 @@ import numpy as np
 from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 
 from blipserve.config import ImageLimits
-from blipserve.errors import ImageError, UrlRefused
+from blipserve.errors import ImageError, UrlRefused, quote
 from blipserve.fetch import SafeFetcher
 
 # Raster formats people actually send.  Everything else Pillow can open (EPS runs
@@ -237,6 +238,25 @@ def _read_path(path: Path, limits: ImageLimits) -> bytes:
         raise ImageError(f"cannot read image file '{path}': {exc.strerror or exc}") from None
 
 
+def could_be_path(text: str) -> bool:
+    """Whether ``text`` can name a file at all: checked without touching the filesystem.
+
+    Base64 of any real image is longer than a path may be, or wrapped over lines
+    (``base64.encodebytes``), or has a path component longer than file systems allow.
+    """
+    if len(text) > 4096 or "\n" in text or "\x00" in text:
+        return False
+    return all(len(part.encode()) <= 255 for part in text.replace("\\", "/").split("/"))
+
+
+def _is(check: Callable[[], bool]) -> bool:
+    """A filesystem check that answers False instead of raising (odd names, permissions)."""
+    try:
+        return check()
+    except (OSError, ValueError):
+        return False
+
+
 def load_image(
     source: str | bytes,
     *,
@@ -265,12 +285,12 @@ def load_image(
         return decode_image(fetcher.fetch(text), limits, target_size)
     if scheme == "data":
         return decode_image(decode_base64(text), limits, target_size)
-    if allow_paths:
+    if allow_paths and could_be_path(text):
         path = Path(text).expanduser()
-        if path.is_file():
+        if _is(path.is_file):
             return decode_image(_read_path(path, limits), limits, target_size)
-        if path.is_dir():
-            raise ImageError(f"image path '{text}' is a directory, not a file")
+        if _is(path.is_dir):
+            raise ImageError(f"image path {quote(text, 300)} is a directory, not a file")
     if scheme and len(scheme) > 1:  # one letter would be a Windows drive ("C:")
         raise UrlRefused(f"URL refused: scheme {scheme!r} is not allowed (only http and https)")
     # Base64 is about 4/3 of the bytes (plus line breaks): refuse huge text before decoding.
@@ -282,9 +302,9 @@ def load_image(
     try:
         return decode_image(decode_base64(text), limits, target_size)
     except ImageError as exc:
-        if allow_paths and len(text) <= 4096:
-            # Short text that is neither a file nor an image: most likely a wrong path.
+        if allow_paths and could_be_path(text):
+            # Text that is neither a file nor an image: most likely a wrong path.
             raise ImageError(
-                f"image file not found: '{text}' (and as base64: {exc.message})"
+                f"image file not found: {quote(text, 300)} (and as base64: {exc.message})"
             ) from None
         raise

@@ -38,7 +38,7 @@ def test_folder_is_recursive_case_insensitive_and_sorted(tmp_path: Path) -> None
         "sub/c.WebP",
         "sub/deeper/d.tiff",
     ]
-    assert all(r.path == tmp_path / r.id for r in rows)
+    assert all(r.path == str(tmp_path / r.id) for r in rows)
     assert count_rows(tmp_path) == 6
 
 
@@ -74,7 +74,7 @@ def test_jsonl_parquet_and_list_with_relative_paths(tmp_path: Path) -> None:
         + "\n"
     )
     rows = list(iter_rows(tmp_path / "rows.jsonl"))
-    assert rows[0].path == tmp_path / "a.png"
+    assert rows[0].path == str(tmp_path / "a.png")
     assert rows[0].text == "q"
     assert [r.id for r in rows] == ["rows.jsonl:0", "rows.jsonl:2", "rows.jsonl:3", "rows.jsonl:4"]
     assert "not valid JSON" in (rows[1].error or "")
@@ -85,7 +85,7 @@ def test_jsonl_parquet_and_list_with_relative_paths(tmp_path: Path) -> None:
         tmp_path / "rows.parquet"
     )
     rows = list(iter_rows(tmp_path / "rows.parquet"))
-    assert [r.path for r in rows] == [tmp_path / "a.png", None]
+    assert [r.path for r in rows] == [str(tmp_path / "a.png"), None]
     assert rows[1].image == "https://example.com/x.jpg"
 
     (tmp_path / "list.txt").write_text("# images\na.png\n\nhttps://example.com/y.png\n")

@@ -1,10 +1,18 @@
-"""A durable, append-only record of finished rows: what makes a batch job resumable.
+"""A durable record of finished rows: what makes a batch job resumable.
 
-Each finished row is one JSON line, written and ``fsync``-ed before the job moves on, so a
-SIGKILL loses at most the rows being computed.  A line cut short by a kill is detected and
-dropped on the next open (it has no newline), so every row is either fully recorded or not
-at all.  The first line holds the job's signature: a rerun of a *different* job on the same
-output is refused instead of silently mixing results.
+On a local disk (:class:`Journal`) each finished row is one JSON line, written and
+``fsync``-ed before the job moves on, so a SIGKILL loses at most the rows being computed.
+A line cut short by a kill is detected and dropped on the next open (it has no newline),
+so every row is either fully recorded or not at all.  The first line holds the job's
+signature: a rerun of a *different* job on the same output is refused instead of silently
+mixing results.
+
+Object stores have no append and no fsync, but one object is put atomically, so there
+(:class:`PartsJournal`) each finished chunk of rows is one small object, ``part-N``, in a
+hidden folder beside the output, next to ``signature.json``.  A part is there whole or not
+at all; a resumed job merges the parts it finds into one.  Either way a row may be
+recorded twice (a kill between a part's put and the old parts' removal): the last record
+of an id wins, so the output holds every input row exactly once.
 """
 
 from __future__ import annotations
@@ -12,24 +20,37 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import uuid
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
-from blipserve.errors import BlipserveError
+from blipserve.batch.storage import Location, OutputError
 
 Record = dict[str, Any]
 
 
-class OutputError(BlipserveError):
-    """The output location cannot be written (permissions, full disk, a different job)."""
+class JobJournal(Protocol):
+    """What a job needs of its journal, on a local disk or in an object store."""
 
-    status = 500
+    def open(self, *, overwrite: bool) -> dict[str, bool]: ...
+    def append(self, records: Sequence[Record]) -> None: ...
+    def close(self) -> None: ...
+    def records(self) -> Iterator[Record]: ...
+
+
+def open_journal(output: Location, signature: Mapping[str, Any]) -> JobJournal:
+    """The journal of the job writing ``output`` (hidden, beside it)."""
+    if output.local:
+        return Journal(Path(output.with_name(f".{output.name}.journal.jsonl").path), signature)
+    return PartsJournal(output.with_name(f".{output.name}.journal"), signature)
 
 
 class Journal:
+    """The local journal: one append-only JSON-lines file, fsync-ed per chunk."""
+
     def __init__(self, path: Path, signature: Mapping[str, Any]) -> None:
-        self.path = path
+        self.path = self.where = path
         self.signature = dict(signature)
         self._file: Any = None
 
@@ -99,12 +120,7 @@ class Journal:
 
     def records(self) -> Iterator[Record]:
         """Every recorded row once (the last record of an id wins), in recording order."""
-        last: dict[str, int] = {}
-        for n, record in enumerate(self._scan()):
-            last[record["id"]] = n
-        for n, record in enumerate(self._scan()):
-            if last[record["id"]] == n:
-                yield record
+        return _last_of_each(self._scan)
 
     def _scan(self) -> Iterator[Record]:
         with self.path.open("rb") as f:
@@ -114,6 +130,90 @@ class Journal:
                     record = _load(line)
                     if "id" in record:
                         yield record
+
+
+class PartsJournal:
+    """The object-store journal: ``signature.json`` and one object per finished chunk."""
+
+    def __init__(self, folder: Location, signature: Mapping[str, Any]) -> None:
+        self.where = folder
+        self.signature = dict(signature)
+        self._next = 0
+        self._token = uuid.uuid4().hex[:8]  # two drivers on one output never overwrite
+
+    def open(self, *, overwrite: bool) -> dict[str, bool]:
+        head = self.where.child("signature.json")
+        if overwrite:
+            self.where.remove(recursive=True)
+        try:
+            found = _load(head.read_bytes()).get("signature")
+        except FileNotFoundError:
+            found = None
+        if found is None:
+            self.where.remove(recursive=True)  # parts without a signature: not a job's
+            head.write_bytes(_dump({"signature": self.signature}))
+            return {}
+        if found != self.signature:
+            raise OutputError(
+                f"{self.where} belongs to a different job ({found}); rerun with "
+                "--overwrite to start over, or choose another --output"
+            )
+        done = {r["id"]: not r.get("error") for r in self.records()}
+        self._merge()
+        return done
+
+    def append(self, records: Sequence[Record]) -> None:
+        """Record finished rows durably: one object, put whole, before returning."""
+        if records:
+            self._put(b"".join(_dump(r) for r in records))
+
+    def close(self) -> None:
+        pass
+
+    def records(self) -> Iterator[Record]:
+        """Every recorded row once (the last record of an id wins), in recording order."""
+        return _last_of_each(self._scan)
+
+    def _parts(self) -> list[Location]:
+        try:
+            entries = self.where.listing()
+        except FileNotFoundError:
+            return []
+        parts = [self.where.entry(e) for e in entries if e.get("type") == "file"]
+        parts = [p for p in parts if p.name.startswith("part-") and p.name.endswith(".jsonl")]
+        if parts:
+            self._next = max(self._next, int(parts[-1].name.split("-")[1]) + 1)
+        return parts
+
+    def _scan(self) -> Iterator[Record]:
+        for part in self._parts():
+            for line in part.read_bytes().splitlines(keepends=True):
+                record = _load(line)
+                if "id" in record and line.endswith(b"\n"):
+                    yield record
+
+    def _merge(self) -> None:
+        """Put the parts found into one (so listings stay short), then remove them."""
+        old = self._parts()
+        if len(old) > 1:
+            self._put(b"".join(_dump(r) for r in self.records()))
+            for part in old:
+                part.remove()
+
+    def _put(self, data: bytes) -> None:
+        name = f"part-{self._next:010d}-{self._token}.jsonl"
+        self._next += 1
+        self.where.child(name).write_bytes(data)
+
+
+def _last_of_each(scan: Any) -> Iterator[Record]:
+    """The records of ``scan()`` (called twice), each id once: its last record, in order."""
+    last: dict[str, int] = {}
+    for n, record in enumerate(scan()):
+        last[record["id"]] = n
+    for n, record in enumerate(scan()):
+        if last[record["id"]] == n:
+            yield record
 
 
 def _dump(record: Mapping[str, Any]) -> bytes:
@@ -126,3 +226,6 @@ def _load(line: bytes) -> Record:
     except ValueError:
         return {}
     return value if isinstance(value, dict) else {}
+
+
+__all__ = ["JobJournal", "Journal", "OutputError", "PartsJournal", "Record", "open_journal"]

@@ -8,8 +8,10 @@ at a time; the input is listed before the model starts, which for image paths is
 Model actors (one :class:`~blipserve.engine.Engine` each, loaded once) turn batches of rows
 into journal records with the local job's own :func:`~blipserve.batch.runner.make_records`;
 the driver streams them back in input order into the journal, sidecars and counts, then
-writes the final output.  Image paths must be readable where the actors run (one machine,
-or a shared filesystem), and blipserve must be installed there.
+writes the final output.  Actors read image files themselves: from an object store
+(``s3://``, ``az://``, ``gs://``, with the job's storage options) no shared filesystem is
+needed; local paths must be readable where the actors run (one machine, or a shared
+filesystem).  blipserve must be installed where the actors run.
 """
 
 from __future__ import annotations
@@ -21,19 +23,20 @@ import json
 import logging
 import warnings
 from collections.abc import Iterable, Iterator
-from pathlib import Path
 from typing import Any
 
 from blipserve.batch.journal import Record
-from blipserve.batch.runner import BatchOptions, JobBook, Summary, make_records, submit_row
+from blipserve.batch.runner import BatchOptions, JobBook, RowStarter, Summary, make_records
 from blipserve.batch.sources import InputRow
+from blipserve.batch.storage import StorageError
 from blipserve.config import EngineConfig, FetchConfig, ImageLimits, ModelConfig
 from blipserve.errors import BlipserveError, InvalidInput
 
 log = logging.getLogger(__name__)
 
-#: InputRow's fields, as the dataset's (string, nullable) columns
-COLUMNS = tuple(f.name for f in dataclasses.fields(InputRow))
+#: InputRow's fields, as the dataset's (string, nullable) columns (has_sidecar is the
+#: driver's business)
+COLUMNS = tuple(f.name for f in dataclasses.fields(InputRow) if f.name != "has_sidecar")
 BLOCK_CHUNKS = 4  # chunks of rows per block in the object store
 
 
@@ -154,12 +157,15 @@ class RecordActor:
         self.filter_engine = (
             load(dataclasses.replace(model, model=filter_model)) if filter_model else None
         )
+        self.starter = RowStarter(self.engine, options)
 
     def __call__(self, batch: Any) -> dict[str, list[str]]:
         rows = [_input_row(values) for values in batch.to_pylist()]
         try:
-            chunk = [(row, submit_row(self.engine, row, self.options)) for row in rows]
+            chunk = [(row, self.starter.start(row)) for row in rows]
             records = make_records(self.engine, chunk, self.options, self.filter_engine)
+        except StorageError:
+            raise  # the store is down: the job stops (and resumes), no row is failed for it
         except Exception as exc:  # a bug fails this batch's rows, never the job
             log.exception("a batch of %d rows failed", len(rows))
             records = [_failed(row, f"{type(exc).__name__}: {exc}") for row in rows]
@@ -194,12 +200,12 @@ def _text(value: object) -> str | None:
 
 
 def _input_row(values: dict[str, Any]) -> InputRow:
-    path = values.get("path")
-    return InputRow(**{**values, "path": Path(path) if path else None})
+    fields: dict[str, Any] = {k: values.get(k) for k in COLUMNS}
+    return InputRow(**fields)
 
 
 def _failed(row: InputRow, error: str) -> Record:
-    path = str(row.path) if row.path else None
+    path = row.path
     return {
         "id": row.id,
         "text": "",

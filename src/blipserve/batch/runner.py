@@ -1,23 +1,25 @@
-"""The batch job: stream rows -> decode in parallel -> engine batches -> durable results.
+"""The batch job: stream rows -> read and decode in parallel -> engine batches -> durable
+results.
 
-Memory stays bounded: at most ``window`` rows are in flight (decoding ahead of the model
-while it runs), whatever the input size.  Every finished chunk is journaled before the
-next one starts, so a killed job resumes where it stopped.
+Memory stays bounded: at most two chunks of rows are in flight (image files read by a pool
+of reader threads, local or from an object store, and decoded ahead of the model while it
+runs), whatever the input size.  Every finished chunk is journaled before the next one
+starts, so a killed job resumes where it stopped.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import time
 from collections import deque
-from collections.abc import Iterator, Sequence
-from concurrent.futures import Future
+from collections.abc import Iterator, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
-from blipserve.batch.journal import Journal, OutputError, Record
+from blipserve.batch.journal import JobJournal, OutputError, Record, open_journal
 from blipserve.batch.sinks import (
     caption_to_keep,
     infer_format,
@@ -26,19 +28,69 @@ from blipserve.batch.sinks import (
     write_sidecar,
 )
 from blipserve.batch.sources import InputRow, count_rows, iter_rows
+from blipserve.batch.storage import Location, StorageError, locate
 from blipserve.contract import Prediction, RowInput
 from blipserve.engine import Engine, PreparedRow
-from blipserve.errors import InvalidInput, RowError
+from blipserve.errors import BlipserveError, ImageError, InvalidInput, RowError, quote
 from blipserve.models.base import ModelInput
 from blipserve.params import GenerationParams
 
 log = logging.getLogger(__name__)
 
 
+class TooManyFailures(BlipserveError):
+    """More rows failed than ``--max-failures`` allows: the job stopped (what is done is
+    kept in the journal; a rerun resumes)."""
+
+
+@dataclass(frozen=True)
+class FailureLimit:
+    """``--max-failures``: ``N`` rows, or ``N%`` of the rows this run attempts (the catalog's
+    ``error_threshold``).  Exceeding it stops the job with an error."""
+
+    count: int | None = None
+    percent: float | None = None
+
+    @classmethod
+    def parse(cls, text: str | None) -> FailureLimit | None:
+        if text is None or not text.strip():
+            return None
+        value = text.strip()
+        try:
+            if value.endswith("%"):
+                percent = float(value[:-1])
+                if not 0 <= percent <= 100:
+                    raise ValueError
+                return cls(percent=percent)
+            count = int(value)
+            if count < 0:
+                raise ValueError
+            return cls(count=count)
+        except ValueError:
+            raise InvalidInput(
+                "--max-failures wants a number of rows (10) or a percentage (1%), "
+                f"got {quote(value)}"
+            ) from None
+
+    def exceeded(self, failed: int, attempted: int, total: int | None = None) -> bool:
+        """Whether ``failed`` of ``attempted`` rows break the limit; with ``total`` (the rows
+        the whole run will attempt, when known) a percentage can be judged early."""
+        if self.count is not None:
+            return failed > self.count
+        assert self.percent is not None
+        return failed > self.percent / 100 * (total if total is not None else attempted)
+
+    def __str__(self) -> str:
+        return f"{self.percent:g}%" if self.percent is not None else str(self.count)
+
+
 @dataclass(frozen=True)
 class BatchOptions:
-    input: Path
-    output: Path | None = None
+    """One batch job.  ``input``/``output`` are local paths or object-store URLs;
+    ``storage_options`` (credentials among them) go to the stores' filesystems only."""
+
+    input: str | os.PathLike[str]
+    output: str | os.PathLike[str] | None = None
     format: str | None = None
     sidecar: str | None = None
     overwrite: bool = False
@@ -49,6 +101,12 @@ class BatchOptions:
     chunk_rows: int = 32
     progress: bool | None = None  # None: a bar on a TTY, log lines otherwise
     log_every_s: float = 10.0
+    max_failures: FailureLimit | None = None
+    read_workers: int = 16  # image files read at once (object stores want many in flight)
+    storage_options: Mapping[str, Any] = field(default_factory=dict, repr=False)
+
+    def locate(self, where: str | os.PathLike[str]) -> Location:
+        return locate(where, self.storage_options)
 
 
 @dataclass
@@ -86,23 +144,24 @@ class JobBook:
         self.options = options
         self.model_source = model_source
         self.filter_source = filter_source
-        self.format = infer_format(options.output, options.format) if options.output else None
-        self.journal = (
-            Journal(
-                options.output.with_name(f".{options.output.name}.journal.jsonl"), self.signature()
-            )
-            if options.output
-            else None
+        self.input = options.locate(options.input)
+        self.output = options.locate(options.output) if options.output is not None else None
+        self.format = infer_format(self.output, options.format) if self.output else None
+        self.journal: JobJournal | None = (
+            open_journal(self.output, self.signature()) if self.output else None
         )
         self.summary = Summary()
         self._started = time.monotonic()
         self._progress: _Progress | None = None
+        self._total: int | None = None
+        self._kept_sidecars: set[str] = set()  # images whose caption file was there already
 
     def signature(self) -> dict[str, Any]:
-        """What identifies this job's results: a rerun with another signature is refused."""
+        """What identifies this job's results: a rerun with another signature is refused.
+        (Locations as absolute paths or URLs: the same job from any working directory.)"""
         o = self.options
         return {
-            "input": str(o.input.resolve()),
+            "input": str(self.input),
             "model": self.model_source,
             "params": o.params.generate_kwargs(),
             "prompt": o.prompt,
@@ -115,20 +174,34 @@ class JobBook:
         o = self.options
         self._started = time.monotonic()
         done = self.journal.open(overwrite=o.overwrite) if self.journal else {}
-        self._progress = _Progress(count_rows(o.input), o.progress, o.log_every_s, self.summary)
-        for row in iter_rows(o.input):
+        total = count_rows(self.input)
+        self._progress = _Progress(total, o.progress, o.log_every_s, self.summary)
+        skipped = 0
+        for row in iter_rows(self.input, exclude=self._written(), sidecar=o.sidecar):
             if self._skip(row, done):
+                skipped += 1
                 self.summary.skipped += 1
                 self._progress.update(1)
             else:
                 yield row
+        if total is not None:
+            self._total = total - skipped
+
+    def _written(self) -> frozenset[str]:
+        """What this job writes, which is never one of its inputs."""
+        if self.output is None:
+            return frozenset()
+        out = self.output
+        return frozenset({str(out), str(out.with_name(f".{out.name}.tmp"))})
 
     def _skip(self, row: InputRow, done: dict[str, bool]) -> bool:
         if row.id in done and (done[row.id] or not self.options.retry_errors):
             return True
-        if self.options.sidecar and row.path and not self.options.overwrite:
+        o = self.options
+        if o.sidecar and row.path and row.has_sidecar and not o.overwrite:
             # An existing caption file is left alone (and is the record for sidecar-only jobs).
-            return sidecar_path(row.path, self.options.sidecar).exists() and self.journal is None
+            self._kept_sidecars.add(row.path)
+            return self.journal is None
         return False
 
     def commit(self, records: Sequence[Record]) -> None:
@@ -144,15 +217,35 @@ class JobBook:
                 self.summary.done += 1
         if self._progress:
             self._progress.update(len(records))
+        limit = self.options.max_failures
+        s = self.summary
+        if limit and limit.exceeded(s.failed, s.done + s.failed, self._total):
+            raise self._too_many(limit)
+
+    def _too_many(self, limit: FailureLimit) -> TooManyFailures:
+        s = self.summary
+        return TooManyFailures(
+            f"{s.failed} of {s.done + s.failed} rows failed, more than --max-failures {limit}; "
+            "the job stopped (finished rows are kept: fix the inputs and rerun, with "
+            "--retry-errors to redo the failed ones)"
+        )
 
     def _write_sidecar(self, record: Record) -> None:
         if not self.options.sidecar or not record.get("path"):
             return
         text = caption_to_keep(record)
-        target = sidecar_path(Path(record["path"]), self.options.sidecar)
-        if text is None or (target.exists() and not self.options.overwrite):
+        if text is None:
+            return
+        target = sidecar_path(self.options.locate(record["path"]), self.options.sidecar)
+        if not self.options.overwrite and self._has_sidecar(record, target):
             return
         write_sidecar(target, text)
+
+    def _has_sidecar(self, record: Record, target: Location) -> bool:
+        """For an image in a folder the listing told; for a table's image file, ask."""
+        if record["path"] in self._kept_sidecars:
+            return True
+        return bool(record.get("row")) and target.exists()
 
     def close(self) -> None:
         if self._progress:
@@ -161,11 +254,14 @@ class JobBook:
             self.journal.close()
 
     def finish(self) -> Summary:
-        """After :meth:`close`: write the final output from the journal."""
-        o = self.options
-        if self.journal and self.format and o.output:
-            self.summary.written = write_output(self.format, o.output, self.journal.records())
+        """After :meth:`close`: write the final output from the journal; then judge
+        ``--max-failures`` over the whole run."""
+        if self.journal and self.format and self.output:
+            self.summary.written = write_output(self.format, self.output, self.journal.records())
         self.summary.elapsed_s = time.monotonic() - self._started
+        s, limit = self.summary, self.options.max_failures
+        if limit and limit.exceeded(s.failed, s.done + s.failed):
+            raise self._too_many(limit)
         return self.summary
 
 
@@ -191,9 +287,10 @@ class BatchJob(JobBook):
     def run(self) -> Summary:
         o = self.options
         window: deque[tuple[InputRow, Future[PreparedRow] | None]] = deque()
+        starter = RowStarter(self.engine, o)
         try:
             for row in self.todo():
-                window.append((row, submit_row(self.engine, row, o)))
+                window.append((row, starter.start(row)))
                 if len(window) >= 2 * o.chunk_rows:
                     self._process([window.popleft() for _ in range(o.chunk_rows)])
             while window:
@@ -203,6 +300,7 @@ class BatchJob(JobBook):
             for _, future in window:
                 if future is not None:
                     future.cancel()
+            starter.close()
             self.close()
         return self.finish()
 
@@ -210,13 +308,63 @@ class BatchJob(JobBook):
         self.commit(make_records(self.engine, chunk, self.options, self.filter_engine))
 
 
-def submit_row(engine: Engine, row: InputRow, options: BatchOptions) -> Future[PreparedRow] | None:
-    """Start decoding ``row`` in the engine's pool (None: the row itself is unreadable)."""
-    if row.error:
-        return None
-    text = row.text or options.prompt
-    row_input = RowInput(position=0, image=row.image, text=text, index=row.id)
-    return engine.decode_pool.submit(engine.prepare, row_input, options.params, allow_paths=True)
+class RowStarter:
+    """Starts each row's work: an image file is read by one of ``read_workers`` threads
+    (a local disk or an object store: many reads in flight hide a store's latency), then
+    decoded in the engine's pool; other rows (base64, http(s) URLs) go to the pool as
+    they are.  Shared by the local job and the Ray actors."""
+
+    def __init__(self, engine: Engine, options: BatchOptions) -> None:
+        self.engine = engine
+        self.options = options
+        self._readers = ThreadPoolExecutor(
+            max_workers=max(1, options.read_workers), thread_name_prefix="blipserve-read"
+        )
+
+    def start(self, row: InputRow) -> Future[PreparedRow] | None:
+        """The future of the row's prepared input (None: the row itself is unreadable)."""
+        if row.error:
+            return None
+        if row.path is None:
+            pool = self.engine.decode_pool
+            return pool.submit(
+                self.engine.prepare, self._input(row, row.image), self.options.params
+            )
+        return self._readers.submit(self._read_and_prepare, row, row.path)
+
+    def _read_and_prepare(self, row: InputRow, path: str) -> PreparedRow:
+        try:
+            data = read_image_file(self.options.locate(path), self.engine.limits.max_image_bytes)
+        except InvalidInput as exc:
+            raise RowError(0, exc.message, row.id) from None
+        item = self._input(row, data)
+        return self.engine.decode_pool.submit(
+            self.engine.prepare, item, self.options.params
+        ).result()
+
+    def _input(self, row: InputRow, image: str | bytes) -> RowInput:
+        return RowInput(position=0, image=image, text=row.text or self.options.prompt, index=row.id)
+
+    def close(self) -> None:
+        self._readers.shutdown(wait=False, cancel_futures=True)
+
+
+def read_image_file(where: Location, limit: int) -> bytes:
+    """An image file's bytes (at most ``limit``); a missing or unreadable file is this row's
+    :class:`~blipserve.errors.ImageError`, an unreachable store a StorageError."""
+    try:
+        data = where.read_bytes(limit)
+    except FileNotFoundError:
+        raise ImageError(f"image file not found: '{where}'") from None
+    except IsADirectoryError:
+        raise ImageError(f"image path '{where}' is a directory, not a file") from None
+    except OSError as exc:  # permissions, and anything else the local disk says of one file
+        raise ImageError(f"cannot read image file '{where}': {exc.strerror or exc}") from None
+    if len(data) > limit:
+        raise ImageError(
+            f"image file '{where}' is more than the {limit} byte limit (max_image_bytes)"
+        )
+    return data
 
 
 def make_records(
@@ -225,7 +373,7 @@ def make_records(
     options: BatchOptions,
     filter_engine: Engine | None = None,
 ) -> list[Record]:
-    """The journal records of rows submitted with :func:`submit_row`; bad rows get errors.
+    """The journal records of rows started with :class:`RowStarter`; bad rows get errors.
 
     Shared by the local job and the Ray actors, so both write the same records.
     """
@@ -238,9 +386,11 @@ def make_records(
             prepared.append(future.result())
         except RowError as exc:
             prepared.append(exc)
+        except StorageError:
+            raise  # the store, not the row: stop (finished chunks are journaled)
         except Exception as exc:  # a bug must not lose the other rows
             log.exception("decoding %s failed", row.id)
-            prepared.append(RowError(0, f"{type(exc).__name__}: {exc}", row.id))
+            prepared.append(RowError(0, f"{type(exc).__name__}: {quote(str(exc))}", row.id))
     outcomes = engine.run_prepared(prepared)
     records = [_record(row, outcome) for (row, _), outcome in zip(chunk, outcomes, strict=True)]
     if filter_engine:
@@ -257,7 +407,7 @@ def _record(row: InputRow, outcome: object) -> Record:
         record["error"] = outcome.reason
     else:
         record["error"] = getattr(outcome, "message", str(outcome))
-    record.update(source=row.source, row=row.row, path=str(row.path) if row.path else None)
+    record.update(source=row.source, row=row.row, path=row.path)
     return record
 
 
@@ -332,9 +482,11 @@ class _Progress:
 __all__ = [
     "BatchJob",
     "BatchOptions",
+    "FailureLimit",
     "JobBook",
     "OutputError",
+    "RowStarter",
     "Summary",
+    "TooManyFailures",
     "make_records",
-    "submit_row",
 ]

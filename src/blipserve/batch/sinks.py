@@ -1,4 +1,5 @@
-"""Batch outputs, each written atomically (temporary file, then rename) from the journal.
+"""Batch outputs, each written atomically from the journal (locally a temporary file, then
+a rename; in an object store one put of the whole object).
 
 Formats: ``jsonl``, ``csv``, ``parquet`` (id, text, score, error, plus CapFilt columns),
 ``catalog`` (the catalog's ``predictions.csv``: no header; row, prediction, file name), and
@@ -9,13 +10,14 @@ are written as rows finish, each atomically too.
 from __future__ import annotations
 
 import csv
+import io
 import json
 import os
 from collections.abc import Callable, Iterable, Iterator
-from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
-from blipserve.batch.journal import OutputError, Record
+from blipserve.batch.journal import Record
+from blipserve.batch.storage import Location
 from blipserve.errors import InvalidInput
 
 FORMATS = ("jsonl", "csv", "parquet", "catalog", "imagefolder")
@@ -23,7 +25,7 @@ TABLE_COLUMNS = ("id", "text", "score", "error")
 CAPFILT_COLUMNS = ("keep", "text_in", "text_in_score", "text_in_keep")
 
 
-def infer_format(output: Path, explicit: str | None) -> str:
+def infer_format(output: Location, explicit: str | None) -> str:
     """``--format`` if given, else from the output's name."""
     if explicit:
         if explicit not in FORMATS:
@@ -38,8 +40,7 @@ def infer_format(output: Path, explicit: str | None) -> str:
     if output.suffix.lower() in by_suffix:
         return by_suffix[output.suffix.lower()]
     raise InvalidInput(
-        f"cannot tell the format of {str(output)!r} from its name; pass --format "
-        f"({', '.join(FORMATS)})"
+        f"cannot tell the format of '{output}' from its name; pass --format ({', '.join(FORMATS)})"
     )
 
 
@@ -53,23 +54,17 @@ def caption_to_keep(record: Record) -> str | None:
     return text if isinstance(text, str) else None
 
 
-def write_output(fmt: str, output: Path, records: Iterable[Record]) -> int:
+def write_output(fmt: str, output: Location, records: Iterable[Record]) -> int:
     """Write the final output atomically; returns the number of rows written."""
-    writers: dict[str, Callable[[Path, Iterable[Record]], int]] = {
+    writers: dict[str, Callable[[IO[bytes], Iterable[Record], Location], int]] = {
         "jsonl": _write_jsonl,
         "csv": _write_csv,
         "parquet": _write_parquet,
         "catalog": _write_catalog,
         "imagefolder": _write_imagefolder,
     }
-    tmp = output.with_name(f".{output.name}.tmp")
-    try:
-        count = writers[fmt](tmp, records)
-        tmp.replace(output)
-    except OSError as exc:
-        tmp.unlink(missing_ok=True)
-        raise OutputError(f"cannot write {output}: {exc.strerror or exc}") from None
-    return count
+    with output.writer() as f:
+        return writers[fmt](f, records, output)
 
 
 def _table_rows(records: Iterable[Record]) -> Iterator[dict[str, Any]]:
@@ -81,19 +76,18 @@ def _table_rows(records: Iterable[Record]) -> Iterator[dict[str, Any]]:
         yield row
 
 
-def _write_jsonl(path: Path, records: Iterable[Record]) -> int:
+def _write_jsonl(raw: IO[bytes], records: Iterable[Record], output: Location) -> int:
     n = 0
-    with path.open("w", encoding="utf-8") as f:
+    with _text(raw) as f:
         for row in _table_rows(records):
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
             n += 1
-        _sync(f)
     return n
 
 
-def _write_csv(path: Path, records: Iterable[Record]) -> int:
+def _write_csv(raw: IO[bytes], records: Iterable[Record], output: Location) -> int:
     n = 0
-    with path.open("w", newline="", encoding="utf-8") as f:
+    with _text(raw) as f:
         writer: csv.DictWriter[str] | None = None
         for row in _table_rows(records):
             if writer is None:
@@ -103,11 +97,10 @@ def _write_csv(path: Path, records: Iterable[Record]) -> int:
             n += 1
         if writer is None:
             f.write(",".join(TABLE_COLUMNS) + "\n")
-        _sync(f)
     return n
 
 
-def _write_parquet(path: Path, records: Iterable[Record]) -> int:
+def _write_parquet(raw: IO[bytes], records: Iterable[Record], output: Location) -> int:
     try:
         import pyarrow as pa
         import pyarrow.parquet as pq
@@ -118,61 +111,61 @@ def _write_parquet(path: Path, records: Iterable[Record]) -> int:
     rows = list(_table_rows(records))  # one column set; the text-only table is small
     columns = list(rows[0]) if rows else list(TABLE_COLUMNS)
     table = pa.table({c: [r.get(c) for r in rows] for c in columns})
-    pq.write_table(table, path)
+    pq.write_table(table, raw)
     return len(rows)
 
 
-def _write_catalog(path: Path, records: Iterable[Record]) -> int:
+def _write_catalog(raw: IO[bytes], records: Iterable[Record], output: Location) -> int:
     """predictions.csv as the catalog's batch endpoints write it: row, prediction, file."""
     n = 0
-    with path.open("w", newline="", encoding="utf-8") as f:
+    with _text(raw) as f:
         writer = csv.writer(f)
         for r in records:
             writer.writerow([r.get("row") or "", caption_to_keep(r) or "", r.get("source") or ""])
             n += 1
-        _sync(f)
     return n
 
 
-def _write_imagefolder(path: Path, records: Iterable[Record]) -> int:
-    root = path.parent.resolve()
+def _write_imagefolder(raw: IO[bytes], records: Iterable[Record], output: Location) -> int:
+    root = f"{output.parent}/"
     n = 0
-    with path.open("w", encoding="utf-8") as f:
+    with _text(raw) as f:
         for r in records:
             text = caption_to_keep(r)
             image = r.get("path")
             if text is None or not image:
                 continue
-            try:
-                file_name = Path(image).resolve().relative_to(root).as_posix()
-            except ValueError:
+            if not str(image).startswith(root):
                 raise InvalidInput(
                     f"imagefolder output: {image} is not inside {root}; write metadata.jsonl "
                     "into the image folder (e.g. --output IMAGES/metadata.jsonl)"
-                ) from None
+                )
+            file_name = str(image)[len(root) :]
             f.write(json.dumps({"file_name": file_name, "text": text}, ensure_ascii=False) + "\n")
             n += 1
-        _sync(f)
     return n
 
 
-def sidecar_path(image: Path, suffix: str) -> Path:
-    return image.with_suffix(suffix if suffix.startswith(".") else f".{suffix}")
+def sidecar_name(image_name: str, suffix: str) -> str:
+    """``photo.jpg`` -> ``photo.txt`` for suffix ``.txt`` (or ``txt``)."""
+    return os.path.splitext(image_name)[0] + (suffix if suffix.startswith(".") else f".{suffix}")
 
 
-def write_sidecar(path: Path, text: str) -> None:
+def sidecar_path(image: Location, suffix: str) -> Location:
+    return image.with_name(sidecar_name(image.name, suffix))
+
+
+def write_sidecar(where: Location, text: str) -> None:
     """Write a caption file atomically (a kill never leaves half a caption)."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        with tmp.open("w", encoding="utf-8") as f:
-            f.write(text + "\n")
-            _sync(f)
-        tmp.replace(path)
-    except OSError as exc:
-        tmp.unlink(missing_ok=True)
-        raise OutputError(f"cannot write {path}: {exc.strerror or exc}") from None
+    where.write_bytes((text + "\n").encode())
 
 
-def _sync(f: Any) -> None:
-    f.flush()
-    os.fsync(f.fileno())
+def _text(raw: IO[bytes]) -> io.TextIOWrapper:
+    """Text over the binary output; detached at the end so the writer can sync and close it."""
+    return _Detaching(raw, encoding="utf-8", newline="")
+
+
+class _Detaching(io.TextIOWrapper):
+    def __exit__(self, *exc: object) -> None:
+        self.flush()
+        self.detach()

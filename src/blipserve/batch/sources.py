@@ -1,242 +1,327 @@
 """Batch inputs, read lazily: image folders, CSV/JSONL/Parquet tables, text lists.
 
-Every input row gets a stable ``id`` (a relative path for images in a folder, ``file:row``
-for tables and lists) so that a resumed job recognises what it has already done.  Nothing
-here materialises the whole input: rows are generated as they are read.
+Inputs are :class:`~blipserve.batch.storage.Location`\\ s: local paths or object-store URLs.
+Every input row gets a stable ``id`` (a path relative to the input for images in a folder,
+``file:row`` for tables and lists) that does not depend on the current directory, so that a
+resumed job recognises what it has already done.  Nothing here materialises the whole
+input: rows are generated as they are read (an object store's folder is listed one folder
+at a time), and nothing here reads an image: the job does, concurrently.
 """
 
 from __future__ import annotations
 
 import csv
+import io
 import json
+import logging
 import os
+import re
 import sys
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
-from pathlib import Path
+from typing import Any
 
-from blipserve.errors import InvalidInput
+from blipserve.batch.sinks import sidecar_name
+from blipserve.batch.storage import Location, is_store_url, locate
+from blipserve.errors import InvalidInput, quote
+from blipserve.images import could_be_path
+
+log = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
 TABLE_EXTENSIONS = frozenset({".csv", ".jsonl", ".parquet"})
 LIST_EXTENSIONS = frozenset({".txt", ".lst"})
+# Only base64's letters (standard or urlsafe), padding and line breaks: no '.', no spaces.
+_BASE64_TEXT = re.compile(r"[A-Za-z0-9+/\-_=\s]+")
 
 
 @dataclass(frozen=True)
 class InputRow:
     """One unit of work.
 
-    ``image`` is a path, http(s) URL or base64 text; ``path`` is set when the image is a
-    local file (sidecars go next to it); ``source`` and ``row`` locate table rows (the
+    ``image`` is what the engine decodes (an http(s) URL or base64 text) or, for a file, its
+    location; ``path`` is set when the image is a file (local path or store URL) for the job
+    to read, and sidecars go next to it; ``source`` and ``row`` locate table rows (the
     catalog's predictions.csv reports them); ``error`` is set when the row itself is
-    unreadable (e.g. no image value), so it is recorded rather than run.
+    unreadable (e.g. no image value), so it is recorded rather than run.  ``has_sidecar``:
+    the folder listing showed a caption file next to the image already (driver side only).
     """
 
     id: str
     image: str
     text: str | None = None
-    path: Path | None = None
+    path: str | None = None
     source: str | None = None
     row: str | None = None
     error: str | None = None
+    has_sidecar: bool = False
 
 
-def iter_rows(input_path: Path) -> Iterator[InputRow]:
-    """Rows of a folder of images or tables, a table, or a text list of images."""
-    if input_path.is_dir():
-        yield from _iter_folder(input_path)
-    elif input_path.is_file():
-        yield from _iter_file(input_path, input_path.name)
+class NotATable(InvalidInput):
+    """A table without an 'image' column: an error for a named input, skipped in a folder
+    (a metadata.jsonl or predictions.csv written there is not an input)."""
+
+
+def as_location(where: Location | str | os.PathLike[str]) -> Location:
+    return where if isinstance(where, Location) else locate(where)
+
+
+def iter_rows(
+    where: Location | str | os.PathLike[str],
+    *,
+    exclude: frozenset[str] = frozenset(),
+    sidecar: str | None = None,
+) -> Iterator[InputRow]:
+    """Rows of a folder of images or tables, a table, or a text list of images.
+
+    ``exclude``: locations (as text) that are never inputs (this job's own outputs);
+    ``sidecar``: the caption files' suffix, so that images with one are marked and the
+    caption files themselves are never read as inputs.
+    """
+    root = as_location(where)
+    if root.is_dir():
+        yield from _iter_folder(root, exclude, sidecar)
+    elif root.is_file():
+        yield from _iter_file(root, root.name)
     else:
-        raise InvalidInput(f"input {str(input_path)!r} does not exist")
+        raise InvalidInput(f"input {quote(str(root), 200)} does not exist")
 
 
-def count_rows(input_path: Path) -> int | None:
-    """How many rows :func:`iter_rows` will yield, when that is cheap to know (else None)."""
-    if input_path.is_dir():
+def count_rows(where: Location | str | os.PathLike[str]) -> int | None:
+    """How many rows :func:`iter_rows` will yield, when that is cheap to know (else None:
+    tables, and folders in object stores, which would have to be listed twice)."""
+    root = as_location(where)
+    if not root.local:
+        return None
+    if root.is_dir():
         images = tables = 0
-        for path in _walk(input_path):
+        for path, _ in _walk(root):
             suffix = path.suffix.lower()
             images += suffix in IMAGE_EXTENSIONS
             tables += suffix in TABLE_EXTENSIONS
         return images if not tables else None
-    if input_path.suffix.lower() in LIST_EXTENSIONS:
-        with input_path.open("rb") as f:
+    if root.suffix.lower() in LIST_EXTENSIONS:
+        with root.open("rb") as f:
             return sum(1 for line in f if line.strip() and not line.lstrip().startswith(b"#"))
     return None
 
 
-def _walk(root: Path) -> Iterator[Path]:
-    """Files under ``root`` in a stable (sorted) order, lazily, skipping hidden entries."""
+def _walk(root: Location) -> Iterator[tuple[Location, frozenset[str]]]:
+    """Files under ``root`` in a stable (sorted) order, with the names of the files beside
+    each, one folder listed at a time; hidden entries and linked folders are skipped."""
     try:
-        entries = sorted(os.scandir(root), key=lambda e: e.name)
+        entries = root.listing()
     except OSError as exc:
-        raise InvalidInput(f"cannot list folder {str(root)!r}: {exc.strerror}") from None
-    for entry in entries:
-        if entry.name.startswith("."):
+        raise InvalidInput(f"cannot list folder '{root}': {exc.strerror or exc}") from None
+    names = frozenset(root.entry(e).name for e in entries if e.get("type") == "file")
+    for info in entries:
+        where = root.entry(info)
+        if where.name.startswith(".") or where.path == root.path:
             continue
-        if entry.is_dir(follow_symlinks=False):
-            yield from _walk(Path(entry.path))
-        elif entry.is_file():
-            yield Path(entry.path)
+        if info.get("type") == "directory":
+            if not info.get("islink"):
+                yield from _walk(where)
+        elif info.get("type") == "file":
+            yield where, names
 
 
-def _iter_folder(root: Path) -> Iterator[InputRow]:
+def _iter_folder(
+    root: Location, exclude: frozenset[str], sidecar: str | None
+) -> Iterator[InputRow]:
     """Images in the folder (recursively); tables in it are read as tables."""
-    for path in _walk(root):
-        suffix = path.suffix.lower()
-        rel = path.relative_to(root).as_posix()
+    for where, siblings in _walk(root):
+        if str(where) in exclude:
+            continue
+        suffix = where.suffix.lower()
+        rel = where.relative_to(root) or where.name
         if suffix in IMAGE_EXTENSIONS:
-            yield InputRow(id=rel, image=str(path), path=path, source=rel)
+            has = bool(sidecar) and sidecar_name(where.name, sidecar or "") in siblings
+            yield InputRow(id=rel, image=str(where), path=str(where), source=rel, has_sidecar=has)
         elif suffix in TABLE_EXTENSIONS:
-            yield from _iter_file(path, rel)
+            if (
+                sidecar
+                and sidecar_name(where.name, sidecar) == where.name
+                and any(
+                    sibling != where.name and sidecar_name(sibling, sidecar) == where.name
+                    for sibling in siblings
+                )
+            ):
+                continue  # a caption file this job (or one like it) wrote
+            try:
+                yield from _iter_file(where, rel)
+            except NotATable as exc:
+                log.warning("skipping %s: %s", where, exc.message)
 
 
-def _iter_file(path: Path, name: str) -> Iterator[InputRow]:
-    suffix = path.suffix.lower()
+def _iter_file(where: Location, name: str) -> Iterator[InputRow]:
+    suffix = where.suffix.lower()
     if suffix == ".csv":
-        yield from _iter_csv(path, name)
+        yield from _iter_csv(where, name)
     elif suffix == ".jsonl":
-        yield from _iter_jsonl(path, name)
+        yield from _iter_jsonl(where, name)
     elif suffix == ".parquet":
-        yield from _iter_parquet(path, name)
+        yield from _iter_parquet(where, name)
     elif suffix in LIST_EXTENSIONS:
-        yield from _iter_list(path, name)
+        yield from _iter_list(where, name)
     elif suffix in IMAGE_EXTENSIONS:
-        yield InputRow(id=name, image=str(path), path=path, source=name)
+        yield InputRow(id=name, image=str(where), path=str(where), source=name)
     else:
         raise InvalidInput(
-            f"input {str(path)!r}: unknown kind of file; expected a folder, an image, a table "
-            f"({', '.join(sorted(TABLE_EXTENSIONS))}) or a list ({', '.join(LIST_EXTENSIONS)})"
+            f"input {quote(str(where), 200)}: unknown kind of file; expected a folder, an "
+            f"image, a table ({', '.join(sorted(TABLE_EXTENSIONS))}) or a list "
+            f"({', '.join(sorted(LIST_EXTENSIONS))})"
         )
 
 
 def _table_row(
-    base: Path, name: str, number: int, record: Mapping[str, object], label: object | None = None
+    base: Location,
+    name: str,
+    number: int,
+    record: Mapping[str, object],
+    label: object | None = None,
 ) -> InputRow:
     row_id = f"{name}:{number}"
     row = str(label) if label is not None else str(number)
-    image = record.get("image")
-    text = record.get("text")
-    if not isinstance(image, str) or not image.strip():
-        what = "missing" if image is None or image == "" else f"not text ({type(image).__name__})"
-        return InputRow(id=row_id, image="", source=name, row=row, error=f"'image' is {what}")
-    text_value = text.strip() or None if isinstance(text, str) else None
-    image = image.strip()
-    path = _local_path(base, image)
-    return InputRow(
-        id=row_id,
-        image=str(path) if path else image,
-        text=text_value,
-        path=path,
-        source=name,
-        row=row,
-    )
+    try:
+        image = record.get("image")
+        text = record.get("text")
+        if not isinstance(image, str) or not image.strip():
+            what = (
+                "missing" if image is None or image == "" else f"not text ({type(image).__name__})"
+            )
+            return InputRow(id=row_id, image="", source=name, row=row, error=f"'image' is {what}")
+        text_value = text.strip() or None if isinstance(text, str) else None
+        image = image.strip()
+        path = image_file(base, image)
+        return InputRow(
+            id=row_id, image=path or image, text=text_value, path=path, source=name, row=row
+        )
+    except Exception as exc:  # a check on one cell never escapes its row
+        log.exception("reading %s failed", row_id)
+        return InputRow(
+            id=row_id, image="", source=name, row=row, error=f"unreadable row: {type(exc).__name__}"
+        )
 
 
-def _local_path(base: Path, value: str) -> Path | None:
-    """A table's image value as a local file (relative to the table's folder), if it is one."""
-    if value.startswith(("http://", "https://", "data:")) or len(value) > 4096:
+def image_file(base: Location, value: str) -> str | None:
+    """A table cell's image as a file to read (its location, relative to the table's
+    folder), or None when the cell is the image itself (base64) or an http(s) URL.
+
+    Decided from the text alone where it can be: base64 of a real image cannot be a path
+    (too long, wrapped over lines, or a path component too long), and names of files
+    nearly always hold a '.', which base64 never does.  Only short text of base64's letters
+    alone is looked up, and only on a local disk.
+    """
+    if value[:8].lower().startswith(("http://", "https://", "data:")):
         return None
-    candidate = Path(value).expanduser()
-    if not candidate.is_absolute():
-        candidate = base / candidate
-    return candidate if candidate.is_file() else None
+    if is_store_url(value):
+        return value
+    if not could_be_path(value):
+        return None
+    if _BASE64_TEXT.fullmatch(value):
+        if not base.local:
+            return None
+        candidate = base.child(os.path.expanduser(value))
+        try:
+            return str(candidate) if os.path.isfile(candidate.path) else None
+        except (OSError, ValueError):
+            return None
+    return str(base.child(os.path.expanduser(value)) if base.local else base.child(value))
 
 
-def _iter_csv(path: Path, name: str) -> Iterator[InputRow]:
+def _iter_csv(where: Location, name: str) -> Iterator[InputRow]:
     # Base64 images make fields far larger than csv's 128 KiB default.
     csv.field_size_limit(min(sys.maxsize, 2**31 - 1))
     try:
-        with path.open(newline="", encoding="utf-8-sig") as f:
+        with where.open("rb") as raw, _text(raw, "utf-8-sig") as f:
             reader = csv.reader(f)
             header = next(reader, None)
             if header is None:
                 return
             if "image" not in header:
-                raise InvalidInput(f"{name}: no 'image' column (columns: {header})")
+                raise NotATable(f"{name}: no 'image' column (columns: {_columns(header)})")
             # pandas' to_csv writes the index as a leading unnamed column: the catalog's
             # batch files have one, and predictions.csv reports its value as the row.
             index_col = 0 if header[0] in ("", "Unnamed: 0") else None
             for number, values in enumerate(reader):
                 if not values:
                     continue
-                record = dict(zip(header, values, strict=False))
                 if len(values) != len(header):
-                    yield InputRow(
-                        id=f"{name}:{number}",
-                        image="",
-                        source=name,
-                        row=str(number),
-                        error=f"has {len(values)} fields but the header has {len(header)}",
+                    yield _bad(
+                        name, number, f"has {len(values)} fields but the header has {len(header)}"
                     )
                     continue
+                record = dict(zip(header, values, strict=True))
                 label = values[index_col] if index_col is not None else None
-                yield _table_row(path.parent, name, number, record, label)
+                yield _table_row(where.parent, name, number, record, label)
     except UnicodeDecodeError as exc:
         raise InvalidInput(f"{name}: not UTF-8 text ({exc.reason})") from None
     except csv.Error as exc:
         raise InvalidInput(f"{name}: unreadable CSV: {exc}") from None
 
 
-def _iter_jsonl(path: Path, name: str) -> Iterator[InputRow]:
-    with path.open(encoding="utf-8") as f:
+def _iter_jsonl(where: Location, name: str) -> Iterator[InputRow]:
+    with where.open("rb") as raw, _text(raw, "utf-8") as f:
         for number, line in enumerate(f):
             if not line.strip():
                 continue
             try:
                 record = json.loads(line)
             except ValueError as exc:
-                yield InputRow(
-                    id=f"{name}:{number}",
-                    image="",
-                    source=name,
-                    row=str(number),
-                    error=f"not valid JSON: {exc}",
-                )
+                yield _bad(name, number, f"not valid JSON: {exc}")
                 continue
             if not isinstance(record, dict):
-                yield InputRow(
-                    id=f"{name}:{number}",
-                    image="",
-                    source=name,
-                    row=str(number),
-                    error="not a JSON object",
-                )
+                yield _bad(name, number, "not a JSON object")
                 continue
-            yield _table_row(path.parent, name, number, record)
+            yield _table_row(where.parent, name, number, record)
 
 
-def _iter_parquet(path: Path, name: str) -> Iterator[InputRow]:
+def _iter_parquet(where: Location, name: str) -> Iterator[InputRow]:
     try:
         import pyarrow.parquet as pq
     except ImportError:
         raise InvalidInput(
             "reading Parquet needs pyarrow: pip install 'blipserve[parquet]'"
         ) from None
-    try:
-        parquet = pq.ParquetFile(path)
-    except Exception as exc:  # pyarrow raises ArrowInvalid and friends
-        raise InvalidInput(f"{name}: unreadable Parquet: {exc}") from None
-    columns = [c for c in ("image", "text") if c in parquet.schema_arrow.names]
-    if "image" not in columns:
-        raise InvalidInput(f"{name}: no 'image' column (columns: {parquet.schema_arrow.names})")
-    number = 0
-    for batch in parquet.iter_batches(batch_size=256, columns=columns):
-        for record in batch.to_pylist():
-            image = record.get("image")
-            if isinstance(image, bytes):  # image bytes stored directly
-                import base64
+    with where.open("rb") as f:
+        try:
+            parquet = pq.ParquetFile(f)
+        except Exception as exc:  # pyarrow raises ArrowInvalid and friends
+            raise InvalidInput(f"{name}: unreadable Parquet: {quote(str(exc), 200)}") from None
+        names = parquet.schema_arrow.names
+        columns = [c for c in ("image", "text") if c in names]
+        if "image" not in columns:
+            raise NotATable(f"{name}: no 'image' column (columns: {_columns(names)})")
+        number = 0
+        for batch in parquet.iter_batches(batch_size=256, columns=columns):
+            for record in batch.to_pylist():
+                image = record.get("image")
+                if isinstance(image, bytes):  # image bytes stored directly
+                    import base64
 
-                record["image"] = base64.b64encode(image).decode()
-            yield _table_row(path.parent, name, number, record)
-            number += 1
+                    record["image"] = base64.b64encode(image).decode()
+                yield _table_row(where.parent, name, number, record)
+                number += 1
 
 
-def _iter_list(path: Path, name: str) -> Iterator[InputRow]:
-    with path.open(encoding="utf-8") as f:
+def _iter_list(where: Location, name: str) -> Iterator[InputRow]:
+    with where.open("rb") as raw, _text(raw, "utf-8") as f:
         for number, line in enumerate(f):
             value = line.strip()
             if not value or value.startswith("#"):
                 continue
-            yield _table_row(path.parent, name, number, {"image": value})
+            yield _table_row(where.parent, name, number, {"image": value})
+
+
+def _text(raw: Any, encoding: str) -> io.TextIOWrapper:
+    return io.TextIOWrapper(raw, encoding=encoding, newline="")
+
+
+def _bad(name: str, number: int, error: str) -> InputRow:
+    return InputRow(id=f"{name}:{number}", image="", source=name, row=str(number), error=error)
+
+
+def _columns(names: list[str]) -> str:
+    """A header for a message: each name quoted short (a header may be a row of base64)."""
+    shown = ", ".join(quote(n, 30) for n in names[:10])
+    return f"[{shown}{', ...' if len(names) > 10 else ''}]"
