@@ -5,6 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 bash scripts/install_chromium.sh  # for the browser tests of /ui
+bash scripts/install_azurite.sh   # Azure Blob emulator for the object-storage tests
 .venv/bin/ruff check src tests bench
 .venv/bin/ruff format --check src tests bench
 .venv/bin/mypy

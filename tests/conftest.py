@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+import stores
 import tiny_models
 from live_server import RunningServer, start_server
 
@@ -68,3 +69,20 @@ def server_factory(
         if server.proc.poll() is None:
             server.proc.kill()
             server.proc.wait(10)
+
+
+@pytest.fixture(scope="session", params=["azure", "s3"])
+def store(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[stores.Emulator]:
+    """A running object-store emulator (Azurite, or moto's S3 server) on a free loopback
+    port.  Where it cannot run the test is skipped, except in CI, where that fails."""
+    kind = request.param
+    why = stores.available(kind)
+    if why:
+        if os.environ.get("CI"):
+            pytest.fail(f"{kind} emulator unavailable in CI: {why}")
+        pytest.skip(why)
+    emulator = stores.start_emulator(kind, tmp_path_factory.mktemp(f"store-{kind}"))
+    yield emulator
+    emulator.stop()

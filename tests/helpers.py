@@ -30,6 +30,32 @@ def b64_png(seed: int = 0, *, lines: bool = False) -> str:
     return (base64.encodebytes(data) if lines else base64.b64encode(data)).decode()
 
 
+def photos() -> dict[str, Image.Image]:
+    """Ordinary photographs at their real sizes: scikit-image's and scikit-learn's samples."""
+    from skimage import data
+    from sklearn import datasets
+
+    return {
+        "astronaut": Image.fromarray(data.astronaut()),
+        "coffee": Image.fromarray(data.coffee()),
+        "chelsea": Image.fromarray(data.chelsea()),
+        "rocket": Image.fromarray(data.rocket()),
+        "china": Image.fromarray(datasets.load_sample_image("china.jpg")),
+        "flower": Image.fromarray(datasets.load_sample_image("flower.jpg")),
+    }
+
+
+def jpeg_bytes(image: Image.Image, quality: int = 90) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, format="JPEG", quality=quality)
+    return buf.getvalue()
+
+
+def client_base64(data: bytes) -> str:
+    """Base64 as the catalog's clients write it: ``base64.encodebytes``, line breaks and all."""
+    return base64.encodebytes(data).decode()
+
+
 def batch_command(model: Path, images: Path, out: Path, *flags: str) -> list[str]:
     """``blipserve batch IMAGES -o OUT --model MODEL`` as a subprocess argv: short captions
     (4 tokens), no progress bar, plus ``flags``."""

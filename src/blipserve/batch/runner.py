@@ -72,13 +72,15 @@ class FailureLimit:
                 f"got {quote(value)}"
             ) from None
 
-    def exceeded(self, failed: int, attempted: int, total: int | None = None) -> bool:
-        """Whether ``failed`` of ``attempted`` rows break the limit; with ``total`` (the rows
-        the whole run will attempt, when known) a percentage can be judged early."""
+    def exceeded(self, failed: int, attempted: int, bound: int | None = None) -> bool:
+        """Whether ``failed`` of ``attempted`` rows break the limit.  A percentage is judged
+        on the whole run (``attempted`` at its end), or early against ``bound``, a number
+        of rows the run cannot exceed (the input's, when it is known)."""
         if self.count is not None:
             return failed > self.count
         assert self.percent is not None
-        return failed > self.percent / 100 * (total if total is not None else attempted)
+        of = attempted if bound is None else bound
+        return failed > self.percent / 100 * of
 
     def __str__(self) -> str:
         return f"{self.percent:g}%" if self.percent is not None else str(self.count)
@@ -153,7 +155,7 @@ class JobBook:
         self.summary = Summary()
         self._started = time.monotonic()
         self._progress: _Progress | None = None
-        self._total: int | None = None
+        self._total: int | None = None  # the input's rows, where cheap to know
         self._kept_sidecars: set[str] = set()  # images whose caption file was there already
 
     def signature(self) -> dict[str, Any]:
@@ -174,18 +176,14 @@ class JobBook:
         o = self.options
         self._started = time.monotonic()
         done = self.journal.open(overwrite=o.overwrite) if self.journal else {}
-        total = count_rows(self.input)
-        self._progress = _Progress(total, o.progress, o.log_every_s, self.summary)
-        skipped = 0
+        self._total = count_rows(self.input)
+        self._progress = _Progress(self._total, o.progress, o.log_every_s, self.summary)
         for row in iter_rows(self.input, exclude=self._written(), sidecar=o.sidecar):
             if self._skip(row, done):
-                skipped += 1
                 self.summary.skipped += 1
                 self._progress.update(1)
             else:
                 yield row
-        if total is not None:
-            self._total = total - skipped
 
     def _written(self) -> frozenset[str]:
         """What this job writes, which is never one of its inputs."""
@@ -217,9 +215,10 @@ class JobBook:
                 self.summary.done += 1
         if self._progress:
             self._progress.update(len(records))
-        limit = self.options.max_failures
-        s = self.summary
-        if limit and limit.exceeded(s.failed, s.done + s.failed, self._total):
+        limit, s = self.options.max_failures, self.summary
+        # a percentage is judged early only against a known input size, else at the end
+        judged = limit is not None and (limit.count is not None or self._total is not None)
+        if limit and judged and limit.exceeded(s.failed, s.done + s.failed, self._total):
             raise self._too_many(limit)
 
     def _too_many(self, limit: FailureLimit) -> TooManyFailures:

@@ -261,6 +261,7 @@ def _iter_csv(where: Location, name: str) -> Iterator[InputRow]:
 
 
 def _iter_jsonl(where: Location, name: str) -> Iterator[InputRow]:
+    first = True
     with where.open("rb") as raw, _text(raw, "utf-8") as f:
         for number, line in enumerate(f):
             if not line.strip():
@@ -273,6 +274,10 @@ def _iter_jsonl(where: Location, name: str) -> Iterator[InputRow]:
             if not isinstance(record, dict):
                 yield _bad(name, number, "not a JSON object")
                 continue
+            if first and "image" not in record:
+                # the first object names the fields, as a header would
+                raise NotATable(f"{name}: no 'image' field (fields: {_columns(list(record))})")
+            first = False
             yield _table_row(where.parent, name, number, record)
 
 
