@@ -56,7 +56,7 @@ def client_base64(data: bytes) -> str:
     return base64.encodebytes(data).decode()
 
 
-def batch_command(model: Path, images: Path, out: Path, *flags: str) -> list[str]:
+def batch_command(model: Path, images: str | Path, out: str | Path, *flags: str) -> list[str]:
     """``blipserve batch IMAGES -o OUT --model MODEL`` as a subprocess argv: short captions
     (4 tokens), no progress bar, plus ``flags``."""
     return [

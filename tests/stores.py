@@ -132,9 +132,13 @@ class Emulator:
         self.stop()
         raise RuntimeError(f"{self.kind} emulator not ready in 60 s")
 
-    def stop(self) -> None:
+    def stop(self, *, crash: bool = False) -> None:
+        """Stop the server (``crash``: SIGKILL, at once, as a failing store would go)."""
         if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
+            if crash:
+                self.proc.kill()
+            else:
+                self.proc.terminate()
             try:
                 self.proc.wait(10)
             except subprocess.TimeoutExpired:

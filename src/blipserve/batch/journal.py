@@ -36,6 +36,7 @@ class JobJournal(Protocol):
     def open(self, *, overwrite: bool) -> dict[str, bool]: ...
     def append(self, records: Sequence[Record]) -> None: ...
     def close(self) -> None: ...
+    def merge(self) -> None: ...
     def records(self) -> Iterator[Record]: ...
 
 
@@ -118,6 +119,9 @@ class Journal:
             self._file.close()
             self._file = None
 
+    def merge(self) -> None:
+        pass  # one file already
+
     def records(self) -> Iterator[Record]:
         """Every recorded row once (the last record of an id wins), in recording order."""
         return _last_of_each(self._scan)
@@ -159,7 +163,7 @@ class PartsJournal:
                 "--overwrite to start over, or choose another --output"
             )
         done = {r["id"]: not r.get("error") for r in self.records()}
-        self._merge()
+        self.merge()
         return done
 
     def append(self, records: Sequence[Record]) -> None:
@@ -192,7 +196,7 @@ class PartsJournal:
                 if "id" in record and line.endswith(b"\n"):
                     yield record
 
-    def _merge(self) -> None:
+    def merge(self) -> None:
         """Put the parts found into one (so listings stay short), then remove them."""
         old = self._parts()
         if len(old) > 1:

@@ -255,6 +255,8 @@ class JobBook:
     def finish(self) -> Summary:
         """After :meth:`close`: write the final output from the journal; then judge
         ``--max-failures`` over the whole run."""
+        if self.journal:
+            self.journal.merge()
         if self.journal and self.format and self.output:
             self.summary.written = write_output(self.format, self.output, self.journal.records())
         self.summary.elapsed_s = time.monotonic() - self._started

@@ -142,7 +142,9 @@ class Location:
         return self._call("open", self.fs.open, self.path, mode)  # type: ignore[no-any-return]
 
     def listing(self) -> list[dict[str, Any]]:
-        """This folder's entries (fsspec's ``ls`` with details), sorted by name."""
+        """This folder's entries (fsspec's ``ls`` with details), sorted by name; always
+        asked of the store (another process may have written since the last listing)."""
+        self.fs.invalidate_cache(self.path)
         entries = self._call("list", self.fs.ls, self.path, detail=True)
         return sorted(entries, key=lambda e: str(e["name"]))
 
@@ -157,10 +159,10 @@ class Location:
 
     def write_bytes(self, data: bytes) -> None:
         """Replace the file with ``data`` atomically (a kill never leaves half of it)."""
-        if not self.local:
+        if not self.local and len(data) <= 1 << 20:
             self._call("write", self.fs.pipe_file, self.path, data, error=OutputError)
             return
-        with self.writer() as f:
+        with self.writer() as f:  # (large bodies go to a store from a file, in blocks)
             f.write(data)
 
     @contextlib.contextmanager
