@@ -101,6 +101,16 @@ class Emulator:
         self.filesystem().mkdir(name)
         return f"{self.scheme}://{name}"
 
+    def upload(self, url: str, files: dict[str, bytes]) -> None:
+        """Put ``files`` (relative name -> bytes) under ``url``."""
+        fs = self.filesystem()
+        root = url.split("://", 1)[1]
+        for name, data in files.items():
+            fs.pipe_file(f"{root}/{name}", data)
+
+    def download(self, url: str) -> bytes:
+        return bytes(self.filesystem().cat_file(url.split("://", 1)[1]))
+
     # -- life -------------------------------------------------------------------------------
 
     def start(self) -> None:

@@ -25,7 +25,8 @@ from blipserve.config import EngineConfig, FetchConfig, ImageLimits, ModelConfig
 from blipserve.engine import Engine  # noqa: E402
 from blipserve.errors import InvalidInput, ModelLoadError  # noqa: E402
 from blipserve.params import GenerationParams  # noqa: E402
-from helpers import make_image  # noqa: E402
+from helpers import jpeg_bytes, make_image, photos  # noqa: E402
+from stores import Emulator  # noqa: E402
 
 PARAMS = GenerationParams(max_new_tokens=4)
 ENGINE = EngineConfig(max_batch_size=4, decode_workers=2)
@@ -109,7 +110,7 @@ def on_ray(
     )
 
 
-def options(images: Path, output: Path, **kwargs: Any) -> BatchOptions:
+def options(images: str | Path, output: str | Path, **kwargs: Any) -> BatchOptions:
     return BatchOptions(
         input=images, output=output, params=PARAMS, progress=False, chunk_rows=2, **kwargs
     )
@@ -228,3 +229,24 @@ def test_cli_starts_and_stops_its_own_cluster(caption: Path, images: Path, tmp_p
     rows = list(csv.reader(out.read_text().splitlines()))
     assert len(rows) == 12
     assert rows[0] == ["", "", "broken.png"]  # the catalog's row, prediction, file
+
+
+def test_actors_read_an_object_store_themselves(
+    store: Emulator, caption: Path, tmp_path: Path
+) -> None:
+    """Input and output in the store (Azurite, moto's S3): no shared filesystem; the actors
+    read the images with the job's storage options, and the rows are the local job's."""
+    files = {f"{name}.jpg": jpeg_bytes(img) for name, img in photos().items()}
+    files["sub/cut.jpg"] = files["coffee.jpg"][:3000]
+    bucket = store.new_bucket()
+    store.upload(f"{bucket}/photos", files)
+    kwargs = {"storage_options": store.storage_options}
+    reference = f"{bucket}/local.jsonl"
+    local(caption, options(f"{bucket}/photos", reference, **kwargs))
+    out = f"{bucket}/ray.jsonl"
+    summary = on_ray(caption, options(f"{bucket}/photos", out, **kwargs))
+    assert counts(summary) == (6, 1, 0)
+    rows = [json.loads(x) for x in store.download(out).decode().splitlines()]
+    want = [json.loads(x) for x in store.download(reference).decode().splitlines()]
+    same_rows(rows, want)
+    assert "truncated" in rows[-1]["error"]

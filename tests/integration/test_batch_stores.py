@@ -57,14 +57,11 @@ def photo_files() -> dict[str, bytes]:
 
 
 def upload(store: Emulator, url: str, files: dict[str, bytes]) -> None:
-    fs = store.filesystem()
-    root = url.split("://", 1)[1]
-    for name, data in files.items():
-        fs.pipe_file(f"{root}/{name}", data)
+    store.upload(url, files)
 
 
 def download(store: Emulator, url: str) -> bytes:
-    return bytes(store.filesystem().cat_file(url.split("://", 1)[1]))
+    return store.download(url)
 
 
 def write_local(root: Path, files: dict[str, bytes]) -> Path:

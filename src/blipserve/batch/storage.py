@@ -219,7 +219,8 @@ class Location:
         except Exception as exc:  # each store's client has its own exception types
             if self.local and isinstance(exc, OSError):
                 raise  # a local disk's errors are about one file too
-            reason = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
+            text = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
+            reason = text.strip().splitlines()[0]  # Azure's errors append the whole response
             raise error(
                 f"cannot {what} {self}: {type(exc).__name__}: {quote(reason, 200)}"
             ) from None
