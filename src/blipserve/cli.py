@@ -76,6 +76,7 @@ examples:
   blipserve batch web.csv -o clean.parquet --filter-model Salesforce/blip-itm-base-coco
   blipserve batch az://data/inputs/ -o az://data/out/predictions.csv   # Azure Blob (adlfs)
   blipserve batch s3://bucket/photos/ --sidecar .txt --storage-option anon=true
+  blipserve batch 'shards/{00000..00127}.tar' -o captioned/     # WebDataset, shard for shard
 
 Object stores: az:// and abfs:// (pip install 'blipserve[azure]'), s3:// ('blipserve[s3]'),
 gs:// ('blipserve[gcs]'). Credentials are read as those libraries read them (e.g.
@@ -200,16 +201,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "input",
         metavar="INPUT",
-        help="folder of images (recursive) or of tables; a CSV/JSONL/Parquet file "
-        "with an 'image' column (path, URL or base64) and optional 'text'; or a "
-        ".txt list of images, one a line. A local path or an object-store URL "
-        "(az://, abfs://, s3://, gs://)",
+        help="folder of images (recursive), of tables or of WebDataset shards; a "
+        "CSV/JSONL/Parquet file with an 'image' column (path, URL or base64) and optional "
+        "'text'; a .txt list of images, one a line; a .tar shard or a pattern of them "
+        "('shards/{00000..00127}.tar'). A local path or an object-store URL (az://, "
+        "abfs://, s3://, gs://)",
     )
     p.add_argument(
         "--output",
         "-o",
         help="results file: .jsonl, .csv, .parquet, predictions.csv (the catalog's "
-        "batch output) or metadata.jsonl (Hugging Face imagefolder); a local path or "
+        "batch output) or metadata.jsonl (Hugging Face imagefolder); for shard input, a "
+        "folder to write the captioned shards into (--format webdataset); a local path or "
         "an object-store URL",
     )
     p.add_argument("--format", choices=FORMATS, help="output format when the name doesn't say")
@@ -227,6 +230,19 @@ def build_parser() -> argparse.ArgumentParser:
         help="on resume, run again the rows that failed last time",
     )
     p.add_argument("--prompt", help="text for rows without any (e.g. one question for all)")
+    p.add_argument(
+        "--text-from",
+        metavar="txt|json:FIELD",
+        help="WebDataset input: each sample's text from KEY.txt, or from FIELD of KEY.json "
+        "(default: none, caption from scratch)",
+    )
+    p.add_argument(
+        "--caption-key",
+        default="caption",
+        metavar="NAME",
+        help="WebDataset output: the caption goes to KEY.NAME.txt and the NAME field of "
+        "KEY.json (default caption)",
+    )
     p.add_argument(
         "--filter-model",
         metavar="MODEL",
@@ -404,6 +420,8 @@ def run_batch(args: argparse.Namespace) -> int:
         max_failures=FailureLimit.parse(args.max_failures),
         read_workers=args.read_workers,
         storage_options=parse_storage_options(args.storage_option),
+        text_from=args.text_from,
+        caption_key=args.caption_key,
     )
     try:
         summary = _run_batch_job(args, options)

@@ -34,9 +34,11 @@ from blipserve.errors import BlipserveError, InvalidInput
 
 log = logging.getLogger(__name__)
 
-#: InputRow's fields, as the dataset's (string, nullable) columns (has_sidecar is the
-#: driver's business)
-COLUMNS = tuple(f.name for f in dataclasses.fields(InputRow) if f.name != "has_sidecar")
+#: InputRow's fields, as the dataset's (nullable) string columns; ``data`` (a shard
+#: sample's image) is a binary one, and has_sidecar is the driver's business
+COLUMNS = tuple(
+    f.name for f in dataclasses.fields(InputRow) if f.name not in ("has_sidecar", "data")
+)
 BLOCK_CHUNKS = 4  # chunks of rows per block in the object store
 
 
@@ -192,7 +194,9 @@ def _table(rows: list[InputRow]) -> Any:
 
     columns = {name: [_text(getattr(row, name)) for row in rows] for name in COLUMNS}
     # large_string: base64 images from tables can exceed a 2 GiB string column per block
-    return pa.table({name: pa.array(values, pa.large_string()) for name, values in columns.items()})
+    arrays = {name: pa.array(values, pa.large_string()) for name, values in columns.items()}
+    arrays["data"] = pa.array([row.data for row in rows], pa.large_binary())
+    return pa.table(arrays)
 
 
 def _text(value: object) -> str | None:
@@ -200,7 +204,7 @@ def _text(value: object) -> str | None:
 
 
 def _input_row(values: dict[str, Any]) -> InputRow:
-    fields: dict[str, Any] = {k: values.get(k) for k in COLUMNS}
+    fields: dict[str, Any] = {k: values.get(k) for k in (*COLUMNS, "data")}
     return InputRow(**fields)
 
 

@@ -10,260 +10,22 @@ starts, so a killed job resumes where it stopped.
 from __future__ import annotations
 
 import logging
-import os
-import sys
-import time
 from collections import deque
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
-from typing import Any
 
-from blipserve.batch.journal import JobJournal, OutputError, Record, open_journal
-from blipserve.batch.sinks import (
-    caption_to_keep,
-    infer_format,
-    sidecar_path,
-    write_output,
-    write_sidecar,
-)
-from blipserve.batch.sources import InputRow, count_rows, iter_rows
-from blipserve.batch.storage import Location, StorageError, locate
+from blipserve.batch.book import JobBook
+from blipserve.batch.journal import OutputError, Record
+from blipserve.batch.options import BatchOptions, FailureLimit, Summary, TooManyFailures
+from blipserve.batch.sources import InputRow
+from blipserve.batch.storage import Location, StorageError
 from blipserve.contract import Prediction, RowInput
 from blipserve.engine import Engine, PreparedRow
-from blipserve.errors import BlipserveError, ImageError, InvalidInput, RowError, quote
+from blipserve.errors import ImageError, InvalidInput, RowError, quote
 from blipserve.models.base import ModelInput
 from blipserve.params import GenerationParams
 
 log = logging.getLogger(__name__)
-
-
-class TooManyFailures(BlipserveError):
-    """More rows failed than ``--max-failures`` allows: the job stopped (what is done is
-    kept in the journal; a rerun resumes)."""
-
-
-@dataclass(frozen=True)
-class FailureLimit:
-    """``--max-failures``: ``N`` rows, or ``N%`` of the rows this run attempts (the catalog's
-    ``error_threshold``).  Exceeding it stops the job with an error."""
-
-    count: int | None = None
-    percent: float | None = None
-
-    @classmethod
-    def parse(cls, text: str | None) -> FailureLimit | None:
-        if text is None or not text.strip():
-            return None
-        value = text.strip()
-        try:
-            if value.endswith("%"):
-                percent = float(value[:-1])
-                if not 0 <= percent <= 100:
-                    raise ValueError
-                return cls(percent=percent)
-            count = int(value)
-            if count < 0:
-                raise ValueError
-            return cls(count=count)
-        except ValueError:
-            raise InvalidInput(
-                "--max-failures wants a number of rows (10) or a percentage (1%), "
-                f"got {quote(value)}"
-            ) from None
-
-    def exceeded(self, failed: int, attempted: int, bound: int | None = None) -> bool:
-        """Whether ``failed`` of ``attempted`` rows break the limit.  A percentage is judged
-        on the whole run (``attempted`` at its end), or early against ``bound``, a number
-        of rows the run cannot exceed (the input's, when it is known)."""
-        if self.count is not None:
-            return failed > self.count
-        assert self.percent is not None
-        of = attempted if bound is None else bound
-        return failed > self.percent / 100 * of
-
-    def __str__(self) -> str:
-        return f"{self.percent:g}%" if self.percent is not None else str(self.count)
-
-
-@dataclass(frozen=True)
-class BatchOptions:
-    """One batch job.  ``input``/``output`` are local paths or object-store URLs;
-    ``storage_options`` (credentials among them) go to the stores' filesystems only."""
-
-    input: str | os.PathLike[str]
-    output: str | os.PathLike[str] | None = None
-    format: str | None = None
-    sidecar: str | None = None
-    overwrite: bool = False
-    retry_errors: bool = False
-    params: GenerationParams = field(default_factory=GenerationParams)
-    prompt: str | None = None  # text for rows that have none (a question for a whole folder)
-    min_match: float = 0.5
-    chunk_rows: int = 32
-    progress: bool | None = None  # None: a bar on a TTY, log lines otherwise
-    log_every_s: float = 10.0
-    max_failures: FailureLimit | None = None
-    read_workers: int = 16  # image files read at once (object stores want many in flight)
-    storage_options: Mapping[str, Any] = field(default_factory=dict, repr=False)
-
-    def locate(self, where: str | os.PathLike[str]) -> Location:
-        return locate(where, self.storage_options)
-
-
-@dataclass
-class Summary:
-    done: int = 0
-    failed: int = 0
-    skipped: int = 0
-    elapsed_s: float = 0.0
-    written: int | None = None
-
-    @property
-    def images_per_s(self) -> float:
-        return (self.done + self.failed) / self.elapsed_s if self.elapsed_s > 0 else 0.0
-
-    def line(self) -> str:
-        return (
-            f"done {self.done}, failed {self.failed}, skipped {self.skipped}, "
-            f"elapsed {self.elapsed_s:.1f} s, {self.images_per_s:.2f} images/s"
-        )
-
-
-class JobBook:
-    """The driver's side of a batch job, wherever its rows run (here, or on Ray).
-
-    It opens the journal (so a job resumes, and local and Ray runs resume each other),
-    yields the rows still to do, records finished rows (journal, sidecars, counts) and
-    writes the final output.  ``model_source`` and ``filter_source`` identify the models.
-    """
-
-    def __init__(
-        self, options: BatchOptions, model_source: str, filter_source: str | None = None
-    ) -> None:
-        if options.output is None and options.sidecar is None:
-            raise InvalidInput("nothing to write: give --output, --sidecar, or both")
-        self.options = options
-        self.model_source = model_source
-        self.filter_source = filter_source
-        self.input = options.locate(options.input)
-        self.output = options.locate(options.output) if options.output is not None else None
-        self.format = infer_format(self.output, options.format) if self.output else None
-        self.journal: JobJournal | None = (
-            open_journal(self.output, self.signature()) if self.output else None
-        )
-        self.summary = Summary()
-        self._started = time.monotonic()
-        self._progress: _Progress | None = None
-        self._total: int | None = None  # the input's rows, where cheap to know
-        self._kept_sidecars: set[str] = set()  # images whose caption file was there already
-
-    def signature(self) -> dict[str, Any]:
-        """What identifies this job's results: a rerun with another signature is refused.
-        (Locations as absolute paths or URLs: the same job from any working directory.)"""
-        o = self.options
-        return {
-            "input": str(self.input),
-            "model": self.model_source,
-            "params": o.params.generate_kwargs(),
-            "prompt": o.prompt,
-            "filter": self.filter_source,
-            "min_match": o.min_match if self.filter_source else None,
-        }
-
-    def todo(self) -> Iterator[InputRow]:
-        """Open the journal; yield the input rows not done yet (the rest count as skipped)."""
-        o = self.options
-        self._started = time.monotonic()
-        done = self.journal.open(overwrite=o.overwrite) if self.journal else {}
-        self._total = count_rows(self.input)
-        self._progress = _Progress(self._total, o.progress, o.log_every_s, self.summary)
-        for row in iter_rows(self.input, exclude=self._written(), sidecar=o.sidecar):
-            if self._skip(row, done):
-                self.summary.skipped += 1
-                self._progress.update(1)
-            else:
-                yield row
-
-    def _written(self) -> frozenset[str]:
-        """What this job writes, which is never one of its inputs."""
-        if self.output is None:
-            return frozenset()
-        out = self.output
-        return frozenset({str(out), str(out.with_name(f".{out.name}.tmp"))})
-
-    def _skip(self, row: InputRow, done: dict[str, bool]) -> bool:
-        if row.id in done and (done[row.id] or not self.options.retry_errors):
-            return True
-        o = self.options
-        if o.sidecar and row.path and row.has_sidecar and not o.overwrite:
-            # An existing caption file is left alone (and is the record for sidecar-only jobs).
-            self._kept_sidecars.add(row.path)
-            return self.journal is None
-        return False
-
-    def commit(self, records: Sequence[Record]) -> None:
-        """Record finished rows: journal (durably), sidecars, counts, progress."""
-        if self.journal:
-            self.journal.append(records)
-        for record in records:
-            self._write_sidecar(record)
-            if record["error"]:
-                self.summary.failed += 1
-                log.warning("%s: %s", record["id"], record["error"])
-            else:
-                self.summary.done += 1
-        if self._progress:
-            self._progress.update(len(records))
-        limit, s = self.options.max_failures, self.summary
-        # a percentage is judged early only against a known input size, else at the end
-        judged = limit is not None and (limit.count is not None or self._total is not None)
-        if limit and judged and limit.exceeded(s.failed, s.done + s.failed, self._total):
-            raise self._too_many(limit)
-
-    def _too_many(self, limit: FailureLimit) -> TooManyFailures:
-        s = self.summary
-        return TooManyFailures(
-            f"{s.failed} of {s.done + s.failed} rows failed, more than --max-failures {limit}; "
-            "the job stopped (finished rows are kept: fix the inputs and rerun, with "
-            "--retry-errors to redo the failed ones)"
-        )
-
-    def _write_sidecar(self, record: Record) -> None:
-        if not self.options.sidecar or not record.get("path"):
-            return
-        text = caption_to_keep(record)
-        if text is None:
-            return
-        target = sidecar_path(self.options.locate(record["path"]), self.options.sidecar)
-        if not self.options.overwrite and self._has_sidecar(record, target):
-            return
-        write_sidecar(target, text)
-
-    def _has_sidecar(self, record: Record, target: Location) -> bool:
-        """For an image in a folder the listing told; for a table's image file, ask."""
-        if record["path"] in self._kept_sidecars:
-            return True
-        return bool(record.get("row")) and target.exists()
-
-    def close(self) -> None:
-        if self._progress:
-            self._progress.close()
-        if self.journal:
-            self.journal.close()
-
-    def finish(self) -> Summary:
-        """After :meth:`close`: write the final output from the journal; then judge
-        ``--max-failures`` over the whole run."""
-        if self.journal:
-            self.journal.merge()
-        if self.journal and self.format and self.output:
-            self.summary.written = write_output(self.format, self.output, self.journal.records())
-        self.summary.elapsed_s = time.monotonic() - self._started
-        s, limit = self.summary, self.options.max_failures
-        if limit and limit.exceeded(s.failed, s.done + s.failed):
-            raise self._too_many(limit)
-        return self.summary
 
 
 class BatchJob(JobBook):
@@ -326,6 +88,9 @@ class RowStarter:
         """The future of the row's prepared input (None: the row itself is unreadable)."""
         if row.error:
             return None
+        if row.data is not None:
+            pool = self.engine.decode_pool
+            return pool.submit(self.engine.prepare, self._input(row, row.data), self.options.params)
         if row.path is None:
             pool = self.engine.decode_pool
             return pool.submit(
@@ -442,42 +207,6 @@ def _capfilt(
             record["score"], record["keep"] = outcome.score, keep
         else:
             record["text_in_score"], record["text_in_keep"] = outcome.score, keep
-
-
-class _Progress:
-    """A tqdm bar on a terminal; periodic log lines (rate, ETA) otherwise."""
-
-    def __init__(self, total: int | None, bar: bool | None, every_s: float, summary: Summary):
-        self.total = total
-        self.every_s = every_s
-        self.summary = summary
-        self.seen = 0
-        self.started = self.last_log = time.monotonic()
-        self.bar: Any = None
-        if bar if bar is not None else sys.stderr.isatty():
-            from tqdm import tqdm
-
-            self.bar = tqdm(total=total, unit="img", dynamic_ncols=True)
-
-    def update(self, n: int) -> None:
-        self.seen += n
-        if self.bar is not None:
-            self.bar.update(n)
-            self.bar.set_postfix(failed=self.summary.failed, refresh=False)
-            return
-        now = time.monotonic()
-        if now - self.last_log >= self.every_s:
-            self.last_log = now
-            rate = self.seen / (now - self.started)
-            eta = ""
-            if self.total and rate > 0:
-                eta = f", ETA {(self.total - self.seen) / rate:.0f} s"
-            of = f"/{self.total}" if self.total else ""
-            log.info("%d%s rows (%s; %.2f rows/s%s)", self.seen, of, self.summary.line(), rate, eta)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
 
 
 __all__ = [

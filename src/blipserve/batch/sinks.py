@@ -20,7 +20,7 @@ from blipserve.batch.journal import Record
 from blipserve.batch.storage import Location
 from blipserve.errors import InvalidInput
 
-FORMATS = ("jsonl", "csv", "parquet", "catalog", "imagefolder")
+FORMATS = ("jsonl", "csv", "parquet", "catalog", "imagefolder", "webdataset")
 TABLE_COLUMNS = ("id", "text", "score", "error")
 CAPFILT_COLUMNS = ("keep", "text_in", "text_in_score", "text_in_keep")
 

@@ -15,12 +15,14 @@ import io
 import json
 import logging
 import os
+import posixpath
 import re
 import sys
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from blipserve.batch.shards import SHARD_EXTENSIONS, expand, is_pattern, sample_text, samples
 from blipserve.batch.sinks import sidecar_name
 from blipserve.batch.storage import Location, is_store_url, locate
 from blipserve.errors import InvalidInput, quote
@@ -44,7 +46,8 @@ class InputRow:
     to read, and sidecars go next to it; ``source`` and ``row`` locate table rows (the
     catalog's predictions.csv reports them); ``error`` is set when the row itself is
     unreadable (e.g. no image value), so it is recorded rather than run.  ``has_sidecar``:
-    the folder listing showed a caption file next to the image already (driver side only).
+    the folder listing showed a caption file next to the image already (driver side only);
+    ``data``: the image's bytes, when they came with the row (a WebDataset sample).
     """
 
     id: str
@@ -55,6 +58,7 @@ class InputRow:
     row: str | None = None
     error: str | None = None
     has_sidecar: bool = False
+    data: bytes | None = None  # the image itself (a shard's sample)
 
 
 class NotATable(InvalidInput):
@@ -66,39 +70,96 @@ def as_location(where: Location | str | os.PathLike[str]) -> Location:
     return where if isinstance(where, Location) else locate(where)
 
 
-def iter_rows(
-    where: Location | str | os.PathLike[str],
-    *,
-    exclude: frozenset[str] = frozenset(),
-    sidecar: str | None = None,
-) -> Iterator[InputRow]:
-    """Rows of a folder of images or tables, a table, or a text list of images.
+@dataclass(frozen=True)
+class ReadOptions:
+    """How to read an input.  ``exclude``: locations (as text) that are never inputs (this
+    job's own outputs); ``sidecar``: the caption files' suffix, so that images with one
+    are marked and the caption files themselves are never read as inputs; ``text_from``:
+    a shard sample's text (``txt`` or ``json:FIELD``); ``skip_shard``: shards (by name)
+    not to read at all (their output is written already)."""
 
-    ``exclude``: locations (as text) that are never inputs (this job's own outputs);
-    ``sidecar``: the caption files' suffix, so that images with one are marked and the
-    caption files themselves are never read as inputs.
-    """
+    exclude: frozenset[str] = frozenset()
+    sidecar: str | None = None
+    text_from: str | None = None
+    skip_shard: Callable[[str], bool] | None = None
+
+
+def iter_rows(
+    where: Location | str | os.PathLike[str], how: ReadOptions | None = None
+) -> Iterator[InputRow]:
+    """Rows of a folder of images, tables or WebDataset shards, a table, a text list of
+    images, a shard, or a brace pattern of shards."""
     root = as_location(where)
-    if root.is_dir():
-        yield from _iter_folder(root, exclude, sidecar)
+    how = how or ReadOptions()
+    if is_pattern(root.path):
+        for name, shard in shard_locations(root):
+            yield from _iter_shard(shard, name, how)
+    elif root.is_dir():
+        yield from _iter_folder(root, how)
     elif root.is_file():
-        yield from _iter_file(root, root.name)
+        yield from _iter_file(root, root.name, how)
     else:
         raise InvalidInput(f"input {quote(str(root), 200)} does not exist")
+
+
+def is_shards(where: Location) -> bool:
+    """Whether the input is WebDataset shards (a pattern, a .tar, or a folder of them)."""
+    if is_pattern(where.path) or where.suffix.lower() in SHARD_EXTENSIONS:
+        return True
+    if not where.is_dir():
+        return False
+    for path, _ in _walk(where):
+        suffix = path.suffix.lower()
+        if suffix in IMAGE_EXTENSIONS or suffix in TABLE_EXTENSIONS:
+            return False
+        if suffix in SHARD_EXTENSIONS:
+            return True
+    return False
+
+
+def shard_locations(root: Location) -> list[tuple[str, Location]]:
+    """(name, location) of each shard a brace pattern names; the name is relative to the
+    pattern's fixed folder (``shards/{0..2}.tar`` -> ``0.tar``, ...)."""
+    base = posixpath.dirname(root.path[: root.path.index("{")])
+    out = []
+    for path in expand(root.path):
+        where = root.at(path)
+        out.append((where.relative_to(root.child(base)) or where.name, where))
+    return out
+
+
+def _iter_shard(shard: Location, name: str, how: ReadOptions) -> Iterator[InputRow]:
+    if how.skip_shard and how.skip_shard(name):
+        log.info("%s: its output shard is written already; skipped", name)
+        return
+    for sample in samples(shard):
+        data = sample.image()
+        text, error = sample_text(sample, how.text_from)
+        if data is None:
+            members = ", ".join(quote(info.name, 40) for info, _ in sample.members[:5])
+            error = f"sample has no image ({members})"
+        yield InputRow(
+            id=sample.key,
+            image=f"{shard}:{sample.key}",
+            text=text,
+            source=name,
+            error=error,
+            data=data,
+        )
 
 
 def count_rows(where: Location | str | os.PathLike[str]) -> int | None:
     """How many rows :func:`iter_rows` will yield, when that is cheap to know (else None:
     tables, and folders in object stores, which would have to be listed twice)."""
     root = as_location(where)
-    if not root.local:
+    if not root.local or is_pattern(root.path):
         return None
     if root.is_dir():
         images = tables = 0
         for path, _ in _walk(root):
             suffix = path.suffix.lower()
             images += suffix in IMAGE_EXTENSIONS
-            tables += suffix in TABLE_EXTENSIONS
+            tables += suffix in TABLE_EXTENSIONS or suffix in SHARD_EXTENSIONS
         return images if not tables else None
     if root.suffix.lower() in LIST_EXTENSIONS:
         with root.open("rb") as f:
@@ -125,12 +186,11 @@ def _walk(root: Location) -> Iterator[tuple[Location, frozenset[str]]]:
             yield where, names
 
 
-def _iter_folder(
-    root: Location, exclude: frozenset[str], sidecar: str | None
-) -> Iterator[InputRow]:
-    """Images in the folder (recursively); tables in it are read as tables."""
+def _iter_folder(root: Location, how: ReadOptions) -> Iterator[InputRow]:
+    """Images in the folder (recursively); tables and shards in it are read as such."""
+    sidecar = how.sidecar
     for where, siblings in _walk(root):
-        if str(where) in exclude:
+        if str(where) in how.exclude:
             continue
         suffix = where.suffix.lower()
         rel = where.relative_to(root) or where.name
@@ -148,14 +208,18 @@ def _iter_folder(
             ):
                 continue  # a caption file this job (or one like it) wrote
             try:
-                yield from _iter_file(where, rel)
+                yield from _iter_file(where, rel, how)
             except NotATable as exc:
                 log.warning("skipping %s: %s", where, exc.message)
+        elif suffix in SHARD_EXTENSIONS:
+            yield from _iter_shard(where, rel, how)
 
 
-def _iter_file(where: Location, name: str) -> Iterator[InputRow]:
+def _iter_file(where: Location, name: str, how: ReadOptions) -> Iterator[InputRow]:
     suffix = where.suffix.lower()
-    if suffix == ".csv":
+    if suffix in SHARD_EXTENSIONS:
+        yield from _iter_shard(where, name, how)
+    elif suffix == ".csv":
         yield from _iter_csv(where, name)
     elif suffix == ".jsonl":
         yield from _iter_jsonl(where, name)
@@ -168,8 +232,8 @@ def _iter_file(where: Location, name: str) -> Iterator[InputRow]:
     else:
         raise InvalidInput(
             f"input {quote(str(where), 200)}: unknown kind of file; expected a folder, an "
-            f"image, a table ({', '.join(sorted(TABLE_EXTENSIONS))}) or a list "
-            f"({', '.join(sorted(LIST_EXTENSIONS))})"
+            f"image, a table ({', '.join(sorted(TABLE_EXTENSIONS))}), a list "
+            f"({', '.join(sorted(LIST_EXTENSIONS))}) or WebDataset shards (.tar)"
         )
 
 

@@ -116,8 +116,12 @@ class Location:
             return None
         return self.path[len(base) :]
 
-    def _at(self, path: str) -> Location:
+    def at(self, path: str) -> Location:
+        """Another path on the same filesystem (a full path, as fsspec names it)."""
         return Location(self.fs, path, self.protocol)
+
+    def _at(self, path: str) -> Location:
+        return self.at(path)
 
     def __str__(self) -> str:
         return self.path if self.local else f"{self.protocol}://{self.path}"

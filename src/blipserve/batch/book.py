@@ -1,0 +1,253 @@
+"""The driver's side of a batch job, wherever its rows run (here, or on Ray): the journal,
+the rows still to do, sidecars, counts, progress, --max-failures and the final output."""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+from blipserve.batch.journal import JobJournal, Record, open_journal
+from blipserve.batch.options import BatchOptions, FailureLimit, Summary, TooManyFailures
+from blipserve.batch.shards import ShardOutput, check_text_from, is_pattern
+from blipserve.batch.sinks import (
+    caption_to_keep,
+    infer_format,
+    sidecar_path,
+    write_output,
+    write_sidecar,
+)
+from blipserve.batch.sources import (
+    InputRow,
+    ReadOptions,
+    count_rows,
+    is_shards,
+    iter_rows,
+    shard_locations,
+)
+from blipserve.batch.storage import Location
+from blipserve.errors import InvalidInput
+
+log = logging.getLogger(__name__)
+
+
+class JobBook:
+    """The driver's side of a batch job, wherever its rows run (here, or on Ray).
+
+    It opens the journal (so a job resumes, and local and Ray runs resume each other),
+    yields the rows still to do, records finished rows (journal, sidecars, counts) and
+    writes the final output.  ``model_source`` and ``filter_source`` identify the models.
+    """
+
+    def __init__(
+        self, options: BatchOptions, model_source: str, filter_source: str | None = None
+    ) -> None:
+        if options.output is None and options.sidecar is None:
+            raise InvalidInput("nothing to write: give --output, --sidecar, or both")
+        self.options = options
+        self.model_source = model_source
+        self.filter_source = filter_source
+        self.input = options.locate(options.input)
+        self.output = options.locate(options.output) if options.output is not None else None
+        check_text_from(options.text_from)
+        shards_in = is_shards(self.input)
+        self.format = self._format(shards_in)
+        if shards_in and options.sidecar:
+            raise InvalidInput("--sidecar writes files next to images; shards have none")
+        self.shards: ShardOutput | None = None
+        if self.format == "webdataset" and self.output:
+            if not shards_in:
+                raise InvalidInput("--format webdataset needs WebDataset shards as the input")
+            self.shards = ShardOutput(self.output, self._shard_input, options.caption_key)
+        self.journal: JobJournal | None = (
+            open_journal(self.output, self.signature()) if self.output else None
+        )
+        self.summary = Summary()
+        self._started = time.monotonic()
+        self._progress: _Progress | None = None
+        self._total: int | None = None  # the input's rows, where cheap to know
+        self._kept_sidecars: set[str] = set()  # images whose caption file was there already
+
+    def _format(self, shards_in: bool) -> str | None:
+        if self.output is None:
+            return None
+        if self.options.format is None and shards_in and not self.output.suffix:
+            return "webdataset"  # a folder for the captioned shards
+        return infer_format(self.output, self.options.format)
+
+    def _shard_input(self, name: str) -> Location:
+        """The input shard an output shard copies."""
+        if is_pattern(self.input.path):
+            return dict(shard_locations(self.input))[name]
+        return self.input.child(name) if self.input.suffix.lower() != ".tar" else self.input
+
+    def signature(self) -> dict[str, Any]:
+        """What identifies this job's results: a rerun with another signature is refused.
+        (Locations as absolute paths or URLs: the same job from any working directory.)"""
+        o = self.options
+        return {
+            "input": str(self.input),
+            "model": self.model_source,
+            "params": o.params.generate_kwargs(),
+            "prompt": o.prompt,
+            "filter": self.filter_source,
+            "min_match": o.min_match if self.filter_source else None,
+            **({"text_from": o.text_from} if o.text_from else {}),
+        }
+
+    def todo(self) -> Iterator[InputRow]:
+        """Open the journal; yield the input rows not done yet (the rest count as skipped)."""
+        o = self.options
+        self._started = time.monotonic()
+        done = self.journal.open(overwrite=o.overwrite) if self.journal else {}
+        shards = self.shards
+        if shards and self.journal and done:
+            shards.preload(self.journal.records())
+        self._total = count_rows(self.input)
+        self._progress = _Progress(self._total, o.progress, o.log_every_s, self.summary)
+        how = ReadOptions(
+            exclude=self._written(),
+            sidecar=o.sidecar,
+            text_from=o.text_from,
+            skip_shard=shards.is_written if shards and not o.overwrite else None,
+        )
+        for row in iter_rows(self.input, how):
+            skip = self._skip(row, done)
+            if shards and row.source:
+                shards.expect(row.source, recorded=skip)
+            if skip:
+                self.summary.skipped += 1
+                self._progress.update(1)
+            else:
+                yield row
+        if shards:
+            shards.end_of_input()
+            shards.flush()
+
+    def _written(self) -> frozenset[str]:
+        """What this job writes, which is never one of its inputs."""
+        if self.output is None:
+            return frozenset()
+        out = self.output
+        return frozenset({str(out), str(out.with_name(f".{out.name}.tmp"))})
+
+    def _skip(self, row: InputRow, done: dict[str, bool]) -> bool:
+        if row.id in done and (done[row.id] or not self.options.retry_errors):
+            return True
+        o = self.options
+        if o.sidecar and row.path and row.has_sidecar and not o.overwrite:
+            # An existing caption file is left alone (and is the record for sidecar-only jobs).
+            self._kept_sidecars.add(row.path)
+            return self.journal is None
+        return False
+
+    def commit(self, records: Sequence[Record]) -> None:
+        """Record finished rows: journal (durably), sidecars, counts, progress."""
+        if self.journal:
+            self.journal.append(records)
+        if self.shards:
+            self.shards.record(records)
+            self.shards.flush()
+        for record in records:
+            self._write_sidecar(record)
+            if record["error"]:
+                self.summary.failed += 1
+                log.warning("%s: %s", record["id"], record["error"])
+            else:
+                self.summary.done += 1
+        if self._progress:
+            self._progress.update(len(records))
+        limit, s = self.options.max_failures, self.summary
+        # a percentage is judged early only against a known input size, else at the end
+        judged = limit is not None and (limit.count is not None or self._total is not None)
+        if limit and judged and limit.exceeded(s.failed, s.done + s.failed, self._total):
+            raise self._too_many(limit)
+
+    def _too_many(self, limit: FailureLimit) -> TooManyFailures:
+        s = self.summary
+        return TooManyFailures(
+            f"{s.failed} of {s.done + s.failed} rows failed, more than --max-failures {limit}; "
+            "the job stopped (finished rows are kept: fix the inputs and rerun, with "
+            "--retry-errors to redo the failed ones)"
+        )
+
+    def _write_sidecar(self, record: Record) -> None:
+        if not self.options.sidecar or not record.get("path"):
+            return
+        text = caption_to_keep(record)
+        if text is None:
+            return
+        target = sidecar_path(self.options.locate(record["path"]), self.options.sidecar)
+        if not self.options.overwrite and self._has_sidecar(record, target):
+            return
+        write_sidecar(target, text)
+
+    def _has_sidecar(self, record: Record, target: Location) -> bool:
+        """For an image in a folder the listing told; for a table's image file, ask."""
+        if record["path"] in self._kept_sidecars:
+            return True
+        return bool(record.get("row")) and target.exists()
+
+    def close(self) -> None:
+        if self._progress:
+            self._progress.close()
+        if self.journal:
+            self.journal.close()
+
+    def finish(self) -> Summary:
+        """After :meth:`close`: write the final output from the journal; then judge
+        ``--max-failures`` over the whole run."""
+        if self.journal:
+            self.journal.merge()
+        if self.shards:
+            self.shards.end_of_input()
+            self.shards.flush()
+            self.summary.written = self.shards.written
+        elif self.journal and self.format and self.output:
+            self.summary.written = write_output(self.format, self.output, self.journal.records())
+        self.summary.elapsed_s = time.monotonic() - self._started
+        s, limit = self.summary, self.options.max_failures
+        if limit and limit.exceeded(s.failed, s.done + s.failed):
+            raise self._too_many(limit)
+        return self.summary
+
+
+class _Progress:
+    """A tqdm bar on a terminal; periodic log lines (rate, ETA) otherwise."""
+
+    def __init__(self, total: int | None, bar: bool | None, every_s: float, summary: Summary):
+        self.total = total
+        self.every_s = every_s
+        self.summary = summary
+        self.seen = 0
+        self.started = self.last_log = time.monotonic()
+        self.bar: Any = None
+        if bar if bar is not None else sys.stderr.isatty():
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, unit="img", dynamic_ncols=True)
+
+    def update(self, n: int) -> None:
+        self.seen += n
+        if self.bar is not None:
+            self.bar.update(n)
+            self.bar.set_postfix(failed=self.summary.failed, refresh=False)
+            return
+        now = time.monotonic()
+        if now - self.last_log >= self.every_s:
+            self.last_log = now
+            rate = self.seen / (now - self.started)
+            eta = ""
+            if self.total and rate > 0:
+                eta = f", ETA {(self.total - self.seen) / rate:.0f} s"
+            of = f"/{self.total}" if self.total else ""
+            log.info("%d%s rows (%s; %.2f rows/s%s)", self.seen, of, self.summary.line(), rate, eta)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+__all__ = ["JobBook"]
