@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 import sys
+import tarfile
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -54,6 +57,39 @@ def jpeg_bytes(image: Image.Image, quality: int = 90) -> bytes:
 def client_base64(data: bytes) -> str:
     """Base64 as the catalog's clients write it: ``base64.encodebytes``, line breaks and all."""
     return base64.encodebytes(data).decode()
+
+
+def add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size, info.mtime = len(data), 1_700_000_000
+    tar.addfile(info, io.BytesIO(data))
+
+
+def img2dataset_shards(folder: Path, per_shard: int = 3) -> dict[str, dict[str, Any]]:
+    """Shards as img2dataset writes them: KEY.jpg, KEY.txt (alt text), KEY.json (url,
+    caption, key, size) for each sample; a sample without an image in the last shard."""
+    folder.mkdir(parents=True, exist_ok=True)
+    samples: dict[str, dict[str, Any]] = {}
+    imgs = list(photos().items())
+    for shard in range(2):
+        with tarfile.open(folder / f"{shard:05d}.tar", "w") as tar:
+            for i in range(per_shard):
+                n = shard * per_shard + i
+                name, img = imgs[n % len(imgs)]
+                key = f"{shard:05d}{i:04d}"
+                meta = {
+                    "url": f"https://example.com/{name}.jpg",
+                    "caption": f"alt {name}",
+                    "key": key,
+                }
+                add(tar, f"{key}.jpg", jpeg_bytes(img))
+                add(tar, f"{key}.txt", f"a photo of {name}".encode())
+                add(tar, f"{key}.json", json.dumps(meta).encode())
+                samples[key] = {"image": jpeg_bytes(img), "name": name, "shard": f"{shard:05d}.tar"}
+            if shard == 1:
+                add(tar, "000019999.json", b'{"caption": "no image here"}')
+                samples["000019999"] = {"image": None, "shard": "00001.tar"}
+    return samples
 
 
 def batch_command(model: Path, images: str | Path, out: str | Path, *flags: str) -> list[str]:

@@ -15,6 +15,7 @@ import random
 import signal
 import subprocess
 import sys
+import tarfile
 import time
 from pathlib import Path
 from typing import Any
@@ -27,7 +28,7 @@ from blipserve.batch.runner import BatchJob, BatchOptions, Summary
 from blipserve.config import EngineConfig, ModelConfig
 from blipserve.engine import Engine
 from blipserve.params import GenerationParams
-from helpers import batch_command, client_base64, jpeg_bytes, photos
+from helpers import batch_command, client_base64, img2dataset_shards, jpeg_bytes, photos
 from live_server import LAUNCHER
 from stores import Emulator
 
@@ -311,3 +312,33 @@ def _png(img: Image.Image) -> bytes:
     buf = io.BytesIO()
     img.save(buf, format="PNG")
     return buf.getvalue()
+
+
+def test_webdataset_shards_from_the_store_into_the_store(
+    store: Emulator, engine: Engine, tmp_path: Path
+) -> None:
+    """img2dataset shards in the store, by brace pattern; captioned shards written there,
+    the same as a local run writes; a lost output shard is rewritten on resume."""
+    samples = img2dataset_shards(tmp_path / "shards")
+    bucket = store.new_bucket()
+    store.upload(
+        f"{bucket}/shards", {p.name: p.read_bytes() for p in (tmp_path / "shards").iterdir()}
+    )
+    run(engine, input=f"{tmp_path}/shards/{{00000..00001}}.tar", output=tmp_path / "local")
+    out = f"{bucket}/captioned"
+    summary = run(engine, store, input=f"{bucket}/shards/{{00000..00001}}.tar", output=out)
+    assert (summary.done, summary.failed, summary.written) == (6, 1, 2)
+    for name in ("00000.tar", "00001.tar"):
+        assert members(store.download(f"{out}/{name}")) == members(
+            (tmp_path / "local" / name).read_bytes()
+        )
+    store.filesystem().rm(f"{out}/00001.tar".split("://")[1])
+    summary = run(engine, store, input=f"{bucket}/shards/{{00000..00001}}.tar", output=out)
+    assert (summary.written, summary.skipped) == (1, 4)  # shard 0 not even read
+    keys = {n.split(".")[0] for n in members(store.download(f"{out}/00001.tar"))}
+    assert keys == {k for k, s in samples.items() if s["shard"] == "00001.tar"}
+
+
+def members(shard: bytes) -> dict[str, bytes]:
+    with tarfile.open(fileobj=io.BytesIO(shard)) as tar:
+        return {m.name: tar.extractfile(m).read() for m in tar if m.isfile()}

@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import io
 import json
 import tarfile
 from pathlib import Path
@@ -20,7 +19,7 @@ from blipserve.contract import RowInput
 from blipserve.engine import Engine
 from blipserve.errors import InvalidInput
 from blipserve.params import GenerationParams
-from helpers import jpeg_bytes, photos
+from helpers import img2dataset_shards
 
 PARAMS = GenerationParams(max_new_tokens=4)
 
@@ -31,39 +30,6 @@ def engine(tiny_model_dir: dict[str, Path]) -> Engine:
         ModelConfig(model=str(tiny_model_dir["blip-caption"])),
         config=EngineConfig(max_batch_size=4),
     )
-
-
-def add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
-    info = tarfile.TarInfo(name)
-    info.size, info.mtime = len(data), 1_700_000_000
-    tar.addfile(info, io.BytesIO(data))
-
-
-def img2dataset_shards(folder: Path, per_shard: int = 3) -> dict[str, dict[str, Any]]:
-    """Shards as img2dataset writes them: KEY.jpg, KEY.txt (alt text), KEY.json (url,
-    caption, key, size) for each sample; a sample without an image in the last shard."""
-    folder.mkdir(parents=True, exist_ok=True)
-    samples: dict[str, dict[str, Any]] = {}
-    imgs = list(photos().items())
-    for shard in range(2):
-        with tarfile.open(folder / f"{shard:05d}.tar", "w") as tar:
-            for i in range(per_shard):
-                n = shard * per_shard + i
-                name, img = imgs[n % len(imgs)]
-                key = f"{shard:05d}{i:04d}"
-                meta = {
-                    "url": f"https://example.com/{name}.jpg",
-                    "caption": f"alt {name}",
-                    "key": key,
-                }
-                add(tar, f"{key}.jpg", jpeg_bytes(img))
-                add(tar, f"{key}.txt", f"a photo of {name}".encode())
-                add(tar, f"{key}.json", json.dumps(meta).encode())
-                samples[key] = {"image": jpeg_bytes(img), "name": name, "shard": f"{shard:05d}.tar"}
-            if shard == 1:
-                add(tar, "000019999.json", b'{"caption": "no image here"}')
-                samples["000019999"] = {"image": None, "shard": "00001.tar"}
-    return samples
 
 
 def run(engine: Engine, **kwargs: Any) -> Summary:
