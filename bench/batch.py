@@ -21,6 +21,14 @@ the loop's decode (full-size PIL decode + the processor's resize).
 
     .venv/bin/python bench/batch.py                     # full run (~5 min on 2 cores)
     .venv/bin/python bench/batch.py --images 8 --quick  # smoke test with a tiny model
+    .venv/bin/python bench/batch.py --source both       # local folder vs Azurite, interleaved
+
+``--source azurite`` reads the same JPEGs from Azure Blob Storage instead: Azurite (the
+emulator the tests use, installed by scripts/install_azurite.sh) started on a loopback
+port, the files uploaded once, ``blipserve batch az://...`` with the credentials in the
+environment.  ``--source both`` runs the local folder and the store alternately
+``--repeats`` times (no loop baseline) and reports the store's images/s as a ratio of the
+local run's, pass by pass: what reading from an object store costs.
 
 Run it on a quiet machine; the background load is measured and reported.
 """
@@ -106,7 +114,7 @@ SUMMARY = re.compile(
 
 
 def run_blipserve(
-    model_dir: Path, folder: Path, tokens: int, extra: list[str], work: Path
+    model_dir: Path, folder: Path | str, tokens: int, extra: list[str], work: Path
 ) -> dict[str, Any]:
     out = work / "captions.jsonl"
     argv = python_command(
@@ -144,6 +152,73 @@ def run_blipserve(
         "images_per_s": float(rate),
         "wall_with_model_load_s": round(wall, 1),
     }
+
+
+def run_sources(
+    model_dir: Path, images: Path, args: argparse.Namespace, work: Path
+) -> dict[str, Any]:
+    """blipserve batch over the same files from the local folder and from Azurite,
+    alternately; per pass, the store's images/s over the local run's just before it."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    import os
+
+    import stores
+
+    why = stores.available("azure")
+    if why:
+        raise SystemExit(f"--source azurite: {why}")
+    emulator = stores.start_emulator("azure", work)
+    try:
+        bucket = emulator.new_bucket()
+        fs = emulator.filesystem()
+        start = time.perf_counter()
+        for path in sorted(images.iterdir()):
+            fs.put_file(str(path.resolve()), f"{bucket.split('://')[1]}/photos/{path.name}")
+        upload_s = time.perf_counter() - start
+        os.environ.update(emulator.env)  # credentials as a user sets them
+        extra = shlex.split(args.blipserve_args)
+        passes = []
+        for n in range(args.repeats):
+            local = run_blipserve(model_dir, images, args.tokens, extra, work)
+            store = run_blipserve(model_dir, f"{bucket}/photos", args.tokens, extra, work)
+            passes.append({"local": local, "azurite": store})
+            ratio = store["images_per_s"] / max(local["images_per_s"], 1e-9)
+            print(
+                f"  pass {n + 1}: local {local['images_per_s']:.3f}, azurite "
+                f"{store['images_per_s']:.3f} images/s ({ratio:.3f}x)",
+                file=sys.stderr,
+            )
+    finally:
+        emulator.stop()
+    ratios = [p["azurite"]["images_per_s"] / max(p["local"]["images_per_s"], 1e-9) for p in passes]
+    return {"passes": passes, "ratios": ratios, "upload_s": round(upload_s, 1)}
+
+
+def sources_markdown(report: dict[str, Any]) -> str:
+    m, src = report["machine"], report["sources"]
+    rows = [
+        f"| {n + 1} | {p['local']['images_per_s']:.3f} | {p['azurite']['images_per_s']:.3f} "
+        f"| {r:.3f}x |"
+        for n, (p, r) in enumerate(zip(src["passes"], src["ratios"], strict=True))
+    ]
+    median = float(np.median(src["ratios"]))
+    return "\n".join(
+        [
+            f"`blipserve batch` from a local folder and from Azure Blob Storage (Azurite on "
+            f"loopback): {report['images']} JPEGs of {report['image_size'][0]}x"
+            f"{report['image_size'][1]} ({report['image_mb']} MB each), {report['model']}, "
+            f"{report['tokens']} tokens per caption; {m['cpu']}, {m['usable_cores']} cores; "
+            f"{report['date']}; background load {report['background_busy']:.0%}.",
+            "",
+            "| pass | local images/s | azurite images/s | azurite / local |",
+            "|---|---|---|---|",
+            *rows,
+            "",
+            f"Median ratio {median:.3f}x (upload of the files beforehand: {src['upload_s']} s).",
+            "",
+            f"Command: `{report['command']}`",
+        ]
+    )
 
 
 def where_time_goes(model_dir: Path, paths: list[Path], tokens: int, dtype: str) -> dict[str, Any]:
@@ -235,6 +310,13 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="a tiny model of the same layout")
     parser.add_argument("--blipserve-args", default="", help="extra flags for blipserve batch")
     parser.add_argument("--out", type=Path, help="also write the report as JSON here")
+    parser.add_argument(
+        "--source",
+        choices=("local", "azurite", "both"),
+        default="local",
+        help="where blipserve reads the JPEGs (both: local and Azurite, alternately)",
+    )
+    parser.add_argument("--repeats", type=int, default=2, help="passes with --source both")
     args = parser.parse_args()
     width, height = (int(v) for v in args.size.lower().split("x"))
 
@@ -252,6 +334,27 @@ def main() -> None:
             overrides=QUICK_OVERRIDES if args.quick else None,
         )
         busy = background_cpu_busy()
+        if args.source != "local":
+            if args.source == "azurite":
+                args.repeats = 1
+            print(f"background load {busy:.0%}; local and azurite ...", file=sys.stderr)
+            report = {
+                "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+                "machine": machine_info(),
+                "background_busy": busy,
+                "images": args.images,
+                "image_size": [width, height],
+                "image_mb": round(sum(p.stat().st_size for p in paths) / len(paths) / 1e6, 2),
+                "model": f"random-weight {LAYOUT}" + (" (tiny)" if args.quick else ""),
+                "tokens": args.tokens,
+                "sources": run_sources(model_dir, images, args, work),
+                "command": shlex.join(["python", "bench/batch.py", *sys.argv[1:]]),
+            }
+            if args.out:
+                args.out.parent.mkdir(parents=True, exist_ok=True)
+                args.out.write_text(json.dumps(report, indent=2) + "\n")
+            print(sources_markdown(report))
+            return
         print(f"background load {busy:.0%}; blipserve batch ...", file=sys.stderr)
         ours = run_blipserve(model_dir, images, args.tokens, shlex.split(args.blipserve_args), work)
         print(f"  {ours['images_per_s']:.3f} images/s; loop ...", file=sys.stderr)

@@ -119,3 +119,14 @@ def test_missing_input_and_unknown_file(tmp_path: Path) -> None:
     (tmp_path / "x.docx").write_text("x")
     with pytest.raises(InvalidInput, match="unknown kind of file"):
         list(iter_rows(tmp_path / "x.docx"))
+
+
+def test_linked_images_are_inputs_and_linked_folders_are_not(tmp_path: Path) -> None:
+    (tmp_path / "elsewhere").mkdir()
+    make_image(0).save(tmp_path / "elsewhere" / "a.png")
+    folder = tmp_path / "images"
+    folder.mkdir()
+    (folder / "a.png").symlink_to(tmp_path / "elsewhere" / "a.png")
+    (folder / "loop").symlink_to(folder)
+    (folder / "dangling.png").symlink_to(tmp_path / "nowhere.png")
+    assert [r.id for r in iter_rows(folder)] == ["a.png"]

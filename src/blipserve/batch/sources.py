@@ -174,16 +174,23 @@ def _walk(root: Location) -> Iterator[tuple[Location, frozenset[str]]]:
         entries = root.listing()
     except OSError as exc:
         raise InvalidInput(f"cannot list folder '{root}': {exc.strerror or exc}") from None
-    names = frozenset(root.entry(e).name for e in entries if e.get("type") == "file")
-    for info in entries:
-        where = root.entry(info)
+    kinds = [(root.entry(e), _kind(root, e)) for e in entries]
+    names = frozenset(where.name for where, kind in kinds if kind == "file")
+    for where, kind in kinds:
         if where.name.startswith(".") or where.path == root.path:
             continue
-        if info.get("type") == "directory":
-            if not info.get("islink"):
-                yield from _walk(where)
-        elif info.get("type") == "file":
+        if kind == "directory":
+            yield from _walk(where)
+        elif kind == "file":
             yield where, names
+
+
+def _kind(root: Location, info: Mapping[str, Any]) -> str:
+    """An entry's type; a local link counts as the file it points to (a linked folder is
+    not followed: links can loop)."""
+    if root.local and info.get("islink"):
+        return "file" if os.path.isfile(str(info["name"])) else "link"
+    return str(info.get("type"))
 
 
 def _iter_folder(root: Location, how: ReadOptions) -> Iterator[InputRow]:
