@@ -1,6 +1,9 @@
-"""Batch jobs: the same engine over folders, tables and lists, resumable, locally or on Ray.
+"""Batch jobs: the same engine over folders, tables, lists and WebDataset shards, on a
+local disk or in object storage, resumable, locally or on Ray.
 
-``blipserve.batch.runner`` (the job), ``sources`` (inputs), ``sinks`` (outputs),
-``journal`` (resume), ``ray`` (Ray Data). Import what you need from those modules; this
-package imports nothing heavy itself, so the CLI stays quick to start.
+``blipserve.batch.runner`` (the job), ``book`` (its journal, counts and outputs),
+``options``, ``storage`` (local paths and object stores via fsspec), ``sources`` (inputs),
+``shards`` (WebDataset), ``sinks`` (outputs), ``journal`` (resume), ``ray`` (Ray Data).
+Import what you need from those modules; this package imports nothing heavy itself, so
+the CLI stays quick to start.
 """
