@@ -302,6 +302,22 @@ def markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def report_head(args: argparse.Namespace, paths: list[Path], busy: float) -> dict[str, Any]:
+    """What every report states: when, where, on what input and model, and how to rerun."""
+    width, height = (int(v) for v in args.size.lower().split("x"))
+    return {
+        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "machine": machine_info(),
+        "background_busy": busy,
+        "images": args.images,
+        "image_size": [width, height],
+        "image_mb": round(sum(p.stat().st_size for p in paths) / len(paths) / 1e6, 2),
+        "model": f"random-weight {LAYOUT}" + (" (tiny)" if args.quick else ""),
+        "tokens": args.tokens,
+        "command": shlex.join(["python", "bench/batch.py", *sys.argv[1:]]),
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--images", type=int, default=64)
@@ -338,18 +354,8 @@ def main() -> None:
             if args.source == "azurite":
                 args.repeats = 1
             print(f"background load {busy:.0%}; local and azurite ...", file=sys.stderr)
-            report = {
-                "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-                "machine": machine_info(),
-                "background_busy": busy,
-                "images": args.images,
-                "image_size": [width, height],
-                "image_mb": round(sum(p.stat().st_size for p in paths) / len(paths) / 1e6, 2),
-                "model": f"random-weight {LAYOUT}" + (" (tiny)" if args.quick else ""),
-                "tokens": args.tokens,
-                "sources": run_sources(model_dir, images, args, work),
-                "command": shlex.join(["python", "bench/batch.py", *sys.argv[1:]]),
-            }
+            sources = run_sources(model_dir, images, args, work)
+            report = {**report_head(args, paths, busy), "sources": sources}
             if args.out:
                 args.out.parent.mkdir(parents=True, exist_ok=True)
                 args.out.write_text(json.dumps(report, indent=2) + "\n")
@@ -365,19 +371,11 @@ def main() -> None:
         )
         stages = where_time_goes(model_dir, paths, args.tokens, dtype)
     report = {
-        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "machine": machine_info(),
-        "background_busy": busy,
-        "images": args.images,
-        "image_size": [width, height],
-        "image_mb": round(sum(p.stat().st_size for p in paths) / len(paths) / 1e6, 2),
-        "model": f"random-weight {LAYOUT}" + (" (tiny)" if args.quick else ""),
-        "tokens": args.tokens,
+        **report_head(args, paths, busy),
         "loop": loop,
         "blipserve": ours,
         "ratio": ours["images_per_s"] / loop["images_per_s"],
         "stages": stages,
-        "command": shlex.join(["python", "bench/batch.py", *sys.argv[1:]]),
     }
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -13,6 +13,7 @@ import json
 import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -36,6 +37,19 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """kind -> folder of a tiny random model saved with save_pretrained."""
     root = tmp_path_factory.mktemp("tiny-models")
     return {kind: tiny_models.build(kind, root / kind) for kind in tiny_models.BUILDERS}
+
+
+@pytest.fixture(scope="session")
+def engine(tiny_model_dir: dict[str, Path]) -> Iterator[Any]:
+    """The tiny random BLIP captioner in an engine of batch 4 (batch-job tests)."""
+    from blipserve.config import EngineConfig, ModelConfig
+    from blipserve.engine import Engine
+
+    with Engine.load(
+        ModelConfig(model=str(tiny_model_dir["blip-caption"])),
+        config=EngineConfig(max_batch_size=4),
+    ) as loaded:
+        yield loaded
 
 
 @pytest.fixture(scope="session")

@@ -25,7 +25,6 @@ import pytest
 from PIL import Image
 
 from blipserve.batch.runner import BatchJob, BatchOptions, Summary
-from blipserve.config import EngineConfig, ModelConfig
 from blipserve.engine import Engine
 from blipserve.params import GenerationParams
 from helpers import batch_command, client_base64, img2dataset_shards, jpeg_bytes, photos
@@ -33,14 +32,6 @@ from live_server import LAUNCHER
 from stores import Emulator
 
 PARAMS = GenerationParams(max_new_tokens=4)
-
-
-@pytest.fixture(scope="module")
-def engine(tiny_model_dir: dict[str, Path]) -> Engine:
-    return Engine.load(
-        ModelConfig(model=str(tiny_model_dir["blip-caption"])),
-        config=EngineConfig(max_batch_size=4),
-    )
 
 
 @pytest.fixture(scope="module")

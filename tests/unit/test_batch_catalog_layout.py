@@ -19,7 +19,6 @@ from PIL import Image
 from blipserve.batch.runner import BatchJob, BatchOptions, FailureLimit, Summary, TooManyFailures
 from blipserve.batch.sources import image_file, iter_rows
 from blipserve.batch.storage import locate
-from blipserve.config import EngineConfig, ModelConfig
 from blipserve.contract import RowInput
 from blipserve.engine import Engine
 from blipserve.errors import InvalidInput
@@ -27,14 +26,6 @@ from blipserve.params import GenerationParams
 from helpers import client_base64, jpeg_bytes, photos
 
 PARAMS = GenerationParams(max_new_tokens=4)
-
-
-@pytest.fixture(scope="module")
-def engine(tiny_model_dir: dict[str, Path]) -> Engine:
-    return Engine.load(
-        ModelConfig(model=str(tiny_model_dir["blip-caption"])),
-        config=EngineConfig(max_batch_size=4),
-    )
 
 
 @pytest.fixture(scope="module")

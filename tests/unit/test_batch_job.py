@@ -12,20 +12,12 @@ import pytest
 
 from blipserve.batch.journal import OutputError
 from blipserve.batch.runner import BatchJob, BatchOptions, Summary
-from blipserve.config import EngineConfig, ModelConfig
+from blipserve.config import ModelConfig
 from blipserve.engine import Engine
 from blipserve.params import GenerationParams
 from helpers import make_image
 
 PARAMS = GenerationParams(max_new_tokens=4)
-
-
-@pytest.fixture(scope="module")
-def engine(tiny_model_dir: dict[str, Path]) -> Engine:
-    return Engine.load(
-        ModelConfig(model=str(tiny_model_dir["blip-caption"])),
-        config=EngineConfig(max_batch_size=4),
-    )
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,6 @@ from blipserve.batch.book import JobBook
 from blipserve.batch.runner import BatchJob, BatchOptions, Summary
 from blipserve.batch.sources import ReadOptions, iter_rows
 from blipserve.batch.storage import OutputError, locate
-from blipserve.config import EngineConfig, ModelConfig
 from blipserve.contract import RowInput
 from blipserve.engine import Engine
 from blipserve.errors import InvalidInput
@@ -22,14 +21,6 @@ from blipserve.params import GenerationParams
 from helpers import img2dataset_shards
 
 PARAMS = GenerationParams(max_new_tokens=4)
-
-
-@pytest.fixture(scope="module")
-def engine(tiny_model_dir: dict[str, Path]) -> Engine:
-    return Engine.load(
-        ModelConfig(model=str(tiny_model_dir["blip-caption"])),
-        config=EngineConfig(max_batch_size=4),
-    )
 
 
 def run(engine: Engine, **kwargs: Any) -> Summary:
