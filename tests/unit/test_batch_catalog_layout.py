@@ -46,6 +46,14 @@ def short_base64_with_slashes() -> str:
     raise AssertionError("no such image")
 
 
+def photo_folder(folder: Path, jpegs: dict[str, bytes]) -> Path:
+    """``folder`` holding each photo as ``NAME.jpg``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, data in jpegs.items():
+        (folder / f"{name}.jpg").write_bytes(data)
+    return folder
+
+
 def run(engine: Engine, **kwargs: Any) -> tuple[BatchJob, Summary]:
     options = BatchOptions(params=PARAMS, progress=False, chunk_rows=3, **kwargs)
     job = BatchJob(engine, options)
@@ -123,10 +131,7 @@ def test_what_a_cell_is_is_decided_from_its_text(tmp_path: Path) -> None:
 def test_outputs_in_the_input_folder_are_never_inputs(
     engine: Engine, photo_jpegs: dict[str, bytes], tmp_path: Path
 ) -> None:
-    images = tmp_path / "images"
-    images.mkdir()
-    for name, data in photo_jpegs.items():
-        (images / f"{name}.jpg").write_bytes(data)
+    images = photo_folder(tmp_path / "images", photo_jpegs)
     out = images / "metadata.jsonl"
     for attempt in range(2):
         _, summary = run(engine, input=images, output=out, sidecar=".txt")
@@ -144,10 +149,8 @@ def test_outputs_in_the_input_folder_are_never_inputs(
 def test_resume_from_another_working_directory(
     engine: Engine, photo_jpegs: dict[str, bytes], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    (tmp_path / "a" / "images").mkdir(parents=True)
+    photo_folder(tmp_path / "a" / "images", photo_jpegs)
     (tmp_path / "b").mkdir()
-    for name, data in photo_jpegs.items():
-        (tmp_path / "a" / "images" / f"{name}.jpg").write_bytes(data)
     monkeypatch.chdir(tmp_path / "a")
     run(engine, input="images", output="images/metadata.jsonl")
     journal = tmp_path / "a" / "images" / ".metadata.jsonl.journal.jsonl"
@@ -199,10 +202,8 @@ def test_failure_limit_parsing() -> None:
 def test_max_failures_stops_the_job_and_keeps_what_is_done(
     engine: Engine, photo_jpegs: dict[str, bytes], tmp_path: Path
 ) -> None:
-    images = tmp_path / "images"
-    images.mkdir()
+    images = photo_folder(tmp_path / "images", photo_jpegs)
     for name, data in photo_jpegs.items():
-        (images / f"{name}.jpg").write_bytes(data)
         (images / f"{name}-cut.jpg").write_bytes(data[: len(data) // 3])
     out = tmp_path / "out.jsonl"
     with pytest.raises(TooManyFailures, match="more than --max-failures 2"):

@@ -3,6 +3,7 @@ the rows still to do, sidecars, counts, progress, --max-failures and the final o
 
 from __future__ import annotations
 
+import functools
 import logging
 import sys
 import time
@@ -80,8 +81,12 @@ class JobBook:
     def _shard_input(self, name: str) -> Location:
         """The input shard an output shard copies."""
         if is_pattern(self.input.path):
-            return dict(shard_locations(self.input))[name]
+            return self._pattern_shards[name]
         return self.input.child(name) if self.input.suffix.lower() != ".tar" else self.input
+
+    @functools.cached_property
+    def _pattern_shards(self) -> dict[str, Location]:
+        return dict(shard_locations(self.input))  # expanded once, not once per shard
 
     def signature(self) -> dict[str, Any]:
         """What identifies this job's results: a rerun with another signature is refused.
@@ -130,8 +135,7 @@ class JobBook:
         """What this job writes, which is never one of its inputs."""
         if self.output is None:
             return frozenset()
-        out = self.output
-        return frozenset({str(out), str(out.with_name(f".{out.name}.tmp"))})
+        return frozenset({str(self.output)})  # (its temporary files are hidden: never read)
 
     def _skip(self, row: InputRow, done: dict[str, bool]) -> bool:
         if row.id in done and (done[row.id] or not self.options.retry_errors):

@@ -88,14 +88,10 @@ class RowStarter:
         """The future of the row's prepared input (None: the row itself is unreadable)."""
         if row.error:
             return None
-        if row.data is not None:
+        if row.path is None:  # the image came with the row: base64, a URL or a sample's bytes
+            image = row.data if row.data is not None else row.image
             pool = self.engine.decode_pool
-            return pool.submit(self.engine.prepare, self._input(row, row.data), self.options.params)
-        if row.path is None:
-            pool = self.engine.decode_pool
-            return pool.submit(
-                self.engine.prepare, self._input(row, row.image), self.options.params
-            )
+            return pool.submit(self.engine.prepare, self._input(row, image), self.options.params)
         return self._readers.submit(self._read_and_prepare, row, row.path)
 
     def _read_and_prepare(self, row: InputRow, path: str) -> PreparedRow:
