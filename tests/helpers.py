@@ -92,6 +92,12 @@ def img2dataset_shards(folder: Path, per_shard: int = 3) -> dict[str, dict[str, 
     return samples
 
 
+def members(shard: bytes) -> dict[str, bytes]:
+    """A tar shard's files: name -> bytes."""
+    with tarfile.open(fileobj=io.BytesIO(shard)) as tar:
+        return {m.name: f.read() for m in tar if m.isfile() and (f := tar.extractfile(m))}
+
+
 def batch_command(model: Path, images: str | Path, out: str | Path, *flags: str) -> list[str]:
     """``blipserve batch IMAGES -o OUT --model MODEL`` as a subprocess argv: short captions
     (4 tokens), no progress bar, plus ``flags``."""

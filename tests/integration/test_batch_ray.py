@@ -25,7 +25,7 @@ from blipserve.config import EngineConfig, FetchConfig, ImageLimits, ModelConfig
 from blipserve.engine import Engine  # noqa: E402
 from blipserve.errors import InvalidInput, ModelLoadError  # noqa: E402
 from blipserve.params import GenerationParams  # noqa: E402
-from helpers import jpeg_bytes, make_image, photos  # noqa: E402
+from helpers import img2dataset_shards, jpeg_bytes, make_image, members, photos  # noqa: E402
 from stores import Emulator  # noqa: E402
 
 PARAMS = GenerationParams(max_new_tokens=4)
@@ -250,3 +250,75 @@ def test_actors_read_an_object_store_themselves(
     want = [json.loads(x) for x in store.download(reference).decode().splitlines()]
     same_rows(rows, want)
     assert "truncated" in rows[-1]["error"]
+
+
+def forbid_reading_shards_here(monkeypatch: pytest.MonkeyPatch) -> None:
+    """This process (the driver) cannot read a shard's samples; the actors still can."""
+
+    def refuse(*_: object) -> None:
+        raise AssertionError("the driver read a shard")
+
+    monkeypatch.setattr("blipserve.batch.sources.samples", refuse)
+    monkeypatch.setattr("blipserve.batch.shards.samples", refuse)
+
+
+def test_actors_read_and_write_shards_themselves(caption: Path, tmp_path: Path) -> None:
+    """WebDataset shards split across two actors, shard by shard: each actor reads its
+    shard and writes its captioned shard; the driver never reads a sample.  Output shards
+    and table rows are the local job's."""
+    img2dataset_shards(tmp_path / "shards", per_shard=4)
+    local(caption, options(tmp_path / "shards", tmp_path / "local", text_from="txt"))
+    local(caption, options(tmp_path / "shards", tmp_path / "local.jsonl", text_from="txt"))
+    with pytest.MonkeyPatch.context() as mp:
+        forbid_reading_shards_here(mp)
+        summary = on_ray(
+            caption, options(tmp_path / "shards", tmp_path / "ray", text_from="txt"), concurrency=2
+        )
+        assert (summary.done, summary.failed, summary.skipped, summary.written) == (8, 1, 0, 2)
+        on_ray(caption, options(tmp_path / "shards", tmp_path / "ray.jsonl", text_from="txt"))
+    for name in ("00000.tar", "00001.tar"):
+        got = members((tmp_path / "ray" / name).read_bytes())
+        assert got == members((tmp_path / "local" / name).read_bytes())
+        assert any(n.endswith(".caption.txt") for n in got)
+    same_rows(read_jsonl(tmp_path / "ray.jsonl"), read_jsonl(tmp_path / "local.jsonl"))
+    assert not list((tmp_path / "ray").glob(".*.tar*"))  # no temporary shard left behind
+
+
+def test_shards_resume_local_and_ray(caption: Path, tmp_path: Path) -> None:
+    """A local run of shards cut short (a torn journal, the second output shard lost) is
+    finished by Ray: the written shard is not read again, the recorded rows are not
+    captioned again, and the output is a whole run's."""
+    img2dataset_shards(tmp_path / "shards", per_shard=4)
+    out = tmp_path / "captioned"
+    local(caption, options(tmp_path / "shards", out))
+    whole = {p.name: members(p.read_bytes()) for p in sorted(out.glob("*.tar"))}
+    journal = tmp_path / ".captioned.journal.jsonl"
+    lines = journal.read_bytes().splitlines(keepends=True)
+    journal.write_bytes(b"".join(lines[:7]) + lines[7][:9])  # shard 0 and 2 rows of shard 1
+    (out / "00001.tar").unlink()
+    summary = on_ray(caption, options(tmp_path / "shards", out))
+    assert (summary.done, summary.failed, summary.skipped, summary.written) == (2, 1, 2, 1)
+    assert {p.name: members(p.read_bytes()) for p in sorted(out.glob("*.tar"))} == whole
+    ids = [json.loads(line)["id"] for line in journal.read_bytes().splitlines()[1:]]
+    assert len(ids) == len(set(ids)) == 9  # each row journaled once
+
+
+def test_actors_read_shards_from_an_object_store(
+    store: Emulator, caption: Path, tmp_path: Path
+) -> None:
+    """Shards in the store by brace pattern, captioned shards into the store, by the
+    actors with the job's storage options; the same shards as a local run writes."""
+    img2dataset_shards(tmp_path / "shards")
+    local(caption, options(tmp_path / "shards", tmp_path / "local"))
+    bucket = store.new_bucket()
+    store.upload(
+        f"{bucket}/shards", {p.name: p.read_bytes() for p in (tmp_path / "shards").iterdir()}
+    )
+    kwargs = {"storage_options": store.storage_options}
+    out = f"{bucket}/captioned"
+    pattern = f"{bucket}/shards/{{00000..00001}}.tar"
+    summary = on_ray(caption, options(pattern, out, **kwargs), concurrency=2)
+    assert (summary.done, summary.failed, summary.written) == (6, 1, 2)
+    for name in ("00000.tar", "00001.tar"):
+        got = members(store.download(f"{out}/{name}"))
+        assert got == members((tmp_path / "local" / name).read_bytes())

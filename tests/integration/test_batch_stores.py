@@ -15,7 +15,6 @@ import random
 import signal
 import subprocess
 import sys
-import tarfile
 import time
 from pathlib import Path
 from typing import Any
@@ -27,7 +26,14 @@ from PIL import Image
 from blipserve.batch.runner import BatchJob, BatchOptions, Summary
 from blipserve.engine import Engine
 from blipserve.params import GenerationParams
-from helpers import batch_command, client_base64, img2dataset_shards, jpeg_bytes, photos
+from helpers import (
+    batch_command,
+    client_base64,
+    img2dataset_shards,
+    jpeg_bytes,
+    members,
+    photos,
+)
 from live_server import LAUNCHER
 from stores import Emulator
 
@@ -260,16 +266,18 @@ def test_a_store_that_goes_away_is_a_clear_error_and_the_job_resumes(
 
 
 def test_credentials_as_storage_options_are_never_printed(
-    store: Emulator, tiny_model_dir: dict[str, Path]
+    store: Emulator, tiny_model_dir: dict[str, Path], tmp_path: Path
 ) -> None:
     """--storage-option carries a secret; a job that fails (no such bucket) names the
     location, never the secret; the journal's signature holds none of it either."""
     options = [f"{k}={v}" for k, v in store.storage_options.items()]
     flags = [x for opt in options for x in ("--storage-option", opt)]
     model = tiny_model_dir["blip-caption"]
-    argv = batch_command(model, f"{store.scheme}://no-such-bucket/x", "out.jsonl", *flags)
+    out = tmp_path / "out.jsonl"
+    argv = batch_command(model, f"{store.scheme}://no-such-bucket/x", out, *flags)
     done = subprocess.run(
         argv,
+        cwd=tmp_path,
         capture_output=True,
         text=True,
         timeout=300,
@@ -280,6 +288,8 @@ def test_credentials_as_storage_options_are_never_printed(
     assert "no-such-bucket" in done.stderr
     assert store.secret not in done.stderr
     assert "Traceback" not in done.stderr
+    left = [p for p in tmp_path.rglob("*") if p.is_file()]  # the journal, if it was begun
+    assert all(store.secret.encode() not in p.read_bytes() for p in left)
 
 
 def test_images_too_big_for_the_limit_are_row_errors(store: Emulator, engine: Engine) -> None:
@@ -328,8 +338,3 @@ def test_webdataset_shards_from_the_store_into_the_store(
     assert (summary.written, summary.skipped) == (1, 4)  # shard 0 not even read
     keys = {n.split(".")[0] for n in members(store.download(f"{out}/00001.tar"))}
     assert keys == {k for k, s in samples.items() if s["shard"] == "00001.tar"}
-
-
-def members(shard: bytes) -> dict[str, bytes]:
-    with tarfile.open(fileobj=io.BytesIO(shard)) as tar:
-        return {m.name: tar.extractfile(m).read() for m in tar if m.isfile()}

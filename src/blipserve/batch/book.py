@@ -7,7 +7,9 @@ import functools
 import logging
 import sys
 import time
+from collections import defaultdict
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from blipserve.batch.journal import JobJournal, Record, open_journal
@@ -26,12 +28,26 @@ from blipserve.batch.sources import (
     count_rows,
     is_shards,
     iter_rows,
+    shard_list,
     shard_locations,
 )
 from blipserve.batch.storage import Location
 from blipserve.errors import InvalidInput
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ShardWork:
+    """One shard for a worker: ``name`` (its rows' source), ``location`` (a path or URL),
+    ``dest``: the output shard to write once its rows are captioned (None: the output is
+    a table), and ``recorded``: the rows recorded already (id -> caption to keep), which
+    are not captioned again."""
+
+    name: str
+    location: str
+    dest: str | None
+    recorded: dict[str, str | None]
 
 
 class JobBook:
@@ -102,16 +118,21 @@ class JobBook:
             **({"text_from": o.text_from} if o.text_from else {}),
         }
 
-    def todo(self) -> Iterator[InputRow]:
-        """Open the journal; yield the input rows not done yet (the rest count as skipped)."""
+    def _open(self, preload: bool = True) -> dict[str, bool]:
+        """Open the journal (``{row id: succeeded}`` of rows recorded already) and progress;
+        ``preload``: the recorded captions of output shards still to write, for :meth:`todo`."""
         o = self.options
         self._started = time.monotonic()
         done = self.journal.open(overwrite=o.overwrite) if self.journal else {}
-        shards = self.shards
-        if shards and self.journal and done:
-            shards.preload(self.journal.records())
+        if preload and self.shards and self.journal and done:
+            self.shards.preload(self.journal.records())
         self._total = count_rows(self.input)
         self._progress = _Progress(self._total, o.progress, o.log_every_s, self.summary)
+        return done
+
+    def todo(self) -> Iterator[InputRow]:
+        """Open the journal; yield the input rows not done yet (the rest count as skipped)."""
+        o, done, shards = self.options, self._open(), self.shards
         how = ReadOptions(
             exclude=self._written(),
             sidecar=o.sidecar,
@@ -124,12 +145,47 @@ class JobBook:
                 shards.expect(row.source, recorded=skip)
             if skip:
                 self.summary.skipped += 1
-                self._progress.update(1)
+                if self._progress:
+                    self._progress.update(1)
             else:
                 yield row
         if shards:
             shards.end_of_input()
             shards.flush()
+
+    def shard_work(self) -> list[ShardWork] | None:
+        """For a job whose input is only WebDataset shards, each shard still to read, for
+        workers that read (and write) shards themselves: Ray actors.  None for any other
+        input (:meth:`todo` reads it).  Opens the journal."""
+        shards = shard_list(self.input, self._written())
+        if not shards:
+            return None
+        done = self._open(preload=False)
+        recorded: defaultdict[str, dict[str, str | None]] = defaultdict(dict)
+        if done and self.journal:
+            for record in self.journal.records():
+                row = InputRow(id=record["id"], image="")
+                if record.get("source") and self._skip(row, done):
+                    recorded[record["source"]][record["id"]] = caption_to_keep(record)
+        out, overwrite = self.shards, self.options.overwrite
+        work = []
+        for name, where in shards:
+            if out and not overwrite and out.is_written(name):
+                log.info("%s: its output shard is written already; skipped", name)
+                continue
+            dest = str(out.folder.child(name)) if out else None
+            work.append(ShardWork(name, str(where), dest, recorded.pop(name, {})))
+        return work
+
+    def shard_read(self, name: str, rows: int, skipped: int, written: bool) -> None:
+        """A worker read the shard ``name`` to its end (its records came to :meth:`commit`):
+        ``rows`` rows, ``skipped`` of them recorded already; ``written``: its output shard."""
+        self.summary.skipped += skipped
+        if self._progress:
+            self._progress.update(skipped)
+        if written and self.shards:
+            log.info("wrote %s", self.shards.folder.child(name))
+            self.shards.written += 1
 
     def _written(self) -> frozenset[str]:
         """What this job writes, which is never one of its inputs."""
@@ -254,4 +310,4 @@ class _Progress:
             self.bar.close()
 
 
-__all__ = ["JobBook"]
+__all__ = ["JobBook", "ShardWork"]

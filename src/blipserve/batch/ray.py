@@ -1,9 +1,17 @@
 """Batch jobs on Ray Data: the local job's rows, records, journal and outputs, run by actors.
 
-The driver reads the input with :func:`~blipserve.batch.sources.iter_rows` (so rows keep
-the local job's ids) and skips what the journal already holds, exactly as the local job
-does: a local run and a Ray run resume each other.  The rows still to do are put into the
-object store in Arrow blocks of a few chunks each (only one block is in the driver's memory
+WebDataset shards are split across the actors shard by shard: the driver lists the shards
+and, from the journal, the rows of each that are recorded already; an actor reads a whole
+shard itself (from an object store, with the job's storage options), skips those rows,
+sends back the others' records, writes the captioned output shard when the output is
+shards, and last sends how many rows the shard held.  The driver never reads a sample.
+(An output shard written just before a kill, whose last records the driver had not yet
+journaled, counts as done on resume: the shard is the output, and it is whole.)
+
+Any other input is read by the driver with :func:`~blipserve.batch.sources.iter_rows` (so
+rows keep the local job's ids), skipping what the journal already holds exactly as the
+local job does: a local run and a Ray run resume each other.  The rows still to do are
+put into the object store in Arrow blocks of a few chunks each (only one block is in the driver's memory
 at a time; the input is listed before the model starts, which for image paths is quick).
 Model actors (one :class:`~blipserve.engine.Engine` each, loaded once) turn batches of rows
 into journal records with the local job's own :func:`~blipserve.batch.runner.make_records`;
@@ -18,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import importlib
 import json
 import logging
@@ -25,9 +34,19 @@ import warnings
 from collections.abc import Iterable, Iterator
 from typing import Any
 
+from blipserve.batch.book import ShardWork
 from blipserve.batch.journal import Record
-from blipserve.batch.runner import BatchOptions, JobBook, RowStarter, Summary, make_records
-from blipserve.batch.sources import InputRow
+from blipserve.batch.runner import (
+    BatchOptions,
+    JobBook,
+    RowStarter,
+    Summary,
+    make_records,
+    records_of,
+)
+from blipserve.batch.shards import write_shard
+from blipserve.batch.sinks import caption_to_keep
+from blipserve.batch.sources import InputRow, ReadOptions, iter_shard
 from blipserve.batch.storage import StorageError
 from blipserve.config import EngineConfig, FetchConfig, ImageLimits, ModelConfig
 from blipserve.errors import BlipserveError, InvalidInput
@@ -85,10 +104,15 @@ def run_on_ray(
     }
     try:
         with _ordered(ray):
-            size = _rows(options)
-            refs = [ray.put(_table(rows)) for rows in _chunks(book.todo(), BLOCK_CHUNKS * size)]
-            for records in _results(ray, refs, size, actor, concurrency, num_gpus):
-                book.commit(records)
+            work = book.shard_work()
+            if work is not None:
+                _run_shards(ray, book, work, actor, concurrency, num_gpus)
+            else:
+                size = _rows(options)
+                rows = _chunks(book.todo(), BLOCK_CHUNKS * size)
+                refs = [ray.put(_table(chunk)) for chunk in rows]
+                for records in _results(ray, refs, size, actor, concurrency, num_gpus):
+                    book.commit(records)
     except ray.exceptions.RayError as exc:
         cause = _blipserve_cause(exc, ray.exceptions.RayError)
         if cause is None:
@@ -119,6 +143,43 @@ def _results(
         yield [json.loads(line) for line in batch.column("record").to_pylist()]
 
 
+def _run_shards(
+    ray: Any,
+    book: JobBook,
+    work: list[ShardWork],
+    actor: dict[str, Any],
+    concurrency: int,
+    gpus: float,
+) -> None:
+    """Each shard in ``work`` read, captioned (and its output shard written) by one actor;
+    the records committed here in input order."""
+    if not work:
+        return
+    items = [{"work": json.dumps(dataclasses.asdict(w))} for w in work]
+    dataset = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
+        ShardActor,
+        fn_constructor_kwargs=actor,
+        batch_size=1,
+        batch_format="pyarrow",
+        compute=ray.data.ActorPoolStrategy(size=concurrency),
+        num_gpus=gpus,
+    )
+    for batch in dataset.iter_batches(batch_size=None, batch_format="pyarrow"):
+        records: list[Record] = []
+        for line in batch.column("record").to_pylist():
+            message = json.loads(line)
+            if "end_of_shard" not in message:
+                records.append(message)
+                continue
+            book.commit(records)
+            records = []
+            book.shard_read(
+                message["end_of_shard"], message["rows"], message["skipped"], message["written"]
+            )
+        if records:
+            book.commit(records)
+
+
 @contextlib.contextmanager
 def _ordered(ray: Any) -> Iterator[None]:
     """Ray Data in input order (the journal, so the output, reads like a local run's) and
@@ -135,9 +196,8 @@ def _ordered(ray: Any) -> Iterator[None]:
         context.execution_options.preserve_order, context.enable_progress_bars = saved
 
 
-class RecordActor:
-    """A model actor: the engine (and CapFilt's matching engine) loaded once, then batches
-    of input rows in, one JSON journal record per row out."""
+class ModelActor:
+    """A model actor: the engine (and CapFilt's matching engine) loaded once."""
 
     def __init__(
         self,
@@ -159,7 +219,14 @@ class RecordActor:
         self.filter_engine = (
             load(dataclasses.replace(model, model=filter_model)) if filter_model else None
         )
-        self.starter = RowStarter(self.engine, options)
+
+
+class RecordActor(ModelActor):
+    """Batches of input rows in, one JSON journal record per row out."""
+
+    @functools.cached_property
+    def starter(self) -> RowStarter:
+        return RowStarter(self.engine, self.options)
 
     def __call__(self, batch: Any) -> dict[str, list[str]]:
         rows = [_input_row(values) for values in batch.to_pylist()]
@@ -172,6 +239,39 @@ class RecordActor:
             log.exception("a batch of %d rows failed", len(rows))
             records = [_failed(row, f"{type(exc).__name__}: {exc}") for row in rows]
         return {"record": [json.dumps(r, ensure_ascii=False) for r in records]}
+
+
+class ShardActor(ModelActor):
+    """A model actor for shards: each call reads one whole shard, captions the rows not
+    recorded already, yields their records a chunk at a time, writes the output shard
+    (when the output is shards), then yields the shard's end: its row counts."""
+
+    def __call__(self, batch: Any) -> Iterator[dict[str, list[str]]]:
+        for line in batch.column("work").to_pylist():
+            yield from self._shard(ShardWork(**json.loads(line)))
+
+    def _shard(self, work: ShardWork) -> Iterator[dict[str, list[str]]]:
+        o = self.options
+        count = {"rows": 0, "skipped": 0}
+        captions = dict(work.recorded)
+        how = ReadOptions(text_from=o.text_from)
+        source = o.locate(work.location)
+
+        def rows() -> Iterator[InputRow]:
+            for row in iter_shard(source, work.name, how):
+                count["rows"] += 1
+                if row.id in work.recorded:
+                    count["skipped"] += 1
+                else:
+                    yield row
+
+        for records in records_of(self.engine, rows(), o, self.filter_engine):
+            captions.update((r["id"], caption_to_keep(r)) for r in records)
+            yield {"record": [json.dumps(r, ensure_ascii=False) for r in records]}
+        if work.dest:
+            write_shard(source, o.locate(work.dest), captions, o.caption_key)
+        end = {"end_of_shard": work.name, **count, "written": bool(work.dest)}
+        yield {"record": [json.dumps(end)]}
 
 
 def _rows(options: BatchOptions) -> int:

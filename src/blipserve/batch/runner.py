@@ -9,9 +9,10 @@ starts, so a killed job resumes where it stopped.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Generator, Iterable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 
 from blipserve.batch.book import JobBook
@@ -48,27 +49,45 @@ class BatchJob(JobBook):
     # -- the run ---------------------------------------------------------------------------
 
     def run(self) -> Summary:
-        o = self.options
-        window: deque[tuple[InputRow, Future[PreparedRow] | None]] = deque()
-        starter = RowStarter(self.engine, o)
         try:
-            for row in self.todo():
-                window.append((row, starter.start(row)))
-                if len(window) >= 2 * o.chunk_rows:
-                    self._process([window.popleft() for _ in range(o.chunk_rows)])
-            while window:
-                n = min(o.chunk_rows, len(window))
-                self._process([window.popleft() for _ in range(n)])
+            with contextlib.closing(
+                records_of(self.engine, self.todo(), self.options, self.filter_engine)
+            ) as chunks:
+                for records in chunks:
+                    self.commit(records)
         finally:
-            for _, future in window:
-                if future is not None:
-                    future.cancel()
-            starter.close()
             self.close()
         return self.finish()
 
-    def _process(self, chunk: list[tuple[InputRow, Future[PreparedRow] | None]]) -> None:
-        self.commit(make_records(self.engine, chunk, self.options, self.filter_engine))
+
+def records_of(
+    engine: Engine,
+    rows: Iterable[InputRow],
+    options: BatchOptions,
+    filter_engine: Engine | None = None,
+) -> Generator[list[Record], None, None]:
+    """The journal records of ``rows``, a chunk (``options.chunk_rows``) at a time.
+
+    The next chunk's images are read and decoded while the model runs this one: at most
+    two chunks are in flight.  Shared by the local job and the Ray actors that read shards.
+    """
+    size = max(1, options.chunk_rows)
+    window: deque[tuple[InputRow, Future[PreparedRow] | None]] = deque()
+    starter = RowStarter(engine, options)
+    try:
+        for row in rows:
+            window.append((row, starter.start(row)))
+            if len(window) >= 2 * size:
+                chunk = [window.popleft() for _ in range(size)]
+                yield make_records(engine, chunk, options, filter_engine)
+        while window:
+            chunk = [window.popleft() for _ in range(min(size, len(window)))]
+            yield make_records(engine, chunk, options, filter_engine)
+    finally:
+        for _, future in window:
+            if future is not None:
+                future.cancel()
+        starter.close()
 
 
 class RowStarter:
@@ -215,4 +234,5 @@ __all__ = [
     "Summary",
     "TooManyFailures",
     "make_records",
+    "records_of",
 ]

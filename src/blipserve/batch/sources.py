@@ -93,7 +93,7 @@ def iter_rows(
     how = how or ReadOptions()
     if is_pattern(root.path):
         for name, shard in shard_locations(root):
-            yield from _iter_shard(shard, name, how)
+            yield from iter_shard(shard, name, how)
     elif root.is_dir():
         yield from _iter_folder(root, how)
     elif root.is_file():
@@ -128,7 +128,26 @@ def shard_locations(root: Location) -> list[tuple[str, Location]]:
     return out
 
 
-def _iter_shard(shard: Location, name: str, how: ReadOptions) -> Iterator[InputRow]:
+def shard_list(root: Location, exclude: frozenset[str] = frozenset()) -> list[tuple[str, Location]]:
+    """(name, location) of each shard of an input made only of shards (a pattern, a .tar,
+    or a folder of them), in the order :func:`iter_rows` reads them; empty when the input
+    holds anything else (images or tables), which only :func:`iter_rows` reads."""
+    if is_pattern(root.path):
+        return shard_locations(root)
+    if root.suffix.lower() in SHARD_EXTENSIONS:
+        return [(root.name, root)]
+    out = []
+    for where, _ in _walk(root):
+        suffix = where.suffix.lower()
+        if suffix in IMAGE_EXTENSIONS or suffix in TABLE_EXTENSIONS:
+            return []
+        if suffix in SHARD_EXTENSIONS and str(where) not in exclude:
+            out.append((where.relative_to(root) or where.name, where))
+    return out
+
+
+def iter_shard(shard: Location, name: str, how: ReadOptions) -> Iterator[InputRow]:
+    """The rows of one shard (``name``: its row source), one sample in memory at a time."""
     if how.skip_shard and how.skip_shard(name):
         log.info("%s: its output shard is written already; skipped", name)
         return
@@ -219,13 +238,13 @@ def _iter_folder(root: Location, how: ReadOptions) -> Iterator[InputRow]:
             except NotATable as exc:
                 log.warning("skipping %s: %s", where, exc.message)
         elif suffix in SHARD_EXTENSIONS:
-            yield from _iter_shard(where, rel, how)
+            yield from iter_shard(where, rel, how)
 
 
 def _iter_file(where: Location, name: str, how: ReadOptions) -> Iterator[InputRow]:
     suffix = where.suffix.lower()
     if suffix in SHARD_EXTENSIONS:
-        yield from _iter_shard(where, name, how)
+        yield from iter_shard(where, name, how)
     elif suffix == ".csv":
         yield from _iter_csv(where, name)
     elif suffix == ".jsonl":
