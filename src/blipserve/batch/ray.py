@@ -11,8 +11,9 @@ journaled, counts as done on resume: the shard is the output, and it is whole.)
 Any other input is read by the driver with :func:`~blipserve.batch.sources.iter_rows` (so
 rows keep the local job's ids), skipping what the journal already holds exactly as the
 local job does: a local run and a Ray run resume each other.  The rows still to do are
-put into the object store in Arrow blocks of a few chunks each (only one block is in the driver's memory
-at a time; the input is listed before the model starts, which for image paths is quick).
+put into the object store in Arrow blocks of a few chunks each (only one block is in the
+driver's memory at a time; the input is listed before the model starts, which for image
+paths is quick).
 Model actors (one :class:`~blipserve.engine.Engine` each, loaded once) turn batches of rows
 into journal records with the local job's own :func:`~blipserve.batch.runner.make_records`;
 the driver streams them back in input order into the journal, sidecars and counts, then
