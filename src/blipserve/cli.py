@@ -434,12 +434,14 @@ def run_batch(args: argparse.Namespace) -> int:
 
 def _run_batch_job(args: argparse.Namespace, options: BatchOptions) -> Summary:
     from blipserve.batch.runner import BatchJob
+    from blipserve.batch.sources import check_input
     from blipserve.engine import Engine
 
     model = config_from_args(ModelConfig, args)
     engine_config = config_from_args(EngineConfig, args)
     limits = config_from_args(ImageLimits, args)
     fetch = config_from_args(FetchConfig, args)
+    check_input(options.locate(options.input))  # before the model: loading takes minutes
     if args.ray:
         from blipserve.batch.ray import run_on_ray
 

@@ -138,3 +138,15 @@ def test_unknown_model_is_one_clear_line() -> None:
     assert out.returncode == 1
     assert "is not a local folder" in out.stderr
     assert "Traceback" not in out.stderr
+
+
+def test_batch_input_that_is_not_there_fails_before_the_model_loads(tmp_path: Path) -> None:
+    """A missing input (or a pattern's first shard) is named at once: the model, which
+    here does not exist either, is not even loaded."""
+    model = "Salesforce/blipserve-no-such-model"
+    for where in (tmp_path / "no-photos", tmp_path / "shards" / "{00000..00003}.tar"):
+        out = run("batch", str(where), "-o", str(tmp_path / "out.jsonl"), "--model", model)
+        assert out.returncode == 2, out.stderr
+        assert "does not exist" in out.stderr
+        assert "no-photos" in out.stderr or "00000.tar" in out.stderr
+        assert "is not a local folder" not in out.stderr

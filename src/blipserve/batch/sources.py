@@ -102,6 +102,15 @@ def iter_rows(
         raise InvalidInput(f"input {quote(str(root), 200)} does not exist")
 
 
+def check_input(where: Location | str | os.PathLike[str]) -> None:
+    """Fail at once on an input that is not there (a pattern: its first shard), before a
+    model loads for minutes; an unreachable store is a StorageError naming it."""
+    root = as_location(where)
+    first = shard_locations(root)[0][1] if is_pattern(root.path) else root
+    if not first.exists():
+        raise InvalidInput(f"input {quote(str(first), 200)} does not exist")
+
+
 def is_shards(where: Location) -> bool:
     """Whether the input is WebDataset shards (a pattern, a .tar, or a folder of them)."""
     if is_pattern(where.path) or where.suffix.lower() in SHARD_EXTENSIONS:
