@@ -16,6 +16,7 @@ from typing import Any, Literal, TypeVar
 Device = Literal["auto", "cpu", "cuda"]
 DType = Literal["auto", "float32", "bfloat16", "float16", "int8"]
 Int8Kernel = Literal["auto", "fbgemm"]
+Backend = Literal["auto", "torch", "openvino"]
 
 
 def _opt(default: Any, help: str, *, flag: str | None = None, **extra: Any) -> Any:
@@ -90,6 +91,12 @@ class ModelConfig:
         "auto",
         "Who computes int8 matmuls: auto (blipserve's own kernel where the CPU has AVX-512 "
         "VNNI and a C compiler builds it on first use, else torch's fbgemm) or fbgemm.",
+    )
+    backend: Backend = _opt(  # noqa: RUF009
+        "auto",
+        "Who runs the vision encoder on a CPU: auto (OpenVINO where it is installed, else "
+        "torch), torch, or openvino (converted once and cached in ~/.cache/blipserve; "
+        "bfloat16 where the CPU has it, float32 with --dtype float32).",
     )
     revision: str | None = _opt(None, "Hub revision (branch, tag or commit) to load.")
     cuda_graphs: bool = _opt(

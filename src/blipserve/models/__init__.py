@@ -17,6 +17,7 @@ from blipserve.models.base import (
     ModelInput,
     resolve_device,
     resolve_precision,
+    resolve_vision_backend,
 )
 from blipserve.models.registry import ADAPTERS
 
@@ -78,11 +79,15 @@ def load_model(cfg: ModelConfig) -> HFAdapter:
         raise ModelLoadError(
             f"--cuda-graphs needs a CUDA GPU; model {cfg.model!r} would run on {device.type}"
         )
+    vision = resolve_vision_backend(cfg.backend, device)
     how = f"int8 ({precision.int8_kernel}'s kernel)" if precision.int8 else str(precision)
-    log.info("loading %s (%s) on %s as %s", cfg.model, adapter_cls.kind, device, how)
+    log.info(
+        "loading %s (%s) on %s as %s, vision encoder on %s",
+        *(cfg.model, adapter_cls.kind, device, how, vision),
+    )
     try:
         adapter = adapter_cls.load(
-            source, device=device, precision=precision, revision=cfg.revision
+            source, device=device, precision=precision, revision=cfg.revision, vision=vision
         )
         if cfg.cuda_graphs:
             adapter.use_static_cache(cfg.model)

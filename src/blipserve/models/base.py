@@ -146,6 +146,18 @@ def resolve_precision(name: str, device: torch.device, int8_kernel: str = "auto"
     return Precision(torch.bfloat16 if cpu_has_native_bf16() else torch.float32)
 
 
+def resolve_vision_backend(name: str, device: torch.device) -> str:
+    """``--backend`` -> who runs the vision encoder: ``openvino`` or ``torch``."""
+    from blipserve.models import openvino_vision
+
+    if name == "torch":
+        return "torch"
+    why = openvino_vision.unavailable(device)
+    if name == "openvino" and why is not None:
+        raise ModelLoadError(f"--backend openvino is not available here: {why}")
+    return "openvino" if why is None else "torch"
+
+
 class HFAdapter:
     """Shared base: a transformers model + its processor on one device and dtype."""
 
@@ -172,15 +184,27 @@ class HFAdapter:
 
     @classmethod
     def load(
-        cls, source: str, *, device: torch.device, precision: Precision, revision: str | None
+        cls,
+        source: str,
+        *,
+        device: torch.device,
+        precision: Precision,
+        revision: str | None,
+        vision: str = "torch",
     ) -> HFAdapter:
+        """``vision``: who runs the vision encoder (``torch`` or ``openvino``)."""
         from transformers import AutoProcessor
 
-        from blipserve.models import optimize
+        from blipserve.models import openvino_vision, optimize
 
         processor = AutoProcessor.from_pretrained(source, revision=revision)
         model = cls.model_class.from_pretrained(source, revision=revision, dtype=precision.dtype)
         model.to(device).eval()
+        if vision == "openvino":  # converted from the float weights, before anything else
+            exact = precision.dtype == torch.float32 and not precision.int8
+            openvino_vision.use_openvino_vision(
+                model, _image_size(processor), precision.dtype, exact
+            )
         optimize.prepare(model, precision, device)
         adapter = cls(model, processor, device, precision)
         adapter.source = source

@@ -33,6 +33,8 @@ from typing import Any, TypeVar, cast
 import torch
 from torch.nn import functional
 
+from blipserve.cachedir import cache_folders
+
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("int8_kernel.c")
@@ -68,23 +70,13 @@ def _torch_openmp() -> str | None:
     return None
 
 
-def _folders() -> list[Path]:
-    """Where a build may go: the user's cache folder, else a temporary one."""
-    temporary = Path(tempfile.gettempdir()) / f"blipserve-kernels-{os.getuid()}"
-    try:
-        base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    except RuntimeError:  # no home folder to be found
-        return [temporary]
-    return [Path(base) / "blipserve" / "kernels", temporary]
-
-
 def _build(compiler: str, openmp: str) -> Path:
     """Compile the kernel (once per source, flags, compiler and OpenMP runtime)."""
     source = SOURCE.read_bytes()
     key = hashlib.sha256(
         b"\0".join([source, " ".join(_CFLAGS).encode(), compiler.encode(), openmp.encode()])
     ).hexdigest()[:16]
-    for folder in _folders():
+    for folder in cache_folders("kernels"):
         target = folder / f"int8_kernel-{key}.so"
         if target.exists():
             return target

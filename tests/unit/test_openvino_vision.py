@@ -1,0 +1,158 @@
+"""The vision encoder on OpenVINO: transformers' own features, on real photographs.
+
+Random-weight encoders shaped like the published checkpoints (tests/data/hf-layouts):
+BLIP-base's ViT (all 12 layers, 384 px) and BLIP-2's ViT-g at its real width (1408, 224
+px) with two of its 39 layers, so the test stays seconds long.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from transformers import AutoConfig, AutoProcessor, Blip2VisionModel, BlipVisionModel
+
+from blipserve.config import ModelConfig
+from blipserve.errors import ModelLoadError
+from blipserve.models import load_model
+from blipserve.models.base import cpu_has_native_bf16, resolve_vision_backend
+from helpers import photos
+
+ov = pytest.importorskip("openvino", reason="no OpenVINO wheel for this platform")
+
+from blipserve.models import openvino_vision  # noqa: E402
+
+LAYOUTS = Path(__file__).parents[1] / "data" / "hf-layouts"
+
+
+@pytest.fixture(autouse=True)
+def cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    return tmp_path / "cache" / "blipserve" / "openvino"
+
+
+def encoder(layout: str) -> tuple[torch.nn.Module, torch.Tensor]:
+    """A random-weight vision encoder of ``layout`` and the photos as its pixel values."""
+    config = AutoConfig.from_pretrained(LAYOUTS / layout).vision_config
+    torch.manual_seed(0)
+    if layout.startswith("blip2"):
+        config.num_hidden_layers = 2
+        model: torch.nn.Module = Blip2VisionModel(config)
+    else:
+        model = BlipVisionModel(config)
+    processor = AutoProcessor.from_pretrained(LAYOUTS / layout)
+    pixels = processor(images=list(photos().values()), return_tensors="pt")["pixel_values"]
+    return model.eval(), pixels  # pixels: (6, 3, S, S)
+
+
+@pytest.fixture(scope="module", params=["blip-image-captioning-base", "blip2-opt-2.7b"])
+def model_and_pixels(request: pytest.FixtureRequest) -> tuple[Any, torch.Tensor]:
+    return encoder(request.param)
+
+
+def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
+    """The worst image's cosine between two (B, N, D) feature tensors."""
+    a, b = a.flatten(1).double(), b.flatten(1).double()
+    return float(torch.nn.functional.cosine_similarity(a, b).min())
+
+
+def test_float32_is_transformers_own_and_bf16_close(
+    model_and_pixels: tuple[Any, torch.Tensor],
+) -> None:
+    model, pixels = model_and_pixels
+    size = pixels.shape[-1]
+    with torch.no_grad():
+        want = model(pixel_values=pixels)
+    exact = openvino_vision.compile_vision(model, size, torch.float32, exact=True)
+    got = exact(pixel_values=pixels)
+    assert exact.precision == "f32"
+    assert cosine(got.last_hidden_state, want.last_hidden_state) > 0.99999
+    assert cosine(got.pooler_output[:, None], want.pooler_output[:, None]) > 0.99999
+    assert torch.allclose(got.last_hidden_state, want.last_hidden_state, atol=2e-3, rtol=1e-3)
+    if not cpu_has_native_bf16():
+        return
+    fast = openvino_vision.compile_vision(model, size, torch.float32, exact=False)
+    assert fast.precision == "bf16"
+    assert cosine(fast(pixel_values=pixels).last_hidden_state, want.last_hidden_state) >= 0.999
+
+
+def test_a_batch_equals_its_images_one_at_a_time(
+    model_and_pixels: tuple[Any, torch.Tensor],
+) -> None:
+    model, pixels = model_and_pixels
+    compiled = openvino_vision.compile_vision(model, pixels.shape[-1], torch.float32, exact=False)
+    batch = compiled(pixel_values=pixels).last_hidden_state
+    one_by_one = torch.cat([compiled(pixel_values=p[None]).last_hidden_state for p in pixels])
+    assert torch.equal(batch, one_by_one)
+    as_tuple = compiled(pixel_values=pixels[:2], return_dict=False)
+    assert torch.equal(as_tuple[0], batch[:2])
+
+
+def test_converted_once_then_read_from_the_cache(
+    cache: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    model, pixels = encoder("blip-image-captioning-base")
+    first = openvino_vision.compile_vision(model, 384, torch.float32, exact=True)
+    [folder] = [p for p in cache.iterdir() if p.name != "compiled"]
+    assert (folder / "vision.xml").is_file()
+    assert not list(cache.glob(".convert-*"))  # no half-written folder left
+
+    def refuse(*_: object, **__: object) -> None:
+        raise AssertionError("converted again")
+
+    monkeypatch.setattr(ov, "convert_model", refuse)
+    with caplog.at_level(logging.INFO, logger="blipserve"):
+        again = openvino_vision.compile_vision(model, 384, torch.float32, exact=True)
+    assert "OpenVINO IR from" in caplog.text
+    assert torch.equal(
+        again(pixel_values=pixels[:1]).last_hidden_state,
+        first(pixel_values=pixels[:1]).last_hidden_state,
+    )
+    # Other weights are another model: a new key, never the cached one.
+    before = openvino_vision.fingerprint(model, 384, ov.get_version())
+    with torch.no_grad():
+        model.post_layernorm.bias.add_(0.5)
+    assert openvino_vision.fingerprint(model, 384, ov.get_version()) != before
+    assert openvino_vision.fingerprint(model, 224, ov.get_version()) != before
+
+
+def test_backend_choice(monkeypatch: pytest.MonkeyPatch) -> None:
+    cpu = torch.device("cpu")
+    assert resolve_vision_backend("auto", cpu) == "openvino"
+    assert resolve_vision_backend("torch", cpu) == "torch"
+    assert resolve_vision_backend("auto", torch.device("cuda")) == "torch"
+    with pytest.raises(ModelLoadError, match="runs on CPUs"):
+        resolve_vision_backend("openvino", torch.device("cuda"))
+    monkeypatch.setitem(sys.modules, "openvino", None)  # `import openvino` fails
+    assert resolve_vision_backend("auto", cpu) == "torch"
+    with pytest.raises(ModelLoadError, match=r"pip install 'blipserve\[openvino\]'"):
+        resolve_vision_backend("openvino", cpu)
+
+
+@pytest.mark.parametrize("kind", ["blip-caption", "blip-vqa", "blip-itm", "blip2-opt", "blip2-t5"])
+def test_adapters_run_on_it(tiny_model_dir: dict[str, Path], kind: str) -> None:
+    """Each family's adapter with its vision encoder on OpenVINO says what torch says (in
+    float32), and the torch encoder's weights are gone."""
+    from blipserve.models.base import ModelInput
+    from blipserve.params import GenerationParams
+
+    images = [img.convert("RGB") for img in photos().values()][:3]
+    text = {"blip-vqa": "what is it?", "blip-itm": "a photo"}.get(kind)
+    items = [
+        ModelInput(image=i, text=text, params=GenerationParams(max_new_tokens=5)) for i in images
+    ]
+    said = {}
+    for backend in ("torch", "openvino"):
+        cfg = ModelConfig(model=str(tiny_model_dir[kind]), device="cpu", dtype="float32")
+        adapter = load_model(dataclasses.replace(cfg, backend=backend))
+        said[backend] = [(p.text, p.score) for p in adapter.predict(items)]
+        if backend == "openvino":
+            vision = adapter.model.vision_model
+            assert isinstance(vision, openvino_vision.OpenVinoVision)
+            assert not list(vision.parameters())
+    assert [t for t, _ in said["openvino"]] == [t for t, _ in said["torch"]]
