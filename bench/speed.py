@@ -363,20 +363,28 @@ def make_adapter(
     adapter_cls: Callable[..., Any], model: Any, processor: Any, device: Any, mode: str, copy: bool
 ) -> Any:
     """``model`` (float32) prepared as ``mode`` (``auto``, a dtype or ``int8``, as blipserve
-    loads it; ``-eager`` / ``-sdpa`` / ``-bf16`` force BLIP's vision attention one way); on
-    a ``copy`` of it, or converting ``model`` itself.
+    loads it; ``-eager`` / ``-sdpa`` / ``-bf16`` force BLIP's vision attention one way;
+    ``+ov``: the vision encoder on OpenVINO, as ``--backend openvino`` loads it); on a
+    ``copy`` of it, or converting ``model`` itself.
     """
     import copy as copying
 
-    from blipserve.models import optimize
-    from blipserve.models.base import resolve_precision
+    import torch
 
+    from blipserve.models import openvino_vision, optimize
+    from blipserve.models.base import _image_size, resolve_precision
+
+    mode, ov, _ = mode.partition("+ov")
     name, _, variant = mode.partition("-")
     # -fbgemm: int8 layers on torch's fbgemm kernel rather than blipserve's
     precision = resolve_precision(name, device, "fbgemm" if variant == "fbgemm" else "auto")
     if copy:
         model = copying.deepcopy(model)
     model.to(precision.dtype)
+    if ov:  # converted from the float weights first, as blipserve loads it
+        exact = precision.dtype == torch.float32 and not precision.int8
+        size = _image_size(processor)
+        openvino_vision.use_openvino_vision(model, size, precision.dtype, exact)
     optimize.prepare(model, precision, device)
     if variant and variant != "fbgemm":  # -eager / -sdpa / -bf16: BLIP's vision attention
         optimize.set_vision_attention(model, variant)
@@ -480,8 +488,9 @@ def main() -> None:
         "blipserve loads it, or with -eager / -sdpa / -bf16 to force BLIP's vision attention "
         "one way (blipserve uses SDPA for float32 on a CPU, bf16 products for int8 where the "
         "CPU has native bf16), int8-fbgemm for int8 on torch's kernel instead of blipserve's, "
-        "and with :wN for N model workers (int8:w1); default: auto on "
-        "GPU; bfloat16, bfloat16-sdpa, int8-eager, int8-sdpa, int8:w1, int8 on CPU",
+        "and with :wN for N model workers (int8:w1), +ov for the vision encoder on OpenVINO "
+        "(int8+ov: the decoder in int8, the encoder in OpenVINO's bf16, what auto loads on a "
+        "CPU with OpenVINO); default: auto on GPU; int8, int8+ov, bfloat16+ov on CPU",
     )
     parser.add_argument("--models", nargs="+", help="default: BLIP-base, and BLIP-2 on GPU")
     parser.add_argument("--guard-scenes", type=int, help="default 300 GPU, 200 CPU")
@@ -509,11 +518,7 @@ def main() -> None:
     layouts = ["blip-image-captioning-base", "blip2-opt-2.7b"]
     args.models = args.models or (layouts if gpu or args.quick else layouts[:1])
     args.batches = args.batches or ([1, 8, 32, 64] if gpu else [1, 8])
-    args.modes = args.modes or (
-        ["auto"]
-        if gpu
-        else ["bfloat16", "bfloat16-sdpa", "int8-eager", "int8-sdpa", "int8:w1", "int8"]
-    )
+    args.modes = args.modes or (["auto"] if gpu else ["int8", "int8+ov", "bfloat16+ov"])
     args.min_images = args.min_images or (16 if gpu else 8)
     args.baseline_images = args.baseline_images or (32 if gpu else 8)
     args.guard_scenes = args.guard_scenes or (300 if gpu else 200)

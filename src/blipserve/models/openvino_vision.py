@@ -206,7 +206,9 @@ def use_openvino_vision(
     """Replace ``model.vision_model`` by its OpenVINO compilation (its weights are freed)."""
     vision = model.vision_model
     assert isinstance(vision, nn.Module)
-    encoder = compile_vision(vision, image_size, dtype, exact)
+    # Traced in float32 whatever the model's dtype (a bfloat16 model's weights, already
+    # rounded, lose nothing): OpenVINO then picks the precision, and its outputs are f32.
+    encoder = compile_vision(vision.float(), image_size, dtype, exact)
     model.vision_model = encoder
     return encoder
 
