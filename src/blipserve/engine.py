@@ -82,7 +82,7 @@ class Engine:
             torch.set_num_threads(self.config.torch_threads)  # process-wide, as torch has it
         self.torch_threads = torch.get_num_threads()
         self.model_workers = self.config.model_workers or default_model_workers(
-            adapter.device, self.torch_threads
+            adapter.device, self.torch_threads, adapter.vision_backend
         )
         self.limits = limits or ImageLimits()
         fetch = fetch or FetchConfig()
@@ -305,15 +305,18 @@ class Engine:
         return predictions
 
 
-def default_model_workers(device: torch.device, torch_threads: int) -> int:
+def default_model_workers(device: torch.device, torch_threads: int, vision: str = "torch") -> int:
     """Batches run at once when the config leaves it to us (``model_workers`` 0).
 
     Measured on BLIP-base int8, 2-core Zen 4: two batches of 8 on two threads with one
     torch thread each against one after the other with two threads, images/s (medians of
     7 interleaved pairs, three runs): +13%, +3% and +9%, captions identical.  A GPU
-    runs one batch at a time (CUDA graphs and the memory of two batches in flight).
+    runs one batch at a time (CUDA graphs and the memory of two batches in flight).  So
+    does a vision encoder on OpenVINO, which takes every core per call whatever the
+    thread's torch share: with two workers, batch 8, 1.73 images/s against 2.06-2.24 with
+    one (bench/results/speed-cpu-openvino.json, -w1.json).
     """
-    if device.type != "cpu" or torch_threads < 2:
+    if device.type != "cpu" or torch_threads < 2 or vision == "openvino":
         return 1
     return 2
 

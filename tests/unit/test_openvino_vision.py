@@ -19,6 +19,7 @@ import torch
 from transformers import AutoConfig, AutoProcessor, Blip2VisionModel, BlipVisionModel
 
 from blipserve.config import ModelConfig
+from blipserve.engine import default_model_workers
 from blipserve.errors import ModelLoadError
 from blipserve.models import load_model
 from blipserve.models.base import cpu_has_native_bf16, resolve_vision_backend
@@ -167,4 +168,9 @@ def test_adapters_run_on_it(tiny_model_dir: dict[str, Path], kind: str) -> None:
             vision = adapter.model.vision_model
             assert isinstance(vision, openvino_vision.OpenVinoVision)
             assert not list(vision.parameters())
+            # OpenVINO takes every core per call: the engine runs one batch at a time
+            assert adapter.vision_backend == "openvino"
+            assert default_model_workers(torch.device("cpu"), 2, adapter.vision_backend) == 1
+        else:
+            assert adapter.vision_backend == "torch"
     assert [t for t, _ in said["openvino"]] == [t for t, _ in said["torch"]]

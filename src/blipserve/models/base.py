@@ -48,6 +48,8 @@ class Adapter(Protocol):
     dtype: torch.dtype
     #: where the model was loaded from (folder or hub id)
     source: str
+    #: who runs the vision encoder: ``torch`` or ``openvino`` (which uses every core per call)
+    vision_backend: str
 
     def batch_key(self, item: ModelInput) -> Hashable:
         """Rows with equal keys may share one ``predict`` call with identical results."""
@@ -190,6 +192,11 @@ class HFAdapter:
         self.dtype = precision.dtype  # of the pixel values (and the model's float weights)
         self.image_size = _image_size(processor)
         self.source = str(getattr(model, "name_or_path", "") or self.kind)
+        self.vision_backend = (
+            "openvino"
+            if type(getattr(model, "vision_model", None)).__name__ == "OpenVinoVision"
+            else "torch"
+        )
 
     @classmethod
     def load(
