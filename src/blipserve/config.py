@@ -40,7 +40,8 @@ class ImageLimits:
     draft_decode: bool = _opt(
         True,
         "Decode large JPEGs at a reduced size (Pillow draft mode) when the model needs far "
-        "fewer pixels, and shrink any image larger than 4x the model's input on a side by a "
+        "fewer pixels, never below twice the model's input on a side (closer, it changed "
+        "answers), and shrink any image larger than 4x the model's input on a side by a "
         "whole factor per side right after decoding (never below 2x), so a queued row holds "
         "megabytes, not hundreds.",
     )
