@@ -16,7 +16,6 @@ import io
 import sys
 import time
 from pathlib import Path
-from typing import Any
 
 import torch
 from PIL import Image
@@ -26,29 +25,15 @@ from blipserve.images import decode_image
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
-LAYOUTS = ROOT / "tests" / "data" / "hf-layouts"
 SIZES = ((640, 480), (1024, 768), (2000, 1500), (4000, 3000))
 
 
-def encoder(layout: str) -> tuple[Any, Any]:
-    from transformers import AutoConfig, AutoProcessor, Blip2VisionModel, BlipVisionModel
-
-    config = AutoConfig.from_pretrained(LAYOUTS / layout).vision_config
-    torch.manual_seed(0)
-    if layout.startswith("blip2"):
-        config.num_hidden_layers = 2
-        model: Any = Blip2VisionModel(config)
-    else:
-        model = BlipVisionModel(config)
-    return model.eval(), AutoProcessor.from_pretrained(LAYOUTS / layout)
-
-
 def main() -> None:
-    from helpers import photos
+    from helpers import photos, random_vision_encoder
 
     pictures = [p.convert("RGB") for p in photos().values()]
     for layout in ("blip2-opt-2.7b", "blip-image-captioning-base"):
-        model, processor = encoder(layout)
+        model, processor = random_vision_encoder(layout)
         side = processor.image_processor.size["height"]
         for size in SIZES:
             jpegs = []

@@ -92,6 +92,23 @@ def img2dataset_shards(folder: Path, per_shard: int = 3) -> dict[str, dict[str, 
     return samples
 
 
+def random_vision_encoder(layout: str) -> tuple[Any, Any]:
+    """A random-weight vision encoder shaped like ``layout``'s (tests/data/hf-layouts) and
+    its processor: BLIP's ViT whole; BLIP-2's ViT-g at its real width with 2 of its layers."""
+    import torch
+    from transformers import AutoConfig, AutoProcessor, Blip2VisionModel, BlipVisionModel
+
+    folder = Path(__file__).parent / "data" / "hf-layouts" / layout
+    config = AutoConfig.from_pretrained(folder).vision_config
+    torch.manual_seed(0)
+    if layout.startswith("blip2"):
+        config.num_hidden_layers = 2
+        model: Any = Blip2VisionModel(config)
+    else:
+        model = BlipVisionModel(config)
+    return model.eval(), AutoProcessor.from_pretrained(folder)
+
+
 def members(shard: bytes) -> dict[str, bytes]:
     """A tar shard's files: name -> bytes."""
     with tarfile.open(fileobj=io.BytesIO(shard)) as tar:

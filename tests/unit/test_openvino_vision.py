@@ -16,20 +16,17 @@ from typing import Any
 
 import pytest
 import torch
-from transformers import AutoConfig, AutoProcessor, Blip2VisionModel, BlipVisionModel
 
 from blipserve.config import ModelConfig
 from blipserve.engine import default_model_workers
 from blipserve.errors import ModelLoadError
 from blipserve.models import load_model
 from blipserve.models.base import cpu_has_native_bf16, resolve_vision_backend
-from helpers import photos
+from helpers import photos, random_vision_encoder
 
 ov = pytest.importorskip("openvino", reason="no OpenVINO wheel for this platform")
 
 from blipserve.models import openvino_vision  # noqa: E402
-
-LAYOUTS = Path(__file__).parents[1] / "data" / "hf-layouts"
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -50,16 +47,9 @@ def cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 def encoder(layout: str) -> tuple[torch.nn.Module, torch.Tensor]:
     """A random-weight vision encoder of ``layout`` and the photos as its pixel values."""
-    config = AutoConfig.from_pretrained(LAYOUTS / layout).vision_config
-    torch.manual_seed(0)
-    if layout.startswith("blip2"):
-        config.num_hidden_layers = 2
-        model: torch.nn.Module = Blip2VisionModel(config)
-    else:
-        model = BlipVisionModel(config)
-    processor = AutoProcessor.from_pretrained(LAYOUTS / layout)
+    model, processor = random_vision_encoder(layout)
     pixels = processor(images=list(photos().values()), return_tensors="pt")["pixel_values"]
-    return model.eval(), pixels  # pixels: (6, 3, S, S)
+    return model, pixels  # pixels: (6, 3, S, S)
 
 
 @pytest.fixture(scope="module", params=["blip-image-captioning-base", "blip2-opt-2.7b"])

@@ -164,8 +164,7 @@ class JobBook:
         recorded: defaultdict[str, dict[str, str | None]] = defaultdict(dict)
         if done and self.journal:
             for record in self.journal.records():
-                row = InputRow(id=record["id"], image="")
-                if record.get("source") and self._skip(row, done):
+                if record.get("source") and self._recorded(record["id"], done):
                     recorded[record["source"]][record["id"]] = caption_to_keep(record)
         out, overwrite = self.shards, self.options.overwrite
         work = []
@@ -193,8 +192,13 @@ class JobBook:
             return frozenset()
         return frozenset({str(self.output)})  # (its temporary files are hidden: never read)
 
+    def _recorded(self, row_id: str, done: dict[str, bool]) -> bool:
+        """Whether the journal's record of ``row_id`` stands (a failed one is redone with
+        --retry-errors)."""
+        return row_id in done and (done[row_id] or not self.options.retry_errors)
+
     def _skip(self, row: InputRow, done: dict[str, bool]) -> bool:
-        if row.id in done and (done[row.id] or not self.options.retry_errors):
+        if self._recorded(row.id, done):
             return True
         o = self.options
         if o.sidecar and row.path and row.has_sidecar and not o.overwrite:

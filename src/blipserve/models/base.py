@@ -17,6 +17,7 @@ from PIL import Image
 
 from blipserve.contract import Prediction
 from blipserve.errors import InvalidInput, ModelLoadError
+from blipserve.models.openvino_vision import OpenVinoVision
 from blipserve.params import GenerationParams
 
 log = logging.getLogger(__name__)
@@ -192,11 +193,8 @@ class HFAdapter:
         self.dtype = precision.dtype  # of the pixel values (and the model's float weights)
         self.image_size = _image_size(processor)
         self.source = str(getattr(model, "name_or_path", "") or self.kind)
-        self.vision_backend = (
-            "openvino"
-            if type(getattr(model, "vision_model", None)).__name__ == "OpenVinoVision"
-            else "torch"
-        )
+        vision = getattr(model, "vision_model", None)
+        self.vision_backend = "openvino" if isinstance(vision, OpenVinoVision) else "torch"
 
     @classmethod
     def load(
