@@ -159,8 +159,9 @@ def decode_image(data: bytes, limits: ImageLimits, target_size: int | None = Non
     input changed enough to change texts (a 640x480 JPEG for BLIP-2's 224 px decoded at
     320x240: vision features' cosine to a full decode 0.9991 on the worst of six photos,
     BLIP-base's 384 px from 1024x768 at 512x384: 0.9991), while at twice or more it stayed
-    0.9999 or higher; and the decode costs the same (a 4000x3000 JPEG: 23 ms at 1/2 scale,
-    25 at 1/4, 71 in full), since most of its time is entropy decoding, at any scale.
+    0.99988 or higher (bench/results/draft-old-rule.txt); and the decode costs the same
+    (a 4000x3000 JPEG: 23 ms at 1/2 scale, 25 at 1/4, 71 in full), since most of its time
+    is entropy decoding, at any scale.
     """
     if not data:
         raise ImageError("image is empty (0 bytes)")
