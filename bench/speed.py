@@ -369,8 +369,6 @@ def make_adapter(
     """
     import copy as copying
 
-    import torch
-
     from blipserve.models import openvino_vision, optimize
     from blipserve.models.base import _image_size, resolve_precision
 
@@ -382,9 +380,8 @@ def make_adapter(
         model = copying.deepcopy(model)
     model.to(precision.dtype)
     if ov:  # converted from the float weights first, as blipserve loads it
-        exact = precision.dtype == torch.float32 and not precision.int8
         size = _image_size(processor)
-        openvino_vision.use_openvino_vision(model, size, precision.dtype, exact)
+        openvino_vision.use_openvino_vision(model, processor.image_processor, size, precision)
     optimize.prepare(model, precision, device)
     if variant and variant != "fbgemm":  # -eager / -sdpa / -bf16: BLIP's vision attention
         optimize.set_vision_attention(model, variant)

@@ -215,9 +215,8 @@ class HFAdapter:
         model = cls.model_class.from_pretrained(source, revision=revision, dtype=precision.dtype)
         model.to(device).eval()
         if vision == "openvino":  # converted from the float weights, before anything else
-            exact = precision.dtype == torch.float32 and not precision.int8
             openvino_vision.use_openvino_vision(
-                model, _image_size(processor), precision.dtype, exact
+                model, processor.image_processor, _image_size(processor), precision
             )
         optimize.prepare(model, precision, device)
         adapter = cls(model, processor, device, precision)

@@ -1,0 +1,178 @@
+"""The vision encoder alone: blipserve's torch int8 against OpenVINO's precisions, side by side.
+
+Full-size random-weight BLIP-base ViT (384 px; ``--layout`` for another, BLIP-2's ViT-g with
+2 of its layers), built from the published config (tests/data/hf-layouts).  Eight ordinary
+photographs (scikit-image, scikit-learn) through the model's processor; per mode, ms per
+image at batch 1 and batch 8, passes interleaved (this machine drifts by 10-30% within
+minutes), medians over the passes; and each mode's worst photo's feature cosine (last
+hidden state) against transformers' float32.
+
+Modes (``--modes``): ``torch-int8`` (blipserve's int8 linears, as ``--dtype int8`` loads
+them on torch), and on OpenVINO as ``--backend openvino`` loads them: ``ov-f32``,
+``ov-bf16``, ``ov-int8`` (NNCF int8 with blipserve's recipe and generated calibration:
+``openvino_vision.quantize_int8``); for comparison, ``ov-nncf-preset`` (NNCF's transformer
+preset as it comes, SmoothQuant on, calibrated on twelve photographs outside the evaluation
+set), ``ov-int8w`` (NNCF weight-only int8, computed in bf16) and ``ov-int8w-dq`` (the same
+with OpenVINO's dynamic int8 quantization of activations, group 32).  The cache is a fresh
+temporary folder, so ``ready in`` includes conversion and quantization.
+
+    .venv/bin/python bench/openvino_encoder.py --out bench/results/openvino-encoder-2.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT / "bench"))
+
+MODES = ("torch-int8", "ov-bf16", "ov-int8", "ov-nncf-preset", "ov-int8w", "ov-int8w-dq")
+CALIBRATION = ("camera", "immunohistochemistry", "hubble_deep_field", "retina", "coins", "moon")
+
+
+def calibration_pixels(processor: Any) -> list[np.ndarray]:
+    """One-image batches of scikit-image photos that the evaluation set does not hold."""
+    from PIL import Image
+    from skimage import data
+
+    out = []
+    for name in CALIBRATION:
+        image = Image.fromarray(np.asarray(getattr(data, name)())).convert("RGB")
+        for picture in (image, image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)):
+            out.append(processor(images=picture, return_tensors="np")["pixel_values"])
+    return out
+
+
+def openvino_mode(mode: str, vision: Any, side: int, processor: Any) -> Any:
+    """A callable pixels (B, 3, S, S) -> last hidden state for an OpenVINO ``mode``."""
+    import nncf
+    import openvino as ov
+
+    from blipserve.models import openvino_vision
+
+    if mode in ("ov-f32", "ov-bf16", "ov-int8"):  # as blipserve loads them
+        encoder = openvino_vision.compile_vision(
+            vision, side, torch.float32, mode.removeprefix("ov-"), processor
+        )
+        return lambda pixels: encoder(pixel_values=pixels).last_hidden_state
+    model, _ = openvino_vision._converted(vision, side)
+    model = model.clone()
+    settings = {"INFERENCE_PRECISION_HINT": "bf16", "PERFORMANCE_HINT": "LATENCY"}
+    if mode.startswith("ov-int8w"):
+        model = nncf.compress_weights(model, mode=nncf.CompressWeightsMode.INT8_ASYM)
+        settings["DYNAMIC_QUANTIZATION_GROUP_SIZE"] = "32" if mode.endswith("-dq") else "0"
+    elif mode == "ov-nncf-preset":  # NNCF's transformer preset as it comes, photo calibration
+        model = nncf.quantize(
+            model,
+            nncf.Dataset(calibration_pixels(processor)),
+            model_type=nncf.ModelType.TRANSFORMER,
+            subset_size=len(CALIBRATION) * 2,
+        )
+    compiled = ov.Core().compile_model(model, "CPU", settings)
+    request = compiled.create_infer_request()
+
+    def run(pixels: torch.Tensor) -> torch.Tensor:
+        request.infer({0: pixels.numpy()})
+        return torch.from_numpy(request.get_output_tensor(0).data.copy())
+
+    return run
+
+
+def torch_int8(vision: Any) -> Any:
+    from blipserve.models import optimize
+    from blipserve.models.base import resolve_precision
+
+    model = copy.deepcopy(vision)
+    cpu = torch.device("cpu")
+    optimize.prepare(model, resolve_precision("int8", cpu), cpu)
+
+    def run(pixels: torch.Tensor) -> torch.Tensor:
+        with torch.inference_mode():
+            return model(pixel_values=pixels).last_hidden_state.float()
+
+    return run
+
+
+def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.flatten().double(), b.flatten().double()
+    return float((a @ b) / (a.norm() * b.norm()))
+
+
+def main() -> None:
+    from common import machine_info
+
+    from helpers import photos, random_vision_encoder
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--layout", default="blip-image-captioning-base")
+    parser.add_argument("--modes", nargs="+", default=list(MODES))
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args()
+    os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="bench-openvino-")
+
+    vision, processor = random_vision_encoder(args.layout)
+    side = processor.image_processor.size["height"]
+    pictures = [p.convert("RGB") for p in photos().values()][:8]
+    pixels = processor(images=pictures, return_tensors="pt")["pixel_values"]  # (6, 3, S, S)
+    pixels = torch.cat([pixels, pixels.flip(-1)])[:8]  # (8, 3, S, S)
+    with torch.inference_mode():
+        reference = [vision(pixel_values=p[None]).last_hidden_state for p in pixels]
+    runners = {
+        mode: torch_int8(vision)
+        if mode == "torch-int8"
+        else openvino_mode(mode, vision, side, processor)
+        for mode in args.modes
+    }
+    results: dict[str, Any] = {}
+    for mode, run in runners.items():
+        outs = [run(p[None]) for p in pixels]
+        batched = run(pixels)
+        results[mode] = {
+            "cosine_worst": min(cosine(o, r) for o, r in zip(outs, reference, strict=True)),
+            "batch_equals_one_by_one": bool(torch.equal(batched, torch.cat(outs))),
+            "ms_per_image": {"1": [], "8": []},
+        }
+    for rep in range(args.repeats):
+        for mode, run in runners.items():
+            started = time.perf_counter()
+            for p in pixels[:4]:
+                run(p[None])
+            results[mode]["ms_per_image"]["1"].append((time.perf_counter() - started) / 4 * 1e3)
+            started = time.perf_counter()
+            run(pixels)
+            results[mode]["ms_per_image"]["8"].append((time.perf_counter() - started) / 8 * 1e3)
+        print(f"pass {rep + 1} done", file=sys.stderr)
+    for mode, r in results.items():
+        r["median_ms"] = {b: statistics.median(v) for b, v in r["ms_per_image"].items()}
+        print(
+            f"{mode:16} batch 1 {r['median_ms']['1']:6.0f} ms"
+            f"  batch 8 {r['median_ms']['8']:6.0f} ms  cosine {r['cosine_worst']:.5f}"
+            f"  batch == one by one: {r['batch_equals_one_by_one']}"
+        )
+    report = {
+        "machine": machine_info(),
+        "command": " ".join(sys.argv),
+        "layout": args.layout,
+        "photos": len(pixels),
+        "results": results,
+    }
+    if args.out:
+        args.out.write_text(json.dumps(report, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
