@@ -9,11 +9,11 @@ hidden state) against transformers' float32.
 
 Modes (``--modes``): ``torch-int8`` (blipserve's int8 linears, as ``--dtype int8`` loads
 them on torch), and on OpenVINO as ``--backend openvino`` loads them: ``ov-f32``,
-``ov-bf16``, ``ov-int8`` (NNCF int8 with blipserve's recipe and generated calibration:
-``openvino_vision.quantize_int8``); for comparison, ``ov-nncf-preset`` (NNCF's transformer
-preset as it comes, SmoothQuant on, calibrated on twelve photographs outside the evaluation
-set), ``ov-int8w`` (NNCF weight-only int8, computed in bf16) and ``ov-int8w-dq`` (the same
-with OpenVINO's dynamic int8 quantization of activations, group 32).  The cache is a fresh
+``ov-bf16``, ``ov-int8-static`` (NNCF int8 of weights and activations with blipserve's
+recipe and generated calibration: ``openvino_vision.quantize_int8``), ``ov-int8-dynamic``
+(int8 weights, activations quantized per token at run time); for comparison,
+``ov-nncf-preset`` (NNCF's transformer preset as it comes, SmoothQuant on, calibrated on
+twelve photographs outside the evaluation set).  The cache is a fresh
 temporary folder, so ``ready in`` includes conversion and quantization.
 
     .venv/bin/python bench/openvino_encoder.py --out bench/results/openvino-encoder-2.json
@@ -39,7 +39,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT / "bench"))
 
-MODES = ("torch-int8", "ov-bf16", "ov-int8", "ov-nncf-preset", "ov-int8w", "ov-int8w-dq")
+MODES = ("torch-int8", "ov-bf16", "ov-int8-static", "ov-int8-dynamic", "ov-nncf-preset")
 CALIBRATION = ("camera", "immunohistochemistry", "hubble_deep_field", "retina", "coins", "moon")
 
 
@@ -63,7 +63,7 @@ def openvino_mode(mode: str, vision: Any, side: int, processor: Any) -> Any:
 
     from blipserve.models import openvino_vision
 
-    if mode in ("ov-f32", "ov-bf16", "ov-int8"):  # as blipserve loads them
+    if mode.removeprefix("ov-") in openvino_vision.MODES:  # as blipserve loads them
         encoder = openvino_vision.compile_vision(
             vision, side, torch.float32, mode.removeprefix("ov-"), processor
         )
@@ -71,10 +71,7 @@ def openvino_mode(mode: str, vision: Any, side: int, processor: Any) -> Any:
     model, _ = openvino_vision._converted(vision, side)
     model = model.clone()
     settings = {"INFERENCE_PRECISION_HINT": "bf16", "PERFORMANCE_HINT": "LATENCY"}
-    if mode.startswith("ov-int8w"):
-        model = nncf.compress_weights(model, mode=nncf.CompressWeightsMode.INT8_ASYM)
-        settings["DYNAMIC_QUANTIZATION_GROUP_SIZE"] = "32" if mode.endswith("-dq") else "0"
-    elif mode == "ov-nncf-preset":  # NNCF's transformer preset as it comes, photo calibration
+    if mode == "ov-nncf-preset":  # NNCF's transformer preset as it comes, photo calibration
         model = nncf.quantize(
             model,
             nncf.Dataset(calibration_pixels(processor)),

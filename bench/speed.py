@@ -381,7 +381,9 @@ def make_adapter(
     model.to(precision.dtype)
     if ov:  # converted from the float weights first, as blipserve loads it
         size = _image_size(processor)
-        openvino_vision.use_openvino_vision(model, processor.image_processor, size, precision)
+        openvino_vision.use_openvino_vision(
+            model, processor.image_processor, size, precision, adapter_cls.vision_int8
+        )
     optimize.prepare(model, precision, device)
     if variant and variant != "fbgemm":  # -eager / -sdpa / -bf16: BLIP's vision attention
         optimize.set_vision_attention(model, variant)

@@ -103,6 +103,9 @@ def random_vision_encoder(layout: str) -> tuple[Any, Any]:
     torch.manual_seed(0)
     if layout.startswith("blip2"):
         config.num_hidden_layers = 2
+        # transformers initialises Blip2VisionConfig's weights with std 1e-10, so small that
+        # int8 weight scales (stored in float16) round to zero; real ViT-g weights are ~1e-2
+        config.initializer_range = 0.02
         model: Any = Blip2VisionModel(config)
     else:
         model = BlipVisionModel(config)

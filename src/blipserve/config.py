@@ -95,10 +95,11 @@ class ModelConfig:
     )
     backend: Backend = _opt(  # noqa: RUF009
         "auto",
-        "Who runs the vision encoder on a CPU: auto (torch, which measured as fast or "
-        "faster in the engine), torch, or openvino (pip install 'blipserve[openvino]'; "
-        "converted once and cached in ~/.cache/blipserve/openvino; bfloat16 where the CPU "
-        "has it, float32 with --dtype float32).",
+        "Who runs the vision encoder on a CPU: auto (OpenVINO for int8, the CPU's auto dtype, "
+        "where OpenVINO and NNCF are installed, as they are by default; else torch), torch, "
+        "or openvino (converted once and cached in ~/.cache/blipserve/openvino; int8 via "
+        "NNCF with --dtype int8, float32 with --dtype float32, else bfloat16 where the CPU "
+        "has it).",
     )
     revision: str | None = _opt(None, "Hub revision (branch, tag or commit) to load.")
     cuda_graphs: bool = _opt(

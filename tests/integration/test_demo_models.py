@@ -126,9 +126,11 @@ def guard_rows(name: str, scenes: list[Scene]) -> list[RowInput]:
     return rows
 
 
-# `auto` on a CPU: int8 on torch (bfloat16 where torch has no int8 kernels).  With
-# --backend openvino the vision encoder runs on OpenVINO (bfloat16 where the CPU has it,
-# float32 with --dtype float32, the exact mode) beside the same decoder.  demo-vqa in bfloat16 says
+# `auto` on a CPU: int8 (bfloat16 where torch has no int8 kernels), its vision encoder on
+# OpenVINO in int8 where OpenVINO and NNCF are installed (--backend auto), else on torch.
+# With --backend openvino the vision encoder runs on OpenVINO (int8 with --dtype int8,
+# float32 with --dtype float32, the exact mode, else bfloat16 where the CPU has it) beside
+# the same decoder.  demo-vqa in bfloat16 says
 # what float32 says for only ~96% of its captions and answers (its OPT decoder is sensitive
 # to bf16 rounding), so it is not listed.
 @pytest.mark.parametrize(
@@ -142,6 +144,8 @@ def guard_rows(name: str, scenes: list[Scene]) -> list[RowInput]:
         ("demo", "bfloat16", "openvino", SAME_AS_FLOAT32_OPENVINO),
         ("demo", "int8", "torch", SAME_AS_FLOAT32),
         ("demo-vqa", "int8", "torch", SAME_AS_FLOAT32),
+        ("demo", "int8", "openvino", SAME_AS_FLOAT32_OPENVINO),
+        ("demo-vqa", "int8", "openvino", SAME_AS_FLOAT32_OPENVINO),
     ],
 )
 def test_speed_modes_say_what_float32_says(

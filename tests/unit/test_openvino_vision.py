@@ -70,7 +70,7 @@ def test_float32_is_transformers_own_and_bf16_close(
     size = pixels.shape[-1]
     with torch.no_grad():
         want = model(pixel_values=pixels)
-    exact = openvino_vision.compile_vision(model, size, torch.float32, exact=True)
+    exact = openvino_vision.compile_vision(model, size, torch.float32, "f32")
     got = exact(pixel_values=pixels)
     assert exact.precision == "f32"
     assert cosine(got.last_hidden_state, want.last_hidden_state) > 0.99999
@@ -78,7 +78,7 @@ def test_float32_is_transformers_own_and_bf16_close(
     assert torch.allclose(got.last_hidden_state, want.last_hidden_state, atol=2e-3, rtol=1e-3)
     if not cpu_has_native_bf16():
         return
-    fast = openvino_vision.compile_vision(model, size, torch.float32, exact=False)
+    fast = openvino_vision.compile_vision(model, size, torch.float32, "bf16")
     assert fast.precision == "bf16"
     assert cosine(fast(pixel_values=pixels).last_hidden_state, want.last_hidden_state) >= 0.999
 
@@ -87,7 +87,7 @@ def test_a_batch_equals_its_images_one_at_a_time(
     model_and_pixels: tuple[Any, torch.Tensor],
 ) -> None:
     model, pixels = model_and_pixels
-    compiled = openvino_vision.compile_vision(model, pixels.shape[-1], torch.float32, exact=False)
+    compiled = openvino_vision.compile_vision(model, pixels.shape[-1], torch.float32, "bf16")
     batch = compiled(pixel_values=pixels).last_hidden_state
     one_by_one = torch.cat([compiled(pixel_values=p[None]).last_hidden_state for p in pixels])
     assert torch.equal(batch, one_by_one)
@@ -99,7 +99,7 @@ def test_converted_once_then_read_from_the_cache(
     cache: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     model, pixels = encoder("blip-image-captioning-base")
-    first = openvino_vision.compile_vision(model, 384, torch.float32, exact=True)
+    first = openvino_vision.compile_vision(model, 384, torch.float32, "f32")
     [folder] = [p for p in cache.iterdir() if p.name != "compiled"]
     assert (folder / "vision.xml").is_file()
     assert not list(cache.glob(".convert-*"))  # no half-written folder left
@@ -109,7 +109,7 @@ def test_converted_once_then_read_from_the_cache(
 
     monkeypatch.setattr(ov, "convert_model", refuse)
     with caplog.at_level(logging.INFO, logger="blipserve"):
-        again = openvino_vision.compile_vision(model, 384, torch.float32, exact=True)
+        again = openvino_vision.compile_vision(model, 384, torch.float32, "f32")
     assert "OpenVINO IR from" in caplog.text
     assert torch.equal(
         again(pixel_values=pixels[:1]).last_hidden_state,
@@ -124,17 +124,57 @@ def test_converted_once_then_read_from_the_cache(
 
 
 def test_backend_choice(monkeypatch: pytest.MonkeyPatch) -> None:
-    cpu = torch.device("cpu")
-    assert resolve_vision_backend("openvino", cpu) == "openvino"
-    assert resolve_vision_backend("auto", cpu) == "torch"  # (as measured: see its docstring)
-    assert resolve_vision_backend("torch", cpu) == "torch"
-    assert resolve_vision_backend("auto", torch.device("cuda")) == "torch"
+    from blipserve.models.base import Precision
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    int8, f32, bf16 = (
+        Precision(torch.float32, int8=True),
+        Precision(torch.float32),
+        Precision(torch.bfloat16),
+    )
+    assert resolve_vision_backend("openvino", cpu, f32) == "openvino"
+    assert resolve_vision_backend("openvino", cpu, int8) == "openvino"
+    # auto: OpenVINO's int8 encoder (as measured: see its docstring); torch otherwise
+    assert resolve_vision_backend("auto", cpu, int8) == "openvino"
+    assert resolve_vision_backend("auto", cpu, f32) == "torch"
+    assert resolve_vision_backend("auto", cpu, bf16) == "torch"
+    assert resolve_vision_backend("torch", cpu, int8) == "torch"
+    assert resolve_vision_backend("auto", cuda, bf16) == "torch"
     with pytest.raises(ModelLoadError, match="runs on CPUs"):
-        resolve_vision_backend("openvino", torch.device("cuda"))
+        resolve_vision_backend("openvino", cuda, bf16)
+    monkeypatch.setitem(sys.modules, "nncf", None)  # `import nncf` fails: no int8 encoder
+    assert resolve_vision_backend("auto", cpu, int8) == "torch"
+    assert resolve_vision_backend("openvino", cpu, f32) == "openvino"
+    with pytest.raises(ModelLoadError, match=r"nncf is not installed"):
+        resolve_vision_backend("openvino", cpu, int8)
     monkeypatch.setitem(sys.modules, "openvino", None)  # `import openvino` fails
-    assert resolve_vision_backend("auto", cpu) == "torch"
+    assert resolve_vision_backend("auto", cpu, int8) == "torch"
     with pytest.raises(ModelLoadError, match=r"pip install 'blipserve\[openvino\]'"):
-        resolve_vision_backend("openvino", cpu)
+        resolve_vision_backend("openvino", cpu, f32)
+
+
+def test_auto_falls_back_to_torch_when_the_encoder_does_not_convert(
+    tiny_model_dir: dict[str, Path],
+    cache: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """--backend auto: a model OpenVINO cannot convert still loads, on torch, with a
+    warning; --backend openvino says why it cannot."""
+
+    def fail(*_: object, **__: object) -> None:
+        raise RuntimeError("Model wasn't fully converted: aten::something_new\nmore detail")
+
+    monkeypatch.setattr(ov, "convert_model", fail)
+    cfg = ModelConfig(model=str(tiny_model_dir["blip-caption"]), device="cpu", dtype="int8")
+    with caplog.at_level(logging.WARNING, logger="blipserve"):
+        adapter = load_model(cfg)
+    assert adapter.vision_backend == "torch"
+    assert "vision encoder stays on torch: OpenVINO could not convert" in caplog.text
+    assert "aten::something_new" in caplog.text
+    assert "more detail" not in caplog.text
+    with pytest.raises(ModelLoadError, match="OpenVINO could not convert the vision encoder"):
+        load_model(dataclasses.replace(cfg, backend="openvino"))
 
 
 @pytest.mark.parametrize("kind", ["blip-caption", "blip-vqa", "blip-itm", "blip2-opt", "blip2-t5"])
@@ -166,17 +206,40 @@ def test_adapters_run_on_it(tiny_model_dir: dict[str, Path], kind: str) -> None:
     assert [t for t, _ in said["openvino"]] == [t for t, _ in said["torch"]]
 
 
-@pytest.fixture(scope="module", params=["blip-image-captioning-base", "blip2-opt-2.7b"])
+def test_each_family_names_its_int8_recipe(tiny_model_dir: dict[str, Path]) -> None:
+    """--dtype int8 (auto on a CPU): BLIP's encoder in static int8, BLIP-2's in dynamic
+    int8 (the recipe whose demo model keeps the guard: see the adapters)."""
+    pytest.importorskip("nncf", reason="no NNCF here")
+    want = {"blip-caption": "int8-static", "blip-vqa": "int8-static", "blip2-opt": "int8-dynamic"}
+    for kind, mode in want.items():
+        cfg = ModelConfig(model=str(tiny_model_dir[kind]), device="cpu", dtype="auto")
+        adapter = load_model(cfg)
+        assert adapter.vision_backend == "openvino"
+        assert adapter.model.vision_model.precision == mode
+
+
+@pytest.fixture(
+    scope="module",
+    params=[
+        ("blip-image-captioning-base", "int8-static"),
+        ("blip-image-captioning-base", "int8-dynamic"),
+        ("blip2-opt-2.7b", "int8-static"),
+        ("blip2-opt-2.7b", "int8-dynamic"),
+    ],
+    ids="-".join,
+)
 def int8_encoder(
     request: pytest.FixtureRequest,
 ) -> tuple[Any, openvino_vision.OpenVinoVision, torch.Tensor]:
-    """A random-weight encoder of each layout, its int8 compilation and the photos' pixels."""
+    """A random-weight encoder of each layout, its int8 compilation by each recipe and the
+    photos' pixels."""
     pytest.importorskip("nncf", reason="no NNCF here")
-    model, processor = random_vision_encoder(request.param)
+    layout, mode = request.param
+    model, processor = random_vision_encoder(layout)
     pixels = processor(images=list(photos().values()), return_tensors="pt")["pixel_values"]
     side = pixels.shape[-1]
     compiled = openvino_vision.compile_vision(
-        model, side, torch.float32, "int8", processor.image_processor
+        model, side, torch.float32, mode, processor.image_processor
     )
     return model, compiled, pixels
 
@@ -184,16 +247,17 @@ def int8_encoder(
 def test_int8_features_stay_close_to_float32_on_photos(
     int8_encoder: tuple[Any, openvino_vision.OpenVinoVision, torch.Tensor],
 ) -> None:
-    """Calibrated on generated images only, the int8 encoder keeps every photograph's
-    features within the guard (cosine 0.999) of transformers' float32."""
+    """Static (calibrated on generated images only) and dynamic int8 keep every
+    photograph's features within the guard (cosine 0.999) of transformers' float32, and
+    a batch equals its images one at a time, to the bit."""
     model, compiled, pixels = int8_encoder
     with torch.no_grad():
         want = model(pixel_values=pixels).last_hidden_state
     got = compiled(pixel_values=pixels).last_hidden_state
-    assert compiled.precision == "int8"
+    assert compiled.precision in ("int8-static", "int8-dynamic")
     assert cosine(got, want) >= 0.999
     one_by_one = torch.cat([compiled(pixel_values=p[None]).last_hidden_state for p in pixels])
-    assert torch.equal(got, one_by_one)  # activation scales are fixed: batch-invariant
+    assert torch.equal(got, one_by_one)
 
 
 def test_int8_quantized_once_then_read_from_the_cache(
@@ -203,7 +267,7 @@ def test_int8_quantized_once_then_read_from_the_cache(
     model, processor = random_vision_encoder("blip2-opt-2.7b")  # (2 layers: quick)
     pixels = processor(images=list(photos().values())[:2], return_tensors="pt")["pixel_values"]
     first = openvino_vision.compile_vision(
-        model, 224, torch.float32, "int8", processor.image_processor
+        model, 224, torch.float32, "int8-static", processor.image_processor
     )
     # NNCF's progress never reaches stdout, which is the CLI's output
     assert capfd.readouterr().out == ""
@@ -224,7 +288,7 @@ def test_int8_quantized_once_then_read_from_the_cache(
 
     monkeypatch.setattr(nncf, "quantize", refuse)
     again = openvino_vision.compile_vision(
-        model, 224, torch.float32, "int8", processor.image_processor
+        model, 224, torch.float32, "int8-static", processor.image_processor
     )
     assert torch.equal(
         again(pixel_values=pixels).last_hidden_state, first(pixel_values=pixels).last_hidden_state
@@ -235,14 +299,18 @@ def test_int8_without_nncf_names_the_install(monkeypatch: pytest.MonkeyPatch) ->
     model, processor = random_vision_encoder("blip2-opt-2.7b")
     monkeypatch.setitem(sys.modules, "nncf", None)  # `import nncf` fails
     with pytest.raises(ModelLoadError, match=r"nncf is not installed .*blipserve\[openvino\]"):
-        openvino_vision.compile_vision(model, 224, torch.float32, "int8", processor.image_processor)
+        openvino_vision.compile_vision(
+            model, 224, torch.float32, "int8-dynamic", processor.image_processor
+        )
 
 
 def test_precision_follows_the_model_dtype() -> None:
     from blipserve.models.base import Precision
 
     assert openvino_vision.vision_precision(Precision(torch.float32)) == "f32"
-    assert openvino_vision.vision_precision(Precision(torch.float32, int8=True)) == "int8"
+    int8 = Precision(torch.float32, int8=True)
+    assert openvino_vision.vision_precision(int8) == "int8-static"
+    assert openvino_vision.vision_precision(int8, "int8-dynamic") == "int8-dynamic"
     native = "bf16" if cpu_has_native_bf16() else "f32"
     assert openvino_vision.vision_precision(Precision(torch.bfloat16)) == native
     assert openvino_vision.vision_precision(Precision(torch.float16)) == native

@@ -79,7 +79,7 @@ def load_model(cfg: ModelConfig) -> HFAdapter:
         raise ModelLoadError(
             f"--cuda-graphs needs a CUDA GPU; model {cfg.model!r} would run on {device.type}"
         )
-    vision = resolve_vision_backend(cfg.backend, device)
+    vision = resolve_vision_backend(cfg.backend, device, precision)
     how = f"int8 ({precision.int8_kernel}'s kernel)" if precision.int8 else str(precision)
     log.info(
         "loading %s (%s) on %s as %s, vision encoder on %s",
@@ -87,7 +87,12 @@ def load_model(cfg: ModelConfig) -> HFAdapter:
     )
     try:
         adapter = adapter_cls.load(
-            source, device=device, precision=precision, revision=cfg.revision, vision=vision
+            source,
+            device=device,
+            precision=precision,
+            revision=cfg.revision,
+            vision=vision,
+            fallback=cfg.backend == "auto",
         )
         if cfg.cuda_graphs:
             adapter.use_static_cache(cfg.model)

@@ -149,22 +149,27 @@ def resolve_precision(name: str, device: torch.device, int8_kernel: str = "auto"
     return Precision(torch.bfloat16 if cpu_has_native_bf16() else torch.float32)
 
 
-def resolve_vision_backend(name: str, device: torch.device) -> str:
+def resolve_vision_backend(name: str, device: torch.device, precision: Precision) -> str:
     """``--backend`` -> who runs the vision encoder: ``openvino`` or ``torch``.
 
-    ``auto`` is torch, as measured: on the 2-core Zen 4 this was built on, OpenVINO's bf16
-    encoder took as long as blipserve's int8 one (334 vs 320 ms per image alone, 318 vs
-    300 at batch 8), and in the engine, where a second model worker runs beside the first,
-    captioning was no faster with it (batch 8, medians of interleaved passes: int8 decoder
-    1.73 vs 2.28 images/s, fbgemm's int8 1.56 vs 2.22, bfloat16 1.53 vs 1.46; lone image,
-    int8: 0.72 vs 0.71 s; bench/results/speed-cpu-openvino*.json): OpenVINO runs on all
-    cores whatever share of them the engine gives the calling thread.
+    ``auto`` is OpenVINO for an int8 model on a CPU where OpenVINO and NNCF are installed
+    (its int8 encoder: :func:`blipserve.models.openvino_vision.quantize_int8`), else torch.
+    As measured on the 2-core Zen 4 this was built on (bench/speed.py, passes interleaved,
+    full-size BLIP-base, bench/results/speed-cpu-openvino-int8.json): batch 8 4.31 vs 3.12
+    images/s, batch 1 2.61 vs 2.24, a lone image 427 vs 588 ms, the demo model's captions
+    the same as float32's for 99.0% of 200 held-out scenes either way.  In bfloat16 and
+    float32 OpenVINO's encoder was not faster in the engine (bench/results/
+    speed-cpu-openvino*.json), so ``auto`` keeps torch there.
     """
     from blipserve.models import openvino_vision
 
-    if name != "openvino":
+    if name == "torch":
         return "torch"
     why = openvino_vision.unavailable(device)
+    if why is None and precision.int8:
+        why = openvino_vision.int8_unavailable()
+    if name == "auto":
+        return "openvino" if why is None and precision.int8 else "torch"
     if why is not None:
         raise ModelLoadError(f"--backend openvino is not available here: {why}")
     return "openvino"
@@ -177,6 +182,12 @@ class HFAdapter:
     kind: ClassVar[str]
     text_role: ClassVar[TextRole]
     text_required: ClassVar[bool] = False
+    #: the int8 recipe for this family's vision encoder on OpenVINO (``int8-static`` or
+    #: ``int8-dynamic``: :mod:`blipserve.models.openvino_vision`), the fastest whose demo
+    #: model keeps the guard (captions and answers as float32's for at least 99% of
+    #: held-out scenes): BLIP's static int8 99.5% (demo), 113-127 ms per image on
+    #: BLIP-base's ViT; dynamic 190 ms
+    vision_int8: ClassVar[str] = "int8-static"
 
     def __init__(
         self,
@@ -205,8 +216,11 @@ class HFAdapter:
         precision: Precision,
         revision: str | None,
         vision: str = "torch",
+        fallback: bool = False,
     ) -> HFAdapter:
-        """``vision``: who runs the vision encoder (``torch`` or ``openvino``)."""
+        """``vision``: who runs the vision encoder (``torch`` or ``openvino``); ``fallback``:
+        torch's encoder, with a warning, if OpenVINO cannot take this one (``--backend
+        auto``), instead of failing."""
         from transformers import AutoProcessor
 
         from blipserve.models import openvino_vision, optimize
@@ -215,9 +229,19 @@ class HFAdapter:
         model = cls.model_class.from_pretrained(source, revision=revision, dtype=precision.dtype)
         model.to(device).eval()
         if vision == "openvino":  # converted from the float weights, before anything else
-            openvino_vision.use_openvino_vision(
-                model, processor.image_processor, _image_size(processor), precision
-            )
+            try:
+                openvino_vision.use_openvino_vision(
+                    model,
+                    processor.image_processor,
+                    _image_size(processor),
+                    precision,
+                    cls.vision_int8,
+                )
+            except ModelLoadError as exc:
+                if not fallback:
+                    raise
+                log.warning("vision encoder stays on torch: %s", exc)
+                model.vision_model.to(precision.dtype)  # (converted from a float32 copy)
         optimize.prepare(model, precision, device)
         adapter = cls(model, processor, device, precision)
         adapter.source = source

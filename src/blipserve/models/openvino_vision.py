@@ -11,13 +11,16 @@ start reads both instead of converting again.
 type, so transformers' ``generate`` and the adapters do not change.  The torch encoder's
 weights are dropped.  Precision (:func:`vision_precision`): float32 when the model is
 loaded in float32 (``--dtype float32``: the output is then transformers' own to float
-rounding); int8 with ``--dtype int8`` (NNCF's post-training quantization of weights and
-activations, calibrated on images the project generates: :mod:`blipserve.models.calibration`;
-the recipe and its measurements in :func:`quantize_int8`); otherwise bfloat16 where the CPU
-computes it natively (OpenVINO's own default there).  OpenVINO's CPU plugin computes each
-image of a batch alike (measured: batch 8 equal to one at a time to the bit, bf16, f32 and
-int8, whose activation scales are fixed at calibration), so batched rows still equal
-one-by-one rows.
+rounding); with ``--dtype int8`` one of two int8 recipes, which the model family's adapter
+names (``HFAdapter.vision_int8``): ``int8-static`` (NNCF's post-training quantization of
+weights and activations, calibrated on images the project generates,
+:mod:`blipserve.models.calibration`; :func:`quantize_int8`) or ``int8-dynamic`` (int8
+weights, NNCF's data-free compression, with activations quantized per token at run time by
+OpenVINO's CPU plugin); otherwise bfloat16 where the CPU computes it natively (OpenVINO's
+own default there).  Each is batch-invariant: OpenVINO's CPU plugin computes each image of
+a batch alike (measured: batch 8 equal to one at a time to the bit in every mode; static
+int8's activation scales are fixed at calibration, dynamic int8's are per token), so
+batched rows still equal one-by-one rows.
 """
 
 from __future__ import annotations
@@ -148,34 +151,48 @@ def _converted(vision: nn.Module, image_size: int) -> tuple[Any, Path | None]:
     if cached is not None:
         return cached
     example = torch.zeros(1, 3, image_size, image_size)
-    with torch.no_grad(), _eager_attention(vision):
-        model = ov.convert_model(
-            _Traced(vision).eval(),
-            example_input=(example,),
-            input=[("pixel_values", [-1, 3, image_size, image_size])],
-        )
+    try:
+        with torch.no_grad(), _eager_attention(vision):
+            model = ov.convert_model(
+                _Traced(vision).eval(),
+                example_input=(example,),
+                input=[("pixel_values", [-1, 3, image_size, image_size])],
+            )
+    except Exception as exc:  # the converter's errors have no common base of their own
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelLoadError(f"OpenVINO could not convert the vision encoder: {first}") from exc
     return model, _store(model, key)
 
 
-def _quantized(vision: nn.Module, image_size: int, image_processor: Any) -> tuple[Any, Path | None]:
-    """The encoder quantized to int8 (:func:`quantize_int8`), from the cache or made now
-    from the float conversion (and cached)."""
+def _quantized(
+    vision: nn.Module, image_size: int, mode: str, image_processor: Any
+) -> tuple[Any, Path | None]:
+    """The encoder in int8 (``mode``: ``int8-static`` or ``int8-dynamic``), from the cache
+    or made now from the float conversion (and cached)."""
     import openvino as ov
 
     from blipserve.models.calibration import calibration_pixels
 
-    key = fingerprint(vision, image_size, ov.get_version(), INT8_RECIPE)
+    recipe = INT8_RECIPE if mode == "int8-static" else INT8_WEIGHTS
+    key = fingerprint(vision, image_size, ov.get_version(), recipe)
     cached = _cached(key)
     if cached is not None:
         return cached
     model, _ = _converted(vision, image_size)
-    log.info("vision encoder: quantizing to int8 with NNCF (once; cached afterwards)")
-    quantized = quantize_int8(model, calibration_pixels(image_processor))
+    log.info("vision encoder: %s with NNCF (once; cached afterwards)", mode)
+    try:
+        if mode == "int8-static":
+            quantized = quantize_int8(model, calibration_pixels(image_processor))
+        else:
+            quantized = compress_int8(model)
+    except Exception as exc:  # NNCF's errors have no common base of their own
+        raise ModelLoadError(f"NNCF could not quantize the vision encoder: {exc}") from exc
     return quantized, _store(quantized, key)
 
 
-#: names the int8 recipe below in the cache key: change it when the recipe changes
+#: name the int8 recipes below in the cache key: change them when a recipe changes
 INT8_RECIPE = "int8-nncf-performance-nosq-floatpatch-noise8-shapes8-v1"
+INT8_WEIGHTS = "int8-nncf-weights-asym-v1"
 
 
 def quantize_int8(model: Any, calibration: list[Any]) -> Any:
@@ -195,36 +212,57 @@ def quantize_int8(model: Any, calibration: list[Any]) -> Any:
     patch_embedding = [
         op.get_friendly_name() for op in model.get_ops() if op.get_type_name() == "Convolution"
     ]
-    # NNCF reports progress and logs on stdout, which is the CLI's output: progress goes to
-    # stderr, and its log says only warnings (through its own handler, bound to stdout)
+    with _quiet_nncf():
+        return nncf.quantize(
+            model,
+            nncf.Dataset(calibration),
+            model_type=nncf.ModelType.TRANSFORMER,
+            preset=nncf.QuantizationPreset.PERFORMANCE,
+            subset_size=len(calibration),
+            ignored_scope=nncf.IgnoredScope(names=patch_embedding, validate=False),
+            advanced_parameters=nncf.AdvancedQuantizationParameters(
+                smooth_quant_alphas=nncf.AdvancedSmoothQuantParameters(matmul=-1)
+            ),
+        )
+
+
+def compress_int8(model: Any) -> Any:
+    """``model`` with int8 weights (asymmetric, one scale and zero point per output
+    channel; NNCF's data-free compression); OpenVINO's CPU plugin then quantizes each
+    token's activations at run time, in groups of 32 (``DYNAMIC_QUANTIZATION_GROUP_SIZE``),
+    and multiplies in int8."""
+    import nncf
+
+    with _quiet_nncf():
+        return nncf.compress_weights(model, mode=nncf.CompressWeightsMode.INT8_ASYM)
+
+
+@contextlib.contextmanager
+def _quiet_nncf() -> Iterator[None]:
+    """NNCF reports progress and logs on stdout, which is the CLI's output: progress goes
+    to stderr, and its log says only warnings (its handler is bound to stdout itself)."""
     chatty = logging.getLogger("nncf")
     level = chatty.level
     chatty.setLevel(logging.WARNING)
     try:
         with contextlib.redirect_stdout(sys.stderr):
-            return nncf.quantize(
-                model,
-                nncf.Dataset(calibration),
-                model_type=nncf.ModelType.TRANSFORMER,
-                preset=nncf.QuantizationPreset.PERFORMANCE,
-                subset_size=len(calibration),
-                ignored_scope=nncf.IgnoredScope(names=patch_embedding, validate=False),
-                advanced_parameters=nncf.AdvancedQuantizationParameters(
-                    smooth_quant_alphas=nncf.AdvancedSmoothQuantParameters(matmul=-1)
-                ),
-            )
+            yield
     finally:
         chatty.setLevel(level)
 
 
-def vision_precision(precision: Precision) -> str:
+def vision_precision(precision: Precision, int8: str = "int8-static") -> str:
     """OpenVINO's precision for the encoder of a model loaded in ``precision``: ``f32``
-    (float32: exact), ``int8``, else ``bf16`` where the CPU has it natively, else ``f32``."""
+    (float32: exact); ``int8`` (``int8-static`` or ``int8-dynamic``: the family's recipe);
+    else ``bf16`` where the CPU has it natively, else ``f32``."""
     if precision.int8:
-        return "int8"
+        return int8
     if precision.dtype == torch.float32 or not _native_bf16():
         return "f32"
     return "bf16"
+
+
+MODES = ("f32", "bf16", "int8-static", "int8-dynamic")
 
 
 def compile_vision(
@@ -235,16 +273,19 @@ def compile_vision(
     image_processor: Any = None,
 ) -> OpenVinoVision:
     """``vision`` (a transformers vision model, float weights) compiled for this CPU in
-    ``mode`` (``f32``, ``bf16`` or ``int8``: :func:`vision_precision`; int8 needs the model's
-    ``image_processor`` for its calibration images); outputs in ``dtype``."""
+    ``mode`` (``f32``, ``bf16``, ``int8-static`` or ``int8-dynamic``: :func:`vision_precision`;
+    int8-static needs the model's ``image_processor`` for its calibration images); outputs
+    in ``dtype``."""
     import openvino as ov
 
-    if mode == "int8":
-        if image_processor is None:
-            raise ValueError("int8 needs the model's image processor (calibration images)")
+    if mode not in MODES:
+        raise ValueError(f"mode {mode!r}: one of {', '.join(MODES)}")
+    if mode.startswith("int8"):
+        if mode == "int8-static" and image_processor is None:
+            raise ValueError("int8-static needs the model's image processor (calibration)")
         if (why := int8_unavailable()) is not None:
             raise ModelLoadError(f"the int8 OpenVINO vision encoder is not available: {why}")
-        model, root = _quantized(vision, image_size, image_processor)
+        model, root = _quantized(vision, image_size, mode, image_processor)
     else:
         model, root = _converted(vision, image_size)
     # int8: what stays in float (attention, norms, the patch embedding) computes in f32, not
@@ -253,6 +294,9 @@ def compile_vision(
     # int8 layers, 135 / 122 with f32; bf16 alone 202 / 174)
     hint = "bf16" if mode == "bf16" else "f32"
     settings: dict[str, str] = {"INFERENCE_PRECISION_HINT": hint, "PERFORMANCE_HINT": "LATENCY"}
+    # int8-dynamic: each token's activations quantized in groups of 32 (0 turns it off:
+    # BLIP-base's ViT then ran its int8 weights at 338 ms per image instead of 190)
+    settings["DYNAMIC_QUANTIZATION_GROUP_SIZE"] = "32" if mode == "int8-dynamic" else "0"
     if root is not None:
         settings["CACHE_DIR"] = str(root / "compiled")
     try:
@@ -284,7 +328,7 @@ class OpenVinoVision(nn.Module):
         super().__init__()
         self.compiled = compiled
         self.config = config
-        self.precision = precision  # "f32", "bf16" or "int8"
+        self.precision = precision  # one of MODES
         self.out_dtype = dtype  # what the rest of the model computes in
         self._local = threading.local()  # an infer request per thread (they are not shared)
 
@@ -325,15 +369,24 @@ class OpenVinoVision(nn.Module):
 
 
 def use_openvino_vision(
-    model: nn.Module, image_processor: Any, image_size: int, precision: Precision
+    model: nn.Module,
+    image_processor: Any,
+    image_size: int,
+    precision: Precision,
+    int8: str = "int8-static",
 ) -> OpenVinoVision:
-    """Replace ``model.vision_model`` by its OpenVINO compilation (its weights are freed)."""
+    """Replace ``model.vision_model`` by its OpenVINO compilation (its weights are freed);
+    ``int8``: the int8 recipe, for an int8 ``precision``."""
     vision = model.vision_model
     assert isinstance(vision, nn.Module)
     # Traced in float32 whatever the model's dtype (a bfloat16 model's weights, already
     # rounded, lose nothing): OpenVINO then picks the precision, and its outputs are f32.
     encoder = compile_vision(
-        vision.float(), image_size, precision.dtype, vision_precision(precision), image_processor
+        vision.float(),
+        image_size,
+        precision.dtype,
+        vision_precision(precision, int8),
+        image_processor,
     )
     model.vision_model = encoder
     return encoder
@@ -341,8 +394,10 @@ def use_openvino_vision(
 
 __all__ = [
     "INSTALL_HINT",
+    "MODES",
     "OpenVinoVision",
     "compile_vision",
+    "compress_int8",
     "quantize_int8",
     "unavailable",
     "use_openvino_vision",
