@@ -97,8 +97,9 @@ def torch_int8(vision: Any) -> Any:
     optimize.prepare(model, resolve_precision("int8", cpu), cpu)
 
     def run(pixels: torch.Tensor) -> torch.Tensor:
+        # one image per call, as the engine runs it under int8 (split_vision_batches)
         with torch.inference_mode():
-            return model(pixel_values=pixels).last_hidden_state.float()
+            return torch.cat([model(pixel_values=p[None]).last_hidden_state for p in pixels])
 
     return run
 

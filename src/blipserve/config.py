@@ -95,8 +95,9 @@ class ModelConfig:
     )
     backend: Backend = _opt(  # noqa: RUF009
         "auto",
-        "Who runs the vision encoder on a CPU: auto (OpenVINO for int8, the CPU's auto dtype, "
-        "where OpenVINO and NNCF are installed, as they are by default; else torch), torch, "
+        "Who runs the vision encoder on a CPU: auto (OpenVINO for BLIP in int8, the CPU's "
+        "auto dtype, where OpenVINO and NNCF are installed, as they are by default; else "
+        "torch), torch, "
         "or openvino (converted once and cached in ~/.cache/blipserve/openvino; int8 via "
         "NNCF with --dtype int8, float32 with --dtype float32, else bfloat16 where the CPU "
         "has it).",

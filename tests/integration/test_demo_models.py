@@ -126,8 +126,9 @@ def guard_rows(name: str, scenes: list[Scene]) -> list[RowInput]:
     return rows
 
 
-# `auto` on a CPU: int8 (bfloat16 where torch has no int8 kernels), its vision encoder on
-# OpenVINO in int8 where OpenVINO and NNCF are installed (--backend auto), else on torch.
+# `auto` on a CPU: int8 (bfloat16 where torch has no int8 kernels), BLIP's vision encoder
+# on OpenVINO in int8 where OpenVINO and NNCF are installed (--backend auto), BLIP-2's and
+# otherwise on torch.
 # With --backend openvino the vision encoder runs on OpenVINO (int8 with --dtype int8,
 # float32 with --dtype float32, the exact mode, else bfloat16 where the CPU has it) beside
 # the same decoder.  demo-vqa in bfloat16 says

@@ -79,7 +79,7 @@ def load_model(cfg: ModelConfig) -> HFAdapter:
         raise ModelLoadError(
             f"--cuda-graphs needs a CUDA GPU; model {cfg.model!r} would run on {device.type}"
         )
-    vision = resolve_vision_backend(cfg.backend, device, precision)
+    vision = resolve_vision_backend(cfg.backend, device, precision, adapter_cls.openvino_when_auto)
     how = f"int8 ({precision.int8_kernel}'s kernel)" if precision.int8 else str(precision)
     log.info(
         "loading %s (%s) on %s as %s, vision encoder on %s",

@@ -149,11 +149,14 @@ def resolve_precision(name: str, device: torch.device, int8_kernel: str = "auto"
     return Precision(torch.bfloat16 if cpu_has_native_bf16() else torch.float32)
 
 
-def resolve_vision_backend(name: str, device: torch.device, precision: Precision) -> str:
+def resolve_vision_backend(
+    name: str, device: torch.device, precision: Precision, when_auto: bool = True
+) -> str:
     """``--backend`` -> who runs the vision encoder: ``openvino`` or ``torch``.
 
     ``auto`` is OpenVINO for an int8 model on a CPU where OpenVINO and NNCF are installed
-    (its int8 encoder: :func:`blipserve.models.openvino_vision.quantize_int8`), else torch.
+    and the family's adapter asks for it (``when_auto``: ``HFAdapter.openvino_when_auto``),
+    else torch.
     As measured on the 2-core Zen 4 this was built on (bench/speed.py, passes interleaved,
     full-size BLIP-base, bench/results/speed-cpu-openvino-int8.json): batch 8 4.31 vs 3.12
     images/s, batch 1 2.61 vs 2.24, a lone image 427 vs 588 ms, the demo model's captions
@@ -169,7 +172,7 @@ def resolve_vision_backend(name: str, device: torch.device, precision: Precision
     if why is None and precision.int8:
         why = openvino_vision.int8_unavailable()
     if name == "auto":
-        return "openvino" if why is None and precision.int8 else "torch"
+        return "openvino" if why is None and precision.int8 and when_auto else "torch"
     if why is not None:
         raise ModelLoadError(f"--backend openvino is not available here: {why}")
     return "openvino"
@@ -185,9 +188,13 @@ class HFAdapter:
     #: the int8 recipe for this family's vision encoder on OpenVINO (``int8-static`` or
     #: ``int8-dynamic``: :mod:`blipserve.models.openvino_vision`), the fastest whose demo
     #: model keeps the guard (captions and answers as float32's for at least 99% of
-    #: held-out scenes): BLIP's static int8 99.5% (demo), 113-127 ms per image on
-    #: BLIP-base's ViT; dynamic 190 ms
+    #: held-out scenes).  BLIP: static int8, demo 99.5%; BLIP-base's ViT 113 / 106 ms per
+    #: image at batch 1 / 8, dynamic int8 184 / 174, torch's int8 187 / 187
+    #: (bench/results/openvino-encoder-2.json)
     vision_int8: ClassVar[str] = "int8-static"
+    #: whether ``--backend auto`` puts an int8 model's encoder on OpenVINO: where that
+    #: recipe measured faster than torch's int8 encoder
+    openvino_when_auto: ClassVar[bool] = True
 
     def __init__(
         self,

@@ -21,11 +21,15 @@ from blipserve.models.registry import register
 class Blip2Adapter(HFAdapter):
     model_class = Blip2ForConditionalGeneration
     kind = "blip2"
-    # Static int8 (calibrated) kept demo-vqa's captions and answers as float32's for only
-    # 97.5-98.5% of 400 held-out rows in every variant tried (both presets; SmoothQuant at
-    # 0.3, 0.5, 0.7; calibration on the demo scenes themselves; the MLP alone in int8);
-    # int8 weights with activations quantized per token at run time: 99.25%
+    # --backend openvino --dtype int8: int8 weights with activations quantized per token at
+    # run time (demo-vqa's captions and answers as float32's for 99.25% of 400 held-out
+    # rows); static int8 reached only 97.5-98.5% in every variant tried (both presets;
+    # SmoothQuant at 0.3, 0.5, 0.7; calibration on the demo scenes themselves; the MLP alone
+    # in int8).  --backend auto keeps torch's int8 encoder: on ViT-g (real width, two
+    # layers) dynamic int8 took 44 / 35 ms per image at batch 1 / 8 against torch's 39 / 38
+    # (bench/results/openvino-encoder-blip2.json).
     vision_int8 = "int8-dynamic"
+    openvino_when_auto = False
     text_role = "prompt"
     #: decode with a static KV cache (``--cuda-graphs``; set by :meth:`use_static_cache`)
     static_cache = False
