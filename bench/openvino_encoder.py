@@ -10,7 +10,7 @@ hidden state) against transformers' float32.
 Modes (``--modes``): ``torch-int8`` (blipserve's int8 linears, as ``--dtype int8`` loads
 them on torch), and on OpenVINO as ``--backend openvino`` loads them: ``ov-f32``,
 ``ov-bf16``, ``ov-int8-static`` (NNCF int8 of weights and activations with blipserve's
-recipe and generated calibration: ``openvino_vision.quantize_int8``), ``ov-int8-dynamic``
+recipe and generated calibration: ``openvino_int8.quantize``), ``ov-int8-dynamic``
 (int8 weights, activations quantized per token at run time); for comparison,
 ``ov-nncf-preset`` (NNCF's transformer preset as it comes, SmoothQuant on, calibrated on
 twelve photographs outside the evaluation set).  The cache is a fresh

@@ -220,3 +220,118 @@ def test_each_family_names_its_int8_recipe(tiny_model_dir: dict[str, Path]) -> N
     assert load_model(cfg).vision_backend == "torch"
     adapter = load_model(dataclasses.replace(cfg, backend="openvino"))
     assert adapter.model.vision_model.precision == "int8-dynamic"
+
+
+@pytest.fixture(
+    scope="module",
+    params=[
+        ("blip-image-captioning-base", "int8-static"),
+        ("blip-image-captioning-base", "int8-dynamic"),
+        ("blip2-opt-2.7b", "int8-static"),
+        ("blip2-opt-2.7b", "int8-dynamic"),
+    ],
+    ids="-".join,
+)
+def int8_encoder(
+    request: pytest.FixtureRequest,
+) -> tuple[Any, openvino_vision.OpenVinoVision, torch.Tensor]:
+    """A random-weight encoder of each layout, its int8 compilation by each recipe and the
+    photos' pixels."""
+    pytest.importorskip("nncf", reason="no NNCF here")
+    layout, mode = request.param
+    model, processor = random_vision_encoder(layout)
+    pixels = processor(images=list(photos().values()), return_tensors="pt")["pixel_values"]
+    side = pixels.shape[-1]
+    compiled = openvino_vision.compile_vision(
+        model, side, torch.float32, mode, processor.image_processor
+    )
+    return model, compiled, pixels
+
+
+def test_int8_features_stay_close_to_float32_on_photos(
+    int8_encoder: tuple[Any, openvino_vision.OpenVinoVision, torch.Tensor],
+) -> None:
+    """Static (calibrated on generated images only) and dynamic int8 keep every
+    photograph's features within the guard (cosine 0.999) of transformers' float32, and
+    a batch equals its images one at a time, to the bit."""
+    model, compiled, pixels = int8_encoder
+    with torch.no_grad():
+        want = model(pixel_values=pixels).last_hidden_state
+    got = compiled(pixel_values=pixels).last_hidden_state
+    assert compiled.precision in ("int8-static", "int8-dynamic")
+    assert cosine(got, want) >= 0.999
+    one_by_one = torch.cat([compiled(pixel_values=p[None]).last_hidden_state for p in pixels])
+    assert torch.equal(got, one_by_one)
+
+
+def test_int8_quantized_once_then_read_from_the_cache(
+    cache: Path, monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str]
+) -> None:
+    nncf = pytest.importorskip("nncf", reason="no NNCF here")
+    model, processor = random_vision_encoder("blip2-opt-2.7b")  # (2 layers: quick)
+    pixels = processor(images=list(photos().values())[:2], return_tensors="pt")["pixel_values"]
+    first = openvino_vision.compile_vision(
+        model, 224, torch.float32, "int8-static", processor.image_processor
+    )
+    # NNCF's progress never reaches stdout, which is the CLI's output
+    assert capfd.readouterr().out == ""
+    folders = [p for p in cache.iterdir() if (p / "vision.xml").is_file()]
+    assert len(folders) == 2  # the float conversion and the int8 model, each under its key
+    quantized = [
+        f
+        for f in folders
+        if any(
+            op.get_type_name() == "FakeQuantize"
+            for op in ov.Core().read_model(f / "vision.xml").get_ops()
+        )
+    ]
+    assert len(quantized) == 1
+
+    def refuse(*_: object, **__: object) -> None:
+        raise AssertionError("quantized again")
+
+    monkeypatch.setattr(nncf, "quantize", refuse)
+    again = openvino_vision.compile_vision(
+        model, 224, torch.float32, "int8-static", processor.image_processor
+    )
+    assert torch.equal(
+        again(pixel_values=pixels).last_hidden_state, first(pixel_values=pixels).last_hidden_state
+    )
+
+
+def test_int8_without_nncf_names_the_install(monkeypatch: pytest.MonkeyPatch) -> None:
+    model, processor = random_vision_encoder("blip2-opt-2.7b")
+    monkeypatch.setitem(sys.modules, "nncf", None)  # `import nncf` fails
+    with pytest.raises(ModelLoadError, match=r"nncf is not installed .*blipserve\[openvino\]"):
+        openvino_vision.compile_vision(
+            model, 224, torch.float32, "int8-dynamic", processor.image_processor
+        )
+
+
+def test_precision_follows_the_model_dtype() -> None:
+    from blipserve.models.base import Precision
+
+    assert openvino_vision.vision_precision(Precision(torch.float32)) == "f32"
+    int8 = Precision(torch.float32, int8=True)
+    assert openvino_vision.vision_precision(int8) == "int8-static"
+    assert openvino_vision.vision_precision(int8, "int8-dynamic") == "int8-dynamic"
+    native = "bf16" if cpu_has_native_bf16() else "f32"
+    assert openvino_vision.vision_precision(Precision(torch.bfloat16)) == native
+    assert openvino_vision.vision_precision(Precision(torch.float16)) == native
+
+
+def test_calibration_images_are_fixed_and_of_both_kinds() -> None:
+    import numpy as np
+
+    from blipserve.models import calibration
+
+    _, processor = random_vision_encoder("blip-image-captioning-base")
+    first = calibration.calibration_pixels(processor.image_processor)
+    again = calibration.calibration_pixels(processor.image_processor)
+    assert len(first) == calibration.COUNT
+    assert all(a.shape == (1, 3, 384, 384) and a.dtype == np.float32 for a in first)
+    assert all(np.array_equal(a, b) for a, b in zip(first, again, strict=True))
+    # noise has no two equal neighbours to speak of; shapes are mostly flat
+    flat = [float((np.diff(a, axis=-1) == 0).mean()) for a in first]
+    assert sum(f > 0.5 for f in flat) == calibration.COUNT // 2
+    assert sum(f < 0.1 for f in flat) == calibration.COUNT // 2

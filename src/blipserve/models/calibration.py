@@ -7,7 +7,7 @@ spectrum: amplitude falling as 1/f (the average photograph's, with an exponent n
 correlated colour channels, full contrast range; and, as many, flat-coloured shapes on a
 plain background (what noise lacks: uniform regions and sharp edges).  On BLIP-base's ViT
 (random weights, full size), worst feature cosine to float32 over six photographs with
-:func:`blipserve.models.openvino_vision.quantize_int8`'s recipe, by calibration set:
+:func:`blipserve.models.openvino_int8.quantize`'s recipe, by calibration set:
 16 noise images 0.99890 (0.99875 with another seed); 8 noise + 8 shape images 0.99955;
 twelve other photographs 0.99936 (bench/openvino_encoder.py; /tmp trials of 2026-12-02).
 """

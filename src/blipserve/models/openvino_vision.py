@@ -12,10 +12,10 @@ type, so transformers' ``generate`` and the adapters do not change.  The torch e
 weights are dropped.  Precision (:func:`vision_precision`): float32 when the model is
 loaded in float32 (``--dtype float32``: the output is then transformers' own to float
 rounding); with ``--dtype int8`` one of two int8 recipes, which the model family's adapter
-names (``HFAdapter.vision_int8``): ``int8-static`` (NNCF's post-training quantization of
-weights and activations, calibrated on images the project generates,
-:mod:`blipserve.models.calibration`; :func:`quantize_int8`) or ``int8-dynamic`` (int8
-weights, NNCF's data-free compression, with activations quantized per token at run time by
+names (``HFAdapter.vision_int8``; :mod:`blipserve.models.openvino_int8`): ``int8-static``
+(NNCF's post-training quantization of weights and activations, calibrated on images the
+project generates, :mod:`blipserve.models.calibration`) or ``int8-dynamic`` (int8 weights,
+NNCF's data-free compression, with activations quantized per token at run time by
 OpenVINO's CPU plugin); otherwise bfloat16 where the CPU computes it natively (OpenVINO's
 own default there).  Each is batch-invariant: OpenVINO's CPU plugin computes each image of
 a batch alike (measured: batch 8 equal to one at a time to the bit in every mode; static
@@ -31,7 +31,6 @@ import json
 import logging
 import os
 import shutil
-import sys
 import tempfile
 import threading
 from collections.abc import Iterator
@@ -171,9 +170,10 @@ def _quantized(
     or made now from the float conversion (and cached)."""
     import openvino as ov
 
+    from blipserve.models import openvino_int8
     from blipserve.models.calibration import calibration_pixels
 
-    recipe = INT8_RECIPE if mode == "int8-static" else INT8_WEIGHTS
+    recipe = openvino_int8.STATIC if mode == "int8-static" else openvino_int8.WEIGHTS
     key = fingerprint(vision, image_size, ov.get_version(), recipe)
     cached = _cached(key)
     if cached is not None:
@@ -182,73 +182,12 @@ def _quantized(
     log.info("vision encoder: %s with NNCF (once; cached afterwards)", mode)
     try:
         if mode == "int8-static":
-            quantized = quantize_int8(model, calibration_pixels(image_processor))
+            quantized = openvino_int8.quantize(model, calibration_pixels(image_processor))
         else:
-            quantized = compress_int8(model)
+            quantized = openvino_int8.compress_weights(model)
     except Exception as exc:  # NNCF's errors have no common base of their own
         raise ModelLoadError(f"NNCF could not quantize the vision encoder: {exc}") from exc
     return quantized, _store(quantized, key)
-
-
-#: name the int8 recipes below in the cache key: change them when a recipe changes
-INT8_RECIPE = "int8-nncf-performance-nosq-floatpatch-noise8-shapes8-v1"
-INT8_WEIGHTS = "int8-nncf-weights-asym-v1"
-
-
-def quantize_int8(model: Any, calibration: list[Any]) -> Any:
-    """``model`` (an OpenVINO ViT) with int8 weights and activations: NNCF's post-training
-    quantization, calibrated on ``calibration`` (one-image pixel batches).
-
-    The recipe, as measured on BLIP-base's ViT (random weights, full size; worst of six
-    photographs' feature cosine to float32; bench/openvino_encoder.py): NNCF's transformer
-    preset as it comes 0.99653 (SmoothQuant on); without SmoothQuant 0.99936 on photo
-    calibration, 0.99809 on generated images; symmetric activations (``PERFORMANCE``)
-    0.99902; and the patch embedding (a convolution over raw pixels) left in float 0.99953,
-    against 0.99965 for blipserve's own int8 torch layers.  The attention's two matmuls
-    carry no weights and stay in float.
-    """
-    import nncf
-
-    patch_embedding = [
-        op.get_friendly_name() for op in model.get_ops() if op.get_type_name() == "Convolution"
-    ]
-    with _quiet_nncf():
-        return nncf.quantize(
-            model,
-            nncf.Dataset(calibration),
-            model_type=nncf.ModelType.TRANSFORMER,
-            preset=nncf.QuantizationPreset.PERFORMANCE,
-            subset_size=len(calibration),
-            ignored_scope=nncf.IgnoredScope(names=patch_embedding, validate=False),
-            advanced_parameters=nncf.AdvancedQuantizationParameters(
-                smooth_quant_alphas=nncf.AdvancedSmoothQuantParameters(matmul=-1)
-            ),
-        )
-
-
-def compress_int8(model: Any) -> Any:
-    """``model`` with int8 weights (asymmetric, one scale and zero point per output
-    channel; NNCF's data-free compression); OpenVINO's CPU plugin then quantizes each
-    token's activations at run time, in groups of 32 (``DYNAMIC_QUANTIZATION_GROUP_SIZE``),
-    and multiplies in int8."""
-    import nncf
-
-    with _quiet_nncf():
-        return nncf.compress_weights(model, mode=nncf.CompressWeightsMode.INT8_ASYM)
-
-
-@contextlib.contextmanager
-def _quiet_nncf() -> Iterator[None]:
-    """NNCF reports progress and logs on stdout, which is the CLI's output: progress goes
-    to stderr, and its log says only warnings (its handler is bound to stdout itself)."""
-    chatty = logging.getLogger("nncf")
-    level = chatty.level
-    chatty.setLevel(logging.WARNING)
-    try:
-        with contextlib.redirect_stdout(sys.stderr):
-            yield
-    finally:
-        chatty.setLevel(level)
 
 
 def vision_precision(precision: Precision, int8: str = "int8-static") -> str:
@@ -397,8 +336,7 @@ __all__ = [
     "MODES",
     "OpenVinoVision",
     "compile_vision",
-    "compress_int8",
-    "quantize_int8",
+    "int8_unavailable",
     "unavailable",
     "use_openvino_vision",
     "vision_precision",
