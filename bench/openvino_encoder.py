@@ -68,7 +68,8 @@ def openvino_mode(mode: str, vision: Any, side: int, processor: Any) -> Any:
             vision, side, torch.float32, mode.removeprefix("ov-"), processor
         )
         return lambda pixels: encoder(pixel_values=pixels).last_hidden_state
-    model, _ = openvino_vision._converted(vision, side)
+    key = openvino_vision.fingerprint(vision, side, ov.get_version())
+    model, _ = openvino_vision._converted(vision, side, key)
     model = model.clone()
     settings = {"INFERENCE_PRECISION_HINT": "bf16", "PERFORMANCE_HINT": "LATENCY"}
     if mode == "ov-nncf-preset":  # NNCF's transformer preset as it comes, photo calibration

@@ -27,10 +27,12 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import importlib.util
 import json
 import logging
 import os
 import shutil
+import sys
 import tempfile
 import threading
 from collections.abc import Iterator
@@ -74,14 +76,14 @@ class _Traced(nn.Module):
         return out.last_hidden_state, out.pooler_output  # (B, N, D), (B, D)
 
 
-def fingerprint(vision: nn.Module, image_size: int, version: str, variant: str = "float") -> str:
-    """A key for the converted encoder: its weights, configuration and input size,
-    OpenVINO's version and the ``variant`` (``float``, or a quantization recipe's name;
-    hashed: a few hundred MB take well under a second)."""
+def fingerprint(vision: nn.Module, image_size: int, version: str) -> str:
+    """A key for the converted encoder: its weights, configuration and input size, and
+    OpenVINO's version (hashed: a few hundred MB take well under a second).  An int8
+    variant's key is this one and its recipe's name."""
     digest = hashlib.blake2b(digest_size=16)
     config = getattr(vision, "config", None)
     described = config.to_json_string() if config is not None else type(vision).__name__
-    digest.update(json.dumps([described, image_size, version, variant, "v1"]).encode())
+    digest.update(json.dumps([described, image_size, version, "v1"]).encode())
     for name, tensor in vision.state_dict().items():
         digest.update(name.encode())
         digest.update(str(tensor.dtype).encode())
@@ -140,12 +142,12 @@ def _store(model: Any, key: str) -> Path | None:
     return None
 
 
-def _converted(vision: nn.Module, image_size: int) -> tuple[Any, Path | None]:
-    """The encoder as an OpenVINO model, from the cache or converted now (and cached);
-    and the cache folder it is in (None: no writable cache here)."""
+def _converted(vision: nn.Module, image_size: int, key: str) -> tuple[Any, Path | None]:
+    """The encoder as an OpenVINO model, from the cache under ``key`` (its
+    :func:`fingerprint`) or converted now (and cached); and the cache folder it is in
+    (None: no writable cache here)."""
     import openvino as ov
 
-    key = fingerprint(vision, image_size, ov.get_version())
     cached = _cached(key)
     if cached is not None:
         return cached
@@ -174,11 +176,12 @@ def _quantized(
     from blipserve.models.calibration import calibration_pixels
 
     recipe = openvino_int8.STATIC if mode == "int8-static" else openvino_int8.WEIGHTS
-    key = fingerprint(vision, image_size, ov.get_version(), recipe)
+    floats = fingerprint(vision, image_size, ov.get_version())  # (weights hashed once)
+    key = f"{floats}-{recipe}"
     cached = _cached(key)
     if cached is not None:
         return cached
-    model, _ = _converted(vision, image_size)
+    model, _ = _converted(vision, image_size, floats)
     log.info("vision encoder: %s with NNCF (once; cached afterwards)", mode)
     try:
         if mode == "int8-static":
@@ -194,9 +197,11 @@ def vision_precision(precision: Precision, int8: str = "int8-static") -> str:
     """OpenVINO's precision for the encoder of a model loaded in ``precision``: ``f32``
     (float32: exact); ``int8`` (``int8-static`` or ``int8-dynamic``: the family's recipe);
     else ``bf16`` where the CPU has it natively, else ``f32``."""
+    from blipserve.models.base import cpu_has_native_bf16
+
     if precision.int8:
         return int8
-    if precision.dtype == torch.float32 or not _native_bf16():
+    if precision.dtype == torch.float32 or not cpu_has_native_bf16():
         return "f32"
     return "bf16"
 
@@ -226,7 +231,8 @@ def compile_vision(
             raise ModelLoadError(f"the int8 OpenVINO vision encoder is not available: {why}")
         model, root = _quantized(vision, image_size, mode, image_processor)
     else:
-        model, root = _converted(vision, image_size)
+        key = fingerprint(vision, image_size, ov.get_version())
+        model, root = _converted(vision, image_size, key)
     # int8: what stays in float (attention, norms, the patch embedding) computes in f32, not
     # in OpenVINO's bf16 default: int8 layers between bf16 ones ran at half the speed on one
     # image (BLIP-base's ViT, ms per image at batch 1 / 8: 256 / 137 with bf16 around the
@@ -245,17 +251,11 @@ def compile_vision(
     return OpenVinoVision(compiled, getattr(vision, "config", None), mode, dtype)
 
 
-def _native_bf16() -> bool:
-    from blipserve.models.base import cpu_has_native_bf16
-
-    return cpu_has_native_bf16()
-
-
 def int8_unavailable() -> str | None:
-    """Why the int8 encoder cannot be made here (None: it can)."""
-    try:
-        import nncf  # noqa: F401
-    except ImportError:
+    """Why the int8 encoder cannot be made here (None: it can).  Looked up, not imported:
+    importing NNCF takes 1.5-2.5 s, and a cached int8 encoder never needs it."""
+    # (a None in sys.modules is how an import is blocked: find_spec would raise on it)
+    if sys.modules.get("nncf", sys) is None or importlib.util.find_spec("nncf") is None:
         return f"nncf is not installed ({INSTALL_HINT})"
     return None
 
