@@ -8,8 +8,9 @@ correlated colour channels, full contrast range; and, as many, flat-coloured sha
 plain background (what noise lacks: uniform regions and sharp edges).  On BLIP-base's ViT
 (random weights, full size), worst feature cosine to float32 over six photographs with
 :func:`blipserve.models.openvino_int8.quantize`'s recipe, by calibration set:
-16 noise images 0.99890 (0.99875 with another seed); 8 noise + 8 shape images 0.99955;
-twelve other photographs 0.99936 (bench/openvino_encoder.py; /tmp trials of 2026-12-02).
+16 noise images 0.99890 (0.99875 with another seed); 8 noise + 8 of the demo's scenes
+0.99955; 8 noise + 8 of the shapes below (what is used) 0.99952; twelve photographs 0.99936
+(bench/results/openvino-int8-trials.txt).
 """
 
 from __future__ import annotations

@@ -27,12 +27,12 @@ def quantize(model: Any, calibration: list[Any]) -> Any:
     quantization, calibrated on ``calibration`` (one-image pixel batches).
 
     The recipe, as measured on BLIP-base's ViT (random weights, full size; worst of six
-    photographs' feature cosine to float32; bench/openvino_encoder.py): NNCF's transformer
-    preset as it comes 0.99653 (SmoothQuant on); without SmoothQuant 0.99936 on photo
-    calibration, 0.99809 on generated images; symmetric activations (``PERFORMANCE``)
-    0.99902; and the patch embedding (a convolution over raw pixels) left in float 0.99953,
-    against 0.99965 for blipserve's own int8 torch layers.  The attention's two matmuls
-    carry no weights and stay in float.
+    photographs' feature cosine to float32; bench/results/openvino-int8-trials.txt): NNCF's
+    transformer preset as it comes 0.99653 (SmoothQuant on); without SmoothQuant 0.99936 on
+    photo calibration, 0.99809 on generated images; symmetric activations
+    (``PERFORMANCE``) 0.99902; and the patch embedding (a convolution over raw pixels) left
+    in float 0.99953, against 0.99965 for blipserve's own int8 torch layers.  The
+    attention's two matmuls carry no weights and stay in float.
     """
     import nncf
 
