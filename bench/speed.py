@@ -230,6 +230,7 @@ def bench_model(
     needed = max(n_base, *(rows_for(b) for b in [*args.batches, *static]))
     jpegs = [base64.b64decode(s) for s in sample_images(min(args.images, needed))]
     out: dict[str, Any] = {"layout": layout, "parameters": params}
+    out["float32_weights_gib"] = weight_bytes(model) / 2**30
 
     out["flops_per_image"] = caption_flops(model, processor, jpegs[0], args.tokens)
     log(f"{layout}: {out['flops_per_image'] / 1e9:.1f} GFLOP per caption")
@@ -257,6 +258,11 @@ def bench_model(
     }
     adapters = {mode: prepared[mode.partition(":w")[0]] for mode in args.modes}
     gc.collect()
+    out["weights_gib"] = {m: weight_bytes(a.model) / 2**30 for m, a in prepared.items()}
+    # (on a CPU: the float32 model the baseline uses is still resident unless the last mode
+    # converted it in place, i.e. --repeats 1)
+    out["memory_after_prepare"] = resident_gib()
+    log(f"{layout}: weights {out['weights_gib']} GiB; process {out['memory_after_prepare']}")
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
@@ -341,10 +347,39 @@ def bench_model(
             r.pop("texts", None)
     if device.type == "cuda":
         out["peak_gpu_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
+    out["memory_at_end"] = resident_gib()
     del adapter, adapters, prepared, model
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
+    return out
+
+
+def weight_bytes(model: Any) -> int:
+    """Bytes of a model's parameters and buffers, and of its int8 layers' packed weights
+    (which blipserve's kernel keeps outside torch: a byte a weight, a float32 scale and
+    bias an output)."""
+    tensors = [*model.parameters(), *model.buffers()]
+    total = sum(t.numel() * t.element_size() for t in tensors)
+    for module in model.modules():
+        if getattr(module, "_kernel", None) is not None:  # an Int8Linear on the C kernel
+            total += module.out_features * (module.in_features + 8)
+    return total
+
+
+def resident_gib() -> dict[str, float]:
+    """This process's resident memory now and its peak so far (Linux; empty elsewhere)."""
+    out: dict[str, float] = {}
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key in ("VmRSS", "VmHWM"):  # kB
+                    out["rss_gib" if key == "VmRSS" else "peak_rss_gib"] = (
+                        int(value.split()[0]) / 2**20
+                    )
+    except OSError:
+        pass
     return out
 
 
@@ -670,7 +705,16 @@ def markdown(report: dict[str, Any]) -> str:
                     r.get("images_per_s_runs"),
                 )
             )
-        lines.append(f"({model['layout']}: {model['flops_per_image'] / 1e9:.1f} GFLOP per caption)")
+        memory = ""
+        if "weights_gib" in model:
+            modes = ", ".join(f"{k} {v:.2f}" for k, v in model["weights_gib"].items())
+            peak = model.get("memory_at_end", {}).get("peak_rss_gib")
+            memory = f"; weights GiB: float32 {model['float32_weights_gib']:.2f}, {modes}" + (
+                f"; process peak {peak:.1f} GiB" if peak else ""
+            )
+        lines.append(
+            f"({model['layout']}: {model['flops_per_image'] / 1e9:.1f} GFLOP per caption{memory})"
+        )
     guard = report.get("quality_guard", {})
     if "scenes" in guard:
         parts = [
