@@ -19,6 +19,12 @@ the rest in float32).  ms per image for 20 tokens (``min_new_tokens = max_new_to
 batch 1 and 8, passes interleaved, medians.
 
     .venv/bin/python bench/openvino_decoder.py --out bench/results/openvino-decoder.json
+
+``--steps``: instead, one decoding step alone (one row, 10 tokens already cached, no
+``generate`` around it), the OpenVINO step model's ``infer`` with each weight compression
+and precision setting against blipserve's int8 decoder's forward -- whether keeping the
+cache inside OpenVINO (a stateful model) could pay: its inputs are shared, not copied, so
+what is left is the step's own time.
 """
 
 from __future__ import annotations
@@ -241,6 +247,79 @@ def generate(decoder: nn.Module, rows: int, tokens: int, beams: int = 1) -> torc
         )
 
 
+def step_times(model: nn.Module, repeats: int) -> dict[str, list[float]]:
+    """ms per decoding step (one row, 10 tokens cached) per variant, passes interleaved."""
+    import nncf
+    import openvino as ov
+
+    from blipserve.models import optimize
+    from blipserve.models.base import resolve_precision
+
+    decoder = model.text_decoder
+    _, step = convert(decoder, decoder.config)
+    n, heads, head_dim, seen = 12, 12, 64, 10
+
+    def compiled(m: Any, dynamic: int, precision: str = "f32") -> Any:
+        settings = {
+            "INFERENCE_PRECISION_HINT": precision,
+            "PERFORMANCE_HINT": "LATENCY",
+            "DYNAMIC_QUANTIZATION_GROUP_SIZE": str(dynamic),
+        }
+        return ov.Core().compile_model(m, "CPU", settings).create_infer_request()
+
+    mode = nncf.CompressWeightsMode
+    int8 = nncf.compress_weights(step.clone(), mode=mode.INT8_ASYM)
+    int4 = nncf.compress_weights(step.clone(), mode=mode.INT4_SYM, group_size=128, ratio=1.0)
+    requests = {
+        "ov-f32": compiled(step, 0),
+        "ov-int8-weights": compiled(int8, 0),
+        "ov-int8-dynamic": compiled(int8, 32),
+        "ov-int8-weights-bf16": compiled(int8, 0, "bf16"),
+        "ov-int4-dynamic": compiled(int4, 32),
+    }
+    rng = np.random.default_rng(0)
+    inputs = [np.zeros((1, 1), np.int64), np.ones((1, seen + 1), np.int64)]
+    inputs += [np.ones((1, 577), np.int64)]
+    inputs += [rng.standard_normal((1, heads, seen, head_dim), np.float32) for _ in range(2 * n)]
+    inputs += [rng.standard_normal((1, heads, 577, head_dim), np.float32) for _ in range(2 * n)]
+    int8_model = copy.deepcopy(model)
+    cpu = torch.device("cpu")
+    optimize.prepare(int8_model, resolve_precision("int8", cpu), cpu)
+    ours = int8_model.text_decoder
+    image = torch.randn(1, 577, 768)
+    image_mask = torch.ones(1, 577, dtype=torch.long)
+    times: dict[str, list[float]] = {k: [] for k in [*requests, "torch-int8"]}
+    with torch.inference_mode():
+        first = ours(
+            input_ids=torch.tensor([[30522] + [1037] * seen]),
+            encoder_hidden_states=image,
+            encoder_attention_mask=image_mask,
+            use_cache=True,
+            return_dict=True,
+        )
+        for _ in range(repeats):
+            for name, request in requests.items():
+                request.infer(inputs, share_inputs=True)
+                started = time.perf_counter()
+                for _ in range(20):
+                    request.infer(inputs, share_inputs=True)
+                times[name].append((time.perf_counter() - started) / 20 * 1e3)
+            cache = copy.deepcopy(first.cache)
+            started = time.perf_counter()
+            for i in range(20):  # 20 steps on from the same 11-token cache
+                ours(
+                    input_ids=torch.tensor([[1037]]),
+                    attention_mask=torch.ones(1, seen + 2 + i, dtype=torch.long),
+                    encoder_hidden_states=image,
+                    encoder_attention_mask=image_mask,
+                    cache=cache,
+                    use_cache=True,
+                    return_dict=True,
+                )
+            times["torch-int8"].append((time.perf_counter() - started) / 20 * 1e3)
+    return times
+
+
 def main() -> None:
     from common import machine_info
     from speed import build
@@ -251,10 +330,25 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--tokens", type=int, default=20)
+    parser.add_argument("--steps", action="store_true", help="one decoding step alone")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
 
     model, _ = build("blip-image-captioning-base", False, torch.device("cpu"))
+    if args.steps:
+        steps = step_times(model, args.repeats)
+        step_medians = {k: statistics.median(v) for k, v in steps.items()}
+        for name, ms in step_medians.items():
+            print(f"{name:22} {ms:5.2f} ms per step (one row, 10 tokens cached)")
+        if args.out:
+            report = {
+                "machine": machine_info(),
+                "command": " ".join(sys.argv),
+                "ms_per_step": steps,
+                "median_ms_per_step": step_medians,
+            }
+            args.out.write_text(json.dumps(report, indent=1) + "\n")
+        return
     reference = model.text_decoder
     cross, step = convert(reference, reference.config)
     int8_model = copy.deepcopy(model)
