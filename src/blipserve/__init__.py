@@ -2,7 +2,7 @@
 
 >>> from blipserve import Engine, ModelConfig                      # doctest: +SKIP
 >>> with Engine.load(ModelConfig(model="demo")) as engine:          # doctest: +SKIP
-...     engine.predict([RowInput(0, "examples/scene-0.png")], allow_paths=True)
+...     engine.predict([RowInput(0, "examples/scene-01.png")], allow_paths=True)
 """
 
 from __future__ import annotations

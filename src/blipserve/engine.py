@@ -63,7 +63,7 @@ class Engine:
     """Runs a loaded model adapter over rows of images and optional text.
 
     >>> engine = Engine.load(ModelConfig(model="demo"))          # doctest: +SKIP
-    >>> engine.predict([RowInput(0, "examples/scene-0.png")], allow_paths=True)  # doctest: +SKIP
+    >>> engine.predict([RowInput(0, "examples/scene-01.png")], allow_paths=True)  # doctest: +SKIP
     [Prediction(text='a red circle left of a blue square', score=None)]
     """
 
