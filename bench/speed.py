@@ -179,9 +179,9 @@ def engine_run(
 ) -> dict[str, Any]:
     """blipserve's engine over base64 JPEG rows at ``batch`` rows per model call."""
     from blipserve.config import EngineConfig
-    from blipserve.contract import RowInput
     from blipserve.engine import Engine
     from blipserve.params import GenerationParams
+    from blipserve.types import RowInput
 
     params = GenerationParams(max_new_tokens=tokens, min_new_tokens=tokens)
     rows = [RowInput(i, base64.b64encode(d).decode()) for i, d in enumerate(jpegs)]
@@ -435,9 +435,9 @@ def png_b64(image: Image.Image) -> str:
 def quality_guard(device: Any, n: int) -> dict[str, Any]:
     """The ``demo`` model's captions per dtype on ``n`` held-out scenes, against float32."""
     from blipserve.config import ModelConfig
-    from blipserve.contract import RowInput
     from blipserve.demo import scenes
     from blipserve.engine import Engine
+    from blipserve.types import RowInput
 
     held = list(scenes.generate(scenes.HELDOUT_SEED + 1, n))
     rows = [RowInput(i, png_b64(scene.image)) for i, scene in enumerate(held)]
@@ -475,9 +475,9 @@ def static_cache_guard(device: Any, n: int, dtype: str) -> dict[str, Any]:
     compiled side's includes its compilations: batches of several sizes).
     """
     from blipserve.config import EngineConfig, ModelConfig
-    from blipserve.contract import RowInput
     from blipserve.demo import scenes
     from blipserve.engine import Engine
+    from blipserve.types import RowInput
 
     held = list(scenes.generate(scenes.HELDOUT_SEED + 1, n))
     rows: list[RowInput] = []

@@ -47,7 +47,7 @@ warmup)  # --cuda-graphs: warm-up compiles each padded batch size; later batches
   timeout "${WARMUP_SECONDS:-240}" "$PY" - <<'PY' 2>&1 | tee "$OUT/gpu-warmup.log"
 import base64, io, logging, time
 from blipserve.config import EngineConfig, ModelConfig
-from blipserve.contract import RowInput
+from blipserve.types import RowInput
 from blipserve.demo import scenes
 from blipserve.engine import Engine
 logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")

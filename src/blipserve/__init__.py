@@ -10,8 +10,9 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from blipserve.config import EngineConfig, FetchConfig, ImageLimits, ModelConfig
-from blipserve.contract import Prediction, RowInput, encode_response, parse_request
+from blipserve.contracts.catalog import encode_response, parse_request
 from blipserve.params import GenerationParams
+from blipserve.types import Prediction, RowInput
 
 if TYPE_CHECKING:
     from blipserve.engine import Engine

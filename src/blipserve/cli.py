@@ -21,15 +21,10 @@ from blipserve.config import (
     ServerConfig,
     from_env,
 )
-from blipserve.contract import (
-    Prediction,
-    RowInput,
-    ScoringRequest,
-    encode_response,
-    parse_request,
-)
+from blipserve.contracts.catalog import ScoringRequest, encode_response, parse_request
 from blipserve.errors import BlipserveError, InvalidInput
 from blipserve.params import GenerationParams
+from blipserve.types import Prediction, RowInput
 
 if TYPE_CHECKING:
     from blipserve.batch.runner import BatchOptions, Summary
@@ -346,8 +341,8 @@ def run(args: argparse.Namespace, out: TextIO) -> int:
     # Imported here so that `blipserve --help` answers without loading torch.
     from transformers.utils import logging as hf_logging
 
+    from blipserve.contracts.openai import ask_prompt
     from blipserve.engine import Engine
-    from blipserve.openai_contract import ask_prompt
 
     hf_logging.disable_progress_bar()
     if not args.verbose:

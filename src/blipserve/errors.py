@@ -1,9 +1,10 @@
 """Typed errors raised anywhere in blipserve.
 
-Every error a user can cause is a :class:`BlipserveError` with a ``status`` that the HTTP
-layer maps to a response code in one place, and a message that says what was wrong and
-where.  Row-level errors carry the row they belong to so that a request with one bad row
-is answered with a 400 naming that row, and a batch job records the row and goes on.
+Every error a user can cause is a :class:`BlipserveError` with a ``status`` (the HTTP
+response code) and ``headers`` (e.g. ``Retry-After``) that the HTTP layer sends as they
+are, in one handler, and a message that says what was wrong and where.  Row-level errors
+carry the row they belong to so that a request with one bad row is answered with a 400
+naming that row, and a batch job records the row and goes on.
 """
 
 from __future__ import annotations
@@ -28,6 +29,11 @@ class BlipserveError(Exception):
     def __init__(self, message: str) -> None:
         super().__init__(message)
         self.message = message
+
+    @property
+    def headers(self) -> dict[str, str]:
+        """HTTP headers that go with this error's response."""
+        return {}
 
     def __str__(self) -> str:
         return self.message
@@ -81,9 +87,13 @@ class ModelLoadError(BlipserveError):
 
 
 class ModelNotReady(BlipserveError):
-    """The engine is not loaded or warmed up yet; HTTP 503."""
+    """The engine is not loaded or warmed up yet (``/ready`` and every route); HTTP 503."""
 
     status = 503
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": "5"}
 
 
 class InferenceError(BlipserveError):
@@ -96,6 +106,10 @@ class Unauthorized(BlipserveError):
     """Missing or wrong API key; HTTP 401."""
 
     status = 401
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"WWW-Authenticate": "Bearer"}
 
 
 class PayloadTooLarge(BlipserveError):
@@ -119,8 +133,24 @@ class Overloaded(BlipserveError):
         super().__init__(message)
         self.retry_after_s = retry_after_s
 
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": str(self.retry_after_s)}
+
 
 class DeadlineExceeded(BlipserveError):
     """The request's deadline passed before its rows were done; HTTP 504."""
 
     status = 504
+
+
+class ClientDisconnected(BlipserveError):
+    """The client went away before its answer was ready; its queued rows are dropped.
+
+    Logged as 499 (nginx's "client closed request"): nobody receives the response.
+    """
+
+    status = 499
+
+    def __init__(self) -> None:
+        super().__init__("the client disconnected")

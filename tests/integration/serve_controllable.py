@@ -16,10 +16,9 @@ import time
 from collections.abc import Hashable, Sequence
 
 from blipserve.cli import main
-from blipserve.contract import Prediction
-from blipserve.models.base import ModelInput
 from blipserve.models.blip import BlipCaptionAdapter
 from blipserve.models.registry import register
+from blipserve.types import ModelInput, Prediction
 
 ARCHITECTURE = "ControllableBlipForConditionalGeneration"
 

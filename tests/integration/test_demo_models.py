@@ -21,10 +21,10 @@ import pytest
 import torch
 
 from blipserve.config import EngineConfig, ModelConfig
-from blipserve.contract import Prediction, RowInput
 from blipserve.demo.scenes import HELDOUT_SEED, Scene, generate
-from blipserve.engine import Engine, Outcome
+from blipserve.engine import Engine
 from blipserve.models import openvino_vision, optimize
+from blipserve.types import Outcome, Prediction, RowInput
 
 ROOT = Path(__file__).resolve().parents[2]
 SAMPLE = 200  # scenes per check: a few seconds on two CPU cores

@@ -291,7 +291,7 @@ def test_openapi_document(server: RunningServer) -> None:
     body = score["requestBody"]["content"]["application/json"]
     assert set(body["examples"]) == {"caption", "image+text"}
     assert "input_data" in body["schema"]["properties"]
-    assert "SplitInput" in doc["components"]["schemas"]
+    assert "SplitInputSchema" in doc["components"]["schemas"]
     assert {"200", "400", "401", "413", "415", "503", "504"} <= set(score["responses"])
     assert "/v1/chat/completions" in doc["paths"]
     assert httpx.get(f"{server.url}/docs").status_code == 200

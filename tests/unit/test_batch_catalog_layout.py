@@ -19,10 +19,10 @@ from PIL import Image
 from blipserve.batch.runner import BatchJob, BatchOptions, FailureLimit, Summary, TooManyFailures
 from blipserve.batch.sources import image_file, iter_rows
 from blipserve.batch.storage import locate
-from blipserve.contract import RowInput
 from blipserve.engine import Engine
 from blipserve.errors import InvalidInput
 from blipserve.params import GenerationParams
+from blipserve.types import RowInput
 from helpers import client_base64, jpeg_bytes, photos
 
 PARAMS = GenerationParams(max_new_tokens=4)

@@ -60,7 +60,7 @@ def test_jsonl_output_and_bad_rows(engine: Engine, images: Path, tmp_path: Path)
     assert all(r["text"] and r["error"] == "" for r in rows[1:])
     assert (summary.done, summary.failed, summary.skipped) == (7, 1, 0)
     # same answers as the engine gives row by row
-    from blipserve.contract import RowInput
+    from blipserve.types import RowInput
 
     [direct] = engine.predict([RowInput(0, str(images / "img3.png"))], PARAMS, allow_paths=True)
     assert rows[4]["text"] == direct.text

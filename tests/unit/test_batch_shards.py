@@ -14,10 +14,10 @@ from blipserve.batch.book import JobBook
 from blipserve.batch.runner import BatchJob, BatchOptions, Summary
 from blipserve.batch.sources import ReadOptions, iter_rows
 from blipserve.batch.storage import OutputError, locate
-from blipserve.contract import RowInput
 from blipserve.engine import Engine
 from blipserve.errors import InvalidInput
 from blipserve.params import GenerationParams
+from blipserve.types import RowInput
 from helpers import img2dataset_shards
 
 PARAMS = GenerationParams(max_new_tokens=4)

@@ -7,9 +7,10 @@ from typing import Any
 
 import pytest
 
-from blipserve.contract import Prediction, RowInput, encode_response, parse_request
+from blipserve.contracts.catalog import encode_response, parse_request
 from blipserve.errors import InvalidRequest, RowError
 from blipserve.params import GenerationParams
+from blipserve.types import Prediction, RowInput
 from helpers import b64_png
 
 IMG = b64_png(0)

@@ -7,10 +7,11 @@ from pathlib import Path
 import pytest
 
 from blipserve.config import EngineConfig, ModelConfig
-from blipserve.contract import Prediction, RowInput, parse_request
+from blipserve.contracts.catalog import parse_request
 from blipserve.engine import Engine
 from blipserve.errors import InferenceError, InvalidInput, RowError
 from blipserve.params import GenerationParams
+from blipserve.types import Prediction, RowInput
 from helpers import b64_png
 
 PARAMS = GenerationParams(max_new_tokens=6)

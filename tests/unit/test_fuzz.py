@@ -10,10 +10,10 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from blipserve.config import ImageLimits
-from blipserve.contract import parse_request
+from blipserve.contracts.catalog import parse_request
+from blipserve.contracts.openai import parse_chat_request
 from blipserve.errors import ImageError, InvalidInput
 from blipserve.images import decode_base64, decode_image
-from blipserve.openai_contract import parse_chat_request
 from helpers import make_image
 
 FAST = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])

@@ -14,11 +14,10 @@ import pytest
 from PIL import Image
 
 from blipserve.config import ModelConfig
-from blipserve.contract import Prediction, RowInput
 from blipserve.engine import Engine
 from blipserve.errors import InvalidInput, RowError
-from blipserve.models.base import ModelInput
 from blipserve.params import GenerationParams
+from blipserve.types import ModelInput, Prediction, RowInput
 from helpers import b64_png
 
 PREFIX = "a picture of a dog sitting on the grass"

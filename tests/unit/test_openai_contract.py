@@ -11,8 +11,7 @@ from typing import Any
 import pytest
 from PIL import Image
 
-from blipserve.errors import InvalidRequest
-from blipserve.openai_contract import (
+from blipserve.contracts.openai import (
     ChatRequest,
     ask_prompt,
     build_prompt,
@@ -20,6 +19,7 @@ from blipserve.openai_contract import (
     models_response,
     parse_chat_request,
 )
+from blipserve.errors import InvalidRequest
 from blipserve.params import GenerationParams
 
 

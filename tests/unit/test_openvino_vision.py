@@ -182,8 +182,8 @@ def test_auto_falls_back_to_torch_when_the_encoder_does_not_convert(
 def test_adapters_run_on_it(tiny_model_dir: dict[str, Path], kind: str) -> None:
     """Each family's adapter with its vision encoder on OpenVINO says what torch says (in
     float32), and the torch encoder's weights are gone."""
-    from blipserve.models.base import ModelInput
     from blipserve.params import GenerationParams
+    from blipserve.types import ModelInput
 
     images = [img.convert("RGB") for img in photos().values()][:3]
     text = {"blip-vqa": "what is it?", "blip-itm": "a photo"}.get(kind)

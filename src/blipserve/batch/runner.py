@@ -20,11 +20,10 @@ from blipserve.batch.journal import OutputError, Record
 from blipserve.batch.options import BatchOptions, FailureLimit, Summary, TooManyFailures
 from blipserve.batch.sources import InputRow
 from blipserve.batch.storage import Location, StorageError
-from blipserve.contract import Prediction, RowInput
 from blipserve.engine import Engine, PreparedRow
 from blipserve.errors import ImageError, InvalidInput, RowError, quote
-from blipserve.models.base import ModelInput
 from blipserve.params import GenerationParams
+from blipserve.types import ModelInput, Prediction, RowInput
 
 log = logging.getLogger(__name__)
 

@@ -14,12 +14,12 @@ from blipserve.models import blip, blip2  # noqa: F401  (registers the adapters)
 from blipserve.models.base import (
     Adapter,
     HFAdapter,
-    ModelInput,
     resolve_device,
     resolve_precision,
     resolve_vision_backend,
 )
 from blipserve.models.registry import ADAPTERS
+from blipserve.types import ModelInput
 
 log = logging.getLogger(__name__)
 

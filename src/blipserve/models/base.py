@@ -13,25 +13,15 @@ from dataclasses import dataclass
 from typing import Any, ClassVar, Literal, Protocol
 
 import torch
-from PIL import Image
 
-from blipserve.contract import Prediction
 from blipserve.errors import InvalidInput, ModelLoadError
 from blipserve.models.openvino_vision import OpenVinoVision
 from blipserve.params import GenerationParams
+from blipserve.types import ModelInput, Prediction
 
 log = logging.getLogger(__name__)
 
 TextRole = Literal["prefix", "question", "match", "prompt"]
-
-
-@dataclass(frozen=True)
-class ModelInput:
-    """A decoded row: an RGB image, the row's text (if any) and its generation settings."""
-
-    image: Image.Image
-    text: str | None
-    params: GenerationParams
 
 
 class Adapter(Protocol):

@@ -11,10 +11,10 @@ from transformers import (
     BlipForQuestionAnswering,
 )
 
-from blipserve.contract import Prediction
 from blipserve.errors import InvalidInput
-from blipserve.models.base import HFAdapter, ModelInput
+from blipserve.models.base import HFAdapter
 from blipserve.models.registry import register
+from blipserve.types import ModelInput, Prediction
 
 
 class _BlipText(HFAdapter):

@@ -12,9 +12,9 @@ from collections.abc import Hashable, Sequence
 import torch
 from transformers import Blip2ForConditionalGeneration
 
-from blipserve.contract import Prediction
-from blipserve.models.base import HFAdapter, ModelInput
+from blipserve.models.base import HFAdapter
 from blipserve.models.registry import register
+from blipserve.types import ModelInput, Prediction
 
 
 @register("Blip2ForConditionalGeneration")

@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from blipserve.batching import plan_batches
+from blipserve.engine.offline_plan import plan_batches
 
 
 def test_groups_by_key_in_first_seen_order_and_caps_size() -> None:

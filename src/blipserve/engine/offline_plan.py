@@ -1,4 +1,9 @@
-"""Grouping rows into model batches: pure functions, testable without a model."""
+"""Stage 2 offline: rows known at once (a list, a batch job's chunk) grouped into model
+batches; pure functions, testable without a model.
+
+(Its online counterpart, merging concurrent requests as they arrive, is
+:mod:`blipserve.engine.online_queue`.)
+"""
 
 from __future__ import annotations
 

@@ -9,11 +9,10 @@ from collections.abc import Iterator, Sequence
 import pytest
 from PIL import Image
 
-from blipserve.batcher import Batcher
-from blipserve.contract import Prediction
+from blipserve.engine.online_queue import OnlineQueue
 from blipserve.errors import DeadlineExceeded, InferenceError, Overloaded
-from blipserve.models.base import ModelInput
 from blipserve.params import GenerationParams
+from blipserve.types import ModelInput, Prediction
 
 IMAGE = Image.new("RGB", (4, 4))
 
@@ -47,15 +46,15 @@ def model() -> FakeModel:
 
 
 @pytest.fixture
-def batcher(model: FakeModel) -> Iterator[Batcher]:
-    b = Batcher(model, max_batch_size=4, max_wait_s=0.2, max_queue=8)
+def batcher(model: FakeModel) -> Iterator[OnlineQueue]:
+    b = OnlineQueue(model, max_batch_size=4, max_wait_s=0.2, max_queue=8)
     b.start()
     yield b
     model.gate.set()
     b.stop(timeout=5)
 
 
-def test_concurrent_requests_share_one_batch(batcher: Batcher, model: FakeModel) -> None:
+def test_concurrent_requests_share_one_batch(batcher: OnlineQueue, model: FakeModel) -> None:
     async def main() -> list[list[object]]:
         calls = [batcher.run([(item(f"r{i}"), "k")], timeout=5) for i in range(4)]
         return list(await asyncio.gather(*calls))
@@ -65,7 +64,7 @@ def test_concurrent_requests_share_one_batch(batcher: Batcher, model: FakeModel)
     assert model.batches == [["r0", "r1", "r2", "r3"]]
 
 
-def test_rows_with_different_keys_are_not_mixed(batcher: Batcher, model: FakeModel) -> None:
+def test_rows_with_different_keys_are_not_mixed(batcher: OnlineQueue, model: FakeModel) -> None:
     async def main() -> list[object]:
         rows = [(item("a1"), "a"), (item("b1"), "b"), (item("a2"), "a")]
         return await batcher.run(rows, timeout=5)
@@ -78,7 +77,7 @@ def test_rows_with_different_keys_are_not_mixed(batcher: Batcher, model: FakeMod
     assert sorted(model.batches) == [["a1", "a2"], ["b1"]]
 
 
-def test_batch_size_is_capped(batcher: Batcher, model: FakeModel) -> None:
+def test_batch_size_is_capped(batcher: OnlineQueue, model: FakeModel) -> None:
     async def main() -> list[object]:
         return await batcher.run([(item(str(i)), "k") for i in range(6)], timeout=5)
 
@@ -86,7 +85,7 @@ def test_batch_size_is_capped(batcher: Batcher, model: FakeModel) -> None:
     assert [len(b) for b in model.batches] == [4, 2]
 
 
-def test_full_queue_is_refused_at_once(batcher: Batcher, model: FakeModel) -> None:
+def test_full_queue_is_refused_at_once(batcher: OnlineQueue, model: FakeModel) -> None:
     model.gate.clear()
 
     async def main() -> None:
@@ -103,7 +102,7 @@ def test_full_queue_is_refused_at_once(batcher: Batcher, model: FakeModel) -> No
     asyncio.run(main())
 
 
-def test_deadline_drops_queued_work(batcher: Batcher, model: FakeModel) -> None:
+def test_deadline_drops_queued_work(batcher: OnlineQueue, model: FakeModel) -> None:
     model.gate.clear()
 
     async def main() -> None:
@@ -120,7 +119,7 @@ def test_deadline_drops_queued_work(batcher: Batcher, model: FakeModel) -> None:
     assert batcher.depth == 0
 
 
-def test_cancelled_request_is_dropped(batcher: Batcher, model: FakeModel) -> None:
+def test_cancelled_request_is_dropped(batcher: OnlineQueue, model: FakeModel) -> None:
     model.gate.clear()
 
     async def main() -> None:
@@ -138,7 +137,7 @@ def test_cancelled_request_is_dropped(batcher: Batcher, model: FakeModel) -> Non
     assert ["gone"] not in model.batches
 
 
-def test_failed_batch_fails_only_its_rows(batcher: Batcher) -> None:
+def test_failed_batch_fails_only_its_rows(batcher: OnlineQueue) -> None:
     async def main() -> list[object]:
         return await batcher.run([(item("boom"), "bad"), (item("fine"), "good")], timeout=5)
 
@@ -148,7 +147,7 @@ def test_failed_batch_fails_only_its_rows(batcher: Batcher) -> None:
 
 
 def test_stop_finishes_queued_rows(model: FakeModel) -> None:
-    b = Batcher(model, max_batch_size=2, max_wait_s=10.0, max_queue=8)
+    b = OnlineQueue(model, max_batch_size=2, max_wait_s=10.0, max_queue=8)
     b.start()
 
     async def main() -> list[object]:

@@ -11,7 +11,8 @@ BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
 
 
 class Metrics:
-    """Everything ``GET /metrics`` reports; implements the batcher's observer hooks."""
+    """Everything ``GET /metrics`` reports; the online engine's observer
+    (:class:`~blipserve.engine.online.OnlineObserver`)."""
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
@@ -58,7 +59,12 @@ class Metrics:
             registry=r,
         )
 
-    # BatchObserver
+    # OnlineObserver
+    def decoded(self, seconds: float, bad_rows: int) -> None:
+        self.decode_time.observe(seconds)
+        if bad_rows:
+            self.image_errors.inc(bad_rows)
+
     def queue_depth(self, rows: int) -> None:
         self.queue_rows.set(rows)
 

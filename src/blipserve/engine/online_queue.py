@@ -1,4 +1,7 @@
-"""Dynamic batching across concurrent requests.
+"""Stage 2 online: the queue that merges rows of concurrent requests into model batches.
+
+(Its offline counterpart, for a list of rows known at once, is
+:mod:`blipserve.engine.offline_plan`.)
 
 Rows from every request go into one bounded queue.  A single model thread takes the oldest
 row, waits up to ``max_wait_s`` (from that row's arrival) for more rows with the same batch
@@ -23,9 +26,8 @@ from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from blipserve.contract import Prediction
 from blipserve.errors import BlipserveError, DeadlineExceeded, InferenceError, Overloaded
-from blipserve.models.base import ModelInput
+from blipserve.types import ModelInput, Prediction
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +62,7 @@ class _Pending:
             self.loop.call_soon_threadsafe(settle)
 
 
-class Batcher:
+class OnlineQueue:
     """Merge rows of concurrent requests into model batches of compatible rows."""
 
     def __init__(

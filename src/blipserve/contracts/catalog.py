@@ -21,6 +21,7 @@ from typing import Any
 
 from blipserve.errors import InvalidRequest, RowError
 from blipserve.params import GenerationParams, json_type
+from blipserve.types import Prediction, RowInput
 
 IMAGE = "image"
 TEXT = "text"
@@ -28,41 +29,9 @@ MAX_TEXT_CHARS = 2000
 
 
 @dataclass(frozen=True)
-class RowInput:
-    """One row of a request, before its image is decoded.
-
-    ``image`` is an http(s) URL or base64 text (a local path only where the entry point
-    allows paths: the CLI, never HTTP), or the bytes of an image file (batch jobs read
-    files themselves, from a disk or an object store).  ``index`` is the row's label from the
-    request's ``index`` (its position when there is none).
-    """
-
-    position: int
-    image: str | bytes
-    text: str | None = None
-    index: object | None = None
-
-
-@dataclass(frozen=True)
 class ScoringRequest:
     rows: list[RowInput]
     params: GenerationParams
-
-
-@dataclass(frozen=True)
-class Prediction:
-    """What the model said about one row: the text, and a probability for matching."""
-
-    text: str
-    score: float | None = None
-    #: generated tokens (not part of the catalog's answer; the OpenAI route reports it)
-    tokens: int | None = None
-
-    def to_json(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"text": self.text}
-        if self.score is not None:
-            out["score"] = self.score
-        return out
 
 
 def encode_response(predictions: Sequence[Prediction]) -> list[dict[str, Any]]:

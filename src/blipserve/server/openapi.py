@@ -1,7 +1,8 @@
 """OpenAPI descriptions of the routes whose bodies we parse by hand.
 
-``/score`` and ``/v1/chat/completions`` read their bodies themselves (so that every error
-names the row and the reason, in our message format); these models only document them.
+``/score`` and ``/v1/chat/completions`` read their bodies themselves
+(:mod:`blipserve.contracts`, so that every error names the row and the reason, in our
+message format); these ``...Schema`` models only document them in ``/swagger.json``.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ _PNG_1PX = (
 )
 
 
-class SplitInput(BaseModel):
+class SplitInputSchema(BaseModel):
     """pandas ``to_json(orient="split")`` layout."""
 
     columns: list[str] = Field(
@@ -31,40 +32,40 @@ class SplitInput(BaseModel):
     )
 
 
-class ScoreRequest(BaseModel):
-    input_data: SplitInput | list[dict[str, Any]] = Field(
+class ScoreRequestSchema(BaseModel):
+    input_data: SplitInputSchema | list[dict[str, Any]] = Field(
         description="split layout, or a list of records {image, text}"
     )
     params: GenerationParams | None = Field(None, description="generation settings")
 
 
-class ScoreAnswer(BaseModel):
+class ScoreAnswerSchema(BaseModel):
     text: str = Field(description="caption, answer, or match probability as text")
     score: float | None = Field(None, description="match probability (image-text matching)")
 
 
-class ErrorBody(BaseModel):
+class ErrorBodySchema(BaseModel):
     message: str = Field(description="what was wrong, naming the row where there is one")
 
 
-class ImageUrl(BaseModel):
+class ImageUrlSchema(BaseModel):
     url: str = Field(description="http(s) URL or data:image/...;base64,... URL")
 
 
-class ContentPart(BaseModel):
+class ContentPartSchema(BaseModel):
     type: Literal["text", "image_url"]
     text: str | None = None
-    image_url: ImageUrl | None = None
+    image_url: ImageUrlSchema | None = None
 
 
-class ChatMessage(BaseModel):
+class ChatMessageSchema(BaseModel):
     role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[ContentPart]
+    content: str | list[ContentPartSchema]
 
 
-class ChatRequest(BaseModel):
+class ChatRequestSchema(BaseModel):
     model: str
-    messages: list[ChatMessage]
+    messages: list[ChatMessageSchema]
     max_tokens: int | None = None
     max_completion_tokens: int | None = None
     temperature: float | None = None
@@ -80,13 +81,13 @@ def _request_body(model: type[BaseModel], examples: dict[str, Any]) -> dict[str,
             "required": True,
             "content": {"application/json": {"schema": schema, "examples": examples}},
         },
-        # picked up by blipserve.server's openapi hook into components/schemas
+        # picked up by blipserve.server.app's openapi hook into components/schemas
         "x-blipserve-schemas": defs,
     }
 
 
 SCORE_OPENAPI = _request_body(
-    ScoreRequest,
+    ScoreRequestSchema,
     {
         "caption": {
             "summary": "Caption images (URL or base64)",
@@ -113,7 +114,7 @@ SCORE_OPENAPI = _request_body(
 )
 
 CHAT_OPENAPI = _request_body(
-    ChatRequest,
+    ChatRequestSchema,
     {
         "question": {
             "summary": "Ask about an image",
@@ -147,7 +148,7 @@ ERROR_DESCRIPTIONS = {
     504: "The request's deadline passed",
 }
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
-    status: {"model": ErrorBody, "description": description}
+    status: {"model": ErrorBodySchema, "description": description}
     for status, description in ERROR_DESCRIPTIONS.items()
 }
 
@@ -157,7 +158,7 @@ def json_errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
 
     (With ``model``, FastAPI would document them in the route's media type, e.g. text/plain.)
     """
-    schema = ErrorBody.model_json_schema()
+    schema = ErrorBodySchema.model_json_schema()
     return {
         status: {
             "description": ERROR_DESCRIPTIONS[status],

@@ -1,0 +1,86 @@
+"""Stage 1 of the request path: a row in, a row ready for the model (or its error) out.
+
+Fetching and decoding an image is I/O and C work that releases the GIL, so rows are
+prepared on a pool of threads; a bad row becomes its :class:`RowError`, never a failed
+batch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable, Iterable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+from blipserve.config import FetchConfig, ImageLimits
+from blipserve.errors import InvalidInput, RowError
+from blipserve.fetch import SafeFetcher
+from blipserve.images import load_image
+from blipserve.models.base import Adapter
+from blipserve.params import GenerationParams
+from blipserve.types import ModelInput, RowInput
+
+
+@dataclass(frozen=True)
+class PreparedRow:
+    """A row ready for the model, with the key that decides its batch."""
+
+    row: RowInput
+    item: ModelInput
+    key: Hashable = field(compare=False)
+
+
+_TEXT_NEEDED = {
+    "question": "this model answers questions: put the question in the 'text' column",
+    "match": "this model scores image-text pairs: put the text to match in the 'text' column",
+}
+
+
+class RowPreparer:
+    """Fetches and decodes rows' images under ``limits`` and checks their text."""
+
+    def __init__(
+        self, adapter: Adapter, limits: ImageLimits, fetch: FetchConfig, workers: int
+    ) -> None:
+        self.adapter = adapter
+        self.limits = limits
+        self.fetcher = SafeFetcher(fetch) if fetch.allow_urls else None
+        self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="blipserve-decode")
+
+    def prepare(
+        self, row: RowInput, params: GenerationParams, *, allow_paths: bool = False
+    ) -> PreparedRow:
+        """Fetch and decode the row's image and check its text; raise :class:`RowError`."""
+        try:
+            if row.text is None and self.adapter.text_required:
+                raise InvalidInput(_TEXT_NEEDED.get(self.adapter.text_role, "'text' is required"))
+            image = load_image(
+                row.image,
+                limits=self.limits,
+                fetcher=self.fetcher,
+                target_size=self.adapter.image_size,
+                allow_paths=allow_paths,
+            )
+            item = ModelInput(image=image, text=row.text, params=params)
+            return PreparedRow(row, item, self.adapter.batch_key(item))
+        except RowError:
+            raise
+        except InvalidInput as exc:
+            raise RowError(row.position, exc.message, row.index) from exc
+
+    def prepare_all(
+        self, rows: Iterable[RowInput], params: GenerationParams, *, allow_paths: bool = False
+    ) -> list[PreparedRow | RowError]:
+        """:meth:`prepare` every row concurrently; bad rows come back as their error."""
+        futures = [
+            self.pool.submit(self.prepare, row, params, allow_paths=allow_paths) for row in rows
+        ]
+        out: list[PreparedRow | RowError] = []
+        for future in futures:
+            try:
+                out.append(future.result())
+            except RowError as exc:
+                out.append(exc)
+        return out
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=False, cancel_futures=True)

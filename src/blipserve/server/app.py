@@ -1,0 +1,272 @@
+"""The FastAPI app: the catalog's ``/score``, the OpenAI chat route, health and metrics.
+
+Each route checks the key, reads the body, parses it with :mod:`blipserve.contracts`, asks
+the online engine (:class:`~blipserve.engine.online.OnlineEngine`) and encodes the
+answer; typed errors become responses in :func:`blipserve.server.http.error_response`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from blipserve import ui
+from blipserve.config import EngineConfig, FetchConfig, ImageLimits, ModelConfig, ServerConfig
+from blipserve.contracts import openai as openai_contract
+from blipserve.contracts.catalog import encode_response, parse_request
+from blipserve.engine import Engine
+from blipserve.engine.online import OnlineEngine
+from blipserve.errors import BlipserveError, InvalidInput, ModelNotReady, RowError
+from blipserve.server.http import (
+    RequestContext,
+    check_auth,
+    error_response,
+    read_json_body,
+    unless_disconnected,
+)
+from blipserve.server.metrics import Metrics
+from blipserve.server.openapi import (
+    CHAT_OPENAPI,
+    ERROR_RESPONSES,
+    SCORE_OPENAPI,
+    ScoreAnswerSchema,
+    json_errors,
+)
+from blipserve.types import RowInput
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ServerState:
+    """What the routes share; filled in by the loader thread."""
+
+    model: ModelConfig
+    engine_config: EngineConfig
+    limits: ImageLimits
+    fetch: FetchConfig
+    server: ServerConfig
+    metrics: Metrics = field(default_factory=Metrics)
+    online: OnlineEngine | None = None
+    ready: bool = False
+    load_error: str | None = None
+    on_load_failure: Callable[[], None] | None = None
+
+    def load(self, engine: Engine | None = None) -> None:
+        """Load the model (unless given), warm up, start the queue, then report ready."""
+        try:
+            if engine is None:
+                engine = Engine.load(
+                    self.model, config=self.engine_config, limits=self.limits, fetch=self.fetch
+                )
+            if self.server.warmup:
+                engine.warm_up()
+            online = OnlineEngine(
+                engine,
+                max_wait_s=self.server.max_wait_ms / 1000,
+                max_queue=self.server.max_queue,
+                observer=self.metrics,
+            )
+            online.start()
+            self.online = online
+            self.ready = True
+            log.info("ready: %s (%s)", self.model.model, engine.adapter.kind)
+        except Exception as exc:
+            self.load_error = (
+                exc.message if isinstance(exc, BlipserveError) else f"{type(exc).__name__}: {exc}"
+            )
+            if isinstance(exc, BlipserveError):
+                log.error("could not start: %s", exc.message)
+            else:
+                log.exception("could not start")
+            if self.on_load_failure:
+                self.on_load_failure()
+
+    def ready_engine(self) -> OnlineEngine:
+        """The online engine; :class:`ModelNotReady` (503) until it is loaded and warm."""
+        if not self.ready or self.online is None:
+            raise ModelNotReady(f"not ready: {self.load_error or 'the model is still loading'}")
+        return self.online
+
+    def shutdown(self) -> None:
+        if self.online:
+            self.online.stop(timeout=self.server.graceful_timeout_s)
+
+
+def create_app(
+    model: ModelConfig | None = None,
+    *,
+    engine_config: EngineConfig | None = None,
+    limits: ImageLimits | None = None,
+    fetch: FetchConfig | None = None,
+    server: ServerConfig | None = None,
+    engine: Engine | None = None,
+) -> FastAPI:
+    """The ASGI app. The model loads in a background thread after startup (``/ready``
+    answers 503 until it is loaded and warmed up); pass ``engine`` to serve one you have.
+    """
+    state = ServerState(
+        model=model or ModelConfig(),
+        engine_config=engine_config or EngineConfig(),
+        limits=limits or ImageLimits(),
+        fetch=fetch or FetchConfig(),
+        server=server or ServerConfig(),
+    )
+    cfg = state.server
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        loader = threading.Thread(
+            target=state.load, args=(engine,), name="blipserve-load", daemon=True
+        )
+        loader.start()
+        yield
+        await asyncio.to_thread(state.shutdown)
+
+    app = FastAPI(
+        title="blipserve",
+        summary="BLIP and BLIP-2 image-to-text models behind the Azure ML catalog's contract.",
+        description="Try the model in a browser: [/ui/](/ui/).",
+        version=__import__("blipserve").__version__,
+        openapi_url="/swagger.json",
+        docs_url="/docs",
+        redoc_url=None,
+        lifespan=lifespan,
+    )
+    app.state.blipserve = state
+    app.add_middleware(RequestContext, metrics=state.metrics)
+    _document_hand_parsed_bodies(app)
+
+    @app.exception_handler(BlipserveError)
+    async def on_error(request: Request, exc: BlipserveError) -> JSONResponse:
+        return error_response(exc)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def on_http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        return JSONResponse(
+            {"message": str(exc.detail)}, status_code=exc.status_code, headers=exc.headers
+        )
+
+    @app.exception_handler(Exception)
+    async def on_crash(request: Request, exc: Exception) -> JSONResponse:
+        log.exception("unexpected error on %s", request.url.path)
+        return JSONResponse({"message": f"internal error: {type(exc).__name__}"}, status_code=500)
+
+    def deadline() -> float:
+        return asyncio.get_running_loop().time() + cfg.request_timeout_s
+
+    @app.get("/", response_class=PlainTextResponse, summary="Liveness")
+    async def liveness() -> str:
+        return "Healthy"
+
+    @app.get(
+        "/ready",
+        summary="Readiness: 200 once the model is loaded and warmed up",
+        responses={503: ERROR_RESPONSES[503]},
+    )
+    async def readiness() -> JSONResponse:
+        kind = state.ready_engine().engine.adapter.kind
+        return JSONResponse({"status": "ready", "model": state.model.model, "kind": kind})
+
+    @app.post(
+        "/score",
+        summary="Score rows in the Azure ML catalog's contract",
+        response_model=list[ScoreAnswerSchema],
+        responses=ERROR_RESPONSES,
+        openapi_extra=SCORE_OPENAPI,
+    )
+    async def score(request: Request) -> JSONResponse:
+        check_auth(request, cfg.api_keys)
+        until = deadline()
+        parsed = parse_request(
+            await read_json_body(request, cfg.max_body_bytes), max_rows=cfg.max_rows
+        )
+        online = state.ready_engine()
+        predictions = await unless_disconnected(
+            request, online.predict(parsed.rows, parsed.params, until)
+        )
+        return JSONResponse(encode_response(predictions))
+
+    @app.post(
+        "/v1/chat/completions",
+        summary="OpenAI-compatible chat completion on one image",
+        responses=ERROR_RESPONSES,
+        openapi_extra=CHAT_OPENAPI,
+    )
+    async def chat(request: Request) -> JSONResponse:
+        check_auth(request, cfg.api_keys)
+        until = deadline()
+        req = openai_contract.parse_chat_request(await read_json_body(request, cfg.max_body_bytes))
+        online = state.ready_engine()
+        adapter = online.engine.adapter
+        prompt = openai_contract.build_prompt(req, adapter.text_role)
+        try:
+            [prediction] = await unless_disconnected(
+                request, online.predict([RowInput(0, req.image, prompt)], req.params, until)
+            )
+        except RowError as exc:
+            raise InvalidInput(f"messages: {exc.reason}") from None
+        completion = prediction.tokens or 0
+        limit = req.params.max_new_tokens or adapter.default_max_new_tokens
+        return JSONResponse(
+            openai_contract.chat_response(
+                model=req.model,
+                text=prediction.text,
+                prompt_tokens=adapter.count_tokens(prompt),
+                completion_tokens=completion,
+                finish_reason="length" if completion >= limit else "stop",
+                request_id=request.state.request_id,
+            )
+        )
+
+    @app.get(
+        "/v1/models",
+        summary="OpenAI-compatible list of the one model served",
+        responses={401: ERROR_RESPONSES[401]},
+    )
+    async def models(request: Request) -> JSONResponse:
+        check_auth(request, cfg.api_keys)
+        return JSONResponse(openai_contract.models_response(state.model.model))
+
+    @app.get(
+        "/metrics",
+        summary="Prometheus metrics",
+        response_class=PlainTextResponse,
+        responses=json_errors(401),
+    )
+    async def metrics(request: Request) -> Response:
+        check_auth(request, cfg.api_keys)
+        if state.online is not None:
+            state.metrics.queue_rows.set(state.online.queue.depth)
+        return Response(state.metrics.render(), media_type="text/plain; version=0.0.4")
+
+    # The page for trying the model (static, so open; the calls it makes carry the key).
+    app.mount("/ui", ui.static_app(), name="ui")
+    return app
+
+
+def _document_hand_parsed_bodies(app: FastAPI) -> None:
+    """Move the schemas that blipserve.server.openapi attaches to operations into components."""
+    build = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema:
+            return app.openapi_schema
+        schema = build()
+        components = schema.setdefault("components", {}).setdefault("schemas", {})
+        for path_item in schema.get("paths", {}).values():
+            for operation in path_item.values():
+                components.update(operation.pop("x-blipserve-schemas", {}))
+        app.openapi_schema = schema
+        return schema
+
+    app.openapi = openapi  # type: ignore[method-assign]

@@ -1,0 +1,135 @@
+"""HTTP plumbing the routes share: bodies, auth, disconnects, errors, request ids.
+
+Typed errors (:mod:`blipserve.errors`) carry their status and headers; :func:`error_response`
+is the one place they become responses.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import time
+import uuid
+from collections.abc import Awaitable, Sequence
+from typing import TypeVar
+
+from fastapi import Request
+from fastapi.responses import JSONResponse
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from blipserve.errors import (
+    BlipserveError,
+    ClientDisconnected,
+    PayloadTooLarge,
+    Unauthorized,
+    UnsupportedMediaType,
+)
+from blipserve.server.metrics import Metrics
+
+T = TypeVar("T")
+
+# Routes whose metrics are labelled by path; anything else is "other" (bounded cardinality).
+KNOWN_ROUTES = (
+    "/",
+    "/ready",
+    "/score",
+    "/metrics",
+    "/swagger.json",
+    "/docs",
+    "/v1/chat/completions",
+    "/v1/models",
+)
+
+
+def error_response(exc: BlipserveError) -> JSONResponse:
+    """The one place where typed errors become HTTP responses."""
+    return JSONResponse({"message": exc.message}, status_code=exc.status, headers=exc.headers)
+
+
+async def read_json_body(request: Request, limit: int) -> bytes:
+    """The body, refused with 415 unless JSON and with 413 past ``limit`` bytes."""
+    content_type = request.headers.get("content-type", "")
+    if "json" not in content_type.lower():
+        raise UnsupportedMediaType(
+            f"the body must be JSON (Content-Type: application/json), got "
+            f"{content_type or 'no Content-Type'!r}"
+        )
+    declared = request.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > limit:
+        raise PayloadTooLarge(f"the body is {declared} bytes; the limit is {limit} bytes")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise PayloadTooLarge(f"the body is larger than the limit of {limit} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+async def unless_disconnected(request: Request, work: Awaitable[T]) -> T:
+    """Await ``work``; if the client goes away first, cancel it (its queued rows drop)."""
+    task = asyncio.ensure_future(work)
+    try:
+        while True:
+            done, _ = await asyncio.wait({task}, timeout=0.25)
+            if done:
+                return task.result()
+            if await request.is_disconnected():
+                task.cancel()
+                raise ClientDisconnected()
+    finally:
+        if not task.done():
+            task.cancel()
+
+
+def check_auth(request: Request, keys: Sequence[str]) -> None:
+    if not keys:
+        return
+    header = request.headers.get("authorization", "")
+    scheme, _, token = header.partition(" ")
+    if scheme.lower() != "bearer" or not token:
+        raise Unauthorized("missing API key: send 'Authorization: Bearer KEY'")
+    token = token.strip()
+    # compare against every key in constant time, without short-circuiting
+    if not any([hmac.compare_digest(token.encode(), k.encode()) for k in keys]):
+        raise Unauthorized("wrong API key")
+
+
+class RequestContext:
+    """Pure ASGI middleware: request ids in and out, per-route metrics."""
+
+    def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        request_id = headers.get("x-request-id") or str(uuid.uuid4())
+        client_id = headers.get("x-ms-client-request-id")
+        scope.setdefault("state", {})["request_id"] = request_id
+        path = scope["path"]
+        route = path if path in KNOWN_ROUTES else "other"
+        started = time.perf_counter()
+        status = 500
+
+        async def send_with_ids(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                extra = [(b"x-request-id", request_id), (b"x-ms-request-id", request_id)]
+                if client_id:
+                    extra.append((b"x-ms-client-request-id", client_id))
+                message["headers"] = [
+                    *message.get("headers", []),
+                    *((k, v.encode("latin-1")) for k, v in extra),
+                ]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_ids)
+        finally:
+            self.metrics.requests.labels(route, str(status)).inc()
+            self.metrics.request_latency.labels(route).observe(time.perf_counter() - started)

@@ -1,0 +1,67 @@
+"""Running the app under uvicorn: ``blipserve serve``."""
+
+from __future__ import annotations
+
+import signal
+import socket
+from pathlib import Path
+from types import FrameType
+
+import uvicorn
+
+from blipserve.config import EngineConfig, FetchConfig, ImageLimits, ModelConfig, ServerConfig
+from blipserve.server.app import ServerState, create_app
+
+
+class _Server(uvicorn.Server):
+    """uvicorn's server, writing the bound port to a file once listening (for --port 0)."""
+
+    def __init__(self, config: uvicorn.Config, port_file: str | None) -> None:
+        super().__init__(config)
+        self.port_file = port_file
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        super().handle_exit(sig, frame)
+        captured = getattr(self, "_captured_signals", None)
+        if sig == signal.SIGTERM and isinstance(captured, list) and sig in captured:
+            # SIGTERM is an orchestrator's normal "stop": once in-flight requests are done
+            # we exit 0, where uvicorn would re-raise it and die by the signal.
+            captured.remove(sig)
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets)
+        if self.port_file and self.servers:
+            port = self.servers[0].sockets[0].getsockname()[1]
+            tmp = Path(self.port_file + ".tmp")
+            tmp.write_text(f"{port}\n")
+            tmp.replace(self.port_file)  # atomic: a reader never sees a partial file
+
+
+def serve(
+    model: ModelConfig,
+    *,
+    engine_config: EngineConfig,
+    limits: ImageLimits,
+    fetch: FetchConfig,
+    server: ServerConfig,
+    port_file: str | None = None,
+) -> int:
+    """Run the server until SIGINT/SIGTERM (in-flight requests finish); the exit code."""
+    app = create_app(model, engine_config=engine_config, limits=limits, fetch=fetch, server=server)
+    config = uvicorn.Config(
+        app,
+        host=server.host,
+        port=server.port,
+        log_level=server.log_level,
+        timeout_graceful_shutdown=int(server.graceful_timeout_s),
+        access_log=False,
+    )
+    runner = _Server(config, port_file)
+    state: ServerState = app.state.blipserve
+
+    def stop() -> None:
+        runner.should_exit = True
+
+    state.on_load_failure = stop
+    runner.run()
+    return 1 if state.load_error else 0

@@ -1,0 +1,63 @@
+"""The core types every layer shares: a row as it arrives, as the model sees it, and what
+the model said about it.
+
+Entry points make :class:`RowInput` rows (from a catalog request, an OpenAI message, a
+file); the engine turns each into a :class:`ModelInput` (image decoded, text checked) and
+the adapter answers with a :class:`Prediction`.  :data:`Outcome` is one row's end: its
+prediction, its own error, or its batch's model failure.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from PIL import Image
+
+from blipserve.errors import InferenceError, RowError
+from blipserve.params import GenerationParams
+
+
+@dataclass(frozen=True)
+class RowInput:
+    """One row of a request, before its image is decoded.
+
+    ``image`` is an http(s) URL or base64 text (a local path only where the entry point
+    allows paths: the CLI, never HTTP), or the bytes of an image file (batch jobs read
+    files themselves, from a disk or an object store).  ``index`` is the row's label from the
+    request's ``index`` (its position when there is none).
+    """
+
+    position: int
+    image: str | bytes
+    text: str | None = None
+    index: object | None = None
+
+
+@dataclass(frozen=True)
+class ModelInput:
+    """A decoded row: an RGB image, the row's text (if any) and its generation settings."""
+
+    image: Image.Image
+    text: str | None
+    params: GenerationParams
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """What the model said about one row: the text, and a probability for matching."""
+
+    text: str
+    score: float | None = None
+    #: generated tokens (not part of the catalog's answer; the OpenAI route reports it)
+    tokens: int | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"text": self.text}
+        if self.score is not None:
+            out["score"] = self.score
+        return out
+
+
+#: what one row became: its prediction, its own error, or its batch's model failure
+Outcome = Prediction | RowError | InferenceError
