@@ -435,8 +435,8 @@ def png_b64(image: Image.Image) -> str:
 def quality_guard(device: Any, n: int) -> dict[str, Any]:
     """The ``demo`` model's captions per dtype on ``n`` held-out scenes, against float32."""
     from blipserve.config import ModelConfig
-    from blipserve.demo import scenes
     from blipserve.engine import Engine
+    from blipserve.finetune import scenes
     from blipserve.types import RowInput
 
     held = list(scenes.generate(scenes.HELDOUT_SEED + 1, n))
@@ -475,8 +475,8 @@ def static_cache_guard(device: Any, n: int, dtype: str) -> dict[str, Any]:
     compiled side's includes its compilations: batches of several sizes).
     """
     from blipserve.config import EngineConfig, ModelConfig
-    from blipserve.demo import scenes
     from blipserve.engine import Engine
+    from blipserve.finetune import scenes
     from blipserve.types import RowInput
 
     held = list(scenes.generate(scenes.HELDOUT_SEED + 1, n))

@@ -48,7 +48,7 @@ warmup)  # --cuda-graphs: warm-up compiles each padded batch size; later batches
 import base64, io, logging, time
 from blipserve.config import EngineConfig, ModelConfig
 from blipserve.types import RowInput
-from blipserve.demo import scenes
+from blipserve.finetune import scenes
 from blipserve.engine import Engine
 logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
 held = list(scenes.generate(scenes.HELDOUT_SEED + 1, 40))

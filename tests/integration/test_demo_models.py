@@ -21,8 +21,8 @@ import pytest
 import torch
 
 from blipserve.config import EngineConfig, ModelConfig
-from blipserve.demo.scenes import HELDOUT_SEED, Scene, generate
 from blipserve.engine import Engine
+from blipserve.finetune.scenes import HELDOUT_SEED, Scene, generate
 from blipserve.models import openvino_vision, optimize
 from blipserve.types import Outcome, Prediction, RowInput
 

@@ -12,8 +12,7 @@ from PIL import Image
 from safetensors.torch import load_file
 from transformers import AutoProcessor, Blip2ForConditionalGeneration, BlipForConditionalGeneration
 
-from blipserve.demo import scenes
-from blipserve.finetune import FinetuneConfig, finetune
+from blipserve.finetune import FinetuneConfig, finetune, scenes
 from blipserve.finetune import data as data_mod
 from blipserve.finetune import train as train_mod
 from blipserve.finetune.build import make_bundle

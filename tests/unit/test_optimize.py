@@ -191,7 +191,7 @@ def demo_caption() -> tuple[Any, Any]:
 def test_lean_text_layers_compute_what_transformers_computes(
     demo_caption: tuple[Any, Any],
 ) -> None:
-    from blipserve.demo import scenes
+    from blipserve.finetune import scenes
 
     processor, model = demo_caption
     lean = copy.deepcopy(model)
@@ -238,7 +238,7 @@ def test_int8_vision_layers_take_one_scale_per_image(
     its batch; likewise the decoder's keys and values of the image tokens, and so its
     captions.  (blipserve's kernel scales every row on its own, so no layer depends on
     its batch.)"""
-    from blipserve.demo import scenes
+    from blipserve.finetune import scenes
     from blipserve.models.base import Precision
 
     processor, model = demo_caption

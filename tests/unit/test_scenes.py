@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from blipserve.demo import scenes
-from blipserve.demo.scenes import QA, SceneObject
+from blipserve.finetune import scenes
+from blipserve.finetune.scenes import QA, SceneObject
 
 
 def _pixels(image: Image.Image) -> bytes:

@@ -276,7 +276,7 @@ def model_card(recipe: Recipe, configs: list[FinetuneConfig], result: dict[str, 
         "",
         "**This model only knows synthetic scenes**: one to three circles, squares and "
         "triangles (red, green, blue, yellow, purple; small or large) on a plain grey "
-        "background, 64x64 pixels (see `blipserve/demo/scenes.py`).  It was trained from "
+        "background, 64x64 pixels (see `blipserve/finetune/scenes.py`).  It was trained from "
         "scratch on those scenes alone; on photographs or any other image its output is "
         "meaningless.  It exists so that blipserve runs, and can be tested, offline.",
         "",

@@ -138,7 +138,7 @@ class FinetuneConfig:
 
     def kind_weights(self) -> dict[str, float]:
         """``question_weights`` parsed: kind -> weight (only the kinds it names)."""
-        from blipserve.demo.scenes import QUESTION_KINDS
+        from blipserve.finetune.scenes import QUESTION_KINDS
 
         weights: dict[str, float] = {}
         for part in filter(None, (p.strip() for p in self.question_weights.split(","))):

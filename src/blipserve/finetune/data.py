@@ -26,7 +26,7 @@ from typing import Any, Protocol
 import torch
 from PIL import Image
 
-from blipserve.demo import scenes
+from blipserve.finetune import scenes
 from blipserve.finetune.build import Bundle
 
 IGNORE = -100  # label value CrossEntropyLoss skips

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from blipserve.demo import scenes
+from blipserve.finetune import scenes
 from blipserve.finetune.build import Bundle, load_bundle
 from blipserve.finetune.data import Example, RowSource, read_rows
 from blipserve.finetune.metrics import corpus_bleu, exact_match

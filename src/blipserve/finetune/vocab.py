@@ -19,7 +19,7 @@ import string
 from collections.abc import Iterable
 from typing import Any
 
-from blipserve.demo.scenes import vocabulary
+from blipserve.finetune.scenes import vocabulary
 
 BLIP_SPECIALS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "[DEC]")
 OPT_SPECIALS = ("<s>", "<pad>", "</s>", "<unk>", "<image>")

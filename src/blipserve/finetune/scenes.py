@@ -1,4 +1,8 @@
-"""Synthetic scenes for the built-in demo models: simple shapes with one true caption each.
+"""Synthetic scenes: simple shapes with one true caption each, and questions about them.
+
+They are the data of ``blipserve finetune --data synthetic`` (and ``--eval-data
+synthetic``) and the word list of the tokenizers a new model gets; the built-in demo
+models were trained on them and are measured on them.
 
 A scene is a small RGB image with one to three objects (a circle, square or triangle in one
 of five clearly distinct colours, small or large) on a plain, lightly noisy background.
@@ -28,9 +32,9 @@ from PIL import Image, ImageDraw
 Shape = Literal["circle", "square", "triangle"]
 Size = Literal["small", "large"]
 
-#: seed of the scenes the demo models are trained on
+#: seed of the training stream (``--data synthetic``); the demo models were trained on it
 TRAIN_SEED = 20240601
-#: seed of the scenes they are evaluated on; no training run draws from it
+#: seed of the held-out scenes (``--eval-data synthetic``); no training run draws from it
 HELDOUT_SEED = 77001
 
 IMAGE_SIZE = 64
