@@ -7,7 +7,9 @@ skip_special_tokens=True)``; float32, no batching across requests.  Same JSON co
 blipserve for what the benchmark sends: ``POST /score`` with
 ``{"input_data": {"columns": ["image"], "data": [["<base64>"]]}, "params": {...}}``
 answers ``[{"text": "..."}]``; ``GET /ready`` answers 200 (the model is loaded and warmed
-up before the server starts listening).
+up before the server starts listening).  Only the uvicorn runner is blipserve's
+(:class:`~blipserve.server.run.PortFileServer`: the port file, exit 0 on SIGTERM), so the
+benchmark starts and stops both servers alike; no blipserve code handles a request.
 
     .venv/bin/python bench/baseline_server.py --model FOLDER --port 0 --port-file PATH
 """
@@ -17,10 +19,8 @@ from __future__ import annotations
 import argparse
 import base64
 import io
-import socket
 import threading
 import time
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -31,6 +31,8 @@ from fastapi.responses import JSONResponse
 from PIL import Image
 from starlette.concurrency import run_in_threadpool
 from transformers import AutoConfig, AutoProcessor
+
+from blipserve.server.run import PortFileServer
 
 # The generation parameters the catalog passes through to ``generate``.
 GENERATE_PARAMS = {"max_new_tokens", "min_new_tokens", "num_beams", "do_sample", "temperature"}
@@ -80,22 +82,6 @@ def create_app(model: Model) -> FastAPI:
     return app
 
 
-class _Server(uvicorn.Server):
-    """uvicorn's server, writing the bound port to a file once listening (for --port 0)."""
-
-    def __init__(self, config: uvicorn.Config, port_file: str | None) -> None:
-        super().__init__(config)
-        self.port_file = port_file
-
-    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
-        await super().startup(sockets)
-        if self.port_file and self.servers:
-            port = self.servers[0].sockets[0].getsockname()[1]
-            tmp = Path(self.port_file + ".tmp")
-            tmp.write_text(f"{port}\n")
-            tmp.replace(self.port_file)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", required=True, help="save_pretrained folder")
@@ -127,7 +113,7 @@ def main() -> None:
         access_log=False,
         workers=1,
     )
-    _Server(config, args.port_file).run()
+    PortFileServer(config, args.port_file).run()
 
 
 if __name__ == "__main__":

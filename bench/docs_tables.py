@@ -18,7 +18,7 @@ import argparse
 import json
 import re
 import sys
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -60,6 +60,20 @@ def speed_model(report: dict[str, Any], layout: str) -> dict[str, Any]:
     return next(m for m in report["models"] if m["layout"] == layout)
 
 
+def table(
+    intro: str, columns: Sequence[str], rows: Iterable[str], after: str = "", left: int = 1
+) -> str:
+    """A results block: ``intro``, a blank line, the header row of ``columns``, its separator
+    (the first ``left`` columns aligned left, the others right: they hold numbers), the
+    ``rows`` (each already a ``| ... |`` line), and ``after`` as a paragraph of its own.
+
+    Rows stay lines rather than cells: the docs' rows space an empty cell two ways (``| |``
+    leading, ``|  |`` trailing), and a block must stay byte for byte what it was."""
+    header = "|" + "".join(f" {c} |" if c else " |" for c in columns)
+    separator = "|" + "".join("---|" if i < left else "---:|" for i in range(len(columns)))
+    return "\n".join([intro, "", header, separator, *rows, *(["", after] if after else [])])
+
+
 CPU_MODES = {
     "int8": "int8, torch's encoder (blipserve's int8 kernel)",
     "int8+ov": "**int8, OpenVINO static int8 encoder (default)**",
@@ -72,33 +86,31 @@ def cpu_blip_base(results: Path) -> str:
     report = load(results, name)
     model = speed_model(report, "blip-image-captioning-base")
     base = model["baseline"]
-    lines = [
+    intro = (
         f"`python bench/speed.py --modes int8 int8+ov --batches 1 8 --repeats "
         f"{report['repeats']}` ({cpu_machine(report)}; `bench/results/{name}`): full-size "
         f"BLIP-base, random weights, {report['tokens']} tokens a caption. The catalog's loop "
         f"(float32, one image per call) ran at {base['images_per_s']:.2f} images/s, "
         f"{base['latency_p50_s'] * 1000:.0f} ms an image; ratios are the median of each "
-        "pass's ratio to the loop in the same pass.",
-        "",
-        "| blipserve | batch | images/s | x the loop | one image | x lower |",
-        "|---|---:|---:|---:|---:|---:|",
+        "pass's ratio to the loop in the same pass."
+    )
+    rows = [
+        f"| {CPU_MODES.get(r['dtype'], r['dtype'])} | {r['batch']} | "
+        f"{r['images_per_s']:.2f}{span(r.get('images_per_s_runs'))} | "
+        f"{r['ratio']:.2f}x{span(r.get('ratio_runs'))} | "
+        f"{r['single_latency_p50_s'] * 1000:.0f} ms | {r['latency_ratio']:.2f}x |"
+        for r in model["blipserve"]
     ]
-    for r in model["blipserve"]:
-        lines.append(
-            f"| {CPU_MODES.get(r['dtype'], r['dtype'])} | {r['batch']} | "
-            f"{r['images_per_s']:.2f}{span(r.get('images_per_s_runs'))} | "
-            f"{r['ratio']:.2f}x{span(r.get('ratio_runs'))} | "
-            f"{r['single_latency_p50_s'] * 1000:.0f} ms | {r['latency_ratio']:.2f}x |"
-        )
     guard = report.get("quality_guard", {})
+    after = ""
     if "int8+ov" in guard:
-        lines += [
-            "",
+        after = (
             f"Quality guard in the same run (`demo`, {guard['scenes']} held-out scenes): "
             f"captions equal float32's for {guard['int8+ov']['same_as_float32']:.1%} (OpenVINO "
-            f"int8) and {guard['int8']['same_as_float32']:.1%} (torch int8).",
-        ]
-    return "\n".join(lines)
+            f"int8) and {guard['int8']['same_as_float32']:.1%} (torch int8)."
+        )
+    columns = ["blipserve", "batch", "images/s", "x the loop", "one image", "x lower"]
+    return table(intro, columns, rows, after)
 
 
 @renderer("cpu-blip2")
@@ -108,27 +120,27 @@ def cpu_blip2(results: Path) -> str:
     model = speed_model(report, "blip2-opt-2.7b")
     base = model["baseline"]
     weights = model["weights_gib"]
-    lines = [
+    intro = (
         f"`python bench/speed.py --models blip2-opt-2.7b --modes int8 --batches 1 8 --no-guard` "
         f"({cpu_machine(report)}; `bench/results/{name}`): full-size BLIP-2 OPT-2.7b "
         f"({model['parameters'] / 1e9:.1f} B parameters, random weights), "
         f"{report['tokens']} tokens a caption, one pass (a second float32 copy for "
-        "interleaved passes does not fit in 24 GB).",
-        "",
-        "| | batch | images/s | x the loop | one image | weights |",
-        "|---|---:|---:|---:|---:|---:|",
+        "interleaved passes does not fit in 24 GB)."
+    )
+    loop = (
         f"| the catalog's loop (float32) | 1 | {base['images_per_s']:.3f} | 1.00x | "
-        f"{base['latency_p50_s']:.1f} s | {model['float32_weights_gib']:.2f} GiB |",
+        f"{base['latency_p50_s']:.1f} s | {model['float32_weights_gib']:.2f} GiB |"
+    )
+    rows = [
+        f"| blipserve {r['dtype']} | {r['batch']} | {r['images_per_s']:.3f} | "
+        f"{r['ratio']:.2f}x | {r['single_latency_p50_s']:.1f} s "
+        f"({r['latency_ratio']:.2f}x lower) | {weights[r['dtype']]:.2f} GiB |"
+        for r in model["blipserve"]
     ]
-    for r in model["blipserve"]:
-        lines.append(
-            f"| blipserve {r['dtype']} | {r['batch']} | {r['images_per_s']:.3f} | "
-            f"{r['ratio']:.2f}x | {r['single_latency_p50_s']:.1f} s "
-            f"({r['latency_ratio']:.2f}x lower) | {weights[r['dtype']]:.2f} GiB |"
-        )
     peak = model["memory_at_end"]["peak_rss_gib"]
-    lines += ["", f"Process peak (the float32 baseline included): {peak:.1f} GiB."]
-    return "\n".join(lines)
+    columns = ["", "batch", "images/s", "x the loop", "one image", "weights"]
+    after = f"Process peak (the float32 baseline included): {peak:.1f} GiB."
+    return table(intro, columns, [loop, *rows], after)
 
 
 ENCODERS = {
@@ -144,16 +156,14 @@ ENCODERS = {
 def cpu_encoder(results: Path) -> str:
     blip = load(results, "openvino-encoder-2.json")
     blip2 = load(results, "openvino-encoder-blip2.json")
-    lines = [
+    intro = (
         "`python bench/openvino_encoder.py` (BLIP-base's ViT, full size; "
         "`openvino-encoder-2.json`) and `--layout blip2-opt-2.7b` (ViT-g at its real width, "
         f"two layers; `openvino-encoder-blip2.json`); {cpu_machine(blip)}; ms per image, "
         "medians of interleaved passes; cosine: the worst of 8 photographs' features "
-        "against float32.",
-        "",
-        "| vision encoder | BLIP-base batch 1 / 8 | cosine | ViT-g batch 1 / 8 | cosine |",
-        "|---|---:|---:|---:|---:|",
-    ]
+        "against float32."
+    )
+    rows = []
     for key, label in ENCODERS.items():
         a, b = blip["results"].get(key), blip2["results"].get(key)
         if a is None:
@@ -163,11 +173,12 @@ def cpu_encoder(results: Path) -> str:
             if b
             else "| "
         )
-        lines.append(
+        rows.append(
             f"| {label} | {a['median_ms']['1']:.0f} / {a['median_ms']['8']:.0f} | "
             f"{a['cosine_worst']:.5f} | {right} |"
         )
-    return "\n".join(lines)
+    columns = ["vision encoder", "BLIP-base batch 1 / 8", "cosine", "ViT-g batch 1 / 8", "cosine"]
+    return table(intro, columns, rows)
 
 
 @renderer("cpu-batch")
@@ -176,25 +187,22 @@ def cpu_batch(results: Path) -> str:
     r = load(results, name)
     s = r["stages"]
     w, h = r["image_size"]
-    return "\n".join(
+    return table(
+        f"`{r['command']}` ({cpu_machine(r)}): {r['images']} JPEGs of {w}x{h} "
+        f"(~{r['image_mb']} MB each), full-size BLIP-base with random weights, "
+        f"{r['tokens']} tokens a caption.",
+        ["", "images/s", "s/image", "ratio"],
         [
-            f"`{r['command']}` ({cpu_machine(r)}): {r['images']} JPEGs of {w}x{h} "
-            f"(~{r['image_mb']} MB each), full-size BLIP-base with random weights, "
-            f"{r['tokens']} tokens a caption.",
-            "",
-            "| | images/s | s/image | ratio |",
-            "|---|---:|---:|---:|",
             f"| the catalog's loop (processor, `generate`, `batch_decode`; float32) | "
             f"{r['loop']['images_per_s']:.3f} | {1 / r['loop']['images_per_s']:.2f} | 1.00x |",
             f"| `blipserve batch` (defaults: {s['dtype']}, OpenVINO's int8 encoder, batches "
             f"of {s['batch']}) | {r['blipserve']['images_per_s']:.3f} | "
             f"{1 / r['blipserve']['images_per_s']:.2f} | **{r['ratio']:.2f}x** |",
-            "",
-            f"Per image, each stage alone: decoding {s['blipserve_decode_s'] * 1000:.0f} ms "
-            f"(the loop's full decode and resize {s['loop_decode_and_preprocess_s'] * 1000:.0f}"
-            f" ms), vision encoder {s['vision_s'] * 1000:.0f} ms, text decoder "
-            f"{s['text_s'] * 1000:.0f} ms (batch {s['batch']}).",
-        ]
+        ],
+        f"Per image, each stage alone: decoding {s['blipserve_decode_s'] * 1000:.0f} ms "
+        f"(the loop's full decode and resize {s['loop_decode_and_preprocess_s'] * 1000:.0f}"
+        f" ms), vision encoder {s['vision_s'] * 1000:.0f} ms, text decoder "
+        f"{s['text_s'] * 1000:.0f} ms (batch {s['batch']}).",
     )
 
 
@@ -208,25 +216,30 @@ def cpu_server(results: Path) -> str:
     name = "server-cpu-openvino.json"
     r = load(results, name)
     base, ours = server_levels(r, "baseline"), server_levels(r, "blipserve")
-    lines = [
+    intro = (
         f"`{r['command']}` ({cpu_machine(r)}): N clients each sending one-image requests "
         f"(640x480 JPEG, {r['tokens']} tokens) in a closed loop, {r['duration_s']:.0f} s per "
         "level, against `blipserve serve` (defaults) and a server doing what the catalog's "
         "scoring wrapper does (float32, one request at a time); full-size BLIP-base, "
-        "random weights.",
-        "",
-        "| clients | baseline images/s | blipserve images/s | ratio | p50 latency baseline / "
-        "blipserve | mean batch |",
-        "|---:|---:|---:|---:|---:|---:|",
-    ]
+        "random weights."
+    )
+    rows = []
     for clients in r["levels"]:
         b, o = base[clients], ours[clients]
-        lines.append(
+        rows.append(
             f"| {clients} | {b['images_per_s']:.3f} | {o['images_per_s']:.3f} | "
             f"{o['images_per_s'] / b['images_per_s']:.2f}x | {b['p50_s']:.2f} s / "
             f"{o['p50_s']:.2f} s | {o['mean_batch_size']:.1f} |"
         )
-    return "\n".join(lines)
+    columns = [
+        "clients",
+        "baseline images/s",
+        "blipserve images/s",
+        "ratio",
+        "p50 latency baseline / blipserve",
+        "mean batch",
+    ]
+    return table(intro, columns, rows, left=0)
 
 
 @renderer("gpu")
@@ -234,25 +247,23 @@ def gpu(results: Path) -> str:
     name = "gpu-h200.json"
     r = load(results, name)
     names = {"blip-image-captioning-base": "BLIP-base", "blip2-opt-2.7b": "BLIP-2 OPT-2.7b"}
-    lines = [
+    intro = (
         f"`python bench/speed.py` on one {r['gpu']} (torch {r['machine']['torch']}; "
         f"`bench/results/{name}`): full-size architectures with random weights, "
         f"{r['tokens']} tokens a caption, base64 640x480 JPEGs through the engine; the "
-        "catalog's float32 loop in the same process.",
-        "",
-        "| model | mode | batch | images/s | x the loop | one image |",
-        "|---|---|---:|---:|---:|---:|",
-    ]
+        "catalog's float32 loop in the same process."
+    )
+    rows = []
     for m in r["models"]:
         label = f"{names.get(m['layout'], m['layout'])} ({m['parameters'] / 1e9:.2f} B)"
         b = m["baseline"]
-        lines.append(
+        rows.append(
             f"| {label} | the catalog's loop, float32 | 1 | {b['images_per_s']:.1f} | 1.0x | "
             f"{b['latency_p50_s'] * 1000:.0f} ms |"
         )
         for x in m["blipserve"]:
             one = f"{x['single_latency_p50_s'] * 1000:.0f} ms" if x["batch"] == 1 else ""
-            lines.append(
+            rows.append(
                 f"| | blipserve {m['dtype']} | {x['batch']} | {x['images_per_s']:.1f} | "
                 f"{x['ratio']:.1f}x | {one} |"
             )
@@ -261,14 +272,14 @@ def gpu(results: Path) -> str:
         for m in r["models"]
     )
     guard = r["quality_guard"]
-    lines += [
-        "",
+    after = (
         f"Peak GPU memory: {memory}. Quality guard (`demo`, {guard['scenes']} held-out "
         f"scenes): bfloat16 captions equal float32's for "
         f"{guard['bfloat16']['same_as_float32']:.1%}, float16's for "
-        f"{guard['float16']['same_as_float32']:.1%}.",
-    ]
-    return "\n".join(lines)
+        f"{guard['float16']['same_as_float32']:.1%}."
+    )
+    columns = ["model", "mode", "batch", "images/s", "x the loop", "one image"]
+    return table(intro, columns, rows, after, left=2)
 
 
 @renderer("gpu-cuda-graphs")
@@ -276,28 +287,31 @@ def gpu_cuda_graphs(results: Path) -> str:
     name = "gpu-h200-cuda-graphs-paired.json"
     r = load(results, name)
     model = speed_model(r, "blip2-opt-2.7b")
-    lines = [
+    intro = (
         f"`bench/speed.py --models blip2-opt-2.7b --static-cache --repeats {r['repeats']}` on "
         f"one {r['gpu']} (`bench/results/{name}`): eager and compiled back to back "
         f"{len(model['blipserve_static_cache'][0]['gain_runs'])} times per size; the gain "
-        "is the median of the pairs' ratios.",
-        "",
-        "| batch | bfloat16 (eager) images/s | with `--cuda-graphs` | gain (range) | first call |",
-        "|---:|---:|---:|---:|---:|",
+        "is the median of the pairs' ratios."
+    )
+    rows = [
+        f"| {x['batch']} | {x['eager_images_per_s']:.1f} | {x['images_per_s']:.1f} | "
+        f"{x['gain']:.2f}x{span(x['gain_runs'])} | {x['wall_with_compile_s']:.0f} s |"
+        for x in model["blipserve_static_cache"]
     ]
-    for x in model["blipserve_static_cache"]:
-        lines.append(
-            f"| {x['batch']} | {x['eager_images_per_s']:.1f} | {x['images_per_s']:.1f} | "
-            f"{x['gain']:.2f}x{span(x['gain_runs'])} | {x['wall_with_compile_s']:.0f} s |"
-        )
     sc = r["static_cache_guard"]
-    lines += [
-        "",
+    after = (
         f"The catalog's loop: {model['baseline']['images_per_s']:.1f} images/s in the same "
         f"run. `demo-vqa` ({sc['dtype']}) says the same with and without `--cuda-graphs` for "
-        f"{sc['same']:.1%} of {sc['rows']} captions and answers.",
+        f"{sc['same']:.1%} of {sc['rows']} captions and answers."
+    )
+    columns = [
+        "batch",
+        "bfloat16 (eager) images/s",
+        "with `--cuda-graphs`",
+        "gain (range)",
+        "first call",
     ]
-    return "\n".join(lines)
+    return table(intro, columns, rows, after, left=0)
 
 
 @renderer("headline")

@@ -37,7 +37,7 @@ CLIENTS = 16
 SHORT_S = 20.0
 SOAK_S = float(os.environ.get("BLIPSERVE_SOAK_S", "300"))
 MAX_QUEUE = 48  # 16 clients x at most 3 rows: the mixed load never fills the queue
-DNS_POOL = 4  # threads blipserve.fetch may add for host lookups, on demand
+DNS_POOL = 4  # threads blipserve.url_guard may add for host lookups, on demand
 BURST = 24  # requests of 3 rows at once while the model sleeps: 72 rows overflow the queue
 PNGS = [png_bytes(make_image(i, (48 + 8 * (i % 4), 40))) for i in range(8)]
 
@@ -278,7 +278,7 @@ def soak(server: RunningServer, image_host: str, seconds: float) -> None:
     assert not any(status >= 500 for status in tally.statuses)
     assert growth < 0.10
     # A leak grows with requests (thousands here). Bounded pools may still be filling after
-    # the warm-up: blipserve.fetch's DNS pool only grows with concurrent lookups.
+    # the warm-up: blipserve.url_guard's DNS pool only grows with concurrent lookups.
     assert after.threads <= warm.threads + DNS_POOL
     assert after.fds <= warm.fds
     assert server.proc.poll() is None

@@ -23,7 +23,8 @@ import pytest
 
 from blipserve.config import FetchConfig
 from blipserve.errors import FetchError, UrlRefused
-from blipserve.fetch import SafeFetcher, internal_address_reason
+from blipserve.fetch import SafeFetcher
+from blipserve.url_guard import internal_address_reason
 from helpers import make_image, png_bytes
 
 PNG = png_bytes(make_image(3))

@@ -1,4 +1,5 @@
-"""Batch inputs, read lazily: image folders, CSV/JSONL/Parquet tables, text lists.
+"""Batch inputs, read lazily: image folders, WebDataset shards, and the tables and text
+lists that :mod:`blipserve.batch.tables` reads, alone or inside a folder.
 
 Inputs are :class:`~blipserve.batch.storage.Location`\\ s: local paths or object-store URLs.
 Every input row gets a stable ``id`` (a path relative to the input for images in a folder,
@@ -10,60 +11,23 @@ at a time), and nothing here reads an image: the job does, concurrently.
 
 from __future__ import annotations
 
-import csv
-import io
-import json
 import logging
 import os
 import posixpath
-import re
-import sys
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from blipserve.batch.rows import InputRow
 from blipserve.batch.shards import SHARD_EXTENSIONS, expand, is_pattern, sample_text, samples
 from blipserve.batch.sinks import sidecar_name
-from blipserve.batch.storage import Location, is_store_url, locate
+from blipserve.batch.storage import Location, locate
+from blipserve.batch.tables import LIST_EXTENSIONS, TABLE_EXTENSIONS, NotATable, iter_table
 from blipserve.errors import InvalidInput, quote
-from blipserve.images import could_be_path
 
 log = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
-TABLE_EXTENSIONS = frozenset({".csv", ".jsonl", ".parquet"})
-LIST_EXTENSIONS = frozenset({".txt", ".lst"})
-# Only base64's letters (standard or urlsafe), padding and line breaks: no '.', no spaces.
-_BASE64_TEXT = re.compile(r"[A-Za-z0-9+/\-_=\s]+")
-
-
-@dataclass(frozen=True)
-class InputRow:
-    """One unit of work.
-
-    ``image`` is what the engine decodes (an http(s) URL or base64 text) or, for a file, its
-    location; ``path`` is set when the image is a file (local path or store URL) for the job
-    to read, and sidecars go next to it; ``source`` and ``row`` locate table rows (the
-    catalog's predictions.csv reports them); ``error`` is set when the row itself is
-    unreadable (e.g. no image value), so it is recorded rather than run.  ``has_sidecar``:
-    the folder listing showed a caption file next to the image already (driver side only);
-    ``data``: the image's bytes, when they came with the row (a WebDataset sample).
-    """
-
-    id: str
-    image: str
-    text: str | None = None
-    path: str | None = None
-    source: str | None = None
-    row: str | None = None
-    error: str | None = None
-    has_sidecar: bool = False
-    data: bytes | None = None  # the image itself (a shard's sample)
-
-
-class NotATable(InvalidInput):
-    """A table without an 'image' column: an error for a named input, skipped in a folder
-    (a metadata.jsonl or predictions.csv written there is not an input)."""
 
 
 def as_location(where: Location | str | os.PathLike[str]) -> Location:
@@ -243,7 +207,7 @@ def _iter_folder(root: Location, how: ReadOptions) -> Iterator[InputRow]:
             ):
                 continue  # a caption file this job (or one like it) wrote
             try:
-                yield from _iter_file(where, rel, how)
+                yield from iter_table(where, rel)
             except NotATable as exc:
                 log.warning("skipping %s: %s", where, exc.message)
         elif suffix in SHARD_EXTENSIONS:
@@ -254,14 +218,8 @@ def _iter_file(where: Location, name: str, how: ReadOptions) -> Iterator[InputRo
     suffix = where.suffix.lower()
     if suffix in SHARD_EXTENSIONS:
         yield from iter_shard(where, name, how)
-    elif suffix == ".csv":
-        yield from _iter_csv(where, name)
-    elif suffix == ".jsonl":
-        yield from _iter_jsonl(where, name)
-    elif suffix == ".parquet":
-        yield from _iter_parquet(where, name)
-    elif suffix in LIST_EXTENSIONS:
-        yield from _iter_list(where, name)
+    elif suffix in TABLE_EXTENSIONS or suffix in LIST_EXTENSIONS:
+        yield from iter_table(where, name)
     elif suffix in IMAGE_EXTENSIONS:
         yield InputRow(id=name, image=str(where), path=str(where), source=name)
     else:
@@ -270,162 +228,3 @@ def _iter_file(where: Location, name: str, how: ReadOptions) -> Iterator[InputRo
             f"image, a table ({', '.join(sorted(TABLE_EXTENSIONS))}), a list "
             f"({', '.join(sorted(LIST_EXTENSIONS))}) or WebDataset shards (.tar)"
         )
-
-
-def _table_row(
-    base: Location,
-    name: str,
-    number: int,
-    record: Mapping[str, object],
-    label: object | None = None,
-) -> InputRow:
-    row_id = f"{name}:{number}"
-    row = str(label) if label is not None else str(number)
-    try:
-        image = record.get("image")
-        text = record.get("text")
-        if not isinstance(image, str) or not image.strip():
-            what = (
-                "missing" if image is None or image == "" else f"not text ({type(image).__name__})"
-            )
-            return InputRow(id=row_id, image="", source=name, row=row, error=f"'image' is {what}")
-        text_value = text.strip() or None if isinstance(text, str) else None
-        image = image.strip()
-        path = image_file(base, image)
-        return InputRow(
-            id=row_id, image=path or image, text=text_value, path=path, source=name, row=row
-        )
-    except Exception as exc:  # a check on one cell never escapes its row
-        log.exception("reading %s failed", row_id)
-        return InputRow(
-            id=row_id, image="", source=name, row=row, error=f"unreadable row: {type(exc).__name__}"
-        )
-
-
-def image_file(base: Location, value: str) -> str | None:
-    """A table cell's image as a file to read (its location, relative to the table's
-    folder), or None when the cell is the image itself (base64) or an http(s) URL.
-
-    Decided from the text alone where it can be: base64 of a real image cannot be a path
-    (too long, wrapped over lines, or a path component too long), and names of files
-    nearly always hold a '.', which base64 never does.  Only short text of base64's letters
-    alone is looked up, and only on a local disk.
-    """
-    if value[:8].lower().startswith(("http://", "https://", "data:")):
-        return None
-    if is_store_url(value):
-        return value
-    if not could_be_path(value):
-        return None
-    if _BASE64_TEXT.fullmatch(value):
-        if not base.local:
-            return None
-        candidate = base.child(os.path.expanduser(value))
-        try:
-            return str(candidate) if os.path.isfile(candidate.path) else None
-        except (OSError, ValueError):
-            return None
-    return str(base.child(os.path.expanduser(value)) if base.local else base.child(value))
-
-
-def _iter_csv(where: Location, name: str) -> Iterator[InputRow]:
-    # Base64 images make fields far larger than csv's 128 KiB default.
-    csv.field_size_limit(min(sys.maxsize, 2**31 - 1))
-    try:
-        with where.open("rb") as raw, _text(raw, "utf-8-sig") as f:
-            reader = csv.reader(f)
-            header = next(reader, None)
-            if header is None:
-                return
-            if "image" not in header:
-                raise NotATable(f"{name}: no 'image' column (columns: {_columns(header)})")
-            # pandas' to_csv writes the index as a leading unnamed column: the catalog's
-            # batch files have one, and predictions.csv reports its value as the row.
-            index_col = 0 if header[0] in ("", "Unnamed: 0") else None
-            for number, values in enumerate(reader):
-                if not values:
-                    continue
-                if len(values) != len(header):
-                    yield _bad(
-                        name, number, f"has {len(values)} fields but the header has {len(header)}"
-                    )
-                    continue
-                record = dict(zip(header, values, strict=True))
-                label = values[index_col] if index_col is not None else None
-                yield _table_row(where.parent, name, number, record, label)
-    except UnicodeDecodeError as exc:
-        raise InvalidInput(f"{name}: not UTF-8 text ({exc.reason})") from None
-    except csv.Error as exc:
-        raise InvalidInput(f"{name}: unreadable CSV: {exc}") from None
-
-
-def _iter_jsonl(where: Location, name: str) -> Iterator[InputRow]:
-    first = True
-    with where.open("rb") as raw, _text(raw, "utf-8") as f:
-        for number, line in enumerate(f):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except ValueError as exc:
-                yield _bad(name, number, f"not valid JSON: {exc}")
-                continue
-            if not isinstance(record, dict):
-                yield _bad(name, number, "not a JSON object")
-                continue
-            if first and "image" not in record:
-                # the first object names the fields, as a header would
-                raise NotATable(f"{name}: no 'image' field (fields: {_columns(list(record))})")
-            first = False
-            yield _table_row(where.parent, name, number, record)
-
-
-def _iter_parquet(where: Location, name: str) -> Iterator[InputRow]:
-    try:
-        import pyarrow.parquet as pq
-    except ImportError:
-        raise InvalidInput(
-            "reading Parquet needs pyarrow: pip install 'blipserve[parquet]'"
-        ) from None
-    with where.open("rb") as f:
-        try:
-            parquet = pq.ParquetFile(f)
-        except Exception as exc:  # pyarrow raises ArrowInvalid and friends
-            raise InvalidInput(f"{name}: unreadable Parquet: {quote(str(exc), 200)}") from None
-        names = parquet.schema_arrow.names
-        columns = [c for c in ("image", "text") if c in names]
-        if "image" not in columns:
-            raise NotATable(f"{name}: no 'image' column (columns: {_columns(names)})")
-        number = 0
-        for batch in parquet.iter_batches(batch_size=256, columns=columns):
-            for record in batch.to_pylist():
-                image = record.get("image")
-                if isinstance(image, bytes):  # image bytes stored directly
-                    import base64
-
-                    record["image"] = base64.b64encode(image).decode()
-                yield _table_row(where.parent, name, number, record)
-                number += 1
-
-
-def _iter_list(where: Location, name: str) -> Iterator[InputRow]:
-    with where.open("rb") as raw, _text(raw, "utf-8") as f:
-        for number, line in enumerate(f):
-            value = line.strip()
-            if not value or value.startswith("#"):
-                continue
-            yield _table_row(where.parent, name, number, {"image": value})
-
-
-def _text(raw: Any, encoding: str) -> io.TextIOWrapper:
-    return io.TextIOWrapper(raw, encoding=encoding, newline="")
-
-
-def _bad(name: str, number: int, error: str) -> InputRow:
-    return InputRow(id=f"{name}:{number}", image="", source=name, row=str(number), error=error)
-
-
-def _columns(names: list[str]) -> str:
-    """A header for a message: each name quoted short (a header may be a row of base64)."""
-    shown = ", ".join(quote(n, 30) for n in names[:10])
-    return f"[{shown}{', ...' if len(names) > 10 else ''}]"

@@ -13,8 +13,13 @@ from blipserve.config import EngineConfig, FetchConfig, ImageLimits, ModelConfig
 from blipserve.server.app import ServerState, create_app
 
 
-class _Server(uvicorn.Server):
-    """uvicorn's server, writing the bound port to a file once listening (for --port 0)."""
+class PortFileServer(uvicorn.Server):
+    """uvicorn's server, writing the bound port to a file once listening (for --port 0),
+    and exiting 0 on SIGTERM once in-flight requests are done.
+
+    ``bench/baseline_server.py`` runs under it too, so a benchmark starts and stops both
+    servers the same way.
+    """
 
     def __init__(self, config: uvicorn.Config, port_file: str | None) -> None:
         super().__init__(config)
@@ -56,7 +61,7 @@ def serve(
         timeout_graceful_shutdown=int(server.graceful_timeout_s),
         access_log=False,
     )
-    runner = _Server(config, port_file)
+    runner = PortFileServer(config, port_file)
     state: ServerState = app.state.blipserve
 
     def stop() -> None:
