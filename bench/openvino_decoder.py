@@ -253,7 +253,8 @@ def step_times(model: nn.Module, repeats: int) -> dict[str, list[float]]:
     import openvino as ov
 
     from blipserve.models import optimize
-    from blipserve.models.base import resolve_precision
+    from blipserve.models.blip import BlipCaptionAdapter
+    from blipserve.models.precision import resolve_precision
 
     decoder = model.text_decoder
     _, step = convert(decoder, decoder.config)
@@ -284,7 +285,8 @@ def step_times(model: nn.Module, repeats: int) -> dict[str, list[float]]:
     inputs += [rng.standard_normal((1, heads, 577, head_dim), np.float32) for _ in range(2 * n)]
     int8_model = copy.deepcopy(model)
     cpu = torch.device("cpu")
-    optimize.prepare(int8_model, resolve_precision("int8", cpu), cpu)
+    speedups = BlipCaptionAdapter.speedups(resolve_precision("int8", cpu), cpu)
+    optimize.prepare(int8_model, speedups)
     ours = int8_model.text_decoder
     image = torch.randn(1, 577, 768)
     image_mask = torch.ones(1, 577, dtype=torch.long)
@@ -325,7 +327,8 @@ def main() -> None:
     from speed import build
 
     from blipserve.models import optimize
-    from blipserve.models.base import resolve_precision
+    from blipserve.models.blip import BlipCaptionAdapter
+    from blipserve.models.precision import resolve_precision
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--repeats", type=int, default=5)
@@ -353,7 +356,8 @@ def main() -> None:
     cross, step = convert(reference, reference.config)
     int8_model = copy.deepcopy(model)
     cpu = torch.device("cpu")
-    optimize.prepare(int8_model, resolve_precision("int8", cpu), cpu)
+    speedups = BlipCaptionAdapter.speedups(resolve_precision("int8", cpu), cpu)
+    optimize.prepare(int8_model, speedups)
     modes = {
         "torch-int8": int8_model.text_decoder,
         "ov-f32": on_openvino(reference, cross, step, int8=False),

@@ -91,11 +91,12 @@ def openvino_mode(mode: str, vision: Any, side: int, processor: Any) -> Any:
 
 def torch_int8(vision: Any) -> Any:
     from blipserve.models import optimize
-    from blipserve.models.base import resolve_precision
+    from blipserve.models.blip import BlipCaptionAdapter
+    from blipserve.models.precision import resolve_precision
 
     model = copy.deepcopy(vision)
     cpu = torch.device("cpu")
-    optimize.prepare(model, resolve_precision("int8", cpu), cpu)
+    optimize.prepare(model, BlipCaptionAdapter.speedups(resolve_precision("int8", cpu), cpu))
 
     def run(pixels: torch.Tensor) -> torch.Tensor:
         # one image per call, as the engine runs it under int8 (split_vision_batches)

@@ -404,8 +404,9 @@ def make_adapter(
     """
     import copy as copying
 
-    from blipserve.models import openvino_vision, optimize
-    from blipserve.models.base import _image_size, resolve_precision
+    from blipserve.models import openvino_vision, optimize, vision_encoder
+    from blipserve.models.base import _image_size
+    from blipserve.models.precision import resolve_precision, vision_precision
 
     mode, ov, _ = mode.partition("+ov")
     name, _, variant = mode.partition("-")
@@ -416,12 +417,13 @@ def make_adapter(
     model.to(precision.dtype)
     if ov:  # converted from the float weights first, as blipserve loads it
         size = _image_size(processor)
+        mode = vision_precision(precision, adapter_cls.vision_int8)
         openvino_vision.use_openvino_vision(
-            model, processor.image_processor, size, precision, adapter_cls.vision_int8
+            model, processor.image_processor, size, precision.dtype, mode
         )
-    optimize.prepare(model, precision, device)
+    optimize.prepare(model, adapter_cls.speedups(precision, device))
     if variant and variant != "fbgemm":  # -eager / -sdpa / -bf16: BLIP's vision attention
-        optimize.set_vision_attention(model, variant)
+        vision_encoder.set_vision_attention(model, variant)
     return adapter_cls(model, processor, device, precision)
 
 

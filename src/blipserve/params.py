@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 from typing import Any
 
@@ -97,3 +98,19 @@ def json_type(value: object) -> str:
     if value is None:
         return "null"
     return type(value).__name__
+
+
+def load_json_object(body: object, what: str) -> Mapping[str, Any]:
+    """A request body (raw JSON text or bytes, or an already decoded value) as a JSON object.
+
+    ``what`` completes the message for anything else: ``request body must be a JSON object
+    {what}, got ...``, e.g. ``with an 'input_data' key``.
+    """
+    if isinstance(body, (bytes, bytearray, str)):
+        try:
+            body = json.loads(body)
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise InvalidRequest(f"request body is not valid JSON: {exc}") from None
+    if not isinstance(body, Mapping):
+        raise InvalidRequest(f"request body must be a JSON object {what}, got {json_type(body)}")
+    return body

@@ -23,7 +23,7 @@ import torch
 from blipserve.config import EngineConfig, ModelConfig
 from blipserve.engine import Engine
 from blipserve.finetune.scenes import HELDOUT_SEED, Scene, generate
-from blipserve.models import openvino_vision, optimize
+from blipserve.models import int8_linear, openvino_vision
 from blipserve.types import Outcome, Prediction, RowInput
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -157,8 +157,8 @@ def test_speed_modes_say_what_float32_says(
     backend: str,
     floor: float,
 ) -> None:
-    if mode == "int8" and optimize.int8_available() is not None:
-        pytest.skip(str(optimize.int8_available()))
+    if mode == "int8" and int8_linear.int8_available() is not None:
+        pytest.skip(str(int8_linear.int8_available()))
     if backend == "openvino" and openvino_vision.unavailable(torch.device("cpu")):
         pytest.skip(str(openvino_vision.unavailable(torch.device("cpu"))))
     rows = guard_rows(name, scenes)

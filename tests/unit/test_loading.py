@@ -10,8 +10,8 @@ import torch
 
 from blipserve.config import ModelConfig
 from blipserve.errors import ModelLoadError
-from blipserve.models import ADAPTERS, load_model, optimize
-from blipserve.models.base import cpu_has_native_bf16
+from blipserve.models import ADAPTERS, int8_kernel, int8_linear, load_model
+from blipserve.models.precision import cpu_has_native_bf16, resolve_precision
 
 EXPECTED_KIND = {
     "blip-caption": "blip-caption",
@@ -30,7 +30,7 @@ def test_architecture_maps_to_adapter(tiny_model_dir: dict[str, Path], kind: str
     assert adapter.device == torch.device("cpu")
     # auto on CPU: int8 where torch has the int8 kernels; else bfloat16 where the CPU has
     # native bf16, float32 elsewhere
-    if optimize.int8_available() is None:
+    if int8_linear.int8_available() is None:
         assert str(adapter.precision) == "int8"
         assert adapter.dtype == torch.float32
         linears = [m for m in adapter.model.modules() if isinstance(m, torch.nn.Linear)]
@@ -60,33 +60,29 @@ def test_bfloat16_weights(tiny_model_dir: dict[str, Path]) -> None:
 
 
 def test_int8_on_request(tiny_model_dir: dict[str, Path]) -> None:
-    if optimize.int8_available() is not None:
+    if int8_linear.int8_available() is not None:
         with pytest.raises(ModelLoadError, match="int8 is not available"):
             load_model(ModelConfig(model=str(tiny_model_dir["blip-caption"]), dtype="int8"))
         return
     adapter = load_model(ModelConfig(model=str(tiny_model_dir["blip-caption"]), dtype="int8"))
     assert adapter.precision.int8
-    assert any(isinstance(m, optimize.Int8Linear) for m in adapter.model.modules())
+    assert any(isinstance(m, int8_linear.Int8Linear) for m in adapter.model.modules())
 
 
 @pytest.mark.parametrize("kernel", ["auto", "fbgemm"])
 def test_int8_kernel_on_request(tiny_model_dir: dict[str, Path], kernel: str) -> None:
-    from blipserve.models import int8_kernel
-
-    if optimize.int8_available() is not None:
-        pytest.skip(str(optimize.int8_available()))
+    if int8_linear.int8_available() is not None:
+        pytest.skip(str(int8_linear.int8_available()))
     cfg = ModelConfig(model=str(tiny_model_dir["blip-caption"]), dtype="int8", int8_kernel=kernel)
     adapter = load_model(cfg)
     ours = kernel == "auto" and int8_kernel.load() is not None
     assert adapter.precision.int8_kernel == ("blipserve" if ours else "fbgemm")
-    layers = [m for m in adapter.model.modules() if isinstance(m, optimize.Int8Linear)]
+    layers = [m for m in adapter.model.modules() if isinstance(m, int8_linear.Int8Linear)]
     assert layers
     assert all((m._kernel is not None) is ours for m in layers)
 
 
 def test_int8_is_refused_on_a_gpu(tiny_model_dir: dict[str, Path]) -> None:
-    from blipserve.models.base import resolve_precision
-
     with pytest.raises(ModelLoadError, match="CPUs only"):
         resolve_precision("int8", torch.device("cuda"))
 

@@ -1,4 +1,4 @@
-"""The OpenAI chat completions contract: accepted shapes, prompts, responses, every 400."""
+"""The OpenAI chat completions contract: accepted shapes, responses, every 400."""
 
 from __future__ import annotations
 
@@ -13,8 +13,6 @@ from PIL import Image
 
 from blipserve.contracts.openai import (
     ChatRequest,
-    ask_prompt,
-    build_prompt,
     chat_response,
     models_response,
     parse_chat_request,
@@ -385,60 +383,6 @@ def test_text_length_limits() -> None:
     assert parse_chat_request(ok, max_text_chars=20).question == "q"
 
 
-# --- prompts ---------------------------------------------------------------------------------
-
-
-def chat(question: str | None, *history: tuple[str, str]) -> ChatRequest:
-    return ChatRequest("m", IMG, question, tuple(history), GenerationParams())
-
-
-@pytest.mark.parametrize("role", ["prefix", "question", "match"])
-def test_blip_roles_use_only_the_last_question(role: str) -> None:
-    assert build_prompt(chat("a photo of", ("what?", "a cat")), role) == "a photo of"
-    assert build_prompt(chat(None, ("what?", "a cat")), role) is None
-
-
-def test_blip2_prompt_caption_and_single_question() -> None:
-    assert build_prompt(chat(None), "prompt") is None
-    assert build_prompt(chat(None, ("what?", "a cat")), "prompt") is None
-    assert build_prompt(chat("what is it?"), "prompt") == "Question: what is it? Answer:"
-
-
-def test_blip2_prompt_with_history() -> None:
-    req = chat("where is it?", ("what is it?", "a cat"), ("what colour?", "black."), ("", "hm"))
-    assert build_prompt(req, "prompt") == (
-        "Question: what is it? Answer: a cat. Question: what colour? Answer: black. hm. "
-        "Question: where is it? Answer:"
-    )
-
-
-def test_blip2_full_prompt_is_used_as_is() -> None:
-    full = "Question: how many cats? answer:"
-    assert build_prompt(chat(full), "prompt") == full
-    assert build_prompt(chat(full, ("what?", "cats")), "prompt") == (
-        f"Question: what? Answer: cats. {full}"
-    )
-
-
-def test_prompt_built_from_a_parsed_request() -> None:
-    req = parse_chat_request(
-        body(
-            user(image_part(), text_part("what is it?")),
-            {"role": "assistant", "content": "a cat"},
-            user(text_part("what colour is it?")),
-        )
-    )
-    assert build_prompt(req, "prompt") == (
-        "Question: what is it? Answer: a cat. Question: what colour is it? Answer:"
-    )
-    assert build_prompt(req, "question") == "what colour is it?"
-
-
-def test_unknown_text_role() -> None:
-    with pytest.raises(ValueError, match="text_role must be one of"):
-        build_prompt(chat("q"), "poem")
-
-
 # --- responses -------------------------------------------------------------------------------
 
 
@@ -497,16 +441,3 @@ def test_models_response_shape() -> None:
         ],
     }
     assert isinstance(models_response("m")["data"][0]["created"], int)
-
-
-@pytest.mark.parametrize(
-    ("question", "role", "expected"),
-    [
-        ("what is it?", "prompt", "Question: what is it? Answer:"),
-        ("Question: what is it? Answer:", "prompt", "Question: what is it? Answer:"),
-        ("what is it?", "question", "what is it?"),
-        ("a picture of", "prefix", "a picture of"),
-    ],
-)
-def test_ask_prompt_wraps_bare_questions_for_blip2(question: str, role: str, expected: str) -> None:
-    assert ask_prompt(question, role) == expected

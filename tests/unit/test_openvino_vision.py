@@ -21,7 +21,12 @@ from blipserve.config import ModelConfig
 from blipserve.engine import default_model_workers
 from blipserve.errors import ModelLoadError
 from blipserve.models import load_model
-from blipserve.models.base import cpu_has_native_bf16, resolve_vision_backend
+from blipserve.models.precision import (
+    Precision,
+    cpu_has_native_bf16,
+    resolve_vision_backend,
+    vision_precision,
+)
 from helpers import photos, random_vision_encoder
 
 ov = pytest.importorskip("openvino", reason="no OpenVINO wheel for this platform")
@@ -124,8 +129,6 @@ def test_converted_once_then_read_from_the_cache(
 
 
 def test_backend_choice(monkeypatch: pytest.MonkeyPatch) -> None:
-    from blipserve.models.base import Precision
-
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     int8, f32, bf16 = (
         Precision(torch.float32, int8=True),
@@ -309,15 +312,13 @@ def test_int8_without_nncf_names_the_install(monkeypatch: pytest.MonkeyPatch) ->
 
 
 def test_precision_follows_the_model_dtype() -> None:
-    from blipserve.models.base import Precision
-
-    assert openvino_vision.vision_precision(Precision(torch.float32)) == "f32"
+    assert vision_precision(Precision(torch.float32)) == "f32"
     int8 = Precision(torch.float32, int8=True)
-    assert openvino_vision.vision_precision(int8) == "int8-static"
-    assert openvino_vision.vision_precision(int8, "int8-dynamic") == "int8-dynamic"
+    assert vision_precision(int8) == "int8-static"
+    assert vision_precision(int8, "int8-dynamic") == "int8-dynamic"
     native = "bf16" if cpu_has_native_bf16() else "f32"
-    assert openvino_vision.vision_precision(Precision(torch.bfloat16)) == native
-    assert openvino_vision.vision_precision(Precision(torch.float16)) == native
+    assert vision_precision(Precision(torch.bfloat16)) == native
+    assert vision_precision(Precision(torch.float16)) == native
 
 
 def test_calibration_images_are_fixed_and_of_both_kinds() -> None:

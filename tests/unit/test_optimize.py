@@ -1,4 +1,5 @@
-"""Speed options: int8 linears (accurate, batch-invariant), SDPA attention, per-image vision."""
+"""Speed options: int8 linears (accurate, batch-invariant), SDPA attention, per-image vision,
+and which of them each family declares."""
 
 from __future__ import annotations
 
@@ -10,10 +11,14 @@ import torch
 from torch import nn
 from transformers import BlipVisionConfig, BlipVisionModel
 
-from blipserve.models import int8_kernel, optimize
+from blipserve.models import blip, int8_kernel, int8_linear, lean_text, optimize, vision_encoder
+from blipserve.models.base import HFAdapter
+from blipserve.models.blip import BlipCaptionAdapter, BlipMatchAdapter, BlipVqaAdapter
+from blipserve.models.blip2 import Blip2Adapter
+from blipserve.models.precision import Precision, cpu_has_native_bf16
 
 needs_int8 = pytest.mark.skipif(
-    optimize.int8_available() is not None, reason=str(optimize.int8_available())
+    int8_linear.int8_available() is not None, reason=str(int8_linear.int8_available())
 )
 
 
@@ -46,7 +51,7 @@ def test_int8_linear_is_close_to_float(bias: bool, per_row: bool, backend: str) 
         nn.init.uniform_(layer.bias, 0.5, 1.0)  # large enough that dropping it would show
     x = torch.randn(3, 7, 96)
     want = layer(x)
-    got = optimize.Int8Linear(layer, per_row=per_row, kernel=backend == "kernel")(x)
+    got = int8_linear.Int8Linear(layer, per_row=per_row, kernel=backend == "kernel")(x)
     assert got.shape == want.shape == (3, 7, 40)
     assert relative_error(got, want) < 0.02
 
@@ -55,7 +60,7 @@ def test_int8_linear_is_close_to_float(bias: bool, per_row: bool, backend: str) 
 @pytest.mark.parametrize("per_row", [True, False])
 def test_int8_linear_keeps_the_input_dtype(linear: nn.Linear, per_row: bool, backend: str) -> None:
     x = torch.randn(5, 96, dtype=torch.bfloat16)
-    got = optimize.Int8Linear(linear, per_row=per_row, kernel=backend == "kernel")(x)
+    got = int8_linear.Int8Linear(linear, per_row=per_row, kernel=backend == "kernel")(x)
     assert got.dtype == torch.bfloat16
     assert relative_error(got, linear(x.float())) < 0.03
 
@@ -65,7 +70,7 @@ def test_int8_rows_do_not_depend_on_their_batch(linear: nn.Linear, backend: str)
     # fbgemm picks one activation scale per call; the +1/-1 columns make it the same for
     # any batch (blipserve's kernel scales each row itself), so each row's output is
     # bit-identical alone and in company — including a companion row 1000x larger.
-    int8 = optimize.Int8Linear(linear, kernel=backend == "kernel")
+    int8 = int8_linear.Int8Linear(linear, kernel=backend == "kernel")
     torch.manual_seed(1)
     rows = torch.randn(2, 300, 96)
     rows[0, 3] *= 1000.0
@@ -79,7 +84,7 @@ def test_int8_rows_do_not_depend_on_their_batch(linear: nn.Linear, backend: str)
 
 @needs_int8
 def test_int8_weight_attribute_describes_the_layer(linear: nn.Linear) -> None:
-    int8 = optimize.Int8Linear(linear)
+    int8 = int8_linear.Int8Linear(linear)
     assert int8.weight.shape == (40, 96)
     assert int8.weight.dtype == torch.int8
 
@@ -87,7 +92,7 @@ def test_int8_weight_attribute_describes_the_layer(linear: nn.Linear) -> None:
 @needs_int8
 def test_quantize_linears_replaces_every_linear() -> None:
     model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Sequential(nn.Linear(8, 4)))
-    assert optimize.quantize_linears(model) == 2
+    assert int8_linear.quantize_linears(model) == 2
     assert not any(type(m) is nn.Linear for m in model.modules())
     assert model(torch.randn(2, 8)).shape == (2, 4)
 
@@ -119,9 +124,9 @@ def test_sdpa_attention_matches_the_eager_code(vision: BlipVisionModel) -> None:
     pixels = torch.randn(3, 3, 32, 32)
     with torch.inference_mode():
         eager = vision(pixel_values=pixels).last_hidden_state
-        assert optimize.use_sdpa(vision) == 2
+        assert vision_encoder.use_sdpa(vision) == 2
         fused = vision(pixel_values=pixels).last_hidden_state
-        assert optimize.use_sdpa(vision, enabled=False) == 2
+        assert vision_encoder.use_sdpa(vision, enabled=False) == 2
         back = vision(pixel_values=pixels).last_hidden_state
     torch.testing.assert_close(fused, eager, rtol=1e-5, atol=1e-5)
     assert torch.equal(back, eager)
@@ -131,7 +136,7 @@ def test_bf16_attention_is_close_to_the_eager_code(vision: BlipVisionModel) -> N
     pixels = torch.randn(3, 3, 32, 32)
     with torch.inference_mode():
         eager = vision(pixel_values=pixels).last_hidden_state
-        assert optimize.set_vision_attention(vision, "bf16") == 2
+        assert vision_encoder.set_vision_attention(vision, "bf16") == 2
         bf16 = vision(pixel_values=pixels).last_hidden_state
         one = vision(pixel_values=pixels[1:2]).last_hidden_state
     assert bf16.dtype == torch.float32
@@ -140,17 +145,18 @@ def test_bf16_attention_is_close_to_the_eager_code(vision: BlipVisionModel) -> N
     assert not torch.equal(bf16, eager)
     torch.testing.assert_close(one, bf16[1:2], rtol=0, atol=1e-6)
     with pytest.raises(ValueError, match="unknown vision attention"):
-        optimize.set_vision_attention(vision, "flash")
+        vision_encoder.set_vision_attention(vision, "flash")
 
 
 def test_int8_models_get_bf16_vision_attention_where_the_cpu_has_bf16(
     vision: BlipVisionModel,
 ) -> None:
-    from blipserve.models.base import Precision, cpu_has_native_bf16
-
-    optimize.prepare(vision, Precision(torch.float32, int8=True), torch.device("cpu"))
+    cpu = torch.device("cpu")
+    optimize.prepare(vision, BlipCaptionAdapter.speedups(Precision(torch.float32, int8=True), cpu))
     attention = vision.encoder.layers[0].self_attn
-    expected = optimize._bf16_forward if cpu_has_native_bf16() else optimize._sdpa_forward
+    expected = (
+        vision_encoder._bf16_forward if cpu_has_native_bf16() else vision_encoder._sdpa_forward
+    )
     assert attention.forward.func is expected
 
 
@@ -161,7 +167,7 @@ def test_vision_split_per_image_returns_the_same_outputs(vision: BlipVisionModel
     with torch.inference_mode():
         whole = vision(pixel_values=pixels, output_hidden_states=True)
         whole_tuple = vision(pixel_values=pixels, return_dict=False)
-        optimize.split_vision_batches(holder, rows=1)
+        vision_encoder.split_vision_batches(holder, rows=1)
         split = vision(pixel_values=pixels, output_hidden_states=True)
         split_tuple = vision(pixel_values=pixels, return_dict=False)
     assert type(split) is type(whole)
@@ -195,7 +201,7 @@ def test_lean_text_layers_compute_what_transformers_computes(
 
     processor, model = demo_caption
     lean = copy.deepcopy(model)
-    assert optimize.lean_text_layers(lean) == len(model.text_decoder.bert.encoder.layer) == 4
+    assert lean_text.lean_text_layers(lean) == len(model.text_decoder.bert.encoder.layer) == 4
     layer = lean.text_decoder.bert.encoder.layer[0]
     assert not hasattr(layer.attention.self, "query")  # transformers' forward cannot run
     images = [scenes.scene_at(scenes.HELDOUT_SEED, i).image for i in range(8)]
@@ -212,8 +218,8 @@ def test_lean_text_layers_compute_what_transformers_computes(
         assert torch.equal(lean.generate(**plain, max_new_tokens=30), captions)
         # int8: one fused query/key/value layer is bit-identical to three.
         int8, lean_int8 = copy.deepcopy(model), copy.deepcopy(lean)
-        optimize.quantize_linears(int8)
-        optimize.quantize_linears(lean_int8)
+        int8_linear.quantize_linears(int8)
+        int8_linear.quantize_linears(lean_int8)
         assert torch.equal(lean_int8(**prompted).logits, int8(**prompted).logits)
     lean.train()
     with pytest.raises(RuntimeError, match="inference-only"):
@@ -221,12 +227,11 @@ def test_lean_text_layers_compute_what_transformers_computes(
 
 
 def test_cpu_models_get_lean_text_layers(demo_caption: tuple[Any, Any]) -> None:
-    from blipserve.models.base import Precision
-
     model = copy.deepcopy(demo_caption[1])
-    optimize.prepare(model, Precision(torch.float32), torch.device("cpu"))
+    cpu = torch.device("cpu")
+    optimize.prepare(model, BlipCaptionAdapter.speedups(Precision(torch.float32), cpu))
     layer = model.text_decoder.bert.encoder.layer[0]
-    assert layer.forward.func is optimize._lean_text_layer
+    assert layer.forward.func is lean_text._lean_text_layer
 
 
 @needs_int8
@@ -239,14 +244,14 @@ def test_int8_vision_layers_take_one_scale_per_image(
     captions.  (blipserve's kernel scales every row on its own, so no layer depends on
     its batch.)"""
     from blipserve.finetune import scenes
-    from blipserve.models.base import Precision
 
     processor, model = demo_caption
     model = copy.deepcopy(model)
     kernel = "blipserve" if backend == "kernel" else "fbgemm"
-    optimize.prepare(model, Precision(torch.float32, True, kernel), torch.device("cpu"))
-    vision = [m for m in model.vision_model.modules() if isinstance(m, optimize.Int8Linear)]
-    text = [m for m in model.text_decoder.modules() if isinstance(m, optimize.Int8Linear)]
+    precision = Precision(torch.float32, True, kernel)
+    optimize.prepare(model, BlipCaptionAdapter.speedups(precision, torch.device("cpu")))
+    vision = [m for m in model.vision_model.modules() if isinstance(m, int8_linear.Int8Linear)]
+    text = [m for m in model.text_decoder.modules() if isinstance(m, int8_linear.Int8Linear)]
     assert vision
     one_scale = backend == "fbgemm"
     assert all(m.per_row is not one_scale for m in vision)
@@ -265,3 +270,48 @@ def test_int8_vision_layers_take_one_scale_per_image(
         one = model.generate(pixel_values=pixels[2:3], max_new_tokens=12)  # (1, L <= 13)
     assert torch.equal(one[0], captions[2, : one.shape[1]])  # (the batch pads after EOS)
     assert (captions[2, one.shape[1] :] == processor.tokenizer.pad_token_id).all()
+
+
+CPU, CUDA = torch.device("cpu"), torch.device("cuda")
+INT8 = Precision(torch.float32, int8=True)
+F32, BF16 = Precision(torch.float32), Precision(torch.bfloat16)
+INT8_STEPS = ["int8 vision encoder, one image per call", "int8 linears"]
+BLIP_INT8_STEPS = [INT8_STEPS[0], "int8 image keys and values", INT8_STEPS[1]]
+BLIP_CPU_STEPS = ["keep freed memory", "lean text layers"]
+
+
+@pytest.mark.parametrize(
+    ("adapter", "precision", "device", "native_bf16", "expected"),
+    [
+        (
+            BlipCaptionAdapter,
+            INT8,
+            CPU,
+            True,
+            [*BLIP_CPU_STEPS, "bf16 vision attention", *BLIP_INT8_STEPS],
+        ),
+        (
+            BlipVqaAdapter,
+            INT8,
+            CPU,
+            False,
+            [*BLIP_CPU_STEPS, "sdpa vision attention", *BLIP_INT8_STEPS],
+        ),
+        (BlipMatchAdapter, F32, CPU, True, [*BLIP_CPU_STEPS, "sdpa vision attention"]),
+        (BlipCaptionAdapter, BF16, CPU, True, BLIP_CPU_STEPS),
+        (BlipCaptionAdapter, F32, CUDA, True, []),
+        (Blip2Adapter, INT8, CPU, True, ["keep freed memory", *INT8_STEPS]),
+        (Blip2Adapter, F32, CPU, True, ["keep freed memory"]),
+        (Blip2Adapter, BF16, CUDA, True, []),
+    ],
+)
+def test_each_family_declares_its_speedups(
+    monkeypatch: pytest.MonkeyPatch,
+    adapter: type[HFAdapter],
+    precision: Precision,
+    device: torch.device,
+    native_bf16: bool,
+    expected: list[str],
+) -> None:
+    monkeypatch.setattr(blip, "cpu_has_native_bf16", lambda: native_bf16)
+    assert [s.name for s in adapter.speedups(precision, device)] == expected

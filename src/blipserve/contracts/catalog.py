@@ -14,13 +14,12 @@ columns are ignored as the catalog does) or ``input_data`` as a list of records
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from blipserve.errors import InvalidRequest, RowError
-from blipserve.params import GenerationParams, json_type
+from blipserve.params import GenerationParams, json_type, load_json_object
 from blipserve.types import Prediction, RowInput
 
 IMAGE = "image"
@@ -45,15 +44,7 @@ def parse_request(body: object, *, max_rows: int = 1024) -> ScoringRequest:
     Raises :class:`InvalidRequest` for a malformed body and :class:`RowError` naming the
     row for a malformed row.
     """
-    if isinstance(body, (bytes, bytearray, str)):
-        try:
-            body = json.loads(body)
-        except (ValueError, UnicodeDecodeError) as exc:
-            raise InvalidRequest(f"request body is not valid JSON: {exc}") from None
-    if not isinstance(body, Mapping):
-        raise InvalidRequest(
-            f"request body must be a JSON object with an 'input_data' key, got {json_type(body)}"
-        )
+    body = load_json_object(body, "with an 'input_data' key")
     if "input_data" not in body:
         keys = ", ".join(map(repr, body)) or "none"
         raise InvalidRequest(f"request body has no 'input_data' key (keys found: {keys})")

@@ -37,7 +37,7 @@ def finetune(cfg: FinetuneConfig) -> Path:
     """Train as ``cfg`` says and return the folder holding the final model."""
     if cfg.num_threads > 0:
         torch.set_num_threads(cfg.num_threads)
-    from blipserve.models.base import resolve_device
+    from blipserve.models.precision import resolve_device
 
     device = resolve_device(cfg.device)
     checkpoint = latest_checkpoint(cfg.checkpoints) if cfg.resume else None

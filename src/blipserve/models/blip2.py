@@ -7,6 +7,7 @@ echoes the prompt.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Hashable, Sequence
 
 import torch
@@ -30,9 +31,32 @@ class Blip2Adapter(HFAdapter):
     # (bench/results/openvino-encoder-blip2.json).
     vision_int8 = "int8-dynamic"
     openvino_when_auto = False
+    # Speed options: HFAdapter.speedups' (BLIP's lean text layers and vision attention have
+    # no counterpart in BLIP-2's modules).
     text_role = "prompt"
     #: decode with a static KV cache (``--cuda-graphs``; set by :meth:`use_static_cache`)
     static_cache = False
+
+    @classmethod
+    def question_prompt(cls, question: str) -> str:
+        """``Question: {q} Answer:``, unless the text already holds ``Answer:`` (any case):
+        then it is taken to be a full BLIP-2 prompt and used as it is."""
+        if _ANSWER.search(question):
+            return question
+        return f"Question: {question} Answer:"
+
+    @classmethod
+    def chat_prompt(cls, question: str | None, history: Sequence[tuple[str, str]]) -> str | None:
+        """``None`` when there is no question (a plain caption; the history alone asks
+        nothing).  Otherwise each history turn becomes ``Question: {q} Answer: {a}.`` (just
+        ``{a}.`` when the turn had no text, e.g. it only sent the image; no second period
+        when the answer already ends in ``.``, ``!`` or ``?``), joined by spaces, followed
+        by :meth:`question_prompt` of the question."""
+        if question is None:
+            return None
+        turns = [_history_turn(q, a) for q, a in history]
+        turns.append(cls.question_prompt(question))
+        return " ".join(turns)
 
     @property
     def decoder_only(self) -> bool:
@@ -107,6 +131,16 @@ class Blip2Adapter(HFAdapter):
             # Decoder-only generate returns prompt + continuation; keep the continuation.
             return self.decode(out[:n, input_ids.shape[1] :])
         return self.decode(out, new_from=1)  # after T5's decoder start token
+
+
+_ANSWER = re.compile(r"answer\s*:", re.IGNORECASE)
+
+
+def _history_turn(question: str, answer: str) -> str:
+    end = "" if answer.endswith((".", "!", "?")) else "."
+    if not question:
+        return f"{answer}{end}"
+    return f"Question: {question} Answer: {answer}{end}"
 
 
 _CACHE_STEP = 64  # static KV cache lengths are multiples of this

@@ -9,7 +9,8 @@ start reads both instead of converting again.
 
 :class:`OpenVinoVision` then stands in for ``model.vision_model``: same call, same output
 type, so transformers' ``generate`` and the adapters do not change.  The torch encoder's
-weights are dropped.  Precision (:func:`vision_precision`): float32 when the model is
+weights are dropped.  Precision (``mode``, which
+:func:`blipserve.models.precision.vision_precision` picks): float32 when the model is
 loaded in float32 (``--dtype float32``: the output is then transformers' own to float
 rounding); with ``--dtype int8`` one of two int8 recipes, which the model family's adapter
 names (``HFAdapter.vision_int8``; :mod:`blipserve.models.openvino_int8`): ``int8-static``
@@ -37,16 +38,15 @@ import tempfile
 import threading
 from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import nn
 
 from blipserve.cachedir import cache_folders
 from blipserve.errors import ModelLoadError
-
-if TYPE_CHECKING:
-    from blipserve.models.base import Precision
+from blipserve.models import openvino_int8
+from blipserve.models.calibration import calibration_pixels
 
 log = logging.getLogger(__name__)
 
@@ -172,9 +172,6 @@ def _quantized(
     or made now from the float conversion (and cached)."""
     import openvino as ov
 
-    from blipserve.models import openvino_int8
-    from blipserve.models.calibration import calibration_pixels
-
     recipe = openvino_int8.STATIC if mode == "int8-static" else openvino_int8.WEIGHTS
     floats = fingerprint(vision, image_size, ov.get_version())  # (weights hashed once)
     key = f"{floats}-{recipe}"
@@ -193,19 +190,6 @@ def _quantized(
     return quantized, _store(quantized, key)
 
 
-def vision_precision(precision: Precision, int8: str = "int8-static") -> str:
-    """OpenVINO's precision for the encoder of a model loaded in ``precision``: ``f32``
-    (float32: exact); ``int8`` (``int8-static`` or ``int8-dynamic``: the family's recipe);
-    else ``bf16`` where the CPU has it natively, else ``f32``."""
-    from blipserve.models.base import cpu_has_native_bf16
-
-    if precision.int8:
-        return int8
-    if precision.dtype == torch.float32 or not cpu_has_native_bf16():
-        return "f32"
-    return "bf16"
-
-
 MODES = ("f32", "bf16", "int8-static", "int8-dynamic")
 
 
@@ -217,7 +201,7 @@ def compile_vision(
     image_processor: Any = None,
 ) -> OpenVinoVision:
     """``vision`` (a transformers vision model, float weights) compiled for this CPU in
-    ``mode`` (``f32``, ``bf16``, ``int8-static`` or ``int8-dynamic``: :func:`vision_precision`;
+    ``mode`` (``f32``, ``bf16``, ``int8-static`` or ``int8-dynamic``;
     int8-static needs the model's ``image_processor`` for its calibration images); outputs
     in ``dtype``."""
     import openvino as ov
@@ -311,22 +295,16 @@ def use_openvino_vision(
     model: nn.Module,
     image_processor: Any,
     image_size: int,
-    precision: Precision,
-    int8: str = "int8-static",
+    dtype: torch.dtype,
+    mode: str,
 ) -> OpenVinoVision:
-    """Replace ``model.vision_model`` by its OpenVINO compilation (its weights are freed);
-    ``int8``: the int8 recipe, for an int8 ``precision``."""
+    """Replace ``model.vision_model`` by its OpenVINO compilation in ``mode`` (its weights
+    are freed); its outputs in ``dtype``, the model's."""
     vision = model.vision_model
     assert isinstance(vision, nn.Module)
     # Traced in float32 whatever the model's dtype (a bfloat16 model's weights, already
     # rounded, lose nothing): OpenVINO then picks the precision, and its outputs are f32.
-    encoder = compile_vision(
-        vision.float(),
-        image_size,
-        precision.dtype,
-        vision_precision(precision, int8),
-        image_processor,
-    )
+    encoder = compile_vision(vision.float(), image_size, dtype, mode, image_processor)
     model.vision_model = encoder
     return encoder
 
@@ -339,5 +317,4 @@ __all__ = [
     "int8_unavailable",
     "unavailable",
     "use_openvino_vision",
-    "vision_precision",
 ]

@@ -208,7 +208,7 @@ def create_app(
         req = openai_contract.parse_chat_request(await read_json_body(request, cfg.max_body_bytes))
         online = state.ready_engine()
         adapter = online.engine.adapter
-        prompt = openai_contract.build_prompt(req, adapter.text_role)
+        prompt = adapter.chat_prompt(req.question, req.history)
         try:
             [prediction] = await unless_disconnected(
                 request, online.predict([RowInput(0, req.image, prompt)], req.params, until)
