@@ -1,17 +1,11 @@
-"""One typed configuration for every entry point.
-
-Each field carries its default and help text; the CLI derives its flags from these
-dataclasses (see :func:`blipserve.cli.add_config_arguments`) and environment variables
-(``BLIPSERVE_<FIELD>``) are read only when a config is built, never at import time.
-"""
+"""The serving parts of the configuration: the model, the engine, images, URLs, HTTP."""
 
 from __future__ import annotations
 
-import dataclasses
-import os
-from collections.abc import Mapping
-from dataclasses import dataclass, field
-from typing import Any, Literal, TypeVar
+from dataclasses import dataclass
+from typing import Literal
+
+from blipserve.config.fields import option
 
 Device = Literal["auto", "cpu", "cuda"]
 DType = Literal["auto", "float32", "bfloat16", "float16", "int8"]
@@ -19,25 +13,17 @@ Int8Kernel = Literal["auto", "fbgemm"]
 Backend = Literal["auto", "torch", "openvino"]
 
 
-def _opt(default: Any, help: str, *, flag: str | None = None, **extra: Any) -> Any:
-    """A dataclass field with CLI help attached as metadata."""
-    metadata = {"help": help, "flag": flag, **extra}
-    if isinstance(default, (list, dict, set)):
-        return field(default_factory=lambda: type(default)(default), metadata=metadata)
-    return field(default=default, metadata=metadata)
-
-
 @dataclass(frozen=True)
 class ImageLimits:
     """Limits applied while turning bytes into an RGB image."""
 
-    max_image_bytes: int = _opt(20 * 1024 * 1024, "Largest encoded image accepted, in bytes.")
-    max_image_pixels: int = _opt(
+    max_image_bytes: int = option(20 * 1024 * 1024, "Largest encoded image accepted, in bytes.")
+    max_image_pixels: int = option(
         40_000_000,
         "Largest decoded image accepted, in pixels (width*height); guards against "
         "decompression bombs.",
     )
-    draft_decode: bool = _opt(
+    draft_decode: bool = option(
         True,
         "Decode large JPEGs at a reduced size (Pillow draft mode) when the model needs far "
         "fewer pixels, never below twice the model's input on a side (closer, it changed "
@@ -51,20 +37,21 @@ class ImageLimits:
 class FetchConfig:
     """How image URLs are fetched (safe by default)."""
 
-    allow_url_hosts: tuple[str, ...] = _opt(
+    allow_url_hosts: tuple[str, ...] = option(
         (),
         "Host (name or IP, optionally host:port) whose URLs are fetched even when it "
         "resolves to an internal address, e.g. 127.0.0.1 for a local image server. "
         "Repeatable.",
         flag="--allow-url-host",
+        metavar="HOST",
     )
-    allow_urls: bool = _opt(True, "Accept http(s) image URLs at all.")
-    connect_timeout_s: float = _opt(5.0, "Seconds to wait for a connection to an image URL.")
-    read_timeout_s: float = _opt(
+    allow_urls: bool = option(True, "Accept http(s) image URLs at all.")
+    connect_timeout_s: float = option(5.0, "Seconds to wait for a connection to an image URL.")
+    read_timeout_s: float = option(
         15.0, "Seconds a whole image download may take (slow-drip responses are cut)."
     )
-    max_redirects: int = _opt(3, "Redirects followed per image URL.")
-    max_fetch_bytes: int = _opt(
+    max_redirects: int = option(3, "Redirects followed per image URL.")
+    max_fetch_bytes: int = option(
         20 * 1024 * 1024, "Largest image download accepted, in bytes (enforced while streaming)."
     )
 
@@ -73,27 +60,24 @@ class FetchConfig:
 class ModelConfig:
     """Which model to load and where to run it."""
 
-    model: str = _opt(
+    model: str = option(
         "demo",
         "Model to serve: a built-in name (demo, demo-vqa), a Hugging Face id "
         "(Salesforce/blip-image-captioning-base) or a local save_pretrained folder.",
     )
-    # (ruff cannot see that _opt returns a dataclass field for Literal-typed fields)
-    device: Device = _opt(  # noqa: RUF009
-        "auto", "Where to run: auto (cuda when available), cpu or cuda."
-    )
-    dtype: DType = _opt(  # noqa: RUF009
+    device: Device = option("auto", "Where to run: auto (cuda when available), cpu or cuda.")
+    dtype: DType = option(
         "auto",
         "Precision: auto (cuda: bfloat16, else float16; cpu: int8), float32, bfloat16, "
         "float16, or int8 (CPU only: Linear layers in int8 with per-row activation scales, "
         "float32 elsewhere).",
     )
-    int8_kernel: Int8Kernel = _opt(  # noqa: RUF009
+    int8_kernel: Int8Kernel = option(
         "auto",
         "Who computes int8 matmuls: auto (blipserve's own kernel where the CPU has AVX-512 "
         "VNNI and a C compiler builds it on first use, else torch's fbgemm) or fbgemm.",
     )
-    backend: Backend = _opt(  # noqa: RUF009
+    backend: Backend = option(
         "auto",
         "Who runs the vision encoder on a CPU: auto (OpenVINO for BLIP in int8, the CPU's "
         "auto dtype, where OpenVINO and NNCF are installed, as they are by default; else "
@@ -102,8 +86,8 @@ class ModelConfig:
         "NNCF with --dtype int8, float32 with --dtype float32, else bfloat16 where the CPU "
         "has it).",
     )
-    revision: str | None = _opt(None, "Hub revision (branch, tag or commit) to load.")
-    cuda_graphs: bool = _opt(
+    revision: str | None = option(None, "Hub revision (branch, tag or commit) to load.")
+    cuda_graphs: bool = option(
         False,
         "BLIP-2 with a decoder-only LM (OPT) on a GPU: decode with a static KV cache, which "
         "transformers compiles into CUDA graphs (torch.compile, mode reduce-overhead). "
@@ -117,16 +101,16 @@ class ModelConfig:
 class EngineConfig:
     """How the engine batches rows for the model."""
 
-    max_batch_size: int = _opt(
+    max_batch_size: int = option(
         0,
         "Most rows run through the model at once; 0 picks by device: 8 on a CPU (where "
         "larger batches gain little), 32 on a GPU (where one image at a time leaves it idle).",
     )
-    decode_workers: int = _opt(4, "Threads that fetch and decode images in parallel.")
-    torch_threads: int = _opt(
+    decode_workers: int = option(4, "Threads that fetch and decode images in parallel.")
+    torch_threads: int = option(
         0, "CPU threads torch runs the model on; 0 keeps torch's default (one per core)."
     )
-    model_workers: int = _opt(
+    model_workers: int = option(
         0,
         "Batches run at once when a call holds several (a batch job's chunk of rows, "
         "'blipserve caption' of many images; the server runs one batch at a time): the "
@@ -151,62 +135,31 @@ class EngineConfig:
 class ServerConfig:
     """The HTTP endpoint (``blipserve serve``)."""
 
-    host: str = _opt("127.0.0.1", "Address to listen on (0.0.0.0 for every interface).")
-    port: int = _opt(8000, "Port to listen on (0 picks a free one).")
-    api_keys: tuple[str, ...] = _opt(
+    host: str = option("127.0.0.1", "Address to listen on (0.0.0.0 for every interface).")
+    port: int = option(8000, "Port to listen on (0 picks a free one).")
+    api_keys: tuple[str, ...] = option(
         (),
         "API key required as 'Authorization: Bearer KEY' on /score, /v1/* and /metrics. "
         "Repeatable; none means no auth (health routes are always open).",
         flag="--api-key",
+        metavar="KEY",
+        secret=True,
     )
-    max_body_bytes: int = _opt(
+    max_body_bytes: int = option(
         100 * 1024 * 1024, "Largest request body accepted, in bytes (413 above it)."
     )
-    max_rows: int = _opt(1024, "Most rows in one request.")
-    max_queue: int = _opt(
+    max_rows: int = option(1024, "Most rows in one request.")
+    max_queue: int = option(
         256, "Most rows waiting for the model; more gives 503 with Retry-After at once."
     )
-    max_wait_ms: float = _opt(
+    max_wait_ms: float = option(
         10.0, "How long the first row of a batch waits for others to join it, in ms."
     )
-    request_timeout_s: float = _opt(
+    request_timeout_s: float = option(
         60.0, "Deadline for a request, from arrival; past it, 504 and its queued work is dropped."
     )
-    graceful_timeout_s: float = _opt(
+    graceful_timeout_s: float = option(
         30.0, "On SIGTERM, how long in-flight requests may take to finish."
     )
-    warmup: bool = _opt(True, "Run one image through the model before reporting ready.")
-    log_level: str = _opt("info", "uvicorn log level (critical, error, warning, info, debug).")
-
-
-C = TypeVar("C")
-
-
-def from_env(cls: type[C], env: Mapping[str, str] | None = None, **overrides: Any) -> C:
-    """Build a config dataclass from ``BLIPSERVE_<FIELD>`` variables, then ``overrides``."""
-    env = os.environ if env is None else env
-    values: dict[str, Any] = {}
-    for f in dataclasses.fields(cls):  # type: ignore[arg-type]
-        key = f"BLIPSERVE_{f.name.upper()}"
-        if key in env:
-            values[f.name] = parse_value(f, env[key])
-    values.update({k: v for k, v in overrides.items() if v is not None})
-    return cls(**values)
-
-
-def parse_value(f: dataclasses.Field[Any], raw: str) -> Any:
-    """Parse a string (env var) into the type of a config field."""
-    default = f.default if f.default is not dataclasses.MISSING else None
-    if isinstance(default, bool):
-        if raw.lower() in {"1", "true", "yes", "on"}:
-            return True
-        if raw.lower() in {"0", "false", "no", "off", ""}:
-            return False
-        raise ValueError(f"{f.name}: expected true/false, got {raw!r}")
-    if isinstance(default, int):
-        return int(raw)
-    if isinstance(default, float):
-        return float(raw)
-    if isinstance(default, tuple):
-        return tuple(part.strip() for part in raw.split(",") if part.strip())
-    return raw
+    warmup: bool = option(True, "Run one image through the model before reporting ready.")
+    log_level: str = option("info", "uvicorn log level (critical, error, warning, info, debug).")
