@@ -7,6 +7,7 @@ end; the tiny random BLIP models keep each run to seconds.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import os
 import subprocess
@@ -21,7 +22,13 @@ ray = pytest.importorskip("ray")
 
 from blipserve.batch.ray import run_on_ray  # noqa: E402
 from blipserve.batch.runner import BatchJob, BatchOptions, Summary  # noqa: E402
-from blipserve.config import EngineConfig, FetchConfig, ImageLimits, ModelConfig  # noqa: E402
+from blipserve.config import (  # noqa: E402
+    EngineConfig,
+    FetchConfig,
+    ModelConfig,
+    RayConfig,
+    Settings,
+)
 from blipserve.engine import Engine  # noqa: E402
 from blipserve.errors import InvalidInput, ModelLoadError  # noqa: E402
 from blipserve.params import GenerationParams  # noqa: E402
@@ -97,17 +104,15 @@ def local(model: Path, options: BatchOptions, filter_model: Path | None = None) 
 def on_ray(
     model: Path, options: BatchOptions, filter_model: Path | None = None, concurrency: int = 1
 ) -> Summary:
-    return run_on_ray(
-        options,
+    if filter_model:
+        options = dataclasses.replace(options, filter_model=str(filter_model))
+    settings = Settings(
         model=ModelConfig(model=str(model)),
-        engine_config=ENGINE,
-        limits=ImageLimits(),
+        engine=ENGINE,
         fetch=FetchConfig(allow_urls=False),
-        filter_model=str(filter_model) if filter_model else None,
-        address=None,
-        concurrency=concurrency,
-        num_gpus=0,
+        ray=RayConfig(concurrency=concurrency),
     )
+    return run_on_ray(options, settings)
 
 
 def options(images: str | Path, output: str | Path, **kwargs: Any) -> BatchOptions:

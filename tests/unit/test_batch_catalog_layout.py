@@ -16,9 +16,11 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from blipserve.batch.runner import BatchJob, BatchOptions, FailureLimit, Summary, TooManyFailures
-from blipserve.batch.sources import image_file, iter_rows
+from blipserve.batch.runner import BatchJob, BatchOptions, Summary, TooManyFailures
+from blipserve.batch.sources import iter_rows
 from blipserve.batch.storage import locate
+from blipserve.batch.tables import image_file
+from blipserve.config import FailureLimit
 from blipserve.engine import Engine
 from blipserve.errors import InvalidInput
 from blipserve.params import GenerationParams

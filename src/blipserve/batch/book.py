@@ -13,7 +13,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from blipserve.batch.journal import JobJournal, Record, open_journal
-from blipserve.batch.options import BatchOptions, FailureLimit, Summary, TooManyFailures
+from blipserve.batch.options import BatchOptions, Summary, TooManyFailures
+from blipserve.batch.rows import InputRow
 from blipserve.batch.shards import ShardOutput, check_text_from, is_pattern
 from blipserve.batch.sinks import (
     caption_to_keep,
@@ -23,7 +24,6 @@ from blipserve.batch.sinks import (
     write_sidecar,
 )
 from blipserve.batch.sources import (
-    InputRow,
     ReadOptions,
     count_rows,
     is_shards,
@@ -32,6 +32,7 @@ from blipserve.batch.sources import (
     shard_locations,
 )
 from blipserve.batch.storage import Location
+from blipserve.config import FailureLimit
 from blipserve.errors import InvalidInput
 
 log = logging.getLogger(__name__)

@@ -37,6 +37,7 @@ from typing import Any
 
 from blipserve.batch.book import ShardWork
 from blipserve.batch.journal import Record
+from blipserve.batch.rows import InputRow
 from blipserve.batch.runner import (
     BatchOptions,
     JobBook,
@@ -47,9 +48,9 @@ from blipserve.batch.runner import (
 )
 from blipserve.batch.shards import write_shard
 from blipserve.batch.sinks import caption_to_keep
-from blipserve.batch.sources import InputRow, ReadOptions, iter_shard
+from blipserve.batch.sources import ReadOptions, iter_shard
 from blipserve.batch.storage import StorageError
-from blipserve.config import EngineConfig, FetchConfig, ImageLimits, ModelConfig
+from blipserve.config import Settings
 from blipserve.errors import BlipserveError, InvalidInput
 
 log = logging.getLogger(__name__)
@@ -62,22 +63,13 @@ COLUMNS = tuple(
 BLOCK_CHUNKS = 4  # chunks of rows per block in the object store
 
 
-def run_on_ray(
-    options: BatchOptions,
-    *,
-    model: ModelConfig,
-    engine_config: EngineConfig,
-    limits: ImageLimits,
-    fetch: FetchConfig,
-    filter_model: str | None,
-    address: str | None,
-    concurrency: int,
-    num_gpus: float,
-) -> Summary:
+def run_on_ray(options: BatchOptions, settings: Settings) -> Summary:
     """Run the batch job described by ``options`` on Ray Data; same results as locally.
 
-    ``address``: a cluster to join (None: start a local one, or use the one this process
-    already joined); ``concurrency`` model actors, each with ``num_gpus`` GPUs.
+    The model actors load ``settings.model`` (and ``options.filter_model``) with the
+    engine, image and fetch settings; ``settings.ray`` says which cluster to join (none:
+    start a local one, or use the one this process already joined) and how many actors
+    to start, each with how many GPUs.
     """
     try:  # imported as Any: Ray's own annotations are partial
         ray: Any = importlib.import_module("ray")
@@ -86,23 +78,18 @@ def run_on_ray(
         raise InvalidInput("--ray needs Ray: pip install 'blipserve[ray]'") from None
     from blipserve.models import resolve_source
 
-    if concurrency < 1:
-        raise InvalidInput(f"--concurrency must be at least 1 (got {concurrency})")
+    filter_model = options.filter_model
     # The signature names the models as the local job's engines would: same journal.
     book = JobBook(
-        options, resolve_source(model.model), resolve_source(filter_model) if filter_model else None
+        options,
+        resolve_source(settings.model.model),
+        resolve_source(filter_model) if filter_model else None,
     )
     connected_here = not ray.is_initialized()
     if connected_here:
-        ray.init(address=address, ignore_reinit_error=True)
-    actor = {
-        "options": options,
-        "model": model,
-        "engine_config": engine_config,
-        "limits": limits,
-        "fetch": fetch,
-        "filter_model": filter_model,
-    }
+        ray.init(address=settings.ray.ray_address, ignore_reinit_error=True)
+    actor = {"options": options, "settings": settings}
+    concurrency, num_gpus = settings.ray.concurrency, settings.ray.num_gpus
     try:
         with _ordered(ray):
             work = book.shard_work()
@@ -200,25 +187,15 @@ def _ordered(ray: Any) -> Iterator[None]:
 class ModelActor:
     """A model actor: the engine (and CapFilt's matching engine) loaded once."""
 
-    def __init__(
-        self,
-        *,
-        options: BatchOptions,
-        model: ModelConfig,
-        engine_config: EngineConfig,
-        limits: ImageLimits,
-        fetch: FetchConfig,
-        filter_model: str | None,
-    ) -> None:
+    def __init__(self, *, options: BatchOptions, settings: Settings) -> None:
         from blipserve.engine import Engine
 
-        def load(config: ModelConfig) -> Engine:
-            return Engine.load(config, config=engine_config, limits=limits, fetch=fetch)
-
         self.options = options
-        self.engine = load(model)
+        self.engine = Engine.from_settings(settings)
         self.filter_engine = (
-            load(dataclasses.replace(model, model=filter_model)) if filter_model else None
+            Engine.from_settings(settings, model=options.filter_model)
+            if options.filter_model
+            else None
         )
 
 

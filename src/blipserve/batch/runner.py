@@ -17,8 +17,8 @@ from concurrent.futures import Future, ThreadPoolExecutor
 
 from blipserve.batch.book import JobBook
 from blipserve.batch.journal import OutputError, Record
-from blipserve.batch.options import BatchOptions, FailureLimit, Summary, TooManyFailures
-from blipserve.batch.sources import InputRow
+from blipserve.batch.options import BatchOptions, Summary, TooManyFailures
+from blipserve.batch.rows import InputRow
 from blipserve.batch.storage import Location, StorageError
 from blipserve.engine import Engine, PreparedRow
 from blipserve.errors import ImageError, InvalidInput, RowError, quote
@@ -226,7 +226,6 @@ def _capfilt(
 __all__ = [
     "BatchJob",
     "BatchOptions",
-    "FailureLimit",
     "JobBook",
     "OutputError",
     "RowStarter",

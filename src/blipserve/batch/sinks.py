@@ -13,14 +13,16 @@ import csv
 import io
 import json
 import os
+import typing
 from collections.abc import Callable, Iterable, Iterator
 from typing import IO, Any
 
 from blipserve.batch.journal import Record
 from blipserve.batch.storage import Location
+from blipserve.config import OutputFormat
 from blipserve.errors import InvalidInput
 
-FORMATS = ("jsonl", "csv", "parquet", "catalog", "imagefolder", "webdataset")
+FORMATS: tuple[str, ...] = typing.get_args(OutputFormat)
 TABLE_COLUMNS = ("id", "text", "score", "error")
 CAPFILT_COLUMNS = ("keep", "text_in", "text_in_score", "text_in_keep")
 

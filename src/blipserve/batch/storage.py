@@ -15,7 +15,6 @@ temporary file, ``fsync`` and a rename.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import posixpath
 import re
@@ -56,24 +55,6 @@ def is_store_url(text: str) -> bool:
     """Whether ``text`` names an object in a store blipserve reads (``s3://``, ``az://``...)."""
     match = _SCHEME.match(text)
     return match is not None and match.group(1).lower() in (*EXTRAS, "file")
-
-
-def parse_storage_options(pairs: list[str] | None) -> dict[str, Any]:
-    """``--storage-option key=value`` pairs as fsspec keyword arguments.
-
-    Values are JSON where they parse as JSON (``anon=true``, ``max_concurrency=8``,
-    ``client_kwargs={"region_name": "eu-west-1"}``), text otherwise.
-    """
-    options: dict[str, Any] = {}
-    for pair in pairs or []:
-        key, eq, value = pair.partition("=")
-        if not eq or not key.strip():
-            raise InvalidInput(f"--storage-option wants KEY=VALUE, got {quote(pair, 40)}")
-        try:
-            options[key.strip()] = json.loads(value)
-        except ValueError:
-            options[key.strip()] = value
-    return options
 
 
 @dataclass(frozen=True)
@@ -268,5 +249,4 @@ __all__ = [
     "StorageError",
     "is_store_url",
     "locate",
-    "parse_storage_options",
 ]

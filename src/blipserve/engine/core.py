@@ -9,6 +9,7 @@ over the same object.
 from __future__ import annotations
 
 import base64
+import dataclasses
 import io
 import logging
 import time
@@ -18,7 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 from PIL import Image
 
-from blipserve.config import EngineConfig, FetchConfig, ImageLimits, ModelConfig
+from blipserve.config import EngineConfig, FetchConfig, ImageLimits, ModelConfig, Settings
 from blipserve.contracts.catalog import ScoringRequest
 from blipserve.engine.prepare import PreparedRow, RowPreparer
 from blipserve.engine.results import good_rows_or_raise, predictions_or_raise
@@ -37,7 +38,7 @@ class Engine:
 
     >>> engine = Engine.load(ModelConfig(model="demo"))          # doctest: +SKIP
     >>> engine.predict([RowInput(0, "examples/scene-01.png")], allow_paths=True)  # doctest: +SKIP
-    [Prediction(text='a red circle left of a blue square', score=None)]
+    [Prediction(text='a small purple square', score=None)]
     """
 
     def __init__(
@@ -78,6 +79,17 @@ class Engine:
         fetch: FetchConfig | None = None,
     ) -> Engine:
         return cls(load_model(model), config=config, limits=limits, fetch=fetch)
+
+    @classmethod
+    def from_settings(cls, settings: Settings, *, model: str | None = None) -> Engine:
+        """The engine ``settings`` describe; ``model`` replaces ``settings.model.model`` (a
+        batch job's CapFilt model loads as its captioning model does)."""
+        model_config = settings.model
+        if model is not None:
+            model_config = dataclasses.replace(model_config, model=model)
+        return cls.load(
+            model_config, config=settings.engine, limits=settings.images, fetch=settings.fetch
+        )
 
     def warm_up(self) -> None:
         """Run one synthetic image through the model (first-call costs paid before serving).

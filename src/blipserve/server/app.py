@@ -20,7 +20,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from blipserve import ui
-from blipserve.config import EngineConfig, FetchConfig, ImageLimits, ModelConfig, ServerConfig
+from blipserve.config import ServerConfig, Settings
 from blipserve.contracts import openai as openai_contract
 from blipserve.contracts.catalog import encode_response, parse_request
 from blipserve.engine import Engine
@@ -50,11 +50,7 @@ log = logging.getLogger(__name__)
 class ServerState:
     """What the routes share; filled in by the loader thread."""
 
-    model: ModelConfig
-    engine_config: EngineConfig
-    limits: ImageLimits
-    fetch: FetchConfig
-    server: ServerConfig
+    settings: Settings
     metrics: Metrics = field(default_factory=Metrics)
     online: OnlineEngine | None = None
     ready: bool = False
@@ -65,9 +61,7 @@ class ServerState:
         """Load the model (unless given), warm up, start the queue, then report ready."""
         try:
             if engine is None:
-                engine = Engine.load(
-                    self.model, config=self.engine_config, limits=self.limits, fetch=self.fetch
-                )
+                engine = Engine.from_settings(self.settings)
             if self.server.warmup:
                 engine.warm_up()
             online = OnlineEngine(
@@ -79,7 +73,7 @@ class ServerState:
             online.start()
             self.online = online
             self.ready = True
-            log.info("ready: %s (%s)", self.model.model, engine.adapter.kind)
+            log.info("ready: %s (%s)", self.settings.model.model, engine.adapter.kind)
         except Exception as exc:
             self.load_error = (
                 exc.message if isinstance(exc, BlipserveError) else f"{type(exc).__name__}: {exc}"
@@ -90,6 +84,10 @@ class ServerState:
                 log.exception("could not start")
             if self.on_load_failure:
                 self.on_load_failure()
+
+    @property
+    def server(self) -> ServerConfig:
+        return self.settings.server
 
     def ready_engine(self) -> OnlineEngine:
         """The online engine; :class:`ModelNotReady` (503) until it is loaded and warm."""
@@ -102,25 +100,12 @@ class ServerState:
             self.online.stop(timeout=self.server.graceful_timeout_s)
 
 
-def create_app(
-    model: ModelConfig | None = None,
-    *,
-    engine_config: EngineConfig | None = None,
-    limits: ImageLimits | None = None,
-    fetch: FetchConfig | None = None,
-    server: ServerConfig | None = None,
-    engine: Engine | None = None,
-) -> FastAPI:
-    """The ASGI app. The model loads in a background thread after startup (``/ready``
-    answers 503 until it is loaded and warmed up); pass ``engine`` to serve one you have.
+def create_app(settings: Settings | None = None, *, engine: Engine | None = None) -> FastAPI:
+    """The ASGI app for ``settings`` (default: every default). The model loads in a
+    background thread after startup (``/ready`` answers 503 until it is loaded and warmed
+    up); pass ``engine`` to serve one you have.
     """
-    state = ServerState(
-        model=model or ModelConfig(),
-        engine_config=engine_config or EngineConfig(),
-        limits=limits or ImageLimits(),
-        fetch=fetch or FetchConfig(),
-        server=server or ServerConfig(),
-    )
+    state = ServerState(settings or Settings())
     cfg = state.server
 
     @asynccontextmanager
@@ -175,7 +160,7 @@ def create_app(
     )
     async def readiness() -> JSONResponse:
         kind = state.ready_engine().engine.adapter.kind
-        return JSONResponse({"status": "ready", "model": state.model.model, "kind": kind})
+        return JSONResponse({"status": "ready", "model": state.settings.model.model, "kind": kind})
 
     @app.post(
         "/score",
@@ -235,7 +220,7 @@ def create_app(
     )
     async def models(request: Request) -> JSONResponse:
         check_auth(request, cfg.api_keys)
-        return JSONResponse(openai_contract.models_response(state.model.model))
+        return JSONResponse(openai_contract.models_response(state.settings.model.model))
 
     @app.get(
         "/metrics",

@@ -9,7 +9,7 @@ from types import FrameType
 
 import uvicorn
 
-from blipserve.config import EngineConfig, FetchConfig, ImageLimits, ModelConfig, ServerConfig
+from blipserve.config import Settings
 from blipserve.server.app import ServerState, create_app
 
 
@@ -42,17 +42,10 @@ class PortFileServer(uvicorn.Server):
             tmp.replace(self.port_file)  # atomic: a reader never sees a partial file
 
 
-def serve(
-    model: ModelConfig,
-    *,
-    engine_config: EngineConfig,
-    limits: ImageLimits,
-    fetch: FetchConfig,
-    server: ServerConfig,
-    port_file: str | None = None,
-) -> int:
+def serve(settings: Settings, *, port_file: str | None = None) -> int:
     """Run the server until SIGINT/SIGTERM (in-flight requests finish); the exit code."""
-    app = create_app(model, engine_config=engine_config, limits=limits, fetch=fetch, server=server)
+    app = create_app(settings)
+    server = settings.server
     config = uvicorn.Config(
         app,
         host=server.host,
