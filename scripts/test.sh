@@ -9,5 +9,6 @@ bash scripts/install_azurite.sh   # Azure Blob emulator for the object-storage t
 .venv/bin/ruff check src tests bench
 .venv/bin/ruff format --check src tests bench
 .venv/bin/mypy
+.venv/bin/lint-imports  # the layers contract in pyproject.toml ([tool.importlinter])
 # pytest exits 5 when it collects no test: that is a failure here too.
 .venv/bin/python -m pytest "$@"
