@@ -37,7 +37,7 @@ import sys
 import time
 import types
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -165,7 +165,7 @@ def on_openvino(decoder: nn.Module, cross: Any, step: Any, int8: bool) -> nn.Mod
     core = ov.Core()
     cross_request = core.compile_model(cross, "CPU", settings).create_infer_request()
     step_request = core.compile_model(step, "CPU", settings).create_infer_request()
-    config = decoder.config
+    config: Any = decoder.config  # (a transformers config: attributes by model type)
     n, heads = config.num_hidden_layers, config.num_attention_heads
     head_dim = config.hidden_size // heads
 
@@ -234,16 +234,19 @@ def generate(decoder: nn.Module, rows: int, tokens: int, beams: int = 1) -> torc
     image = torch.randn(rows, 577, 768, generator=torch.Generator().manual_seed(1))
     ids = torch.tensor([[30522, 1037, 3861, 1997]] * rows)  # [DEC] a picture of
     with torch.inference_mode():
-        return decoder.generate(
-            input_ids=ids,
-            attention_mask=torch.ones_like(ids),
-            encoder_hidden_states=image,
-            encoder_attention_mask=torch.ones(rows, 577, dtype=torch.long),
-            eos_token_id=102,
-            pad_token_id=0,
-            max_new_tokens=tokens,
-            min_new_tokens=tokens,
-            num_beams=beams,
+        return cast(
+            torch.Tensor,
+            cast(Any, decoder).generate(
+                input_ids=ids,
+                attention_mask=torch.ones_like(ids),
+                encoder_hidden_states=image,
+                encoder_attention_mask=torch.ones(rows, 577, dtype=torch.long),
+                eos_token_id=102,
+                pad_token_id=0,
+                max_new_tokens=tokens,
+                min_new_tokens=tokens,
+                num_beams=beams,
+            ),
         )
 
 
@@ -256,7 +259,7 @@ def step_times(model: nn.Module, repeats: int) -> dict[str, list[float]]:
     from blipserve.models.blip import BlipCaptionAdapter
     from blipserve.models.precision import resolve_precision
 
-    decoder = model.text_decoder
+    decoder: Any = model.text_decoder
     _, step = convert(decoder, decoder.config)
     n, heads, head_dim, seen = 12, 12, 64, 10
 
@@ -279,7 +282,10 @@ def step_times(model: nn.Module, repeats: int) -> dict[str, list[float]]:
         "ov-int4-dynamic": compiled(int4, 32),
     }
     rng = np.random.default_rng(0)
-    inputs = [np.zeros((1, 1), np.int64), np.ones((1, seen + 1), np.int64)]
+    inputs: list[np.ndarray[Any, Any]] = [
+        np.zeros((1, 1), np.int64),
+        np.ones((1, seen + 1), np.int64),
+    ]
     inputs += [np.ones((1, 577), np.int64)]
     inputs += [rng.standard_normal((1, heads, seen, head_dim), np.float32) for _ in range(2 * n)]
     inputs += [rng.standard_normal((1, heads, 577, head_dim), np.float32) for _ in range(2 * n)]
@@ -287,7 +293,7 @@ def step_times(model: nn.Module, repeats: int) -> dict[str, list[float]]:
     cpu = torch.device("cpu")
     speedups = BlipCaptionAdapter.speedups(resolve_precision("int8", cpu), cpu)
     optimize.prepare(int8_model, speedups)
-    ours = int8_model.text_decoder
+    ours: Any = int8_model.text_decoder
     image = torch.randn(1, 577, 768)
     image_mask = torch.ones(1, 577, dtype=torch.long)
     times: dict[str, list[float]] = {k: [] for k in [*requests, "torch-int8"]}

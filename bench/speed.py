@@ -38,13 +38,15 @@ import json
 import statistics
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+if TYPE_CHECKING:
+    from blipserve.models.base import HFAdapter
 
 from common import (
     LAYOUTS,
@@ -119,7 +121,7 @@ def caption_flops(model: Any, processor: Any, jpeg: bytes, tokens: int) -> int:
     from torch.utils._python_dispatch import TorchDispatchMode
     from torch.utils.flop_counter import flop_registry
 
-    class Count(TorchDispatchMode):
+    class Count(TorchDispatchMode):  # type: ignore[no-untyped-call]  # torch: untyped
         total = 0
 
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
@@ -137,7 +139,7 @@ def caption_flops(model: Any, processor: Any, jpeg: bytes, tokens: int) -> int:
 
     device = next(model.parameters()).device
     inputs = processor(images=Image.open(io.BytesIO(jpeg)).convert("RGB"), return_tensors="pt")
-    counter = Count()
+    counter = Count()  # type: ignore[no-untyped-call]
     # no_grad, not inference_mode: under inference_mode composite ops such as linear reach
     # the mode undecomposed, and their matmuls would go uncounted.
     with torch.no_grad(), counter:
@@ -212,7 +214,7 @@ def engine_run(
 
 
 def bench_model(
-    layout: str, adapter_cls: Callable[..., Any], args: argparse.Namespace, device: Any
+    layout: str, adapter_cls: type[HFAdapter], args: argparse.Namespace, device: Any
 ) -> dict[str, Any]:
     import torch
 
@@ -224,7 +226,7 @@ def bench_model(
     n_base = args.baseline_images if not layout.startswith("blip2") else args.baseline_images // 2
 
     def rows_for(batch: int) -> int:  # images per engine run: two batches at least
-        return max(args.min_images, 2 * batch)
+        return max(int(args.min_images), 2 * batch)
 
     static = args.static_batches if args.static_cache else []
     needed = max(n_base, *(rows_for(b) for b in [*args.batches, *static]))
@@ -342,9 +344,9 @@ def bench_model(
                 f"{len(pairs)} pairs; {compile_s:.0f} s with compilation)"
             )
         adapter.static_cache = False
-    for runs in (out["blipserve"], out.get("blipserve_static_cache", [])):
-        for r in runs:
-            r.pop("texts", None)
+    for results in (out["blipserve"], out.get("blipserve_static_cache", [])):
+        for result in results:
+            result.pop("texts", None)
     if device.type == "cuda":
         out["peak_gpu_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
     out["memory_at_end"] = resident_gib()
@@ -360,7 +362,7 @@ def weight_bytes(model: Any) -> int:
     (which blipserve's kernel keeps outside torch: a byte a weight, a float32 scale and
     bias an output)."""
     tensors = [*model.parameters(), *model.buffers()]
-    total = sum(t.numel() * t.element_size() for t in tensors)
+    total: int = sum(t.numel() * t.element_size() for t in tensors)
     for module in model.modules():
         if getattr(module, "_kernel", None) is not None:  # an Int8Linear on the C kernel
             total += module.out_features * (module.in_features + 8)
@@ -395,7 +397,7 @@ def summarise(runs: list[dict[str, Any]], latency: str) -> dict[str, Any]:
 
 
 def make_adapter(
-    adapter_cls: Callable[..., Any], model: Any, processor: Any, device: Any, mode: str, copy: bool
+    adapter_cls: type[HFAdapter], model: Any, processor: Any, device: Any, mode: str, copy: bool
 ) -> Any:
     """``model`` (float32) prepared as ``mode`` (``auto``, a dtype or ``int8``, as blipserve
     loads it; ``-eager`` / ``-sdpa`` / ``-bf16`` force BLIP's vision attention one way;
