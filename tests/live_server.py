@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,6 +33,31 @@ class RunningServer:
         if self.proc.poll() is None:
             self.proc.send_signal(sig)
         return self.proc.wait(timeout)
+
+    def metric(self, name: str, headers: Mapping[str, str] | None = None) -> float:
+        """``name`` from ``GET /metrics``, summed over its labels."""
+        text = httpx.get(f"{self.url}/metrics", headers=headers, timeout=10).text
+        return sum(
+            float(line.rsplit(" ", 1)[1])
+            for line in text.splitlines()
+            if line.startswith((name + " ", name + "{"))
+        )
+
+    def wait_for_metric(
+        self,
+        name: str,
+        at_least: float,
+        headers: Mapping[str, str] | None = None,
+        timeout: float = 30,
+    ) -> None:
+        """Poll until ``name`` reaches ``at_least``: how a test learns, from outside the
+        server's process, that a request got somewhere.  (``blipserve_decode_seconds_count``
+        counts requests whose rows were decoded and so queued: nothing yields in between.)
+        """
+        deadline = time.monotonic() + timeout
+        while self.metric(name, headers) < at_least:
+            assert time.monotonic() < deadline, f"{name} did not reach {at_least} in {timeout} s"
+            time.sleep(0.05)
 
 
 def launch(command: list[str], workdir: Path, *args: str) -> tuple[subprocess.Popen[bytes], Path]:

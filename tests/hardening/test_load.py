@@ -300,8 +300,10 @@ def test_overload_gives_503_only_then_recovers(server: RunningServer) -> None:
     }
     rows = [b64(i) for i in range(3)]
     with ThreadPoolExecutor(BURST + 1) as pool:
+        decoded = server.metric("blipserve_decode_seconds_count")
         busy = pool.submit(httpx.post, f"{server.url}/score", json=sleeper, timeout=60)
-        time.sleep(0.5)  # the model thread now sleeps; rows queue up behind it
+        # once queued, the sleeper is the model's next batch: the burst queues behind it
+        server.wait_for_metric("blipserve_decode_seconds_count", decoded + 1)
         burst = [
             pool.submit(httpx.post, f"{server.url}/score", json=score_body(*rows), timeout=60)
             for _ in range(BURST)  # 3 rows each: more than MAX_QUEUE rows in all
@@ -316,25 +318,16 @@ def test_overload_gives_503_only_then_recovers(server: RunningServer) -> None:
     assert refused.status_code == 200  # recovered
 
 
-def metric(server: RunningServer, name: str) -> float:
-    text = httpx.get(f"{server.url}/metrics", timeout=10).text
-    return sum(
-        float(line.rsplit(" ", 1)[1])
-        for line in text.splitlines()
-        if line.startswith((name + " ", name + "{"))
-    )
-
-
 def test_rows_that_cannot_be_queued_are_not_decoded(server: RunningServer) -> None:
     """A request with more rows than the queue holds gets its 503 before any decoding:
     each decoded row can hold up to max_image_pixels x 3 bytes (120 MB at the default)."""
-    decoded_before = metric(server, "blipserve_decode_seconds_count")
+    decoded_before = server.metric("blipserve_decode_seconds_count")
     too_many = score_body(*(b64(i) for i in range(MAX_QUEUE + 1)))
     response = httpx.post(f"{server.url}/score", json=too_many, timeout=60)
     assert response.status_code == 503
     assert response.headers["retry-after"] == "1"
     assert "queue is full" in response.json()["message"]
-    assert metric(server, "blipserve_decode_seconds_count") == decoded_before
+    assert server.metric("blipserve_decode_seconds_count") == decoded_before
 
 
 def test_model_fault_fails_only_its_batch_under_load(server: RunningServer) -> None:

@@ -1,0 +1,89 @@
+"""The OpenAI chat route in process, over the tiny BLIP-2 (OPT): the answer's shape and
+usage, ``length`` finishes, errors, the key.  The official ``openai`` client against a
+real server: tests/integration/test_openai.py; the request's parsing:
+tests/unit/test_openai_contract.py."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from starlette.testclient import TestClient
+
+from blipserve.config import ModelConfig, ServerConfig, Settings
+from blipserve.server.app import ServerState, create_app
+from helpers import b64_png
+
+KEY = "sk-test"
+AUTH = {"Authorization": f"Bearer {KEY}"}
+
+
+def image_part(seed: int = 0) -> dict[str, Any]:
+    return {"type": "image_url", "image_url": {"url": f"data:image/png;base64,{b64_png(seed)}"}}
+
+
+@pytest.fixture(scope="module")
+def blip2_client(tiny_model_dir: dict[str, Path]) -> Iterator[TestClient]:
+    """The app over the tiny BLIP-2 (OPT): prompting is the adapter's own."""
+    model = ModelConfig(model=str(tiny_model_dir["blip2-opt"]), dtype="float32", backend="torch")
+    settings = Settings(model=model, server=ServerConfig(api_keys=(KEY,), warmup=False))
+    app = create_app(settings)
+    state: ServerState = app.state.blipserve
+    state.load()
+    yield TestClient(app, headers=AUTH)
+    state.shutdown()
+
+
+def chat(*content: dict[str, Any], **extra: Any) -> dict[str, Any]:
+    return {"model": "blip2", "messages": [{"role": "user", "content": list(content)}], **extra}
+
+
+def test_chat_completion(blip2_client: TestClient) -> None:
+    question = {"type": "text", "text": "what is it?"}
+    response = blip2_client.post("/v1/chat/completions", json=chat(image_part(), question))
+    assert response.status_code == 200
+    answer = response.json()
+    assert answer["object"] == "chat.completion"
+    assert answer["id"] == f"chatcmpl-{response.headers['x-request-id']}"
+    [choice] = answer["choices"]
+    assert choice["message"]["role"] == "assistant"
+    assert "Question:" not in choice["message"]["content"]  # the prompt is not echoed
+    usage = answer["usage"]
+    assert usage["prompt_tokens"] >= 7  # "Question: what is it? Answer:"
+    assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
+
+
+def test_chat_finish_reason_length(blip2_client: TestClient) -> None:
+    body = chat(image_part(3), max_tokens=2, min_tokens=2)
+    answer = blip2_client.post("/v1/chat/completions", json=body).json()
+    assert answer["choices"][0]["finish_reason"] == "length"
+    assert answer["usage"]["completion_tokens"] == 2
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        (chat(image_part(), stream=True), "stream is not supported"),
+        (chat(image_part(), image_part(1)), "several images"),
+        (chat({"type": "text", "text": "hello"}), "needs an image"),
+        (
+            chat(image_part(), tools=[{"type": "function", "function": {"name": "f"}}]),
+            "tools",
+        ),
+        (
+            chat({"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}),
+            "messages: ",
+        ),
+    ],
+)
+def test_chat_errors_are_400(blip2_client: TestClient, body: dict[str, Any], message: str) -> None:
+    response = blip2_client.post("/v1/chat/completions", json=body)
+    assert response.status_code == 400
+    assert message in response.json()["message"]
+
+
+def test_chat_needs_the_key(blip2_client: TestClient) -> None:
+    response = TestClient(blip2_client.app).post("/v1/chat/completions", json=chat(image_part()))
+    assert response.status_code == 401
