@@ -124,6 +124,13 @@ class UnsupportedMediaType(BlipserveError):
     status = 415
 
 
+class RequestHeaderTooLarge(BlipserveError):
+    """A request header is longer than the server takes (a request id over 100 characters);
+    HTTP 431, as the catalog's inference server answers."""
+
+    status = 431
+
+
 class Overloaded(BlipserveError):
     """The queue is full; HTTP 503 with ``Retry-After``."""
 

@@ -15,6 +15,7 @@ threads except the (thread-safe) SSL context.
 
 from __future__ import annotations
 
+import logging
 import ssl
 import time
 from collections.abc import Iterable, Sequence
@@ -25,10 +26,12 @@ import httpcore
 import httpx
 
 from blipserve.config import FetchConfig
-from blipserve.errors import FetchError
+from blipserve.errors import FetchError, UrlRefused
 from blipserve.url_guard import FetchTarget, UrlGuard, short_url
 
 _REDIRECTS = frozenset({301, 302, 303, 307, 308})
+
+log = logging.getLogger(__name__)
 
 
 class _DeadlineStream(httpcore.NetworkStream):
@@ -139,9 +142,26 @@ class SafeFetcher:
         cfg = self.config
         deadline = time.monotonic() + cfg.read_timeout_s
         current = url
-        for _hop in range(cfg.max_redirects + 1):
+        for hop in range(cfg.max_redirects + 1):
             remaining = max(deadline - time.monotonic(), 0.001)
-            target = self.guard.check(current, timeout=min(cfg.connect_timeout_s, remaining))
+            try:
+                target = self.guard.check(current, timeout=min(cfg.connect_timeout_s, remaining))
+            except UrlRefused as exc:
+                if hop == 0:
+                    raise
+                # The target came from a Location header the client never saw: naming it
+                # (or what it resolves to) would show the client around the inside.
+                log.warning(
+                    "refused redirect %d of %s, to %s: %s",
+                    hop,
+                    short_url(url),
+                    short_url(current),
+                    exc.message,
+                )
+                raise UrlRefused(
+                    f"URL refused: {short_url(url)} redirected to a URL that is not allowed; "
+                    "the redirect was refused (its target is in the server's log)"
+                ) from None
             body, location = self._get(target, deadline)
             if location is None:
                 return body

@@ -182,11 +182,13 @@ PROVOKED: list[tuple[str, dict[str, Any], int]] = [
     ("/score", {"content": b"{}", "headers": {"Content-Type": "text/plain"}}, 415),
     ("/score", {"json": score(png_row(0, "boom"))}, 500),
     ("/score", {"json": score(*(png_row(i) for i in range(5)))}, 503),  # > --max-queue 4
+    ("/score", {"json": score(png_row(0)), "headers": {"x-request-id": "i" * 101}}, 431),
     ("/v1/chat/completions", {"json": chat("describe")}, 200),
     ("/v1/chat/completions", {"json": chat("describe", image="@@@")}, 400),
     ("/v1/chat/completions", {"json": chat("x"), "headers": {"Authorization": "Basic x"}}, 401),
     ("/v1/chat/completions", {"content": b"{" + b" " * 210_000 + b"}", "headers": JSON}, 413),
     ("/v1/chat/completions", {"content": b"{}", "headers": {"Content-Type": "text/xml"}}, 415),
+    ("/v1/chat/completions", {"json": chat("x"), "headers": {"x-ms-request-id": "m" * 101}}, 431),
 ]
 
 

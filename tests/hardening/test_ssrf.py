@@ -154,12 +154,6 @@ INTERNAL = [
     "http://[fe80::1]/",
     "http://[febf:ffff::1]/",
     "https://127.0.0.1:{secret}/img.png",
-    # redirects from the allow-listed host into the inside
-    "http://127.0.0.1:{public}/redirect?to=http://127.0.0.1:{secret}/img.png",
-    "http://127.0.0.1:{public}/redirect?to=http://localhost:{secret}/img.png",
-    "http://127.0.0.1:{public}/redirect?to=http://[::ffff:7f00:1]:{secret}/img.png",
-    "http://127.0.0.1:{public}/redirect?to=http://169.254.169.254/latest/meta-data/",
-    "http://127.0.0.1:{public}/redirect?to=http://10.0.0.1/",
 ]
 OTHER_REFUSALS = [
     ("file:///etc/passwd", "scheme 'file'"),
@@ -169,9 +163,17 @@ OTHER_REFUSALS = [
     ("http://user:pass@127.0.0.1:{public}/img.png", "credentials"),
     ("http://user@127.0.0.1:{public}/img.png", "credentials"),
     ("http://127.0.0.1:{public}@127.0.0.1:{secret}/img.png", "credentials"),
-    ("http://127.0.0.1:{public}/redirect?to=file:///etc/passwd", "scheme 'file'"),
-    ("http://127.0.0.1:{public}/redirect?to=gopher://127.0.0.1:{secret}/", "scheme 'gopher'"),
-    ("http://127.0.0.1:{public}/redirect?to=http://a%3Ab%40127.0.0.1/img.png", "credentials"),
+]
+# Where the allow-listed host redirects to (into the inside, other schemes, credentials).
+REFUSED_REDIRECTS = [
+    "http://127.0.0.1:{secret}/img.png",
+    "http://localhost:{secret}/img.png",
+    "http://[::ffff:7f00:1]:{secret}/img.png",
+    "http://169.254.169.254/latest/meta-data/",
+    "http://10.0.0.1/",
+    "file:///etc/passwd",
+    "gopher://127.0.0.1:{secret}/",
+    "http://a%3Ab%40127.0.0.1/img.png",
 ]
 
 
@@ -208,6 +210,24 @@ def test_other_schemes_and_credentials_refused(
     assert message.startswith("row 0: URL refused: "), message
     assert reason in message
     assert Handler.hits.get(hosts["secret"], 0) == 0
+
+
+@pytest.mark.parametrize("location", REFUSED_REDIRECTS)
+def test_refused_redirect_is_told_without_its_target(
+    server: RunningServer, hosts: dict[str, int], location: str
+) -> None:
+    url = f"http://127.0.0.1:{hosts['public']}/redirect?to={location.format(**hosts)}"
+    secret_hits = Handler.hits.get(hosts["secret"], 0)
+    response = score_url(server, url)
+    assert response.status_code == 400, response.text
+    # The client learns that the redirect was refused, not where it led: the target came
+    # from a Location header it never saw (here the URL it sent spells it, in its query).
+    assert response.json()["message"] == (
+        f"row 0: URL refused: {url} redirected to a URL that is not allowed; the redirect "
+        "was refused (its target is in the server's log)"
+    )
+    assert f"to {unquote(location.format(**hosts))}: URL refused: " in server.output()
+    assert Handler.hits.get(hosts["secret"], 0) == secret_hits  # never connected
 
 
 @pytest.mark.parametrize(

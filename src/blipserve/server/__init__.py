@@ -6,6 +6,7 @@
   place typed errors become responses;
 - :mod:`~blipserve.server.openapi`, :mod:`~blipserve.server.metrics`: ``/swagger.json``
   and ``/metrics``;
+- :mod:`~blipserve.server.docs`: ``/docs``, Swagger UI served from installed files;
 - :mod:`~blipserve.server.run`: ``blipserve serve`` under uvicorn.
 """
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -26,11 +27,13 @@ from blipserve.contracts.catalog import encode_response, parse_request
 from blipserve.engine import Engine
 from blipserve.engine.online import OnlineEngine
 from blipserve.errors import BlipserveError, InvalidInput, ModelNotReady, RowError
+from blipserve.server.docs import serve_docs
 from blipserve.server.http import (
     RequestContext,
     check_auth,
     error_response,
     read_json_body,
+    run_fn_exec_ms,
     unless_disconnected,
 )
 from blipserve.server.metrics import Metrics
@@ -38,6 +41,7 @@ from blipserve.server.openapi import (
     CHAT_OPENAPI,
     ERROR_RESPONSES,
     SCORE_OPENAPI,
+    SCORE_RESPONSES,
     ScoreAnswerSchema,
     json_errors,
 )
@@ -123,13 +127,14 @@ def create_app(settings: Settings | None = None, *, engine: Engine | None = None
         description="Try the model in a browser: [/ui/](/ui/).",
         version=__import__("blipserve").__version__,
         openapi_url="/swagger.json",
-        docs_url="/docs",
+        docs_url=None,  # served by serve_docs, without a CDN
         redoc_url=None,
         lifespan=lifespan,
     )
     app.state.blipserve = state
     app.add_middleware(RequestContext, metrics=state.metrics)
     _document_hand_parsed_bodies(app)
+    serve_docs(app)
 
     @app.exception_handler(BlipserveError)
     async def on_error(request: Request, exc: BlipserveError) -> JSONResponse:
@@ -166,20 +171,20 @@ def create_app(settings: Settings | None = None, *, engine: Engine | None = None
         "/score",
         summary="Score rows in the Azure ML catalog's contract",
         response_model=list[ScoreAnswerSchema],
-        responses=ERROR_RESPONSES,
+        responses=SCORE_RESPONSES,
         openapi_extra=SCORE_OPENAPI,
     )
     async def score(request: Request) -> JSONResponse:
         check_auth(request, cfg.api_keys)
         until = deadline()
-        parsed = parse_request(
-            await read_json_body(request, cfg.max_body_bytes), max_rows=cfg.max_rows
-        )
+        body = await read_json_body(request, cfg.max_body_bytes)
+        started = time.perf_counter()  # the catalog's server times its run() on the read body
+        parsed = parse_request(body, max_rows=cfg.max_rows)
         online = state.ready_engine()
         predictions = await unless_disconnected(
             request, online.predict(parsed.rows, parsed.params, until)
         )
-        return JSONResponse(encode_response(predictions))
+        return JSONResponse(encode_response(predictions), headers=run_fn_exec_ms(started))
 
     @app.post(
         "/v1/chat/completions",

@@ -1,7 +1,10 @@
 """HTTP plumbing the routes share: bodies, auth, disconnects, errors, request ids.
 
 Typed errors (:mod:`blipserve.errors`) carry their status and headers; :func:`error_response`
-is the one place they become responses.
+is the one place they become responses.  The headers that go with every request (request
+ids, ``TraceId``, ``x-ms-run-fn-exec-ms``) behave as in the Azure ML catalog's inference
+server (``azureml-inference-server-http``), so that clients of a catalog deployment see
+the same ones here.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from blipserve.errors import (
     BlipserveError,
     ClientDisconnected,
     PayloadTooLarge,
+    RequestHeaderTooLarge,
     Unauthorized,
     UnsupportedMediaType,
 )
@@ -39,6 +43,13 @@ KNOWN_ROUTES = (
     "/v1/chat/completions",
     "/v1/models",
 )
+
+# The request ids the catalog's server reads, each answered with 431 past its limit.
+REQUEST_ID_HEADERS = ("x-request-id", "x-ms-request-id", "x-ms-client-request-id")
+MAX_REQUEST_ID_CHARS = 100
+# Office services' own tracing header, which the catalog's server echoes on every response
+# (ASGI header names are lower case; HTTP's are case-insensitive).
+TRACE_ID_HEADER = "traceid"
 
 
 def error_response(exc: BlipserveError) -> JSONResponse:
@@ -64,6 +75,28 @@ async def read_json_body(request: Request, limit: int) -> bytes:
             raise PayloadTooLarge(f"the body is larger than the limit of {limit} bytes")
         chunks.append(chunk)
     return b"".join(chunks)
+
+
+def run_fn_exec_ms(started: float) -> dict[str, str]:
+    """``x-ms-run-fn-exec-ms``: milliseconds since ``started`` (``time.perf_counter``), with
+    three decimals, as the catalog's server reports the time its scoring function took."""
+    return {"x-ms-run-fn-exec-ms": f"{(time.perf_counter() - started) * 1000:.3f}"}
+
+
+def request_ids_too_long(headers: dict[str, str]) -> RequestHeaderTooLarge | None:
+    """The 431 for request id headers longer than :data:`MAX_REQUEST_ID_CHARS`, naming
+    each; None when every one fits."""
+    too_long = [
+        f"{name} has {len(headers[name])}"
+        for name in REQUEST_ID_HEADERS
+        if len(headers.get(name, "")) > MAX_REQUEST_ID_CHARS
+    ]
+    if not too_long:
+        return None
+    return RequestHeaderTooLarge(
+        f"request id headers may have at most {MAX_REQUEST_ID_CHARS} characters: "
+        f"{', '.join(too_long)}"
+    )
 
 
 async def unless_disconnected(request: Request, work: Awaitable[T]) -> T:
@@ -96,7 +129,8 @@ def check_auth(request: Request, keys: Sequence[str]) -> None:
 
 
 class RequestContext:
-    """Pure ASGI middleware: request ids in and out, per-route metrics."""
+    """Pure ASGI middleware: request ids in and out (431 when one is too long), ``TraceId``
+    echoed, per-route metrics."""
 
     def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
         self.app = app
@@ -107,8 +141,12 @@ class RequestContext:
             await self.app(scope, receive, send)
             return
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
-        request_id = headers.get("x-request-id") or str(uuid.uuid4())
-        client_id = headers.get("x-ms-client-request-id")
+        refused = request_ids_too_long(headers)
+        # An id that is too long is neither used nor echoed (the 431 gets a fresh one).
+        given = {k: v for k, v in headers.items() if len(v) <= MAX_REQUEST_ID_CHARS}
+        request_id = given.get("x-request-id") or str(uuid.uuid4())
+        client_id = given.get("x-ms-client-request-id")
+        trace_id = headers.get(TRACE_ID_HEADER)
         scope.setdefault("state", {})["request_id"] = request_id
         path = scope["path"]
         route = path if path in KNOWN_ROUTES else "other"
@@ -122,6 +160,8 @@ class RequestContext:
                 extra = [(b"x-request-id", request_id), (b"x-ms-request-id", request_id)]
                 if client_id:
                     extra.append((b"x-ms-client-request-id", client_id))
+                if trace_id is not None:
+                    extra.append((TRACE_ID_HEADER.encode(), trace_id))
                 message["headers"] = [
                     *message.get("headers", []),
                     *((k, v.encode("latin-1")) for k, v in extra),
@@ -129,7 +169,10 @@ class RequestContext:
             await send(message)
 
         try:
-            await self.app(scope, receive, send_with_ids)
+            if refused is not None:
+                await error_response(refused)(scope, receive, send_with_ids)
+            else:
+                await self.app(scope, receive, send_with_ids)
         finally:
             self.metrics.requests.labels(route, str(status)).inc()
             self.metrics.request_latency.labels(route).observe(time.perf_counter() - started)

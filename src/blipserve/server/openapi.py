@@ -143,6 +143,8 @@ ERROR_DESCRIPTIONS = {
     401: "Missing or wrong API key",
     413: "Body too large",
     415: "Body is not JSON",
+    431: "A request id header (x-request-id, x-ms-request-id, x-ms-client-request-id) is "
+    "longer than 100 characters",
     500: "The model failed on this request's batch",
     503: "Not ready, or the queue is full (see Retry-After)",
     504: "The request's deadline passed",
@@ -150,6 +152,18 @@ ERROR_DESCRIPTIONS = {
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     status: {"model": ErrorBodySchema, "description": description}
     for status, description in ERROR_DESCRIPTIONS.items()
+}
+SCORE_RESPONSES: dict[int | str, dict[str, Any]] = {
+    200: {
+        "headers": {
+            "x-ms-run-fn-exec-ms": {
+                "description": "milliseconds the scoring took (parsing, queue, model, "
+                "encoding), as the Azure ML catalog's server reports it",
+                "schema": {"type": "string", "examples": ["412.305"]},
+            }
+        }
+    },
+    **ERROR_RESPONSES,
 }
 
 
