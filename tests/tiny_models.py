@@ -16,12 +16,19 @@ from typing import Any
 import torch
 from transformers import (
     AutoProcessor,
+    AutoTokenizer,
     Blip2Config,
     Blip2ForConditionalGeneration,
     BlipConfig,
     BlipForConditionalGeneration,
     BlipForImageTextRetrieval,
     BlipForQuestionAnswering,
+    BlipImageProcessor,
+    InstructBlipConfig,
+    InstructBlipForConditionalGeneration,
+    InstructBlipProcessor,
+    PreTrainedTokenizerBase,
+    T5Tokenizer,
 )
 
 LAYOUTS = Path(__file__).parent / "data" / "hf-layouts"
@@ -123,6 +130,95 @@ def _blip2(decoder_only: bool) -> Callable[[Path], None]:
     return build
 
 
+def _t5_tokenizer() -> PreTrainedTokenizerBase:
+    """A T5 tokenizer made offline, shaped as Flan-T5's (a Unigram model: ``<pad>`` 0,
+    ``</s>`` 1, ``<unk>`` 2, ``</s>`` appended, 100 sentinels at the end).  Its pieces are
+    BERT's vocabulary (``word`` -> ``▁word``, ``##piece`` -> ``piece``) and capital
+    letters: no SentencePiece model of T5's is published to us."""
+    pieces: dict[str, float] = {}
+    vocab_txt = LAYOUTS / "blip-image-captioning-base" / "vocab.txt"
+    for line in vocab_txt.read_text().splitlines():
+        if line and not line.startswith("["):
+            piece = line[2:] if line.startswith("##") else "▁" + line
+            pieces.setdefault(piece, -10.0 if len(piece.lstrip("▁")) == 1 else -8.0)
+    for letter in "ABCDEFGHIJKLMNOPQRSTUVWXYZ":
+        pieces.update({letter: -10.0, "▁" + letter: -10.0})
+    specials = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -2.0)]
+    sentinels = [(f"<extra_id_{i}>", 0.0) for i in reversed(range(100))]
+    return T5Tokenizer(vocab=[*specials, *pieces.items(), *sentinels], extra_ids=100)
+
+
+def _instructblip(decoder_only: bool) -> Callable[[Path], None]:
+    """InstructBLIP, whose folder no one publishes to us: every file is what
+    ``save_pretrained`` writes.  Vicuna's language model is LLaMA, tokenized here by BLIP-2
+    OPT's GPT-2 tokenizer (LLaMA's is not published to us; both are decoder-only, and the
+    padding traps are the same); Flan-T5's is T5 with :func:`_t5_tokenizer`.  The Q-Former
+    reads the instruction through BLIP's BERT tokenizer, as the real ones do
+    (bert-base-uncased)."""
+
+    def build(dest: Path) -> None:
+        images = BlipImageProcessor.from_pretrained(LAYOUTS / "blip2-opt-2.7b")
+        images.size = {"height": IMAGE_SIZE, "width": IMAGE_SIZE}
+        tokenizer = (
+            AutoTokenizer.from_pretrained(LAYOUTS / "blip2-opt-2.7b")
+            if decoder_only
+            else _t5_tokenizer()
+        )
+        qformer_tokenizer = AutoTokenizer.from_pretrained(LAYOUTS / "blip-image-captioning-base")
+        # The processor adds the <image> token to a tokenizer that lacks it (T5's).
+        processor = InstructBlipProcessor(images, tokenizer, qformer_tokenizer, num_query_tokens=4)
+        if decoder_only:
+            text: dict[str, Any] = {
+                "model_type": "llama",
+                "vocab_size": len(tokenizer),
+                **SMALL,
+                "num_key_value_heads": 2,
+                "max_position_embeddings": 128,
+                "bos_token_id": tokenizer.bos_token_id,
+                "eos_token_id": tokenizer.eos_token_id,
+                "pad_token_id": tokenizer.pad_token_id,
+            }
+        else:
+            text = {
+                "model_type": "t5",
+                "vocab_size": len(tokenizer),
+                "d_model": 32,
+                "d_ff": 64,
+                "d_kv": 16,
+                "num_layers": 2,
+                "num_decoder_layers": 2,
+                "num_heads": 2,
+                "feed_forward_proj": "gated-gelu",  # Flan-T5's (T5 v1.1)
+                "tie_word_embeddings": False,
+                "decoder_start_token_id": tokenizer.pad_token_id,
+                "pad_token_id": tokenizer.pad_token_id,
+                "eos_token_id": tokenizer.eos_token_id,
+            }
+        config = InstructBlipConfig(
+            vision_config=VISION,
+            qformer_config={
+                **SMALL,
+                "vocab_size": len(qformer_tokenizer),
+                "max_position_embeddings": 64,
+            },
+            text_config=text,
+            num_query_tokens=4,
+            image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
+        )
+        config.architectures = ["InstructBlipForConditionalGeneration"]
+        torch.manual_seed(0)
+        InstructBlipForConditionalGeneration(config).eval().save_pretrained(dest)
+        processor.save_pretrained(dest)
+
+    return build
+
+
+#: built by the tests that use them (``build``), not with every session's tiny_model_dir
+INSTRUCTBLIP_BUILDERS: dict[str, Callable[[Path], None]] = {
+    "instructblip-vicuna": _instructblip(decoder_only=True),
+    "instructblip-t5": _instructblip(decoder_only=False),
+}
+
 BUILDERS: dict[str, Callable[[Path], None]] = {
     "blip-caption": _blip(BlipForConditionalGeneration, "blip-image-captioning-base"),
     "blip-vqa": _blip(BlipForQuestionAnswering, "blip-vqa-base"),
@@ -133,5 +229,5 @@ BUILDERS: dict[str, Callable[[Path], None]] = {
 
 
 def build(kind: str, dest: Path) -> Path:
-    BUILDERS[kind](dest)
+    (BUILDERS | INSTRUCTBLIP_BUILDERS)[kind](dest)
     return dest
