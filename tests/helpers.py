@@ -39,10 +39,10 @@ def photos() -> dict[str, Image.Image]:
     from sklearn import datasets
 
     return {
-        "astronaut": Image.fromarray(data.astronaut()),
-        "coffee": Image.fromarray(data.coffee()),
-        "chelsea": Image.fromarray(data.chelsea()),
-        "rocket": Image.fromarray(data.rocket()),
+        "astronaut": Image.fromarray(data.astronaut()),  # type: ignore[no-untyped-call]
+        "coffee": Image.fromarray(data.coffee()),  # type: ignore[no-untyped-call]
+        "chelsea": Image.fromarray(data.chelsea()),  # type: ignore[no-untyped-call]
+        "rocket": Image.fromarray(data.rocket()),  # type: ignore[no-untyped-call]
         "china": Image.fromarray(datasets.load_sample_image("china.jpg")),
         "flower": Image.fromarray(datasets.load_sample_image("flower.jpg")),
     }

@@ -16,9 +16,9 @@ from pathlib import Path
 
 import pytest
 from playwright.sync_api import Browser, BrowserContext, ConsoleMessage, expect, sync_playwright
-from ui_support import API_KEY, PageProblems, Server
 
 import live_server
+from browser.ui_support import API_KEY, PageProblems, Server
 from live_server import wait_ready
 
 CHROMIUM_ARGS = [

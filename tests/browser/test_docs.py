@@ -8,7 +8,8 @@ from collections.abc import Callable
 
 import httpx
 from playwright.sync_api import BrowserContext, Route, expect
-from ui_support import PageProblems, Server
+
+from browser.ui_support import PageProblems, Server
 
 
 def test_docs_render_offline(

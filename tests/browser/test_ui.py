@@ -19,7 +19,8 @@ from typing import Any
 
 import httpx
 from playwright.sync_api import BrowserContext, Page, Request, expect
-from ui_support import API_KEY, PageProblems, Server
+
+from browser.ui_support import API_KEY, PageProblems, Server
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLES = ROOT / "examples"

@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, cast
 from urllib.parse import unquote
 
 import httpx
@@ -44,7 +44,7 @@ class Handler(BaseHTTPRequestHandler):
         pass
 
     def do_GET(self) -> None:
-        port = self.server.server_address[1]
+        port = cast(tuple[str, int], self.server.server_address)[1]
         self.hits[port] = self.hits.get(port, 0) + 1
         path, _, query = self.path.partition("?")
         if path == "/redirect":

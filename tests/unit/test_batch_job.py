@@ -5,7 +5,7 @@ from __future__ import annotations
 import csv
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pandas as pd
 import pytest
@@ -15,6 +15,7 @@ from blipserve.batch.runner import BatchJob, BatchOptions, Summary
 from blipserve.config import ModelConfig
 from blipserve.engine import Engine
 from blipserve.params import GenerationParams
+from blipserve.types import Prediction
 from helpers import make_image
 
 PARAMS = GenerationParams(max_new_tokens=4)
@@ -63,6 +64,7 @@ def test_jsonl_output_and_bad_rows(engine: Engine, images: Path, tmp_path: Path)
     from blipserve.types import RowInput
 
     [direct] = engine.predict([RowInput(0, str(images / "img3.png"))], PARAMS, allow_paths=True)
+    assert isinstance(direct, Prediction)
     assert rows[4]["text"] == direct.text
 
 
@@ -191,7 +193,7 @@ def test_capfilt(engine: Engine, itm: Engine, tmp_path: Path) -> None:
         results[threshold] = read_jsonl(out)
     keep_all, keep_none = results[0.0], results[1.0]
     for row in keep_all:
-        assert 0.0 <= float(row["score"]) <= 1.0
+        assert 0.0 <= float(cast(float, row["score"])) <= 1.0
         assert row["keep"] is True
     assert keep_all[0]["text_in"] == "a dog"
     assert keep_all[0]["text_in_keep"] is True

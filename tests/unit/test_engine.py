@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any, cast
 
 import pytest
 
@@ -15,7 +16,7 @@ from blipserve.types import Prediction, RowInput
 from helpers import b64_png
 
 PARAMS = GenerationParams(max_new_tokens=6)
-PROMPTS = {
+PROMPTS: dict[str, list[str | None]] = {
     # Prefixes / prompts of different token lengths: the padding traps of each family.
     "blip-caption": [None, "a picture of", "a", "a picture of a very small", None, "a dog"],
     "blip-vqa": [
@@ -85,7 +86,8 @@ def test_blip2_never_echoes_the_prompt(engines: dict[str, Engine], kind: str) ->
     [out] = engine.predict([RowInput(0, b64_png(1), prompt)], params)
     assert isinstance(out, Prediction)
     # at most 3 generated tokens; the prompt alone is 14
-    assert len(engine.adapter.tokenizer(out.text, add_special_tokens=False)["input_ids"]) <= 3
+    tokenizer = cast(Any, engine.adapter).tokenizer
+    assert len(tokenizer(out.text, add_special_tokens=False)["input_ids"]) <= 3
 
 
 def test_blip_caption_includes_its_prefix(engines: dict[str, Engine]) -> None:
@@ -102,9 +104,8 @@ def test_max_new_tokens_takes_effect(engines: dict[str, Engine]) -> None:
         params = GenerationParams(max_new_tokens=n, min_new_tokens=n)
         [out] = engine.predict([row], params)
         assert isinstance(out, Prediction)
-        lengths.append(
-            len(engine.adapter.tokenizer(out.text, add_special_tokens=False)["input_ids"])
-        )
+        tokenizer = cast(Any, engine.adapter).tokenizer
+        lengths.append(len(tokenizer(out.text, add_special_tokens=False)["input_ids"]))
     assert lengths[0] < lengths[1]
 
 

@@ -325,7 +325,7 @@ def test_questions_per_image_groups_a_scene_with_its_questions() -> None:
         assert rows[0].text == scene.caption
         assert len({ex.image_key for ex in rows}) == 1
         asked = {ex.prompt: ex.text for ex in rows[1:]}
-        truth = {qa.prompt: qa for qa in scene.qa}
+        truth: dict[str | None, scenes.QA] = {qa.prompt: qa for qa in scene.qa}
         assert len(asked) == 3  # three different questions, each answered correctly
         assert all(truth[p].answer == answer for p, answer in asked.items())
         assert len({truth[p].kind for p in asked}) == 3

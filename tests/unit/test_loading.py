@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from blipserve.config import ModelConfig
+from blipserve.config import Int8Kernel, ModelConfig
 from blipserve.errors import ModelLoadError
 from blipserve.models import ADAPTERS, int8_kernel, int8_linear, load_model
 from blipserve.models.precision import cpu_has_native_bf16, resolve_precision
@@ -70,7 +70,7 @@ def test_int8_on_request(tiny_model_dir: dict[str, Path]) -> None:
 
 
 @pytest.mark.parametrize("kernel", ["auto", "fbgemm"])
-def test_int8_kernel_on_request(tiny_model_dir: dict[str, Path], kernel: str) -> None:
+def test_int8_kernel_on_request(tiny_model_dir: dict[str, Path], kernel: Int8Kernel) -> None:
     if int8_linear.int8_available() is not None:
         pytest.skip(str(int8_linear.int8_available()))
     cfg = ModelConfig(model=str(tiny_model_dir["blip-caption"]), dtype="int8", int8_kernel=kernel)
