@@ -33,15 +33,29 @@ class GenerationParams(BaseModel):
     top_k: int | None = Field(None, ge=0, le=1000)
     repetition_penalty: float | None = Field(None, gt=0.0, le=10.0)
     length_penalty: float | None = Field(None, ge=-10.0, le=10.0)
+    #: no n-gram of this size occurs twice in a generated text (0: no such guard)
+    no_repeat_ngram_size: int | None = Field(None, ge=0, le=10)
+    #: texts per row: the best beams (at most ``num_beams``), or independent samples
+    num_return_sequences: int | None = Field(None, ge=1, le=16)
 
     @model_validator(mode="after")
     def _consistent(self) -> GenerationParams:
-        if (
-            self.min_new_tokens is not None
-            and self.max_new_tokens is not None
-            and self.min_new_tokens > self.max_new_tokens
-        ):
-            raise ValueError("min_new_tokens must not exceed max_new_tokens")
+        low, high = self.min_new_tokens, self.max_new_tokens
+        if low is not None and high is not None and low > high:
+            raise ValueError(f"min_new_tokens ({low}) must not exceed max_new_tokens ({high})")
+        # Checked here where the request says enough; with the model's defaults, by the
+        # adapter (``check_params``).  Transformers refuses both in ``generate``.
+        n, beams = self.num_return_sequences or 1, self.num_beams
+        if n > 1 and beams is not None and beams > 1 and n > beams:
+            raise ValueError(
+                f"num_return_sequences ({n}) must not exceed num_beams ({beams}): beam search "
+                "returns at most num_beams texts"
+            )
+        if n > 1 and beams == 1 and self.do_sample is False:
+            raise ValueError(
+                f"num_return_sequences ({n}) needs beam search (num_beams of at least {n}) or "
+                "sampling (do_sample): greedy decoding has one answer"
+            )
         return self
 
     @classmethod
@@ -75,7 +89,9 @@ class GenerationParams(BaseModel):
             first = exc.errors()[0]
             loc = ".".join(str(p) for p in first["loc"])
             name = f"{where}.{loc}" if loc else where
-            raise InvalidRequest(f"{name}: {first['msg']}") from None
+            # (a check across fields says itself which fields; pydantic prefixes its text)
+            message = str(first["msg"]).removeprefix("Value error, ")
+            raise InvalidRequest(f"{name}: {message}") from None
 
     def generate_kwargs(self) -> dict[str, Any]:
         """Only the explicitly set values, ready for ``model.generate(**kwargs)``."""

@@ -9,6 +9,7 @@ prediction, its own error, or its batch's model failure.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -45,17 +46,39 @@ class ModelInput:
 
 @dataclass(frozen=True)
 class Prediction:
-    """What the model said about one row: the text, and a probability for matching."""
+    """What the model said about one row: the text, and a probability for matching.
+
+    When a row asked for several texts (``num_return_sequences`` above 1), ``texts`` holds
+    them all, best first, and ``text`` is the first; otherwise ``texts`` is None and the
+    answer is what it always was.
+    """
 
     text: str
     score: float | None = None
     #: generated tokens (not part of the catalog's answer; the OpenAI route reports it)
     tokens: int | None = None
+    #: every text asked for, best first (``texts[0] == text``); None when one was asked for
+    texts: tuple[str, ...] | None = None
+    #: the generated tokens of each of ``texts``
+    texts_tokens: tuple[int, ...] | None = None
+
+    @classmethod
+    def best_first(cls, sequences: Sequence[Prediction]) -> Prediction:
+        """One row's prediction from its texts, ordered best first."""
+        best = sequences[0]
+        return cls(
+            best.text,
+            tokens=best.tokens,
+            texts=tuple(s.text for s in sequences),
+            texts_tokens=tuple(s.tokens or 0 for s in sequences),
+        )
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {"text": self.text}
         if self.score is not None:
             out["score"] = self.score
+        if self.texts is not None:
+            out["texts"] = list(self.texts)
         return out
 
 

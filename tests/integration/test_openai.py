@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import openai
 import pytest
@@ -26,7 +27,7 @@ def client(server: RunningServer) -> openai.OpenAI:
     return openai.OpenAI(base_url=f"{server.url}/v1", api_key=KEY, max_retries=0)
 
 
-def image_part(seed: int = 0) -> dict[str, object]:
+def image_part(seed: int = 0) -> Any:  # a content part, as the client types it
     return {"type": "image_url", "image_url": {"url": f"data:image/png;base64,{b64_png(seed)}"}}
 
 
@@ -77,10 +78,42 @@ def test_length_finish_reason(client: openai.OpenAI) -> None:
     assert out.usage.completion_tokens == 2
 
 
+def test_n_answers_are_n_choices(client: openai.OpenAI) -> None:
+    # min_tokens == max_tokens: each answer is exactly 2 tokens, and usage counts all of them
+    out = client.chat.completions.create(
+        model="blip2",
+        n=3,
+        max_tokens=2,
+        messages=[{"role": "user", "content": [image_part(4)]}],
+        extra_body={"min_tokens": 2},
+    )
+    assert [c.index for c in out.choices] == [0, 1, 2]
+    assert all(c.finish_reason == "length" for c in out.choices)
+    assert all(isinstance(c.message.content, str) for c in out.choices)
+    assert out.usage is not None
+    assert out.usage.completion_tokens == 6
+    assert out.usage.total_tokens == out.usage.prompt_tokens + 6
+
+
+def test_n_best_beams_first(client: openai.OpenAI) -> None:
+    messages: list[Any] = [{"role": "user", "content": [image_part(5)]}]
+    beams = client.chat.completions.create(
+        model="blip2", n=3, max_tokens=4, messages=messages, extra_body={"num_beams": 3}
+    )
+    answers = [c.message.content for c in beams.choices]
+    assert len(set(answers)) == 3
+    best = client.chat.completions.create(
+        model="blip2", max_tokens=4, messages=messages, extra_body={"num_beams": 3}
+    )
+    assert [c.message.content for c in best.choices] == answers[:1]
+
+
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        ({"n": 2}, "n>1 is not supported"),
+        ({"n": 17}, "n: Input should be less than or equal to 16"),
+        ({"n": 3, "extra_body": {"num_beams": 2}}, "n (3) must not exceed num_beams (2)"),
+        ({"n": 2, "temperature": 0}, "n (2) needs sampling (a temperature above 0)"),
         (
             {"messages": [{"role": "user", "content": [image_part(), image_part(1)]}]},
             "several images",

@@ -88,7 +88,7 @@ def test_response_shape() -> None:
         ({**split(["image"], [[IMG]]), "params": {"max_new_tokens": True}}, "must be a number"),
         (
             {**split(["image"], [[IMG]]), "params": {"min_new_tokens": 9, "max_new_tokens": 3}},
-            "min_new_tokens must not exceed max_new_tokens",
+            "params: min_new_tokens (9) must not exceed max_new_tokens (3)",
         ),
         ({**split(["image"], [[IMG]]), "params": [1]}, "params must be a JSON object"),
     ],

@@ -13,12 +13,15 @@ from PIL import Image
 
 from blipserve.contracts.openai import (
     ChatRequest,
+    Choice,
     chat_response,
+    choices_of,
     models_response,
     parse_chat_request,
 )
 from blipserve.errors import InvalidRequest
 from blipserve.params import GenerationParams
+from blipserve.types import Prediction
 
 
 def _data_url() -> str:
@@ -171,6 +174,18 @@ def test_model_is_echoed_as_sent_and_unknown_or_harmless_keys_ignored() -> None:
             {"num_beams": 3, "min_tokens": 2, "repetition_penalty": 1.2, "length_penalty": 0.5},
             {"num_beams": 3, "min_new_tokens": 2, "repetition_penalty": 1.2, "length_penalty": 0.5},
         ),
+        ({"n": 1}, {}),  # the same request as no n
+        ({"n": 3}, {"num_return_sequences": 3, "do_sample": True}),  # samples, as OpenAI's
+        ({"n": 2, "num_beams": 4}, {"num_return_sequences": 2, "num_beams": 4}),  # best beams
+        (
+            {"n": 2, "temperature": 0, "num_beams": 2},
+            {"num_return_sequences": 2, "num_beams": 2, "do_sample": False},
+        ),
+        (
+            {"n": 2, "temperature": 0.5},
+            {"num_return_sequences": 2, "temperature": 0.5, "do_sample": True},
+        ),
+        ({"no_repeat_ngram_size": 3}, {"no_repeat_ngram_size": 3}),
     ],
 )
 def test_generation_settings_map_to_params(
@@ -194,6 +209,14 @@ def test_generation_settings_map_to_params(
         ({"top_p": 1.5}, "top_p: Input should be less than or equal to 1"),
         ({"temperature": 0, "top_p": 0}, "top_p: Input should be greater than 0"),
         ({"min_tokens": 9, "max_tokens": 3}, r"min_tokens \(9\) must not exceed max_tokens \(3\)"),
+        ({"n": 0}, "n: Input should be greater than or equal to 1"),
+        ({"n": 17}, "n: Input should be less than or equal to 16"),
+        ({"n": "2"}, "n must be a number"),
+        ({"n": 2.5}, "n: Input should be a valid integer"),
+        ({"n": 3, "num_beams": 2}, r"n \(3\) must not exceed num_beams \(2\)"),
+        ({"n": 2, "temperature": 0}, r"n \(2\) needs sampling \(a temperature above 0\)"),
+        ({"n": 2, "temperature": 0, "num_beams": 1}, r"n \(2\) needs sampling"),
+        ({"no_repeat_ngram_size": 11}, "no_repeat_ngram_size: Input should be less than or"),
     ],
 )
 def test_bad_generation_settings_name_the_openai_field(
@@ -205,9 +228,6 @@ def test_bad_generation_settings_name_the_openai_field(
 @pytest.mark.parametrize(
     ("settings", "message"),
     [
-        ({"n": 2}, "n>1 is not supported"),
-        ({"n": 0}, "n must be 1"),
-        ({"n": "1"}, "n must be an integer"),
         ({"stream": True}, "stream is not supported"),
         ({"stream": "yes"}, "stream must be true or false"),
         ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools is not supported"),
@@ -389,10 +409,8 @@ def test_text_length_limits() -> None:
 def test_chat_response_shape() -> None:
     out = chat_response(
         model="blip",
-        text="a cat",
+        choices=[Choice("a cat", 3, "stop")],
         prompt_tokens=40,
-        completion_tokens=3,
-        finish_reason="stop",
         request_id="abc123",
         created=1_700_000_000,
     )
@@ -414,14 +432,22 @@ def test_chat_response_shape() -> None:
     json.dumps(out)
 
 
+def test_n_answers_are_choices_in_order_with_usage_for_all() -> None:
+    several = Prediction("a cat", tokens=3, texts=("a cat", "a small cat"), texts_tokens=(3, 5))
+    choices = choices_of(several, max_new_tokens=5)
+    assert choices == [Choice("a cat", 3, "stop"), Choice("a small cat", 5, "length")]
+    out = chat_response(model="m", choices=choices, prompt_tokens=7, request_id="r")
+    assert [(c["index"], c["message"]["content"], c["finish_reason"]) for c in out["choices"]] == [
+        (0, "a cat", "stop"),
+        (1, "a small cat", "length"),
+    ]
+    assert out["usage"] == {"prompt_tokens": 7, "completion_tokens": 8, "total_tokens": 15}
+    assert choices_of(Prediction("one", tokens=2), max_new_tokens=5) == [Choice("one", 2, "stop")]
+
+
 def test_created_defaults_to_now() -> None:
     out = chat_response(
-        model="m",
-        text="",
-        prompt_tokens=0,
-        completion_tokens=0,
-        finish_reason="length",
-        request_id="r",
+        model="m", choices=[Choice("", 0, "length")], prompt_tokens=0, request_id="r"
     )
     assert isinstance(out["created"], int)
     assert out["created"] > 1_700_000_000

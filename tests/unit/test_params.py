@@ -39,3 +39,47 @@ def test_float_fields_accept_ints() -> None:
 def test_where_prefix_in_messages() -> None:
     with pytest.raises(InvalidRequest, match=r"^generation options\.top_k"):
         GenerationParams.parse({"top_k": -1}, where="generation options")
+
+
+@pytest.mark.parametrize(
+    ("raw", "message"),
+    [
+        ({"no_repeat_ngram_size": -1}, r"^params\.no_repeat_ngram_size: .*greater than or equal"),
+        (
+            {"no_repeat_ngram_size": 11},
+            r"^params\.no_repeat_ngram_size: .*less than or equal to 10",
+        ),
+        ({"no_repeat_ngram_size": 2.5}, r"^params\.no_repeat_ngram_size: .*valid integer"),
+        ({"num_return_sequences": 0}, r"^params\.num_return_sequences: .*greater than or equal"),
+        (
+            {"num_return_sequences": 17},
+            r"^params\.num_return_sequences: .*less than or equal to 16",
+        ),
+        ({"num_return_sequences": True}, r"^params\.num_return_sequences must be a number"),
+        (
+            {"num_return_sequences": 4, "num_beams": 3},
+            r"^params: num_return_sequences \(4\) must not exceed num_beams \(3\)",
+        ),
+        (
+            {"num_return_sequences": 2, "num_beams": 1, "do_sample": False},
+            r"^params: num_return_sequences \(2\) needs beam search .* or sampling",
+        ),
+        ({"min_new_tokens": 4, "max_new_tokens": 3}, r"^params: min_new_tokens \(4\) must not"),
+    ],
+)
+def test_bounds_and_combinations_name_the_parameter(raw: dict[str, object], message: str) -> None:
+    with pytest.raises(InvalidRequest, match=message):
+        GenerationParams.parse(raw)
+
+
+def test_several_texts_from_beams_or_samples_pass() -> None:
+    for raw in (
+        {"num_return_sequences": 3, "num_beams": 3},
+        {"num_return_sequences": 3, "num_beams": 5, "do_sample": True},
+        {"num_return_sequences": 16, "do_sample": True},
+        {"num_return_sequences": 16, "num_beams": 1, "do_sample": True},
+        {"num_return_sequences": 4},  # the model's defaults decide (the adapter checks)
+        {"num_return_sequences": 1, "num_beams": 1, "do_sample": False},
+        {"no_repeat_ngram_size": 0},
+    ):
+        assert GenerationParams.parse(raw).generate_kwargs() == raw

@@ -20,6 +20,8 @@ from blipserve.batch.sinks import (
     caption_to_keep,
     infer_format,
     sidecar_path,
+    sidecar_text,
+    table_columns,
     write_output,
     write_sidecar,
 )
@@ -241,7 +243,7 @@ class JobBook:
     def _write_sidecar(self, record: Record) -> None:
         if not self.options.sidecar or not record.get("path"):
             return
-        text = caption_to_keep(record)
+        text = sidecar_text(record, self.options.sidecar_captions)
         if text is None:
             return
         target = sidecar_path(self.options.locate(record["path"]), self.options.sidecar)
@@ -271,7 +273,12 @@ class JobBook:
             self.shards.flush()
             self.summary.written = self.shards.written
         elif self.journal and self.format and self.output:
-            self.summary.written = write_output(self.format, self.output, self.journal.records())
+            columns = table_columns(
+                several_texts=(self.options.params.num_return_sequences or 1) > 1,
+                capfilt=self.filter_source is not None,
+            )
+            records = self.journal.records()
+            self.summary.written = write_output(self.format, self.output, records, columns)
         self.summary.elapsed_s = time.monotonic() - self._started
         s, limit = self.summary, self.options.max_failures
         if limit and limit.exceeded(s.failed, s.done + s.failed):

@@ -183,6 +183,8 @@ def _record(row: InputRow, outcome: object) -> Record:
     if isinstance(outcome, Prediction):
         record["text"] = outcome.text
         record["score"] = outcome.score
+        if outcome.texts is not None:
+            record["texts"] = list(outcome.texts)
     elif isinstance(outcome, RowError):
         record["error"] = outcome.reason
     else:

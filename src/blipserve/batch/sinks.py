@@ -1,10 +1,11 @@
 """Batch outputs, each written atomically from the journal (locally a temporary file, then
 a rename; in an object store one put of the whole object).
 
-Formats: ``jsonl``, ``csv``, ``parquet`` (id, text, score, error, plus CapFilt columns),
-``catalog`` (the catalog's ``predictions.csv``: no header; row, prediction, file name), and
-``imagefolder`` (a Hugging Face ``metadata.jsonl``: file_name, text).  Sidecar caption files
-are written as rows finish, each atomically too.
+Formats: ``jsonl``, ``csv``, ``parquet`` (id, text, score, error, plus ``texts`` when each
+row asked for several, and the CapFilt columns), ``catalog`` (the catalog's
+``predictions.csv``: no header; row, prediction, file name), and ``imagefolder`` (a Hugging
+Face ``metadata.jsonl``: file_name, text); these two, and shards, take the best text only.
+Sidecar caption files are written as rows finish, each atomically too.
 """
 
 from __future__ import annotations
@@ -24,7 +25,19 @@ from blipserve.errors import InvalidInput
 
 FORMATS: tuple[str, ...] = typing.get_args(OutputFormat)
 TABLE_COLUMNS = ("id", "text", "score", "error")
+TEXTS_COLUMN = "texts"  # every text of a row, best first (a JSON array in CSV)
 CAPFILT_COLUMNS = ("keep", "text_in", "text_in_score", "text_in_keep")
+
+
+def table_columns(*, several_texts: bool, capfilt: bool) -> tuple[str, ...]:
+    """The columns of a job's table, decided by the job: a CSV or Parquet table has them
+    all in every row (a failed row has no texts, nor CapFilt scores: empty there), JSON
+    lines only those a row has past the first four."""
+    return (
+        TABLE_COLUMNS
+        + ((TEXTS_COLUMN,) if several_texts else ())
+        + (CAPFILT_COLUMNS if capfilt else ())
+    )
 
 
 def infer_format(output: Location, explicit: str | None) -> str:
@@ -56,9 +69,25 @@ def caption_to_keep(record: Record) -> str | None:
     return text if isinstance(text, str) else None
 
 
-def write_output(fmt: str, output: Location, records: Iterable[Record]) -> int:
-    """Write the final output atomically; returns the number of rows written."""
-    writers: dict[str, Callable[[IO[bytes], Iterable[Record], Location], int]] = {
+def sidecar_text(record: Record, captions: str) -> str | None:
+    """A sidecar's content: :func:`caption_to_keep`, or with ``captions`` ``all`` every
+    text of the row, one a line, best first (unless CapFilt kept the original text)."""
+    text = caption_to_keep(record)
+    texts = record.get(TEXTS_COLUMN)
+    if captions == "all" and texts and text == record.get("text"):
+        return "\n".join(texts)
+    return text
+
+
+def write_output(
+    fmt: str,
+    output: Location,
+    records: Iterable[Record],
+    columns: tuple[str, ...] = TABLE_COLUMNS,
+) -> int:
+    """Write the final output atomically; returns the number of rows written.  ``columns``:
+    a table's (:func:`table_columns`)."""
+    writers: dict[str, Callable[[IO[bytes], Iterable[Record], Location, tuple[str, ...]], int]] = {
         "jsonl": _write_jsonl,
         "csv": _write_csv,
         "parquet": _write_parquet,
@@ -66,43 +95,49 @@ def write_output(fmt: str, output: Location, records: Iterable[Record]) -> int:
         "imagefolder": _write_imagefolder,
     }
     with output.writer() as f:
-        return writers[fmt](f, records, output)
+        return writers[fmt](f, records, output, columns)
 
 
-def _table_rows(records: Iterable[Record]) -> Iterator[dict[str, Any]]:
+def _table_rows(
+    records: Iterable[Record], columns: tuple[str, ...], *, sparse: bool = False
+) -> Iterator[dict[str, Any]]:
+    """Each record's row; ``sparse``: past :data:`TABLE_COLUMNS`, only those it has."""
     for r in records:
-        row = {k: r.get(k) for k in TABLE_COLUMNS}
+        row = {k: r.get(k) for k in columns if not sparse or k in TABLE_COLUMNS or k in r}
         row["text"] = row["text"] or ""
         row["error"] = row["error"] or ""
-        row.update({k: r[k] for k in CAPFILT_COLUMNS if k in r})
         yield row
 
 
-def _write_jsonl(raw: IO[bytes], records: Iterable[Record], output: Location) -> int:
+def _write_jsonl(
+    raw: IO[bytes], records: Iterable[Record], output: Location, columns: tuple[str, ...]
+) -> int:
     n = 0
     with _text(raw) as f:
-        for row in _table_rows(records):
+        for row in _table_rows(records, columns, sparse=True):
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
             n += 1
     return n
 
 
-def _write_csv(raw: IO[bytes], records: Iterable[Record], output: Location) -> int:
+def _write_csv(
+    raw: IO[bytes], records: Iterable[Record], output: Location, columns: tuple[str, ...]
+) -> int:
     n = 0
     with _text(raw) as f:
-        writer: csv.DictWriter[str] | None = None
-        for row in _table_rows(records):
-            if writer is None:
-                writer = csv.DictWriter(f, fieldnames=list(row))
-                writer.writeheader()
+        writer = csv.DictWriter(f, fieldnames=columns)
+        writer.writeheader()
+        for row in _table_rows(records, columns):
+            if row.get(TEXTS_COLUMN) is not None:
+                row[TEXTS_COLUMN] = json.dumps(row[TEXTS_COLUMN], ensure_ascii=False)
             writer.writerow({k: "" if v is None else v for k, v in row.items()})
             n += 1
-        if writer is None:
-            f.write(",".join(TABLE_COLUMNS) + "\n")
     return n
 
 
-def _write_parquet(raw: IO[bytes], records: Iterable[Record], output: Location) -> int:
+def _write_parquet(
+    raw: IO[bytes], records: Iterable[Record], output: Location, columns: tuple[str, ...]
+) -> int:
     try:
         import pyarrow as pa
         import pyarrow.parquet as pq
@@ -110,14 +145,17 @@ def _write_parquet(raw: IO[bytes], records: Iterable[Record], output: Location) 
         raise InvalidInput(
             "writing Parquet needs pyarrow: pip install 'blipserve[parquet]'"
         ) from None
-    rows = list(_table_rows(records))  # one column set; the text-only table is small
-    columns = list(rows[0]) if rows else list(TABLE_COLUMNS)
-    table = pa.table({c: [r.get(c) for r in rows] for c in columns})
+    rows = list(_table_rows(records, columns))  # the text-only table is small
+    # (typed: a column of a failed row alone, all nulls, would have no type of its own)
+    types = {TEXTS_COLUMN: pa.list_(pa.string())}
+    table = pa.table({c: pa.array([r[c] for r in rows], type=types.get(c)) for c in columns})
     pq.write_table(table, raw)
     return len(rows)
 
 
-def _write_catalog(raw: IO[bytes], records: Iterable[Record], output: Location) -> int:
+def _write_catalog(
+    raw: IO[bytes], records: Iterable[Record], output: Location, columns: tuple[str, ...]
+) -> int:
     """predictions.csv as the catalog's batch endpoints write it: row, prediction, file."""
     n = 0
     with _text(raw) as f:
@@ -128,7 +166,9 @@ def _write_catalog(raw: IO[bytes], records: Iterable[Record], output: Location) 
     return n
 
 
-def _write_imagefolder(raw: IO[bytes], records: Iterable[Record], output: Location) -> int:
+def _write_imagefolder(
+    raw: IO[bytes], records: Iterable[Record], output: Location, columns: tuple[str, ...]
+) -> int:
     root = f"{output.parent}/"
     n = 0
     with _text(raw) as f:

@@ -74,10 +74,9 @@ def run(args: argparse.Namespace, out: TextIO) -> int:
         if isinstance(outcome, Prediction):
             if args.json:
                 print(json.dumps({"image": row.image, **outcome.to_json()}), file=out)
-            elif len(rows) > 1:
-                print(f"{row.image}\t{outcome.text}", file=out)
-            else:
-                print(outcome.text, file=out)
+                continue
+            for text in outcome.texts or (outcome.text,):  # (--num-return-sequences: each)
+                print(f"{row.image}\t{text}" if len(rows) > 1 else text, file=out)
         else:
             failed += 1
             reason = getattr(outcome, "reason", outcome.message)

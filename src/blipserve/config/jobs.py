@@ -100,6 +100,11 @@ class BatchConfig:
         "Also write each caption next to its image, e.g. .txt (photo.jpg -> photo.txt).",
         metavar="SUFFIX",
     )
+    sidecar_captions: Literal["best", "all"] = option(
+        "best",
+        "What a sidecar holds when each image gets several captions (--num-return-sequences): "
+        "the best one, or all of them, one a line, best first.",
+    )
     overwrite: bool = option(
         False,
         "Start over: ignore earlier results and replace existing sidecars.",

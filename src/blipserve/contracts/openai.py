@@ -7,7 +7,8 @@ Request (the public OpenAI shape; one image per request)::
          {"type": "text", "text": "what is on the table?"},
          {"type": "image_url", "image_url": {"url": "data:image/png;base64,..."}}]}]}
 
-Response: a ``chat.completion`` object with one choice (:func:`chat_response`).
+Response: a ``chat.completion`` object with one choice (:func:`chat_response`), or ``n``:
+each of the row's texts (``num_return_sequences``) a choice, best first.
 
 How a conversation maps onto the model: :mod:`blipserve.contracts.openai_messages` takes
 the one image, the last user message (the question) and the earlier turns (the history)
@@ -16,28 +17,32 @@ uses the history, the single-turn BLIP heads only the question).
 
 Generation settings use the OpenAI names and are validated through
 :meth:`GenerationParams.parse`, so their bounds match the scoring route.  Settings this
-server cannot honour (``stream``, ``n > 1``, tools, ``stop``, ``logprobs``, penalties, a
-JSON ``response_format``, audio) are refused with a 400 naming the field rather than
-silently ignored; harmless ones (``user``, ``seed``, ``metadata``, ``store``, ...) and
-unknown keys are ignored.
+server cannot honour (``stream``, tools, ``stop``, ``logprobs``, penalties, a JSON
+``response_format``, audio) are refused with a 400 naming the field rather than silently
+ignored; harmless ones (``user``, ``seed``, ``metadata``, ``store``, ...) and unknown keys
+are ignored.
 """
 
 from __future__ import annotations
 
+import re
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
 
 from blipserve.contracts.openai_messages import parse_messages
 from blipserve.errors import InvalidRequest
 from blipserve.params import GenerationParams, json_type, load_json_object
+from blipserve.types import Prediction
 
 MAX_TEXT_CHARS: Final = 2000
 
 #: OpenAI field -> GenerationParams field; ``top_k``, ``min_tokens``, ``num_beams``,
-#: ``repetition_penalty`` and ``length_penalty`` are vLLM-style extensions.
+#: ``repetition_penalty``, ``length_penalty`` and ``no_repeat_ngram_size`` are vLLM-style
+#: extensions.
 _NUMERIC_FIELDS: Final = {
+    "n": "num_return_sequences",
     "max_completion_tokens": "max_new_tokens",
     "max_tokens": "max_new_tokens",
     "min_tokens": "min_new_tokens",
@@ -47,6 +52,7 @@ _NUMERIC_FIELDS: Final = {
     "num_beams": "num_beams",
     "repetition_penalty": "repetition_penalty",
     "length_penalty": "length_penalty",
+    "no_repeat_ngram_size": "no_repeat_ngram_size",
 }
 _SAMPLING_FIELDS: Final = ("temperature", "top_p", "top_k")
 
@@ -87,17 +93,37 @@ def parse_chat_request(body: object, *, max_text_chars: int = MAX_TEXT_CHARS) ->
     return ChatRequest(model, said.image, said.question, said.history, params)
 
 
+@dataclass(frozen=True)
+class Choice:
+    """One answer of a chat completion: its text, its generated tokens, why it ended."""
+
+    text: str
+    tokens: int
+    finish_reason: str
+
+
+def choices_of(prediction: Prediction, max_new_tokens: int) -> list[Choice]:
+    """The answers in a row's prediction, best first (one unless ``n`` was above 1); each
+    ends with ``length`` when it used all ``max_new_tokens``, else ``stop``."""
+    texts = prediction.texts or (prediction.text,)
+    counts = prediction.texts_tokens or (prediction.tokens or 0,)
+    return [
+        Choice(text, tokens, "length" if tokens >= max_new_tokens else "stop")
+        for text, tokens in zip(texts, counts, strict=True)
+    ]
+
+
 def chat_response(
     *,
     model: str,
-    text: str,
+    choices: Sequence[Choice],
     prompt_tokens: int,
-    completion_tokens: int,
-    finish_reason: str,
     request_id: str,
     created: int | None = None,
 ) -> dict[str, Any]:
-    """An OpenAI ``chat.completion`` object with one choice."""
+    """An OpenAI ``chat.completion`` object: a choice per answer (``index`` 0, 1, ...);
+    ``usage`` counts the prompt once and every answer's tokens."""
+    completion_tokens = sum(choice.tokens for choice in choices)
     return {
         "id": f"chatcmpl-{request_id}",
         "object": "chat.completion",
@@ -105,11 +131,12 @@ def chat_response(
         "model": model,
         "choices": [
             {
-                "index": 0,
-                "message": {"role": "assistant", "content": text},
-                "finish_reason": finish_reason,
+                "index": index,
+                "message": {"role": "assistant", "content": choice.text},
+                "finish_reason": choice.finish_reason,
                 "logprobs": None,
             }
+            for index, choice in enumerate(choices)
         ],
         "usage": {
             "prompt_tokens": prompt_tokens,
@@ -145,15 +172,6 @@ def _check_unsupported(body: Mapping[str, Any]) -> None:
         raise InvalidRequest(f"stream must be true or false, got {stream!r}")
     if stream:
         raise InvalidRequest("stream is not supported; send 'stream': false or leave it out")
-
-    n = given("n")
-    if n is not None:
-        if isinstance(n, bool) or not isinstance(n, int):
-            raise InvalidRequest(f"n must be an integer, got {n!r}")
-        if n > 1:
-            raise InvalidRequest(f"n>1 is not supported (got n={n}); send one request per answer")
-        if n < 1:
-            raise InvalidRequest(f"n must be 1, got {n}")
 
     for key in ("tools", "functions"):
         value = given(key)
@@ -215,8 +233,13 @@ def _parse_params(body: Mapping[str, Any]) -> GenerationParams:
     ``temperature`` 0 means greedy decoding (``do_sample`` false; ``top_p``/``top_k`` are
     validated and then dropped); a positive temperature samples with it.  ``top_p`` or
     ``top_k`` without a temperature also sample (at the model's default temperature).
+    ``n`` above 1 asks for that many answers: the best beams with ``num_beams``, else
+    independent samples, as OpenAI's are (also when no temperature is given); ``n`` 1 is
+    the same request as no ``n``.
     """
     given = {k: body[k] for k in _NUMERIC_FIELDS if body.get(k) is not None}
+    if given.get("n") == 1 and type(given["n"]) is int:
+        del given["n"]
     if "max_tokens" in given and "max_completion_tokens" in given:
         if given["max_tokens"] != given["max_completion_tokens"]:
             raise InvalidRequest(
@@ -236,10 +259,16 @@ def _parse_params(body: Mapping[str, Any]) -> GenerationParams:
     raw = {_NUMERIC_FIELDS[k]: v for k, v in given.items() if not (greedy and k == "temperature")}
     names = {_NUMERIC_FIELDS[k]: k for k in given}
     params = _validate(raw, names)  # bounds and types, even for settings greedy drops
+    n = params.num_return_sequences or 1
     if greedy:
+        if n > 1 and (params.num_beams or 1) == 1:
+            raise InvalidRequest(
+                f"n ({n}) needs sampling (a temperature above 0) or num_beams of at least "
+                f"{n}: with temperature 0 every answer would be the same"
+            )
         kept = {k: v for k, v in raw.items() if names[k] not in _SAMPLING_FIELDS}
         return _validate({**kept, "do_sample": False}, names)
-    if any(k in given for k in _SAMPLING_FIELDS):
+    if any(k in given for k in _SAMPLING_FIELDS) or (n > 1 and params.num_beams is None):
         return _validate({**raw, "do_sample": True}, names)
     return params
 
@@ -254,9 +283,8 @@ def _validate(raw: dict[str, Any], names: Mapping[str, str]) -> GenerationParams
             prefix = f"params.{internal}"
             if message.startswith(prefix):
                 raise InvalidRequest(name + message[len(prefix) :]) from None
-        if "min_new_tokens" in raw and "max_new_tokens" in raw:  # the only cross-field check
-            raise InvalidRequest(
-                f"min_tokens ({raw['min_new_tokens']}) must not exceed "
-                f"{names['max_new_tokens']} ({raw['max_new_tokens']})"
-            ) from None
+        if message.startswith("params: "):  # a check across fields, naming them
+            text = message[len("params: ") :]
+            renamed = re.sub(r"\w+", lambda m: names.get(m.group(), m.group()), text)
+            raise InvalidRequest(renamed) from None
         raise

@@ -13,10 +13,11 @@ from transformers import (
 
 from blipserve.errors import InvalidInput
 from blipserve.models import optimize
-from blipserve.models.base import HFAdapter
+from blipserve.models.base import HFAdapter, texts_per_row
 from blipserve.models.optimize import Speedup
 from blipserve.models.precision import Precision, cpu_has_native_bf16
 from blipserve.models.registry import register
+from blipserve.params import GenerationParams
 from blipserve.types import ModelInput, Prediction
 
 
@@ -71,6 +72,9 @@ class _BlipText(HFAdapter):
     def position_limit(self) -> int | None:
         return int(self.model.config.text_config.max_position_embeddings)
 
+    def end_token_ids(self) -> list[int]:
+        return [int(self.model.config.text_config.sep_token_id)]  # as BLIP's generate has it
+
     def prompt_positions(self, text_tokens: int) -> int:
         """Positions the text decoder's prompt takes, given the row's text length in tokens."""
         return 1  # [BOS] / [DEC]
@@ -78,6 +82,7 @@ class _BlipText(HFAdapter):
     def batch_key(self, item: ModelInput) -> Hashable:
         n = self.token_length(item.text)
         self.check_room(self.prompt_positions(n), item.params)
+        self.check_params(item.params)
         return (item.params, n)
 
     def encode_text(self, items: Sequence[ModelInput]) -> dict[str, torch.Tensor]:
@@ -102,15 +107,15 @@ class BlipCaptionAdapter(_BlipText):
 
     def predict(self, items: Sequence[ModelInput]) -> list[Prediction]:
         pixel_values = self.pixel_values(items)  # (B, 3, S, S)
-        kwargs = self.generate_kwargs(items[0].params)
+        params = items[0].params
         if items[0].text is None:
-            out = self.model.generate(pixel_values=pixel_values, **kwargs)
+            out = self.generate(params, pixel_values=pixel_values)
             prompt_len = 1  # [DEC]
         else:
             text = self.encode_text(items)
-            out = self.model.generate(pixel_values=pixel_values, **text, **kwargs)
+            out = self.generate(params, pixel_values=pixel_values, **text)
             prompt_len = text["input_ids"].shape[1] - 1  # generate drops the final [SEP]
-        return self.decode(out, new_from=prompt_len)
+        return self.decode(out, new_from=prompt_len, per_row=texts_per_row(items))
 
 
 @register("BlipForQuestionAnswering")
@@ -124,9 +129,9 @@ class BlipVqaAdapter(_BlipText):
 
     def predict(self, items: Sequence[ModelInput]) -> list[Prediction]:
         pixel_values = self.pixel_values(items)  # (B, 3, S, S)
-        kwargs = self.generate_kwargs(items[0].params)
-        out = self.model.generate(pixel_values=pixel_values, **self.encode_text(items), **kwargs)
-        return self.decode(out, new_from=1)  # the answer starts after [BOS]
+        out = self.generate(items[0].params, pixel_values=pixel_values, **self.encode_text(items))
+        # the answer starts after [BOS]
+        return self.decode(out, new_from=1, per_row=texts_per_row(items))
 
 
 @register("BlipForImageTextRetrieval")
@@ -142,7 +147,15 @@ class BlipMatchAdapter(_BlipText):
         # The text encoder masks padding, and generation settings do not apply; the text
         # must still fit its positions.
         self.token_length(item.text)
+        self.check_params(item.params)
         return ()
+
+    def check_params(self, params: GenerationParams) -> None:
+        if (params.num_return_sequences or 1) > 1:
+            raise InvalidInput(
+                "num_return_sequences (n on the OpenAI route) must be 1 for this model: it "
+                "scores image-text pairs, one match probability per row"
+            )
 
     def predict(self, items: Sequence[ModelInput]) -> list[Prediction]:
         pixel_values = self.pixel_values(items)  # (B, 3, S, S)

@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import re
 from collections.abc import Hashable, Sequence
+from typing import Any
 
 import torch
 from transformers import Blip2ForConditionalGeneration
 
-from blipserve.models.base import HFAdapter
+from blipserve.models.base import HFAdapter, texts_per_row
 from blipserve.models.registry import register
 from blipserve.types import ModelInput, Prediction
 
@@ -69,6 +70,7 @@ class Blip2Adapter(HFAdapter):
             text_ids = self.tokenizer(item.text or "")["input_ids"]  # as encode_prompts does
             prompt = self.model.config.num_query_tokens + len(text_ids)
             self.check_room(prompt, item.params)
+        self.check_params(item.params)
         return (item.params,)
 
     def position_limit(self) -> int | None:
@@ -113,24 +115,27 @@ class Blip2Adapter(HFAdapter):
             items = [*items, *[items[-1]] * (_next_power_of_two(n) - n)]
         pixel_values = self.pixel_values(items)  # (B, 3, S, S)
         input_ids, attention_mask = self.encode_prompts(items)
-        kwargs = self.generate_kwargs(items[0].params)
+        params, k = items[0].params, texts_per_row(items)
+        cache: dict[str, Any] = {}
         if self.static_cache:
             # A cache of at least 128 positions (32 query tokens, a question and 20 new
             # tokens fit), else a multiple of 64: transformers keeps the longest seen so
             # far, and each new length compiles anew, so warm-up's length should hold.
-            new = items[0].params.max_new_tokens or self.default_max_new_tokens
+            new = params.max_new_tokens or self.default_max_new_tokens
             needed = _CACHE_STEP * -(-(input_ids.shape[1] + new) // _CACHE_STEP)
-            kwargs.update(cache_implementation="static", max_cache_len=max(_CACHE_MIN, needed))
-        out = self.model.generate(
+            cache = {"cache_implementation": "static", "max_cache_len": max(_CACHE_MIN, needed)}
+        out = self.generate(
+            params,
             pixel_values=pixel_values,
             input_ids=input_ids,
             attention_mask=attention_mask,
-            **kwargs,
+            **cache,
         )
+        out = out[: n * k]  # (n * k, L): the padding rows' texts dropped
         if self.decoder_only:
             # Decoder-only generate returns prompt + continuation; keep the continuation.
-            return self.decode(out[:n, input_ids.shape[1] :])
-        return self.decode(out, new_from=1)  # after T5's decoder start token
+            return self.decode(out[:, input_ids.shape[1] :], per_row=k)
+        return self.decode(out, new_from=1, per_row=k)  # after T5's decoder start token
 
 
 _ANSWER = re.compile(r"answer\s*:", re.IGNORECASE)

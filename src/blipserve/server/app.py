@@ -205,15 +205,12 @@ def create_app(settings: Settings | None = None, *, engine: Engine | None = None
             )
         except RowError as exc:
             raise InvalidInput(f"messages: {exc.reason}") from None
-        completion = prediction.tokens or 0
         limit = req.params.max_new_tokens or adapter.default_max_new_tokens
         return JSONResponse(
             openai_contract.chat_response(
                 model=req.model,
-                text=prediction.text,
+                choices=openai_contract.choices_of(prediction, limit),
                 prompt_tokens=adapter.count_tokens(prompt),
-                completion_tokens=completion,
-                finish_reason="length" if completion >= limit else "stop",
                 request_id=request.state.request_id,
             )
         )

@@ -42,6 +42,10 @@ class ScoreRequestSchema(BaseModel):
 class ScoreAnswerSchema(BaseModel):
     text: str = Field(description="caption, answer, or match probability as text")
     score: float | None = Field(None, description="match probability (image-text matching)")
+    texts: list[str] | None = Field(
+        None,
+        description="every text, best first (only when params.num_return_sequences is above 1)",
+    )
 
 
 class ErrorBodySchema(BaseModel):
@@ -70,7 +74,9 @@ class ChatRequestSchema(BaseModel):
     max_completion_tokens: int | None = None
     temperature: float | None = None
     top_p: float | None = None
-    n: Literal[1] | None = None
+    n: int | None = Field(
+        None, ge=1, le=16, description="answers (choices): the best beams, or samples"
+    )
 
 
 def _request_body(model: type[BaseModel], examples: dict[str, Any]) -> dict[str, Any]:
