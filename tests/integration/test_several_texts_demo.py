@@ -41,7 +41,7 @@ def engine(request: pytest.FixtureRequest) -> Iterator[Engine]:
 
 
 def predictions(engine: Engine, rows: list[RowInput], **params: int) -> list[Prediction]:
-    out = engine.predict(rows, GenerationParams(**params))  # type: ignore[arg-type]
+    out = engine.predict(rows, GenerationParams(**params))
     assert all(isinstance(p, Prediction) for p in out), out
     return [p for p in out if isinstance(p, Prediction)]
 

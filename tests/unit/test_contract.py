@@ -16,7 +16,7 @@ from helpers import b64_png
 IMG = b64_png(0)
 
 
-def split(columns: list[str], data: list[Any], **extra: Any) -> dict[str, Any]:
+def split(columns: list[str], data: Any, **extra: Any) -> dict[str, Any]:
     return {"input_data": {"columns": columns, "data": data, **extra}}
 
 
