@@ -42,7 +42,7 @@ class Blip2Adapter(HFAdapter):
     def question_prompt(cls, question: str) -> str:
         """``Question: {q} Answer:``, unless the text already holds ``Answer:`` (any case):
         then it is taken to be a full BLIP-2 prompt and used as it is."""
-        if _ANSWER.search(question):
+        if ANSWER_MARK.search(question):
             return question
         return f"Question: {question} Answer:"
 
@@ -106,7 +106,17 @@ class Blip2Adapter(HFAdapter):
             super().use_static_cache(name)
         self.static_cache = True
 
+    def instructed(self, item: ModelInput) -> ModelInput:
+        """``item`` as the model reads it (a family may fill in a default prompt)."""
+        return item
+
+    def extra_inputs(self, items: Sequence[ModelInput]) -> dict[str, torch.Tensor]:
+        """Model inputs beyond the pixels and the prompt (a family's own, e.g. InstructBLIP's
+        Q-Former instruction)."""
+        return {}
+
     def predict(self, items: Sequence[ModelInput]) -> list[Prediction]:
+        items = [self.instructed(item) for item in items]
         n = len(items)
         if self.static_cache:
             # Compiled decoding steps (CUDA graphs) are specialised to the batch and cache
@@ -129,6 +139,7 @@ class Blip2Adapter(HFAdapter):
             pixel_values=pixel_values,
             input_ids=input_ids,
             attention_mask=attention_mask,
+            **self.extra_inputs(items),
             **cache,
         )
         out = out[: n * k]  # (n * k, L): the padding rows' texts dropped
@@ -138,7 +149,8 @@ class Blip2Adapter(HFAdapter):
         return self.decode(out, new_from=1, per_row=k)  # after T5's decoder start token
 
 
-_ANSWER = re.compile(r"answer\s*:", re.IGNORECASE)
+#: a text that holds "Answer:" is a full prompt already, used as it is
+ANSWER_MARK = re.compile(r"answer\s*:", re.IGNORECASE)
 
 
 def _history_turn(question: str, answer: str) -> str:

@@ -12,16 +12,15 @@ prompt.
 from __future__ import annotations
 
 import dataclasses
-import re
 from collections.abc import Hashable, Sequence
 
 import torch
 from transformers import InstructBlipForConditionalGeneration
 
-from blipserve.models.base import HFAdapter, texts_per_row
-from blipserve.models.blip2 import Blip2Adapter
+from blipserve.models.base import HFAdapter
+from blipserve.models.blip2 import ANSWER_MARK, Blip2Adapter
 from blipserve.models.registry import register
-from blipserve.types import ModelInput, Prediction
+from blipserve.types import ModelInput
 
 #: the instruction of a row without text: LAVIS's captioning evaluations (COCO, NoCaps;
 #: Vicuna and Flan-T5 alike) use it
@@ -53,7 +52,7 @@ class InstructBlipAdapter(Blip2Adapter):
     def question_prompt(cls, question: str) -> str:
         """``Question: {q} Short answer:``, unless the text already holds ``answer:`` (any
         case): then it is taken to be a full prompt and used as it is."""
-        if _ANSWER.search(question):
+        if ANSWER_MARK.search(question):
             return question
         return f"Question: {question} Short answer:"
 
@@ -82,10 +81,11 @@ class InstructBlipAdapter(Blip2Adapter):
         return super().count_tokens(text or CAPTION_INSTRUCTION)
 
     def use_static_cache(self, name: str) -> None:
-        # BLIP-2's static cache lives in its own predict, which has no Q-Former input.
+        # Refused (HFAdapter's error): BLIP-2's static cache pads batches with copies of
+        # the last row, which has not been tried with the Q-Former's instruction on a GPU.
         HFAdapter.use_static_cache(self, name)
 
-    def encode_instructions(self, items: Sequence[ModelInput]) -> dict[str, torch.Tensor]:
+    def extra_inputs(self, items: Sequence[ModelInput]) -> dict[str, torch.Tensor]:
         """The Q-Former's input: each row's instruction, padded on the right (its positions
         start at the first token; padding is masked), cut to its first
         :data:`QFORMER_MAX_TOKENS` tokens as LAVIS does."""
@@ -102,22 +102,3 @@ class InstructBlipAdapter(Blip2Adapter):
             "qformer_input_ids": encoded["input_ids"].to(self.device),  # (B, T)
             "qformer_attention_mask": encoded["attention_mask"].to(self.device),  # (B, T)
         }
-
-    def predict(self, items: Sequence[ModelInput]) -> list[Prediction]:
-        items = [self.instructed(item) for item in items]
-        input_ids, attention_mask = self.encode_prompts(items)  # (B, Q + T) each
-        out = self.generate(
-            items[0].params,
-            pixel_values=self.pixel_values(items),  # (B, 3, S, S)
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            **self.encode_instructions(items),
-        )  # (B * k, L): k texts per row
-        per_row = texts_per_row(items)
-        if self.decoder_only:
-            # Decoder-only generate returns prompt + continuation; keep the continuation.
-            return self.decode(out[:, input_ids.shape[1] :], per_row=per_row)
-        return self.decode(out, new_from=1, per_row=per_row)  # after T5's decoder start token
-
-
-_ANSWER = re.compile(r"answer\s*:", re.IGNORECASE)
