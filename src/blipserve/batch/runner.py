@@ -199,30 +199,47 @@ def _capfilt(
     prepared: list[PreparedRow | RowError],
     min_match: float,
 ) -> None:
-    """Score (image, caption) and (image, original text) with the matching model."""
+    """Score (image, caption) and (image, original text) with the matching model.
+
+    With several captions a row (``--num-return-sequences K``, sampled: the K-sample
+    recipe), each is scored: ``text`` becomes the best-matching one (``score``, ``keep``
+    its), ``texts`` those reaching ``min_match``, best first, and ``text_scores`` theirs.
+    """
     adapter = filter_engine.adapter
     pairs: list[PreparedRow] = []
-    targets: list[tuple[Record, str]] = []
+    targets: list[tuple[Record, str, str]] = []  # (record, column, the text scored)
     for record, prep in zip(records, prepared, strict=True):
         if record["error"] or not isinstance(prep, PreparedRow):
             continue
-        for column, text in (("keep", record["text"]), ("text_in_keep", prep.item.text)):
+        captions = [("keep", text) for text in record.get("texts") or [record["text"]]]
+        for column, text in [*captions, ("text_in_keep", prep.item.text)]:
             if not text:
                 continue
             item = ModelInput(image=prep.item.image, text=text, params=GenerationParams())
             pairs.append(PreparedRow(prep.row, item, adapter.batch_key(item)))
-            targets.append((record, column))
+            targets.append((record, column, text))
         if prep.item.text:
             record["text_in"] = prep.item.text
-    for (record, column), outcome in zip(targets, filter_engine.run_prepared(pairs), strict=True):
+    scored: dict[int, list[tuple[float, str]]] = {}  # id(record) -> its captions' scores
+    outcomes = filter_engine.run_prepared(pairs)
+    for (record, column, text), outcome in zip(targets, outcomes, strict=True):
         if not isinstance(outcome, Prediction) or outcome.score is None:
             record["error"] = f"matching failed: {getattr(outcome, 'message', outcome)}"
-            continue
-        keep = outcome.score >= min_match
-        if column == "keep":
-            record["score"], record["keep"] = outcome.score, keep
+        elif column == "keep":
+            scored.setdefault(id(record), []).append((outcome.score, text))
         else:
-            record["text_in_score"], record["text_in_keep"] = outcome.score, keep
+            record["text_in_score"] = outcome.score
+            record["text_in_keep"] = outcome.score >= min_match
+    for record in records:
+        ranked = sorted(scored.get(id(record), []), key=lambda pair: -pair[0])
+        if record["error"] or not ranked:
+            continue
+        record["score"], record["text"] = ranked[0]
+        record["keep"] = ranked[0][0] >= min_match
+        if "texts" in record:
+            kept = [(score, text) for score, text in ranked if score >= min_match]
+            record["texts"] = [text for _, text in kept]
+            record["text_scores"] = [score for score, _ in kept]
 
 
 __all__ = [

@@ -27,6 +27,7 @@ FORMATS: tuple[str, ...] = typing.get_args(OutputFormat)
 TABLE_COLUMNS = ("id", "text", "score", "error")
 TEXTS_COLUMN = "texts"  # every text of a row, best first (a JSON array in CSV)
 CAPFILT_COLUMNS = ("keep", "text_in", "text_in_score", "text_in_keep")
+TEXT_SCORES_COLUMN = "text_scores"  # CapFilt of several texts: the kept texts' scores
 
 
 def table_columns(*, several_texts: bool, capfilt: bool) -> tuple[str, ...]:
@@ -37,6 +38,7 @@ def table_columns(*, several_texts: bool, capfilt: bool) -> tuple[str, ...]:
         TABLE_COLUMNS
         + ((TEXTS_COLUMN,) if several_texts else ())
         + (CAPFILT_COLUMNS if capfilt else ())
+        + ((TEXT_SCORES_COLUMN,) if several_texts and capfilt else ())
     )
 
 
