@@ -19,6 +19,8 @@ from transformers import (
     AutoTokenizer,
     Blip2Config,
     Blip2ForConditionalGeneration,
+    Blip2ForImageTextRetrieval,
+    Blip2Processor,
     BlipConfig,
     BlipForConditionalGeneration,
     BlipForImageTextRetrieval,
@@ -213,6 +215,42 @@ def _instructblip(decoder_only: bool) -> Callable[[Path], None]:
     return build
 
 
+def _blip2_itm(dest: Path) -> None:
+    """BLIP-2's image-text matching (blip2-itm-vit-g's shape: ViT, Q-Former with its text
+    feed-forward layers, ITM head, no language model), whose folder no one publishes to
+    us: every file is what ``save_pretrained`` writes.  The Q-Former reads the text
+    through BLIP's BERT tokenizer plus ``<image>``, as the real one does (BertTokenizer,
+    vocabulary 30523)."""
+    images = BlipImageProcessor.from_pretrained(LAYOUTS / "blip2-opt-2.7b")
+    images.size = {"height": IMAGE_SIZE, "width": IMAGE_SIZE}
+    tokenizer = AutoTokenizer.from_pretrained(LAYOUTS / "blip-itm-base-coco")
+    processor = Blip2Processor(images, tokenizer)  # (adds <image> to the tokenizer)
+    config = Blip2Config(
+        vision_config=VISION,
+        qformer_config={
+            **SMALL,
+            "vocab_size": len(tokenizer),
+            "pad_token_id": tokenizer.pad_token_id,
+            "encoder_hidden_size": 32,
+            "max_position_embeddings": 64,
+            "use_qformer_text_input": True,  # (the text's own feed-forward layers)
+        },
+        num_query_tokens=4,
+        # as blip2-itm-vit-g's config now has it: the model drops Blip2Processor's
+        # <image> tokens before the text itself
+        image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
+        image_text_hidden_size=32,
+    )
+    config.architectures = ["Blip2ForImageTextRetrieval"]
+    torch.manual_seed(0)
+    Blip2ForImageTextRetrieval(config).eval().save_pretrained(dest)
+    processor.save_pretrained(dest)
+
+
+#: built by the tests that use them (``build``), not with every session's tiny_model_dir
+BLIP2_ITM_BUILDERS: dict[str, Callable[[Path], None]] = {"blip2-itm": _blip2_itm}
+
+
 #: built by the tests that use them (``build``), not with every session's tiny_model_dir
 INSTRUCTBLIP_BUILDERS: dict[str, Callable[[Path], None]] = {
     "instructblip-vicuna": _instructblip(decoder_only=True),
@@ -229,5 +267,5 @@ BUILDERS: dict[str, Callable[[Path], None]] = {
 
 
 def build(kind: str, dest: Path) -> Path:
-    (BUILDERS | INSTRUCTBLIP_BUILDERS)[kind](dest)
+    (BUILDERS | INSTRUCTBLIP_BUILDERS | BLIP2_ITM_BUILDERS)[kind](dest)
     return dest

@@ -10,7 +10,7 @@ from typing import Any
 
 from blipserve.config import ModelConfig
 from blipserve.errors import ModelLoadError
-from blipserve.models import blip, blip2, instructblip  # noqa: F401  (registers the adapters)
+from blipserve.models import blip, blip2, blip2_itm, instructblip  # noqa: F401  (registers the adapters)
 from blipserve.models.base import Adapter, HFAdapter
 from blipserve.models.precision import resolve_device, resolve_precision, resolve_vision_backend
 from blipserve.models.registry import ADAPTERS
