@@ -210,7 +210,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("ask", "Answer a question about an image (BLIP VQA, BLIP-2).")
     p.add_argument("image", metavar="IMAGE")
     p.add_argument("question", metavar="QUESTION")
-    p = command("match", "Probability that a text describes an image (BLIP ITM).")
+    p = command("match", "Probability that a text describes an image (BLIP, BLIP-2 ITM).")
     p.add_argument("image", metavar="IMAGE")
     p.add_argument("text", metavar="TEXT")
     p = command("score", "Answer a catalog-format request body (JSON file, or - for stdin).")

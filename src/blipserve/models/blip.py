@@ -14,6 +14,7 @@ from transformers import (
 from blipserve.errors import InvalidInput
 from blipserve.models import optimize
 from blipserve.models.base import HFAdapter, texts_per_row
+from blipserve.models.matching import one_score_per_row
 from blipserve.models.optimize import Speedup
 from blipserve.models.precision import Precision, cpu_has_native_bf16
 from blipserve.models.registry import register
@@ -151,11 +152,7 @@ class BlipMatchAdapter(_BlipText):
         return ()
 
     def check_params(self, params: GenerationParams) -> None:
-        if (params.num_return_sequences or 1) > 1:
-            raise InvalidInput(
-                "num_return_sequences (n on the OpenAI route) must be 1 for this model: it "
-                "scores image-text pairs, one match probability per row"
-            )
+        one_score_per_row(params)
 
     def predict(self, items: Sequence[ModelInput]) -> list[Prediction]:
         pixel_values = self.pixel_values(items)  # (B, 3, S, S)

@@ -18,6 +18,7 @@ from blipserve.errors import InvalidInput
 from blipserve.models import optimize
 from blipserve.models.base import HFAdapter
 from blipserve.models.int8_linear import quantize_linears
+from blipserve.models.matching import one_score_per_row
 from blipserve.models.optimize import Speedup
 from blipserve.models.precision import Precision
 from blipserve.models.registry import register
@@ -72,11 +73,7 @@ class Blip2MatchAdapter(HFAdapter):
         return n
 
     def check_params(self, params: GenerationParams) -> None:
-        if (params.num_return_sequences or 1) > 1:
-            raise InvalidInput(
-                "num_return_sequences (n on the OpenAI route) must be 1 for this model: it "
-                "scores image-text pairs, one match probability per row"
-            )
+        one_score_per_row(params)
 
     def encode_text(self, items: Sequence[ModelInput]) -> dict[str, torch.Tensor]:
         """The Q-Former's text inputs, as ``Blip2ForImageTextRetrieval`` takes them.

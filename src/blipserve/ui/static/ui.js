@@ -37,6 +37,13 @@
       textHelp: "The answer is the probability that the text describes the image.",
       captionAllowed: false,
     },
+    "blip2-itm": {
+      name: "BLIP-2 image-text matching",
+      question: "Match a text",
+      textLabel: "Text to match",
+      textHelp: "The answer is the probability that the text describes the image.",
+      captionAllowed: false,
+    },
     blip2: {
       name: "BLIP-2",
       question: "Question",
