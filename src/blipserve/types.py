@@ -9,8 +9,8 @@ prediction, its own error, or its batch's model failure.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 from PIL import Image
@@ -35,13 +35,23 @@ class RowInput:
     index: object | None = None
 
 
+#: where a streamed row's text goes as it is decoded: called on the model thread with the
+#: index of the row's text (0 .. num_return_sequences - 1) and the next piece of that text
+TextSink = Callable[[int, str], None]
+
+
 @dataclass(frozen=True)
 class ModelInput:
-    """A decoded row: an RGB image, the row's text (if any) and its generation settings."""
+    """A decoded row: an RGB image, the row's text (if any) and its generation settings.
+
+    ``on_text`` (a streamed row's): receives the text in pieces as the model decodes it;
+    not part of the row's identity (batch keys, equality).
+    """
 
     image: Image.Image
     text: str | None
     params: GenerationParams
+    on_text: TextSink | None = field(default=None, compare=False, repr=False)
 
 
 @dataclass(frozen=True)

@@ -19,6 +19,7 @@ from blipserve.contracts.openai import (
     models_response,
     parse_chat_request,
 )
+from blipserve.contracts.openai_stream import DONE, ChunkWriter, error_event
 from blipserve.errors import InvalidRequest
 from blipserve.params import GenerationParams
 from blipserve.types import Prediction
@@ -228,8 +229,13 @@ def test_bad_generation_settings_name_the_openai_field(
 @pytest.mark.parametrize(
     ("settings", "message"),
     [
-        ({"stream": True}, "stream is not supported"),
         ({"stream": "yes"}, "stream must be true or false"),
+        ({"stream_options": {"include_usage": True}}, "stream_options is only allowed when"),
+        ({"stream": True, "stream_options": []}, "stream_options must be an object, got"),
+        (
+            {"stream": True, "stream_options": {"include_usage": 1}},
+            "stream_options.include_usage must be true or false",
+        ),
         ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools is not supported"),
         ({"tool_choice": "auto"}, "tool_choice is not supported"),
         ({"functions": [{"name": "f"}]}, "functions is not supported"),
@@ -467,3 +473,47 @@ def test_models_response_shape() -> None:
         ],
     }
     assert isinstance(models_response("m")["data"][0]["created"], int)
+
+
+def test_stream_and_include_usage() -> None:
+    assert not parse_chat_request(one()).stream
+    plain = parse_chat_request(one(stream=True))
+    assert (plain.stream, plain.include_usage) == (True, False)
+    counted = parse_chat_request(one(stream=True, stream_options={"include_usage": True}))
+    assert (counted.stream, counted.include_usage) == (True, True)
+    unset = parse_chat_request(one(stream=False, stream_options=None))
+    assert (unset.stream, unset.include_usage) == (False, False)
+
+
+def test_stream_chunks_in_openai_shape() -> None:
+    writer = ChunkWriter("r1", "blip2", include_usage=True, created=5)
+    role = json.loads(writer.role(1)[len(b"data: ") :])
+    assert role == {
+        "id": "chatcmpl-r1",
+        "object": "chat.completion.chunk",
+        "created": 5,
+        "model": "blip2",
+        "choices": [
+            {
+                "index": 1,
+                "delta": {"role": "assistant", "content": ""},
+                "logprobs": None,
+                "finish_reason": None,
+            }
+        ],
+        "usage": None,
+    }
+    event = writer.usage([Choice("a", 2, "stop"), Choice("b c", 3, "length")], prompt_tokens=4)
+    assert event.endswith(b"\n\n")
+    last = json.loads(event[len(b"data: ") :])
+    assert last["choices"] == []
+    assert last["usage"] == {"prompt_tokens": 4, "completion_tokens": 5, "total_tokens": 9}
+    finish = json.loads(writer.finish(0, "stop")[len(b"data: ") :])
+    assert finish["choices"][0]["delta"] == {}
+    assert finish["choices"][0]["finish_reason"] == "stop"
+    without = ChunkWriter("r1", "blip2", include_usage=False)
+    assert "usage" not in json.loads(without.content(0, "hi")[len(b"data: ") :])
+    assert json.loads(error_event("gone", 504)[len(b"data: ") :]) == {
+        "error": {"message": "gone", "type": "server_error", "code": 504}
+    }
+    assert DONE == b"data: [DONE]\n\n"

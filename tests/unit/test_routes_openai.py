@@ -5,6 +5,8 @@ tests/unit/test_openai_contract.py."""
 
 from __future__ import annotations
 
+import asyncio
+import json
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -13,7 +15,11 @@ import pytest
 from starlette.testclient import TestClient
 
 from blipserve.config import ModelConfig, ServerConfig, Settings
+from blipserve.contracts.openai_stream import ChunkWriter
+from blipserve.models.streaming import RowStreamer
+from blipserve.server import chat_stream
 from blipserve.server.app import ServerState, create_app
+from blipserve.types import Prediction
 from helpers import b64_png
 
 KEY = "sk-test"
@@ -65,7 +71,10 @@ def test_chat_finish_reason_length(blip2_client: TestClient) -> None:
 @pytest.mark.parametrize(
     ("body", "message"),
     [
-        (chat(image_part(), stream=True), "stream is not supported"),
+        (
+            chat(image_part(), stream_options={"include_usage": True}),
+            "stream_options is only allowed",
+        ),
         (chat(image_part(), image_part(1)), "several images"),
         (chat({"type": "text", "text": "hello"}), "needs an image"),
         (
@@ -87,3 +96,66 @@ def test_chat_errors_are_400(blip2_client: TestClient, body: dict[str, Any], mes
 def test_chat_needs_the_key(blip2_client: TestClient) -> None:
     response = TestClient(blip2_client.app).post("/v1/chat/completions", json=chat(image_part()))
     assert response.status_code == 401
+
+
+def events(response: Any) -> list[Any]:
+    """The JSON of each ``data:`` event of a streamed answer ("[DONE]" as it is)."""
+    out = []
+    for line in response.text.splitlines():
+        if line.startswith("data: "):
+            data = line[len("data: ") :]
+            out.append(data if data == "[DONE]" else json.loads(data))
+    return out
+
+
+def test_chat_streams_the_same_answer(blip2_client: TestClient) -> None:
+    body = chat(image_part(4), max_tokens=12, min_tokens=12, temperature=0)
+    whole = blip2_client.post("/v1/chat/completions", json=body).json()
+    response = blip2_client.post("/v1/chat/completions", json={**body, "stream": True})
+    assert response.status_code == 200
+    assert response.headers["content-type"].startswith("text/event-stream")
+    got = events(response)
+    assert got[-1] == "[DONE]"
+    chunks = got[:-1]
+    assert all(c["id"] == f"chatcmpl-{response.headers['x-request-id']}" for c in chunks)
+    text = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks)
+    assert text == whole["choices"][0]["message"]["content"]
+    assert chunks[-1]["choices"][0]["finish_reason"] == whole["choices"][0]["finish_reason"]
+
+
+def test_a_failure_after_the_first_chunk_ends_the_stream_with_an_error_event(
+    blip2_client: TestClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    send = RowStreamer.send
+
+    def fail_after_a_piece(self: RowStreamer, seq: int, stable: str) -> None:
+        send(self, seq, stable)
+        if self.sent[seq]:
+            raise RuntimeError("the GPU fell off")
+
+    monkeypatch.setattr(RowStreamer, "send", fail_after_a_piece)
+    body = chat(image_part(4), max_tokens=12, min_tokens=12, temperature=0, stream=True)
+    response = blip2_client.post("/v1/chat/completions", json=body)
+    assert response.status_code == 200  # the first chunk had gone out
+    got = events(response)
+    assert got[0]["choices"][0]["delta"]["role"] == "assistant"
+    assert got[1]["choices"][0]["delta"]["content"]
+    assert got[-1]["error"]["code"] == 500
+    assert "the GPU fell off" in got[-1]["error"]["message"]
+
+
+def test_a_stream_closed_early_drops_its_row() -> None:
+    async def scenario() -> None:
+        loop = asyncio.get_running_loop()
+        answer: asyncio.Future[Prediction] = loop.create_future()
+        pieces: asyncio.Queue[tuple[int, str]] = asyncio.Queue()
+        writer = ChunkWriter("r", "m", include_usage=False)
+        stream = chat_stream._events(
+            writer, answer, pieces, (0, "a"), limit=5, prompt_tokens=1, choices=1
+        )
+        assert b"assistant" in await anext(stream)
+        assert b'"a"' in await anext(stream)
+        await stream.aclose()  # what the server does when the client goes away
+        assert answer.cancelled()  # (queue.run's cancellation marks its rows abandoned)
+
+    asyncio.run(scenario())

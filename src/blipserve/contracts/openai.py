@@ -8,7 +8,8 @@ Request (the public OpenAI shape; one image per request)::
          {"type": "image_url", "image_url": {"url": "data:image/png;base64,..."}}]}]}
 
 Response: a ``chat.completion`` object with one choice (:func:`chat_response`), or ``n``:
-each of the row's texts (``num_return_sequences``) a choice, best first.
+each of the row's texts (``num_return_sequences``) a choice, best first; with ``"stream":
+true``, ``chat.completion.chunk`` events (:mod:`blipserve.contracts.openai_stream`).
 
 How a conversation maps onto the model: :mod:`blipserve.contracts.openai_messages` takes
 the one image, the last user message (the question) and the earlier turns (the history)
@@ -17,7 +18,7 @@ uses the history, the single-turn BLIP heads only the question).
 
 Generation settings use the OpenAI names and are validated through
 :meth:`GenerationParams.parse`, so their bounds match the scoring route.  Settings this
-server cannot honour (``stream``, tools, ``stop``, ``logprobs``, penalties, a JSON
+server cannot honour (tools, ``stop``, ``logprobs``, penalties, a JSON
 ``response_format``, audio) are refused with a 400 naming the field rather than silently
 ignored; harmless ones (``user``, ``seed``, ``metadata``, ``store``, ...) and unknown keys
 are ignored.
@@ -69,6 +70,10 @@ class ChatRequest:
     question: str | None
     history: tuple[tuple[str, str], ...]
     params: GenerationParams
+    #: answer as server-sent events (:mod:`blipserve.contracts.openai_stream`)
+    stream: bool = False
+    #: ``stream_options.include_usage``: a last chunk with the usage
+    include_usage: bool = False
 
 
 def parse_chat_request(body: object, *, max_text_chars: int = MAX_TEXT_CHARS) -> ChatRequest:
@@ -86,11 +91,14 @@ def parse_chat_request(body: object, *, max_text_chars: int = MAX_TEXT_CHARS) ->
         what = "an empty string" if isinstance(model, str) else json_type(model)
         raise InvalidRequest(f"model must be a non-empty string, got {what}")
     _check_unsupported(body)
+    stream, include_usage = _parse_stream(body)
     params = _parse_params(body)
     if "messages" not in body:
         raise InvalidRequest("request body has no 'messages' key")
     said = parse_messages(body["messages"], max_text_chars)
-    return ChatRequest(model, said.image, said.question, said.history, params)
+    return ChatRequest(
+        model, said.image, said.question, said.history, params, stream, include_usage
+    )
 
 
 @dataclass(frozen=True)
@@ -164,15 +172,30 @@ def models_response(model_id: str, created: int | None = None) -> dict[str, Any]
 # --- top-level settings -------------------------------------------------------------------
 
 
+def _parse_stream(body: Mapping[str, Any]) -> tuple[bool, bool]:
+    """``stream`` and ``stream_options.include_usage`` (``null``: not set); the options
+    without streaming are refused, as OpenAI refuses them."""
+    stream = body.get("stream")
+    if stream is not None and not isinstance(stream, bool):
+        raise InvalidRequest(f"stream must be true or false, got {stream!r}")
+    options = body.get("stream_options")
+    if options is None:
+        return bool(stream), False
+    if not isinstance(options, Mapping):
+        raise InvalidRequest(f"stream_options must be an object, got {json_type(options)}")
+    if not stream:
+        raise InvalidRequest("stream_options is only allowed when stream is true")
+    include_usage = options.get("include_usage")
+    if include_usage is not None and not isinstance(include_usage, bool):
+        raise InvalidRequest(
+            f"stream_options.include_usage must be true or false, got {include_usage!r}"
+        )
+    return True, bool(include_usage)
+
+
 def _check_unsupported(body: Mapping[str, Any]) -> None:
     """Refuse settings this server cannot honour; ``null`` always means "not set"."""
     given = body.get
-    stream = given("stream")
-    if stream is not None and not isinstance(stream, bool):
-        raise InvalidRequest(f"stream must be true or false, got {stream!r}")
-    if stream:
-        raise InvalidRequest("stream is not supported; send 'stream': false or leave it out")
-
     for key in ("tools", "functions"):
         value = given(key)
         if value is not None and value != []:

@@ -14,6 +14,7 @@ queue takes a clock.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import functools
 import time
 from collections.abc import Callable, Sequence
@@ -25,7 +26,7 @@ from blipserve.engine.prepare import PreparedRow
 from blipserve.engine.results import good_rows_or_raise, predictions_or_raise
 from blipserve.errors import DeadlineExceeded, RowError
 from blipserve.params import GenerationParams
-from blipserve.types import Prediction, RowInput
+from blipserve.types import Prediction, RowInput, TextSink
 
 
 class OnlineObserver(BatchObserver, Protocol):
@@ -66,9 +67,16 @@ class OnlineEngine:
         self.engine.close()
 
     async def predict(
-        self, rows: Sequence[RowInput], params: GenerationParams, deadline: float
+        self,
+        rows: Sequence[RowInput],
+        params: GenerationParams,
+        deadline: float,
+        sinks: Sequence[TextSink | None] = (),
     ) -> list[Prediction]:
         """Every row's prediction, in order, by ``deadline`` (the event loop's clock).
+
+        ``sinks``: where each row's text goes in pieces as the model decodes it (called on
+        the model thread; ``None`` or none given: the row does not stream).
 
         Raises the bad row's :class:`RowError` (nothing is queued then), ``Overloaded`` when
         the queue is full, :class:`DeadlineExceeded`, or a batch's ``InferenceError``.
@@ -102,7 +110,11 @@ class OnlineEngine:
             bad = sum(isinstance(p, RowError) for p in prepared)
             self.observer.decoded(time.perf_counter() - started, bad)
         good = good_rows_or_raise(prepared)
+        items = [p.item for p in good]
+        for i, sink in enumerate(sinks):
+            items[i] = dataclasses.replace(items[i], on_text=sink)
         results = await self.queue.run(
-            [(p.item, p.key) for p in good], timeout=max(0.0, deadline - loop.time())
+            [(item, p.key) for item, p in zip(items, good, strict=True)],
+            timeout=max(0.0, deadline - loop.time()),
         )
         return predictions_or_raise(results)

@@ -20,6 +20,7 @@ from blipserve.models import openvino_vision, optimize
 from blipserve.models.openvino_vision import OpenVinoVision
 from blipserve.models.optimize import Speedup
 from blipserve.models.precision import Precision, vision_precision
+from blipserve.models.streaming import RowStreamer
 from blipserve.params import GenerationParams
 from blipserve.types import ModelInput, Prediction
 
@@ -274,10 +275,13 @@ class HFAdapter:
         order drawn, so with several of them the model's raw logits are kept (B * k rows
         of the vocabulary per step: on a GPU, 32 rows of 16 samples of 30 tokens over OPT's
         50k words hold 1.5 GB in bfloat16) to order them by their mean log-probability.
+
+        With a ``streamer`` (:meth:`streaming`), samples stay in the order drawn: a stream
+        cannot wait to order them.
         """
         kwargs = {**self.generate_kwargs(params), **inputs}
         k = params.num_return_sequences or 1
-        if k == 1 or self.search(params)[0] > 1:
+        if k == 1 or self.search(params)[0] > 1 or "streamer" in inputs:
             out: torch.Tensor = self.model.generate(**kwargs)
             return out
         drawn = self.model.generate(**kwargs, return_dict_in_generate=True, output_logits=True)
@@ -285,6 +289,17 @@ class HFAdapter:
         order = _best_first(new, drawn.logits, self.generated(new), k)
         best_first: torch.Tensor = drawn.sequences[order]
         return best_first
+
+    def streaming(self, items: Sequence[ModelInput]) -> dict[str, Any]:
+        """:meth:`generate`'s ``streamer`` for a batch whose rows have sinks
+        (:data:`~blipserve.types.TextSink`): each row's texts in pieces as they are
+        decoded.  None (``{}``) when no row streams, and under beam search, which settles
+        its beams only at the end (transformers streams no beams): the caller has the
+        texts when ``generate`` returns."""
+        sinks = [item.on_text for item in items]
+        if all(sink is None for sink in sinks) or self.search(items[0].params)[0] > 1:
+            return {}
+        return {"streamer": RowStreamer(self.tokenizer, sinks, texts_per_row(items))}
 
     def end_token_ids(self) -> list[int]:
         """The tokens that end a generated text (``generate``'s ``eos_token_id``)."""

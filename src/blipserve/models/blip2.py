@@ -118,6 +118,7 @@ class Blip2Adapter(HFAdapter):
     def predict(self, items: Sequence[ModelInput]) -> list[Prediction]:
         items = [self.instructed(item) for item in items]
         n = len(items)
+        streaming = self.streaming(items)  # (not the padding rows below)
         if self.static_cache:
             # Compiled decoding steps (CUDA graphs) are specialised to the batch and cache
             # shapes: pad to a power of two rows (copies of the last row, dropped below) so
@@ -136,6 +137,7 @@ class Blip2Adapter(HFAdapter):
             cache = {"cache_implementation": "static", "max_cache_len": max(_CACHE_MIN, needed)}
         out = self.generate(
             params,
+            **streaming,
             pixel_values=pixel_values,
             input_ids=input_ids,
             attention_mask=attention_mask,

@@ -27,6 +27,7 @@ from blipserve.contracts.catalog import encode_response, parse_request
 from blipserve.engine import Engine
 from blipserve.engine.online import OnlineEngine
 from blipserve.errors import BlipserveError, InvalidInput, ModelNotReady, RowError
+from blipserve.server.chat_stream import stream_chat
 from blipserve.server.docs import serve_docs
 from blipserve.server.http import (
     RequestContext,
@@ -39,6 +40,7 @@ from blipserve.server.http import (
 from blipserve.server.metrics import Metrics
 from blipserve.server.openapi import (
     CHAT_OPENAPI,
+    CHAT_RESPONSES,
     ERROR_RESPONSES,
     SCORE_OPENAPI,
     SCORE_RESPONSES,
@@ -189,16 +191,18 @@ def create_app(settings: Settings | None = None, *, engine: Engine | None = None
     @app.post(
         "/v1/chat/completions",
         summary="OpenAI-compatible chat completion on one image",
-        responses=ERROR_RESPONSES,
+        responses=CHAT_RESPONSES,
         openapi_extra=CHAT_OPENAPI,
     )
-    async def chat(request: Request) -> JSONResponse:
+    async def chat(request: Request) -> Response:
         check_auth(request, cfg.api_keys)
         until = deadline()
         req = openai_contract.parse_chat_request(await read_json_body(request, cfg.max_body_bytes))
         online = state.ready_engine()
         adapter = online.engine.adapter
         prompt = adapter.chat_prompt(req.question, req.history)
+        if req.stream:
+            return await stream_chat(request, online, req, prompt, until)
         try:
             [prediction] = await unless_disconnected(
                 request, online.predict([RowInput(0, req.image, prompt)], req.params, until)

@@ -67,6 +67,12 @@ class ChatMessageSchema(BaseModel):
     content: str | list[ContentPartSchema]
 
 
+class StreamOptionsSchema(BaseModel):
+    include_usage: bool | None = Field(
+        None, description="a last chunk with the usage and no choices"
+    )
+
+
 class ChatRequestSchema(BaseModel):
     model: str
     messages: list[ChatMessageSchema]
@@ -77,6 +83,12 @@ class ChatRequestSchema(BaseModel):
     n: int | None = Field(
         None, ge=1, le=16, description="answers (choices): the best beams, or samples"
     )
+    stream: bool | None = Field(
+        None,
+        description="answer as server-sent events (chat.completion.chunk), the text as it "
+        "is decoded, ending with 'data: [DONE]'",
+    )
+    stream_options: StreamOptionsSchema | None = Field(None, description="only with stream")
 
 
 def _request_body(model: type[BaseModel], examples: dict[str, Any]) -> dict[str, Any]:
@@ -158,6 +170,22 @@ ERROR_DESCRIPTIONS = {
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     status: {"model": ErrorBodySchema, "description": description}
     for status, description in ERROR_DESCRIPTIONS.items()
+}
+CHAT_RESPONSES: dict[int | str, dict[str, Any]] = {
+    200: {
+        "description": "A chat.completion; with stream, chat.completion.chunk events (errors "
+        "before the first chunk are JSON errors with their status, after it an 'error' event)",
+        "content": {
+            "application/json": {},
+            "text/event-stream": {
+                "schema": {"type": "string"},
+                "example": 'data: {"object":"chat.completion.chunk","choices":[{"index":0,'
+                '"delta":{"content":"a cat"},"finish_reason":null}], ...}\n\n'
+                "data: [DONE]\n\n",
+            },
+        },
+    },
+    **ERROR_RESPONSES,
 }
 SCORE_RESPONSES: dict[int | str, dict[str, Any]] = {
     200: {
