@@ -339,6 +339,43 @@ def test_questions_per_image_groups_a_scene_with_its_questions() -> None:
         FinetuneConfig(max_steps=1, questions_per_image=-1)
 
 
+def test_prompt_forms_vary_questions_and_ask_for_captions() -> None:
+    assert not FinetuneConfig(max_steps=1).prompt_forms  # other runs unchanged
+    source = data_mod.SceneSource(scenes.TRAIN_SEED, questions_per_image=3, prompt_forms=True)
+    rows = [source.example(i) for i in range(4 * 40)]
+    forms: set[str] = set()
+    for index in range(40):
+        scene = scenes.scene_at(scenes.TRAIN_SEED, index)
+        caption, *asked = rows[4 * index : 4 * index + 4]
+        assert caption.text == scene.caption
+        if caption.prompt is not None:  # an open question, answered with the caption
+            assert (
+                caption.prompt.lower().rstrip().removesuffix(" answer:").removeprefix("question: ")
+                in scenes.OPEN_QUESTIONS
+            )
+        truth = {qa.question: qa.answer for qa in scene.qa}
+        for ex in asked:
+            assert ex.prompt is not None
+            words = " ".join(ex.prompt.lower().split())
+            question = words.removeprefix("question: ").removesuffix(" answer:")
+            assert truth[question] == ex.text
+            forms.add(
+                "question"
+                if words.startswith("question:")
+                else "answer"
+                if words.endswith("answer:")
+                else "bare"
+            )
+    assert forms == set(scenes.PROMPT_FORMS)
+    assert 10 < sum(rows[4 * i].prompt is not None for i in range(40)) < 30
+    # Seeded: a fresh source (e.g. after a resume) gives the same prompts.
+    again = data_mod.SceneSource(scenes.TRAIN_SEED, questions_per_image=3, prompt_forms=True)
+    assert [again.example(i).prompt for i in range(40)] == [ex.prompt for ex in rows[:40]]
+    # One example per scene too.
+    single = data_mod.SceneSource(scenes.TRAIN_SEED, caption_fraction=0.0, prompt_forms=True)
+    assert any(not (single.example(i).prompt or "").startswith("Question:") for i in range(30))
+
+
 def test_rows_sharing_an_image_share_its_features(scene_dir: Path) -> None:
     """One pass of each image for all its rows (and, packed, one language-model sequence
     per image) gives the same loss and gradients as separate rows."""
@@ -417,3 +454,26 @@ def test_score_reports_answers_by_kind(monkeypatch: pytest.MonkeyPatch) -> None:
         f"answer_exact/{k}" for k in kinds
     }
     assert 0.0 < result["answer_exact"] < 1.0
+
+
+def test_score_forms_reports_each_prompt_form(monkeypatch: pytest.MonkeyPatch) -> None:
+    from blipserve.finetune import evaluate
+
+    examples = evaluate.form_examples(4)
+    assert {ex.form for ex in examples} == {*scenes.PROMPT_FORMS, "open"}
+    opens = [ex for ex in examples if ex.form == "open"]
+    assert len(opens) == 4
+    assert all(ex.text.startswith("a ") for ex in opens)
+    assert examples == evaluate.form_examples(4)  # seeded
+
+    def predict(bundle: Any, batch: list[Example], **_: Any) -> list[str]:
+        # Right about everything except bare questions.
+        return ["" if ex.form == "bare" else ex.text for ex in batch]
+
+    monkeypatch.setattr(evaluate, "predict", predict)
+    result = evaluate.score_forms(object(), examples)  # type: ignore[arg-type]
+    assert result["answer_exact/form:bare"] == 0.0
+    assert result["answer_exact/form:question"] == result["answer_exact/form:answer"] == 1.0
+    assert result["open_exact"] == 1.0
+    assert result["open_n"] == 4.0
+    assert result["answer_n/form:bare"] == sum(ex.form == "bare" for ex in examples)

@@ -205,3 +205,28 @@ def test_write_imagefolder_captions_only(tmp_path: Path) -> None:
 @pytest.mark.parametrize("question", ["what color is the circle?", "how many objects are there?"])
 def test_qa_prompt(question: str) -> None:
     assert QA(question, "x", "color").prompt == f"Question: {question} Answer:"
+
+
+def test_prompt_forms() -> None:
+    question = "what color is the circle?"
+    seen: dict[str, set[str]] = {}
+    for seed in range(60):
+        for form in scenes.PROMPT_FORMS:
+            prompt = scenes.prompt_in_form(question, form, random.Random(seed))
+            seen.setdefault(form, set()).add(prompt)
+            # Case and trailing spaces vary; the words are the form's.
+            assert " ".join(prompt.lower().split()) == " ".join(
+                scenes.PROMPT_FORMS[form].format(q=question).lower().split()
+            )
+    assert "Question: what color is the circle? Answer:" in seen["question"]
+    assert "What color is the circle? Answer: " in seen["answer"]
+    assert question in seen["bare"]
+    assert any(p.isupper() for p in seen["bare"])
+    assert any(p.endswith("  ") for p in seen["bare"])
+    # Seeded: the same rng state gives the same form and prompt.
+    assert scenes.random_prompt(question, random.Random(1)) == scenes.random_prompt(
+        question, random.Random(1)
+    )
+    assert {scenes.random_prompt(question, random.Random(s))[0] for s in range(30)} == set(
+        scenes.PROMPT_FORMS
+    )

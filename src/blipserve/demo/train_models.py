@@ -236,6 +236,14 @@ def _stage_line(cfg: FinetuneConfig, steps: str, blip2: bool) -> str:
                 if cfg.question_weights
                 else ""
             )
+            + (
+                "; each question in a random prompt form (`Question: q Answer:`, "
+                "`q Answer: ` or the bare question, in random case with zero to two "
+                "trailing spaces), and half the captions asked for by an open question "
+                '("what is in the picture?" and paraphrases, in such a form)'
+                if cfg.prompt_forms
+                else ""
+            )
             if blip2
             else "; language-modelling loss on the caption"
         )
@@ -320,7 +328,11 @@ def model_card(recipe: Recipe, configs: list[FinetuneConfig], result: dict[str, 
         lines.append(
             f"| captions | {int(heldout['n'])} | {heldout['exact']:.1%} | {heldout['bleu4']:.3f} |"
         )
-    by_kind = {k.split("/", 1)[1]: v for k, v in heldout.items() if k.startswith("answer_exact/")}
+    by_kind = {
+        k.split("/", 1)[1]: v
+        for k, v in heldout.items()
+        if k.startswith("answer_exact/") and not k.startswith("answer_exact/form:")
+    }
     if by_kind:
         lines += [
             "",
@@ -328,6 +340,7 @@ def model_card(recipe: Recipe, configs: list[FinetuneConfig], result: dict[str, 
             + ", ".join(f"{kind} {value:.1%}" for kind, value in by_kind.items())
             + ".",
         ]
+    lines += _form_table(heldout)
     lines += [
         "",
         "Measured with `blipserve.finetune.evaluate.evaluate_folder(folder, scenes_n=500)`.",
@@ -338,6 +351,39 @@ def model_card(recipe: Recipe, configs: list[FinetuneConfig], result: dict[str, 
         "",
     ]
     return "\n".join(lines)
+
+
+_FORM_ROWS = (
+    ("form:question", "`Question: q Answer:`", "Question: what color is the circle? Answer:"),
+    ("form:answer", "`q Answer: `", "What color is the circle? Answer: "),
+    ("form:bare", "the bare question `q`", "what color is the circle?"),
+)
+
+
+def _form_table(heldout: dict[str, float]) -> list[str]:
+    """Answers by prompt form, as :func:`evaluate.score_forms` measures them."""
+    if "answer_exact/form:bare" not in heldout:
+        return []
+    lines = [
+        "",
+        "The same questions in each prompt form clients send (each prompt in a seeded "
+        "random case, with zero to two trailing spaces), and one open question per scene "
+        '("what is in the picture?" and paraphrases, in a random form), whose answer is '
+        "the caption:",
+        "",
+        "| prompt form | e.g. | examples | exact match |",
+        "|---|---|---|---|",
+    ]
+    for key, label, example in _FORM_ROWS:
+        lines.append(
+            f"| {label} | `{example}` | {int(heldout[f'answer_n/{key}'])} "
+            f"| {heldout[f'answer_exact/{key}']:.1%} |"
+        )
+    lines.append(
+        f"| open question, answered with the caption | `What is in the picture? Answer: ` "
+        f"| {int(heldout['open_n'])} | {heldout['open_exact']:.1%} |"
+    )
+    return lines
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -100,6 +100,12 @@ class FinetuneConfig:
         "(kinds not named weigh 1; kinds: color, shape, size, count, count_shape, exists, "
         "position).",
     )
+    prompt_forms: bool = _opt(
+        False,
+        "Synthetic data for BLIP-2: ask each question in a random prompt form ('Question: q "
+        "Answer:', 'q Answer: ' or the bare question; case and trailing spaces varied), and "
+        "half the captions as an open question ('what is in the picture?' and paraphrases).",
+    )
     max_new_tokens: int = _opt(32, "Generation length limit during evaluation.")
     progress: bool = _opt(True, "Show a progress bar (loss, samples/s).")
     # Shape of a model built from a config (init 'config:...'); ignored for folders.

@@ -43,6 +43,7 @@ class Example:
     # Examples with the same key show the same image (BLIP-2 batches then encode it once).
     image_key: Hashable | None = None
     kind: str | None = None  # a synthetic question's kind (per-kind scores in evaluation)
+    form: str | None = None  # its prompt form (scenes.PROMPT_FORMS, or "open")
 
 
 class Source(Protocol):
@@ -98,6 +99,11 @@ class SceneSource:
     With ``questions_per_image`` = K > 0, examples come in groups of 1 + K per scene
     instead: its caption, then K of its questions of distinct kinds (fewer if the scene
     has fewer kinds; chosen with ``kind_weights``), all with the scene's ``image_key``.
+
+    With ``prompt_forms``, each question comes in a seeded random prompt form
+    (:data:`scenes.PROMPT_FORMS`, varied in case and trailing spaces) instead of
+    ``QA.prompt``, and half the caption rows become an open question ("what is in the
+    picture?" and paraphrases) in such a form, answered with the caption.
     """
 
     def __init__(
@@ -106,8 +112,10 @@ class SceneSource:
         caption_fraction: float = 1.0,
         kind_weights: Mapping[str, float] | None = None,
         questions_per_image: int = 0,
+        prompt_forms: bool = False,
     ) -> None:
         self.seed = seed
+        self.prompt_forms = prompt_forms
         self.caption_fraction = caption_fraction
         self.kind_weights = dict(kind_weights or {})
         self.questions_per_image = questions_per_image
@@ -121,13 +129,26 @@ class SceneSource:
         scene = scenes.scene_at(self.seed, index)
         rng = random.Random(f"task/{self.seed}/{index}")
         if not scene.qa or rng.random() < self.caption_fraction:
-            return Example(image=scene.image, text=scene.caption)
+            return self._caption(scene, f"{index}")
         if self.kind_weights:
             weights = [self._weight(q) for q in scene.qa]
             qa = rng.choices(scene.qa, weights)[0] if sum(weights) > 0 else rng.choice(scene.qa)
         else:
             qa = rng.choice(scene.qa)  # (as before weights existed: same streams)
-        return Example(image=scene.image, text=qa.answer, prompt=qa.prompt)
+        return Example(image=scene.image, text=qa.answer, prompt=self._prompt(qa, f"{index}"))
+
+    def _prompt(self, qa: scenes.QA, where: str) -> str:
+        if not self.prompt_forms:
+            return qa.prompt
+        return scenes.random_prompt(qa.question, random.Random(f"form/{self.seed}/{where}"))[1]
+
+    def _caption(self, scene: scenes.Scene, where: str, key: Hashable | None = None) -> Example:
+        """The caption, unprompted or (with ``prompt_forms``, half the time) asked for."""
+        rng = random.Random(f"open/{self.seed}/{where}")
+        if self.prompt_forms and rng.random() < 0.5:
+            prompt = scenes.random_prompt(rng.choice(scenes.OPEN_QUESTIONS), rng)[1]
+            return Example(image=scene.image, text=scene.caption, prompt=prompt, image_key=key)
+        return Example(image=scene.image, text=scene.caption, image_key=key)
 
     def _weight(self, qa: scenes.QA) -> float:
         return self.kind_weights.get(qa.kind, 1.0)
@@ -140,9 +161,10 @@ class SceneSource:
         _, scene, chosen = self._last
         key = ("scene", self.seed, index)
         if slot == 0 or slot > len(chosen):  # (a scene with fewer kinds: its caption again)
-            return Example(image=scene.image, text=scene.caption, image_key=key)
+            return self._caption(scene, f"{index}/{slot}", key)
         qa = chosen[slot - 1]
-        return Example(image=scene.image, text=qa.answer, prompt=qa.prompt, image_key=key)
+        prompt = self._prompt(qa, f"{index}/{slot}")
+        return Example(image=scene.image, text=qa.answer, prompt=prompt, image_key=key)
 
     def _questions(self, qa: Sequence[scenes.QA], rng: random.Random) -> list[scenes.QA]:
         """``questions_per_image`` of ``qa`` without repeats, weighted by kind."""
@@ -379,6 +401,7 @@ def make_source(
     caption_fraction: float,
     kind_weights: Mapping[str, float] | None = None,
     questions_per_image: int = 0,
+    prompt_forms: bool = False,
 ) -> Source:
     """The training source named by ``FinetuneConfig.data``."""
     if data == "synthetic":
@@ -390,5 +413,6 @@ def make_source(
             caption_fraction=fraction,
             kind_weights=kind_weights,
             questions_per_image=0 if family == "blip" else questions_per_image,
+            prompt_forms=prompt_forms and family != "blip",
         )
     return RowSource(read_rows(data), seed=seed)

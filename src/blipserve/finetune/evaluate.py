@@ -36,6 +36,22 @@ def heldout_examples(n: int, family: str, *, every_question: bool = False) -> li
     return examples
 
 
+def form_examples(n: int) -> list[Example]:
+    """Prompts as clients send them, from ``n`` held-out scenes: every question of each
+    scene in each of :data:`scenes.PROMPT_FORMS` (seeded case and trailing spaces), and one
+    open question per scene (a seeded paraphrase and form) whose answer is the caption."""
+    examples: list[Example] = []
+    for i, scene in enumerate(scenes.generate(scenes.HELDOUT_SEED, n)):
+        for form in scenes.PROMPT_FORMS:
+            for j, qa in enumerate(scene.qa):
+                prompt = scenes.prompt_in_form(qa.question, form, random.Random(f"{form}/{i}/{j}"))
+                examples.append(Example(scene.image, qa.answer, prompt, form=form))
+        rng = random.Random(f"open/{i}")
+        prompt = scenes.random_prompt(rng.choice(scenes.OPEN_QUESTIONS), rng)[1]
+        examples.append(Example(scene.image, scene.caption, prompt, form="open"))
+    return examples
+
+
 def eval_examples(data: str, n: int, family: str) -> list[Example]:
     """The evaluation set named by ``FinetuneConfig.eval_data`` (first ``n`` examples)."""
     if not data:
@@ -147,6 +163,25 @@ def score(
     return result
 
 
+def score_forms(
+    bundle: Bundle, examples: Sequence[Example], *, batch_size: int = 64
+) -> dict[str, float]:
+    """Exact match per prompt form (``answer_exact/form:bare``; open questions:
+    ``open_exact``), with the number of examples of each (``answer_n/form:bare``)."""
+    preds = predict(bundle, examples, batch_size=batch_size)
+    result: dict[str, float] = {}
+    for form in dict.fromkeys(ex.form for ex in examples if ex.form is not None):
+        idx = [i for i, ex in enumerate(examples) if ex.form == form]
+        exact = exact_match([preds[i] for i in idx], [examples[i].text for i in idx])
+        n_key, exact_key = (
+            ("open_n", "open_exact")
+            if form == "open"
+            else (f"answer_n/form:{form}", f"answer_exact/form:{form}")
+        )
+        result[n_key], result[exact_key] = float(len(idx)), exact
+    return result
+
+
 def _reference(bundle: Bundle, ex: Example) -> str:
     # A BLIP caption continues its prompt and includes it; BLIP-2 answers after it.
     if bundle.family == "blip" and ex.prompt is not None:
@@ -158,8 +193,13 @@ def evaluate_folder(model_dir: str, scenes_n: int = 500, batch_size: int = 64) -
     """Load a saved folder and score it on ``scenes_n`` fresh held-out scenes.
 
     Every caption, and for BLIP-2 every question of each scene (one per kind that
-    applies).  This is the measurement reported in the demo model cards.
+    applies) as ``QA.prompt``, then again in each prompt form clients send, with open
+    questions (:func:`form_examples`, :func:`score_forms`).  This is the measurement
+    reported in the demo model cards.
     """
     bundle = load_bundle(model_dir)
     examples = heldout_examples(scenes_n, bundle.family, every_question=True)
-    return score(bundle, examples, batch_size=batch_size)
+    result = score(bundle, examples, batch_size=batch_size)
+    if bundle.family == "blip2":
+        result.update(score_forms(bundle, form_examples(scenes_n), batch_size=batch_size))
+    return result

@@ -115,6 +115,38 @@ def question_prompt(question: str) -> str:
     return f"Question: {question} Answer:"
 
 
+# The forms clients send a question in: BLIP-2's own ``Question: q Answer:``, the
+# catalog sample's ``q Answer: `` and the bare question.
+PROMPT_FORMS: dict[str, str] = {
+    "question": "Question: {q} Answer:",
+    "answer": "{q} Answer: ",
+    "bare": "{q}",
+}
+# Open questions, answered with the scene's caption.
+OPEN_QUESTIONS = (
+    "what is in the picture?",
+    "what is in the image?",
+    "what do you see?",
+    "describe the picture.",
+    "what does the image show?",
+)
+
+
+def prompt_in_form(question: str, form: str, rng: random.Random) -> str:
+    """``question`` in prompt form ``form``, with the case and trailing spaces clients vary
+    (``rng`` picks them: capitalised, lowercase or upper case; zero to two spaces)."""
+    text = PROMPT_FORMS[form].format(q=question)
+    case = rng.randrange(3)
+    text = text[:1].upper() + text[1:] if case == 0 else text.upper() if case == 1 else text.lower()
+    return text.rstrip() + " " * rng.randrange(3)
+
+
+def random_prompt(question: str, rng: random.Random) -> tuple[str, str]:
+    """A seeded random form of ``question``: (form name, prompt)."""
+    form = rng.choice(list(PROMPT_FORMS))
+    return form, prompt_in_form(question, form, rng)
+
+
 def caption_of(objects: tuple[SceneObject, ...]) -> str:
     """The caption: every object's phrase, left to right, joined by ``left of``."""
     ordered = sorted(objects, key=lambda o: o.x)

@@ -55,6 +55,7 @@ def finetune(cfg: FinetuneConfig) -> Path:
         caption_fraction=cfg.caption_fraction,
         kind_weights=cfg.kind_weights(),
         questions_per_image=cfg.questions_per_image,
+        prompt_forms=cfg.prompt_forms,
     )
     total = total_steps(cfg, source)
     optimizer = _optimizer(trainable, cfg)
@@ -210,6 +211,7 @@ _RECIPE_FIELDS = (
     "caption_fraction",
     "question_weights",
     "questions_per_image",
+    "prompt_forms",
     "vision_init",
     "qformer_init",
 )
