@@ -16,7 +16,8 @@ from blipserve.finetune import FinetuneConfig, finetune, scenes
 from blipserve.finetune import data as data_mod
 from blipserve.finetune import train as train_mod
 from blipserve.finetune.build import make_bundle
-from blipserve.finetune.data import IGNORE, Example, collate, read_rows
+from blipserve.finetune.collate import IGNORE, collate
+from blipserve.finetune.data import Example, read_rows
 from blipserve.finetune.metrics import corpus_bleu, exact_match
 
 TINY: dict[str, Any] = {
@@ -118,7 +119,7 @@ def test_resume_continues_from_the_last_checkpoint(
     straight = finetune(_cfg("config:blip", scene_dir, tmp_path / "straight", **over))
 
     # Kill the second run while it works on step 3 (after the step-2 checkpoint).
-    real_collate = data_mod.collate
+    real_collate = collate
     calls: list[int] = []
 
     def dying_collate(bundle: Any, batch: Any) -> Any:

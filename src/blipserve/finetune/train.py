@@ -23,8 +23,9 @@ from typing import Any, cast
 import torch
 
 from blipserve.finetune.build import Bundle, count_parameters, load_bundle, make_bundle
+from blipserve.finetune.collate import collate
 from blipserve.finetune.config import FinetuneConfig
-from blipserve.finetune.data import Source, collate, make_source
+from blipserve.finetune.data import Source, make_source
 from blipserve.finetune.evaluate import eval_examples, score
 
 log = logging.getLogger(__name__)
