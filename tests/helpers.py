@@ -125,3 +125,19 @@ def batch_command(model: Path, images: str | Path, out: str | Path, *flags: str)
         *(sys.executable, "-m", "blipserve.cli", "batch", str(images), "-o", str(out)),
         *("--model", str(model), "--max-new-tokens", "4", "--no-progress", *flags),
     ]
+
+
+def score_body(
+    rows: list[list[Any]], columns: list[str] | None = None, **params: Any
+) -> dict[str, Any]:
+    """A catalog ``/score`` body: ``rows`` under ``columns`` (default: image), ``params``."""
+    body: dict[str, Any] = {
+        "input_data": {
+            "columns": columns or ["image"],
+            "index": list(range(len(rows))),
+            "data": rows,
+        }
+    }
+    if params:
+        body["params"] = params
+    return body

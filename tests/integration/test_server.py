@@ -19,26 +19,11 @@ from typing import Any
 import httpx
 import pytest
 
-from helpers import b64_png
+from helpers import b64_png, score_body
 from live_server import RunningServer
 
 KEY = "test-key-1"
 AUTH = {"Authorization": f"Bearer {KEY}"}
-
-
-def score_body(
-    rows: list[list[Any]], columns: list[str] | None = None, **params: Any
-) -> dict[str, Any]:
-    body: dict[str, Any] = {
-        "input_data": {
-            "columns": columns or ["image"],
-            "index": list(range(len(rows))),
-            "data": rows,
-        }
-    }
-    if params:
-        body["params"] = params
-    return body
 
 
 @pytest.fixture(scope="module")

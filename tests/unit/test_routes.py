@@ -30,27 +30,12 @@ from blipserve.engine import Engine
 from blipserve.errors import Overloaded
 from blipserve.server.app import ServerState, create_app
 from fakes import EchoAdapter, VirtualTimeLoop, run_on_virtual_time
-from helpers import b64_png
+from helpers import b64_png, score_body
 
 KEY = "test-key-1"
 AUTH = {"Authorization": f"Bearer {KEY}"}
 MODEL = "echo-model"
 ServerFactory = Callable[..., FastAPI]
-
-
-def score_body(
-    rows: list[list[Any]], columns: list[str] | None = None, **params: Any
-) -> dict[str, Any]:
-    body: dict[str, Any] = {
-        "input_data": {
-            "columns": columns or ["image"],
-            "index": list(range(len(rows))),
-            "data": rows,
-        }
-    }
-    if params:
-        body["params"] = params
-    return body
 
 
 def texts(*texts: str) -> dict[str, Any]:
