@@ -17,8 +17,9 @@ from typing import Any, ClassVar, TypeVar
 
 import torch
 
-from blipserve.errors import InferenceError
+from blipserve.errors import InferenceError, InvalidInput
 from blipserve.models.base import TextRole
+from blipserve.params import GenerationParams
 from blipserve.types import ModelInput, Prediction
 
 T = TypeVar("T")
@@ -61,6 +62,10 @@ class EchoAdapter:
 
     def batch_key(self, item: ModelInput) -> Hashable:
         return item.text == "boom"  # a failing row gets a batch of its own
+
+    def check_params(self, params: GenerationParams) -> None:
+        if (params.num_return_sequences or 1) > 1:
+            raise InvalidInput("the echo model gives one text per row")
 
     def predict(self, items: Sequence[ModelInput]) -> list[Prediction]:
         self.started.set()

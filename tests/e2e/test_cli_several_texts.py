@@ -94,3 +94,20 @@ def test_batch_texts_column_and_all_captions_in_sidecars(
     for row in rows:
         assert len(row["texts"]) == 2
         assert (folder / row["id"]).with_suffix(".txt").read_text().splitlines() == row["texts"]
+
+
+def test_batch_refuses_texts_the_model_cannot_give_before_it_starts(
+    tiny_model_dir: dict[str, Path], tmp_path: Path
+) -> None:
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for i in range(3):
+        make_image(i).save(folder / f"p{i}.png")
+    output = tmp_path / "out.jsonl"
+    model = ["--model", str(tiny_model_dir["blip-caption"])]
+    out = run("batch", str(folder), "-o", str(output), *model, "--num-return-sequences", "2")
+    assert out.returncode == 2
+    # One message for the job (the model decodes greedily by default), not one per row.
+    assert out.stderr.count("num_return_sequences (2) needs beam search") == 1, out.stderr
+    assert not output.exists()
+    assert not list(tmp_path.glob("*out.jsonl*"))  # no journal either: nothing to resume

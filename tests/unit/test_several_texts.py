@@ -11,7 +11,7 @@ import torch
 
 from blipserve.config import EngineConfig, ModelConfig
 from blipserve.engine import Engine
-from blipserve.errors import InvalidInput, RowError
+from blipserve.errors import InvalidInput, InvalidRequest, RowError
 from blipserve.models.base import HFAdapter
 from blipserve.models.blip2 import Blip2Adapter
 from blipserve.params import GenerationParams
@@ -153,14 +153,21 @@ def test_no_repeat_ngram_size_reaches_generate(engines: dict[str, Engine], kind:
         ("blip-itm", GenerationParams(num_return_sequences=2), "num_return_sequences .* must be 1"),
     ],
 )
-def test_several_texts_the_model_cannot_give_are_refused_per_row(
+def test_several_texts_the_model_cannot_give_are_refused_once_for_the_request(
     engines: dict[str, Engine], kind: str, params: GenerationParams, message: str
 ) -> None:
     text = "a dog" if kind == "blip-itm" else None
-    [outcome] = engines[kind].predict([RowInput(0, b64_png(0), text)], params)
-    assert isinstance(outcome, RowError)
-    assert outcome.status == 400
-    assert re.search(message, outcome.message), outcome.message
+    rows = [RowInput(i, b64_png(i), text) for i in range(3)]
+    with pytest.raises(InvalidRequest) as raised:
+        engines[kind].predict(rows, params)
+    assert raised.value.status == 400
+    assert not isinstance(raised.value, RowError)  # the request's parameters, not a row
+    assert re.search(message, raised.value.message), raised.value.message
+    # A row that reaches the model some other way (a Ray actor's chunk) is still refused
+    # alone rather than failing its whole batch in generate.
+    [prepared] = engines[kind].prepare_all(rows[:1], params)
+    assert isinstance(prepared, RowError)
+    assert re.search(message, prepared.message), prepared.message
 
 
 def test_more_texts_than_the_default_beams_is_refused(engines: dict[str, Engine]) -> None:

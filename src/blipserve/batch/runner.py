@@ -39,6 +39,7 @@ class BatchJob(JobBook):
     def __init__(
         self, engine: Engine, options: BatchOptions, filter_engine: Engine | None = None
     ) -> None:
+        engine.check_params(options.params)  # before the job's output is touched
         self.engine = engine
         self.filter_engine = filter_engine
         super().__init__(

@@ -24,7 +24,7 @@ from blipserve.contracts.catalog import ScoringRequest
 from blipserve.engine.prepare import PreparedRow, RowPreparer
 from blipserve.engine.results import good_rows_or_raise, predictions_or_raise
 from blipserve.engine.run import ModelRunner, default_batch_size, default_model_workers
-from blipserve.errors import RowError
+from blipserve.errors import InvalidInput, InvalidRequest, RowError
 from blipserve.models import load_model
 from blipserve.models.base import Adapter
 from blipserve.params import GenerationParams
@@ -125,6 +125,14 @@ class Engine:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
+    def check_params(self, params: GenerationParams) -> None:
+        """Refuse parameters this model cannot honour, once for a whole request or job (a
+        400 naming the parameter, before any image is fetched), rather than row by row."""
+        try:
+            self.adapter.check_params(params)
+        except InvalidInput as exc:
+            raise InvalidRequest(exc.message) from None
+
     # -- the stages, each usable on its own ----------------------------------------------
 
     def prepare(
@@ -156,12 +164,15 @@ class Engine:
         *,
         allow_paths: bool = False,
     ) -> list[Outcome]:
-        """Predict every row; a bad row's outcome is its :class:`RowError`."""
+        """Predict every row; a bad row's outcome is its :class:`RowError`.  Parameters the
+        model cannot honour raise :class:`InvalidRequest` (:meth:`check_params`)."""
         params = params or GenerationParams()
+        self.check_params(params)
         return self.run_prepared(self.prepare_all(rows, params, allow_paths=allow_paths))
 
     def score(self, request: ScoringRequest) -> list[Prediction]:
         """Answer a catalog scoring request; raise if any row is bad (nothing is run then)."""
+        self.check_params(request.params)
         good = good_rows_or_raise(self.prepare_all(request.rows, request.params))
         return predictions_or_raise(self.run_prepared(good))
 

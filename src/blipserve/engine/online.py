@@ -78,9 +78,11 @@ class OnlineEngine:
         ``sinks``: where each row's text goes in pieces as the model decodes it (called on
         the model thread; ``None`` or none given: the row does not stream).
 
-        Raises the bad row's :class:`RowError` (nothing is queued then), ``Overloaded`` when
+        Raises ``InvalidRequest`` for parameters the model cannot honour, the bad row's
+        :class:`RowError` (nothing is queued then), ``Overloaded`` when
         the queue is full, :class:`DeadlineExceeded`, or a batch's ``InferenceError``.
         """
+        self.engine.check_params(params)
         # Rows that cannot be queued are refused before their images are fetched and decoded
         # (each decoded image can hold up to max_image_pixels x 3 bytes).
         self.queue.refuse_if_full(len(rows))

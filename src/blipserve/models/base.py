@@ -55,6 +55,12 @@ class Adapter(Protocol):
         """Run one batch (already grouped by ``batch_key``); one prediction per item."""
         ...
 
+    def check_params(self, params: GenerationParams) -> None:
+        """Raise :class:`~blipserve.errors.InvalidInput` for parameters this model cannot
+        honour whatever the row (several texts from a model that decodes greedily by
+        default): what :class:`GenerationParams` cannot tell without the model."""
+        ...
+
     def count_tokens(self, text: str | None) -> int: ...
 
     def question_prompt(self, question: str) -> str:
