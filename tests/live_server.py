@@ -16,8 +16,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
+import openai
 
 LAUNCHER = Path(__file__).parent / "integration" / "serve_controllable.py"
+#: the API key of the servers the `openai` client's tests start
+OPENAI_KEY = "sk-test"
+
+
+def openai_client_of(server: RunningServer) -> openai.OpenAI:
+    """The official client, as an application configures it, for ``server``'s /v1 routes."""
+    return openai.OpenAI(base_url=f"{server.url}/v1", api_key=OPENAI_KEY, max_retries=0)
 
 
 @dataclass

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -12,32 +11,18 @@ import pytest
 from helpers import b64_png
 from live_server import RunningServer
 
-KEY = "sk-test"
-
-
-@pytest.fixture(scope="module")
-def server(
-    server_factory: Callable[..., RunningServer], tiny_model_dir: dict[str, Path]
-) -> RunningServer:
-    return server_factory(tiny_model_dir["blip2-opt"], "--api-key", KEY)
-
-
-@pytest.fixture(scope="module")
-def client(server: RunningServer) -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"{server.url}/v1", api_key=KEY, max_retries=0)
-
 
 def image_part(seed: int = 0) -> Any:  # a content part, as the client types it
     return {"type": "image_url", "image_url": {"url": f"data:image/png;base64,{b64_png(seed)}"}}
 
 
-def test_models(client: openai.OpenAI, tiny_model_dir: dict[str, Path]) -> None:
-    models = client.models.list()
+def test_models(openai_client: openai.OpenAI, tiny_model_dir: dict[str, Path]) -> None:
+    models = openai_client.models.list()
     assert [m.id for m in models.data] == [str(tiny_model_dir["blip2-opt"])]
 
 
-def test_caption_and_question(client: openai.OpenAI) -> None:
-    caption = client.chat.completions.create(
+def test_caption_and_question(openai_client: openai.OpenAI) -> None:
+    caption = openai_client.chat.completions.create(
         model="blip2",
         max_tokens=5,
         messages=[{"role": "user", "content": [image_part()]}],
@@ -52,7 +37,7 @@ def test_caption_and_question(client: openai.OpenAI) -> None:
         caption.usage.prompt_tokens + caption.usage.completion_tokens
     )
 
-    answer = client.chat.completions.create(
+    answer = openai_client.chat.completions.create(
         model="blip2",
         max_tokens=3,
         temperature=0,
@@ -66,8 +51,8 @@ def test_caption_and_question(client: openai.OpenAI) -> None:
     assert "Question:" not in (answer.choices[0].message.content or "")
 
 
-def test_length_finish_reason(client: openai.OpenAI) -> None:
-    out = client.chat.completions.create(
+def test_length_finish_reason(openai_client: openai.OpenAI) -> None:
+    out = openai_client.chat.completions.create(
         model="blip2",
         max_tokens=2,
         messages=[{"role": "user", "content": [image_part(3)]}],
@@ -78,9 +63,9 @@ def test_length_finish_reason(client: openai.OpenAI) -> None:
     assert out.usage.completion_tokens == 2
 
 
-def test_n_answers_are_n_choices(client: openai.OpenAI) -> None:
+def test_n_answers_are_n_choices(openai_client: openai.OpenAI) -> None:
     # min_tokens == max_tokens: each answer is exactly 2 tokens, and usage counts all of them
-    out = client.chat.completions.create(
+    out = openai_client.chat.completions.create(
         model="blip2",
         n=3,
         max_tokens=2,
@@ -95,14 +80,14 @@ def test_n_answers_are_n_choices(client: openai.OpenAI) -> None:
     assert out.usage.total_tokens == out.usage.prompt_tokens + 6
 
 
-def test_n_best_beams_first(client: openai.OpenAI) -> None:
+def test_n_best_beams_first(openai_client: openai.OpenAI) -> None:
     messages: list[Any] = [{"role": "user", "content": [image_part(5)]}]
-    beams = client.chat.completions.create(
+    beams = openai_client.chat.completions.create(
         model="blip2", n=3, max_tokens=4, messages=messages, extra_body={"num_beams": 3}
     )
     answers = [c.message.content for c in beams.choices]
     assert len(set(answers)) == 3
-    best = client.chat.completions.create(
+    best = openai_client.chat.completions.create(
         model="blip2", max_tokens=4, messages=messages, extra_body={"num_beams": 3}
     )
     assert [c.message.content for c in best.choices] == answers[:1]
@@ -124,7 +109,7 @@ def test_n_best_beams_first(client: openai.OpenAI) -> None:
     ],
 )
 def test_unsupported_is_a_clear_400(
-    client: openai.OpenAI, kwargs: dict[str, object], message: str
+    openai_client: openai.OpenAI, kwargs: dict[str, object], message: str
 ) -> None:
     request = {
         "model": "blip2",
@@ -132,19 +117,19 @@ def test_unsupported_is_a_clear_400(
         **kwargs,
     }
     with pytest.raises(openai.BadRequestError) as info:
-        client.chat.completions.create(**request)  # type: ignore[call-overload]
+        openai_client.chat.completions.create(**request)  # type: ignore[call-overload]
     assert message in str(info.value)
 
 
-def test_wrong_key(server: RunningServer) -> None:
-    bad = openai.OpenAI(base_url=f"{server.url}/v1", api_key="nope", max_retries=0)
+def test_wrong_key(openai_server: RunningServer) -> None:
+    bad = openai.OpenAI(base_url=f"{openai_server.url}/v1", api_key="nope", max_retries=0)
     with pytest.raises(openai.AuthenticationError):
         bad.models.list()
 
 
-def test_bad_image_is_400(client: openai.OpenAI) -> None:
+def test_bad_image_is_400(openai_client: openai.OpenAI) -> None:
     with pytest.raises(openai.BadRequestError) as info:
-        client.chat.completions.create(
+        openai_client.chat.completions.create(
             model="blip2",
             messages=[
                 {

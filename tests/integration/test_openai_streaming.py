@@ -1,5 +1,6 @@
 """``"stream": true`` with the official `openai` client's streaming iterator against the real
-server (the tiny BLIP-2 OPT): the chunks add up to the non-streamed answer."""
+server (the tiny BLIP-2 OPT, and BLIP captioning): the chunks add up to the non-streamed
+answer."""
 
 from __future__ import annotations
 
@@ -14,21 +15,7 @@ import pytest
 from openai.types.chat import ChatCompletionChunk
 
 from helpers import b64_png
-from live_server import RunningServer
-
-KEY = "sk-test"
-
-
-@pytest.fixture(scope="module")
-def server(
-    server_factory: Callable[..., RunningServer], tiny_model_dir: dict[str, Path]
-) -> RunningServer:
-    return server_factory(tiny_model_dir["blip2-opt"], "--api-key", KEY)
-
-
-@pytest.fixture(scope="module")
-def client(server: RunningServer) -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"{server.url}/v1", api_key=KEY, max_retries=0)
+from live_server import OPENAI_KEY, RunningServer, openai_client_of
 
 
 def messages(seed: int = 0, question: str | None = None) -> Any:
@@ -40,8 +27,8 @@ def messages(seed: int = 0, question: str | None = None) -> Any:
     return [{"role": "user", "content": content}]
 
 
-def streamed(client: openai.OpenAI, **request: Any) -> list[ChatCompletionChunk]:
-    return list(client.chat.completions.create(model="blip2", stream=True, **request))
+def streamed(openai_client: openai.OpenAI, **request: Any) -> list[ChatCompletionChunk]:
+    return list(openai_client.chat.completions.create(model="blip2", stream=True, **request))
 
 
 def texts(chunks: list[ChatCompletionChunk]) -> dict[int, str]:
@@ -59,9 +46,9 @@ def finishes(chunks: list[ChatCompletionChunk]) -> dict[int, str]:
 GREEDY: dict[str, Any] = {"max_tokens": 16, "temperature": 0, "extra_body": {"min_tokens": 16}}
 
 
-def test_the_chunks_add_up_to_the_answer(client: openai.OpenAI) -> None:
-    whole = client.chat.completions.create(model="blip2", messages=messages(), **GREEDY)
-    chunks = streamed(client, messages=messages(), **GREEDY)
+def test_the_chunks_add_up_to_the_answer(openai_client: openai.OpenAI) -> None:
+    whole = openai_client.chat.completions.create(model="blip2", messages=messages(), **GREEDY)
+    chunks = streamed(openai_client, messages=messages(), **GREEDY)
     assert all(c.object == "chat.completion.chunk" for c in chunks)
     assert len({c.id for c in chunks}) == 1
     assert chunks[0].choices[0].delta.role == "assistant"
@@ -74,10 +61,11 @@ def test_the_chunks_add_up_to_the_answer(client: openai.OpenAI) -> None:
     assert len(pieces) > 1
 
 
-def test_a_question_and_include_usage(client: openai.OpenAI) -> None:
+def test_a_question_and_include_usage(openai_client: openai.OpenAI) -> None:
     asked = messages(1, "what is it?")
-    whole = client.chat.completions.create(model="blip2", messages=asked, **GREEDY)
-    chunks = streamed(client, messages=asked, stream_options={"include_usage": True}, **GREEDY)
+    whole = openai_client.chat.completions.create(model="blip2", messages=asked, **GREEDY)
+    usage = {"include_usage": True}
+    chunks = streamed(openai_client, messages=asked, stream_options=usage, **GREEDY)
     assert texts(chunks) == {0: whole.choices[0].message.content}
     last = chunks[-1]
     assert last.choices == []
@@ -87,17 +75,17 @@ def test_a_question_and_include_usage(client: openai.OpenAI) -> None:
     assert all(c.usage is None for c in chunks[:-1])
 
 
-def test_n_streams_each_choice_with_its_index(client: openai.OpenAI) -> None:
+def test_n_streams_each_choice_with_its_index(openai_client: openai.OpenAI) -> None:
     # beams: deterministic, so the streamed choices equal the non-streamed ones
     beams: dict[str, Any] = {"max_tokens": 6, "n": 2, "extra_body": {"num_beams": 2}}
-    whole = client.chat.completions.create(model="blip2", messages=messages(2), **beams)
-    chunks = streamed(client, messages=messages(2), **beams)
+    whole = openai_client.chat.completions.create(model="blip2", messages=messages(2), **beams)
+    chunks = streamed(openai_client, messages=messages(2), **beams)
     assert texts(chunks) == {c.index: c.message.content for c in whole.choices}
     assert finishes(chunks) == {c.index: c.finish_reason for c in whole.choices}
 
     # samples: each index streams its own text, as it is drawn
     sampled = streamed(
-        client,
+        openai_client,
         messages=messages(2),
         n=2,
         max_tokens=8,
@@ -111,7 +99,7 @@ def test_n_streams_each_choice_with_its_index(client: openai.OpenAI) -> None:
 
 
 def test_errors_before_the_first_chunk_are_json(
-    client: openai.OpenAI, server: RunningServer
+    openai_client: openai.OpenAI, openai_server: RunningServer
 ) -> None:
     bad = [
         {
@@ -120,13 +108,13 @@ def test_errors_before_the_first_chunk_are_json(
         }
     ]
     with pytest.raises(openai.BadRequestError) as caught:
-        streamed(client, messages=bad, max_tokens=4)
+        streamed(openai_client, messages=bad, max_tokens=4)
     assert caught.value.status_code == 400
     assert caught.value.response.headers["content-type"].startswith("application/json")
 
     # raw HTTP: the same 400 body as without streaming; streaming options need a stream
-    headers = {"Authorization": f"Bearer {KEY}"}
-    url = f"{server.url}/v1/chat/completions"
+    headers = {"Authorization": f"Bearer {OPENAI_KEY}"}
+    url = f"{openai_server.url}/v1/chat/completions"
     for body in (
         {"model": "m", "messages": bad, "stream": True},
         {"model": "m", "messages": messages(), "stream_options": {"include_usage": True}},
@@ -136,14 +124,32 @@ def test_errors_before_the_first_chunk_are_json(
         assert "message" in reply.json()
 
 
-def test_raw_events_end_with_done(server: RunningServer) -> None:
+def test_raw_events_end_with_done(openai_server: RunningServer) -> None:
     body = {"model": "m", "messages": messages(3), "stream": True, "max_tokens": 4}
-    headers = {"Authorization": f"Bearer {KEY}"}
+    headers = {"Authorization": f"Bearer {OPENAI_KEY}"}
     with httpx.stream(
-        "POST", f"{server.url}/v1/chat/completions", json=body, headers=headers, timeout=30
+        "POST", f"{openai_server.url}/v1/chat/completions", json=body, headers=headers, timeout=30
     ) as reply:
         assert reply.status_code == 200
         assert reply.headers["content-type"].startswith("text/event-stream")
         lines = [line for line in reply.iter_lines() if line]
     assert all(line.startswith("data: ") for line in lines)
     assert lines[-1] == "data: [DONE]"
+
+
+def test_blip_captions_stream_with_their_prefix(
+    server_factory: Callable[..., RunningServer], tiny_model_dir: dict[str, Path]
+) -> None:
+    # BLIP's caption continues (and includes) the text it is given: the first piece holds it.
+    blip = openai_client_of(server_factory(tiny_model_dir["blip-caption"], "--api-key", OPENAI_KEY))
+    asked = messages(2, "a picture of")
+    whole = blip.chat.completions.create(model="blip", messages=asked, **GREEDY)
+    chunks = list(blip.chat.completions.create(model="blip", messages=asked, stream=True, **GREEDY))
+    answer = whole.choices[0].message.content
+    assert answer is not None
+    assert answer.startswith("a picture of")
+    assert texts(chunks) == {0: answer}
+    pieces = [c.choices[0].delta.content for c in chunks if c.choices]
+    pieces = [piece for piece in pieces if piece]
+    assert pieces[0].startswith("a picture of")
+    assert len(pieces) > 1  # as decoded, not whole at the end

@@ -1,5 +1,6 @@
 """Texts streamed as they are decoded (:mod:`blipserve.models.streaming`), on tiny models:
-the pieces of each row of a batch add up to its answer, and arrive over several steps."""
+the pieces of each row of a batch add up to its answer, and arrive over several steps, for
+BLIP-2 (OPT, T5) and BLIP (a caption, which includes its prefix, and an answer)."""
 
 from __future__ import annotations
 
@@ -17,7 +18,13 @@ from blipserve.params import GenerationParams
 from blipserve.types import ModelInput, Prediction
 from helpers import make_image
 
-KINDS = ["blip2-opt", "blip2-t5"]
+#: each kind with the text its rows send (BLIP's caption prefix is part of the answer)
+KINDS = {
+    "blip2-opt": None,
+    "blip2-t5": None,
+    "blip-caption": "a picture of",
+    "blip-vqa": "what is in the picture?",
+}
 
 
 @pytest.fixture(scope="module")
@@ -72,17 +79,22 @@ def test_words_are_sent_whole_and_add_up_to_the_stripped_text(
 def test_each_row_of_a_batch_streams_its_own_answer(
     adapters: dict[str, HFAdapter], kind: str
 ) -> None:
-    adapter = adapters[kind]
+    adapter, text = adapters[kind], KINDS[kind]
     params = GenerationParams(max_new_tokens=12, min_new_tokens=12)
     sinks = [Pieces(), None, Pieces()]
-    items = [ModelInput(make_image(i), None, params, on_text=sink) for i, sink in enumerate(sinks)]
+    items = [ModelInput(make_image(i), text, params, on_text=s) for i, s in enumerate(sinks)]
     streamed = run(adapter, items)
-    plain = run(adapter, [ModelInput(make_image(i), None, params) for i in range(3)])
+    plain = run(adapter, [ModelInput(make_image(i), text, params) for i in range(3)])
     assert streamed == plain  # streaming changes nothing in the answers
     for sink, prediction in zip(sinks, streamed, strict=True):
         if sink is not None:
             assert sink.text() == prediction.text
             assert list(sink.got) == [0]
+            # As decoded, word by word, not whole at the end (the random T5 says one word).
+            assert len(sink.got[0]) >= min(3, len(prediction.text.split()))
+    if text and adapter.text_role == "prefix":
+        assert all(p.text.startswith(text) for p in streamed)
+        assert all(s is None or s.got[0][0].startswith(text) for s in sinks)
 
 
 def test_several_samples_stream_each_with_its_index(adapters: dict[str, HFAdapter]) -> None:

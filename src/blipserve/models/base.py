@@ -296,16 +296,22 @@ class HFAdapter:
         best_first: torch.Tensor = drawn.sequences[order]
         return best_first
 
-    def streaming(self, items: Sequence[ModelInput]) -> dict[str, Any]:
+    def streaming(
+        self, items: Sequence[ModelInput], *, prompt_in_text: bool = False
+    ) -> dict[str, Any]:
         """:meth:`generate`'s ``streamer`` for a batch whose rows have sinks
         (:data:`~blipserve.types.TextSink`): each row's texts in pieces as they are
-        decoded.  None (``{}``) when no row streams, and under beam search, which settles
-        its beams only at the end (transformers streams no beams): the caller has the
-        texts when ``generate`` returns."""
+        decoded (``prompt_in_text``: the answers start with the prompt, which is sent as
+        soon as the first token follows it).  None (``{}``) when no row streams, and under
+        beam search, which settles its beams only at the end (transformers streams no
+        beams): the caller has the texts when ``generate`` returns."""
         sinks = [item.on_text for item in items]
         if all(sink is None for sink in sinks) or self.search(items[0].params)[0] > 1:
             return {}
-        return {"streamer": RowStreamer(self.tokenizer, sinks, texts_per_row(items))}
+        streamer = RowStreamer(
+            self.tokenizer, sinks, texts_per_row(items), prompt_in_text=prompt_in_text
+        )
+        return {"streamer": streamer}
 
     def end_token_ids(self) -> list[int]:
         """The tokens that end a generated text (``generate``'s ``eos_token_id``)."""

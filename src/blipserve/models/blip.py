@@ -109,12 +109,14 @@ class BlipCaptionAdapter(_BlipText):
     def predict(self, items: Sequence[ModelInput]) -> list[Prediction]:
         pixel_values = self.pixel_values(items)  # (B, 3, S, S)
         params = items[0].params
+        # The caption includes its prefix: a stream sends it with the first word after it.
+        streaming = self.streaming(items, prompt_in_text=True)
         if items[0].text is None:
-            out = self.generate(params, pixel_values=pixel_values)
+            out = self.generate(params, pixel_values=pixel_values, **streaming)
             prompt_len = 1  # [DEC]
         else:
             text = self.encode_text(items)
-            out = self.generate(params, pixel_values=pixel_values, **text)
+            out = self.generate(params, pixel_values=pixel_values, **text, **streaming)
             prompt_len = text["input_ids"].shape[1] - 1  # generate drops the final [SEP]
         return self.decode(out, new_from=prompt_len, per_row=texts_per_row(items))
 
@@ -130,7 +132,10 @@ class BlipVqaAdapter(_BlipText):
 
     def predict(self, items: Sequence[ModelInput]) -> list[Prediction]:
         pixel_values = self.pixel_values(items)  # (B, 3, S, S)
-        out = self.generate(items[0].params, pixel_values=pixel_values, **self.encode_text(items))
+        text = self.encode_text(items)
+        out = self.generate(
+            items[0].params, pixel_values=pixel_values, **text, **self.streaming(items)
+        )
         # the answer starts after [BOS]
         return self.decode(out, new_from=1, per_row=texts_per_row(items))
 

@@ -1,8 +1,9 @@
 """Texts as ``generate`` decodes them, row by row of a batch.
 
 transformers' ``generate(streamer=...)`` hands the streamer the prompt first (decoder-only
-models; an encoder-decoder's decoder start token) and then one token per sequence at each
-step, a (B * k,) tensor for B rows of k texts each.  Its own ``TextStreamer`` takes one
+models; an encoder-decoder's decoder start token), a (B * k, T) tensor for B rows of k texts
+each, and then one token per sequence at each step, a (B * k,) tensor.  The prompt is part
+of the answer only where the model's text continues it (BLIP's caption prefix).  Its own ``TextStreamer`` takes one
 sequence only; :class:`RowStreamer` splits each step by sequence and gives each row's sink
 (:data:`~blipserve.types.TextSink`) the new text of each of its texts.
 
@@ -35,22 +36,34 @@ class RowStreamer:
     """A ``generate`` streamer for a batch: each row's texts to that row's sink.
 
     ``sinks``: one per row of the batch (``None``: a row that does not stream); ``per_row``:
-    the texts each row generates, side by side as ``generate`` lays them out.
+    the texts each row generates, side by side as ``generate`` lays them out;
+    ``prompt_in_text``: whether the answer's text starts with the prompt's.
     """
 
-    def __init__(self, tokenizer: Any, sinks: Sequence[TextSink | None], per_row: int) -> None:
+    def __init__(
+        self,
+        tokenizer: Any,
+        sinks: Sequence[TextSink | None],
+        per_row: int,
+        *,
+        prompt_in_text: bool = False,
+    ) -> None:
         self.tokenizer = tokenizer
         self.sinks = list(sinks)
         self.per_row = per_row
+        self.prompt_in_text = prompt_in_text
         self.tokens: list[list[int]] = [[] for _ in range(len(self.sinks) * per_row)]
         self.sent = [""] * len(self.tokens)  # what each sequence's sink has had
         self.prompt_seen = False
 
     def put(self, value: torch.Tensor) -> None:
         """A step's tokens: (N,), or (N, S) for several steps at once; the first call is
-        the prompt, which is not part of the answer."""
+        the prompt (N, T), kept only when the answer's text starts with it."""
         if not self.prompt_seen:
             self.prompt_seen = True
+            if self.prompt_in_text:
+                for seq, prompt in enumerate(value.tolist()[: len(self.tokens)]):
+                    self.tokens[seq].extend(prompt)
             return
         steps = value.view(value.shape[0], -1).tolist()  # (N, S)
         for seq, new in enumerate(steps[: len(self.tokens)]):  # (rows padded for graphs: none)
