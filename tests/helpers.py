@@ -5,6 +5,8 @@ from __future__ import annotations
 import base64
 import io
 import json
+import os
+import subprocess
 import sys
 import tarfile
 from pathlib import Path
@@ -141,3 +143,16 @@ def score_body(
     if params:
         body["params"] = params
     return body
+
+
+def run_cli(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+    """``blipserve ARGS`` as a user runs it: a real subprocess, offline."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    return subprocess.run(
+        [sys.executable, "-m", "blipserve.cli", *args],
+        capture_output=True,
+        text=True,
+        input=stdin,
+        env=env,
+        timeout=120,
+    )

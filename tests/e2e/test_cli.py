@@ -3,27 +3,15 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from helpers import b64_png, make_image
-
-BLIPSERVE = [sys.executable, "-m", "blipserve.cli"]
-
-
-def run(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    return subprocess.run(
-        [*BLIPSERVE, *args], capture_output=True, text=True, input=stdin, env=env, timeout=120
-    )
+from helpers import b64_png, make_image, run_cli
 
 
 def test_help_teaches() -> None:
-    out = run("caption", "--help")
+    out = run_cli("caption", "--help")
     assert out.returncode == 0
     text_seen = " ".join(out.stdout.split())  # argparse wraps lines to the terminal width
     for text in (
@@ -52,7 +40,7 @@ def test_score_catalog_request(
     }
     request = tmp_path / "request.json"
     request.write_text(json.dumps(body))
-    out = run("score", str(request), "--model", str(tiny_model_dir["blip-caption"]))
+    out = run_cli("score", str(request), "--model", str(tiny_model_dir["blip-caption"]))
     assert out.returncode == 0, out.stderr
     answer = json.loads(out.stdout)
     assert isinstance(answer, list)
@@ -67,7 +55,7 @@ def test_score_catalog_request(
 
 def test_score_from_stdin_validates_cli_options(tiny_model_dir: dict[str, Path]) -> None:
     body = json.dumps({"input_data": {"columns": ["image"], "data": [[b64_png(0)]]}})
-    out = run(
+    out = run_cli(
         "score",
         "-",
         "--model",
@@ -84,7 +72,7 @@ def test_score_bad_row_names_it(tiny_model_dir: dict[str, Path], tmp_path: Path)
     body = {"input_data": {"columns": ["image"], "data": [[b64_png(0)], ["not-base64!"]]}}
     request = tmp_path / "request.json"
     request.write_text(json.dumps(body))
-    out = run("score", str(request), "--model", str(tiny_model_dir["blip-caption"]))
+    out = run_cli("score", str(request), "--model", str(tiny_model_dir["blip-caption"]))
     assert out.returncode == 2
     assert out.stderr.startswith("blipserve: error: row 1: ")
     assert "Traceback" not in out.stderr
@@ -95,7 +83,7 @@ def test_caption_files_and_a_bad_one(tiny_model_dir: dict[str, Path], tmp_path: 
     make_image(3).save(good)
     bad = tmp_path / "bad.png"
     bad.write_text("<html>not an image</html>")
-    out = run(
+    out = run_cli(
         "caption",
         str(good),
         str(bad),
@@ -117,7 +105,7 @@ def test_caption_files_and_a_bad_one(tiny_model_dir: dict[str, Path], tmp_path: 
 def test_ask_and_match(tiny_model_dir: dict[str, Path], tmp_path: Path) -> None:
     image = tmp_path / "x.png"
     make_image(4).save(image)
-    out = run(
+    out = run_cli(
         "ask",
         str(image),
         "what is it?",
@@ -128,13 +116,13 @@ def test_ask_and_match(tiny_model_dir: dict[str, Path], tmp_path: Path) -> None:
     )
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip()
-    out = run("match", str(image), "a dog", "--model", str(tiny_model_dir["blip-itm"]))
+    out = run_cli("match", str(image), "a dog", "--model", str(tiny_model_dir["blip-itm"]))
     assert out.returncode == 0, out.stderr
     assert 0.0 <= float(out.stdout) <= 1.0
 
 
 def test_unknown_model_is_one_clear_line() -> None:
-    out = run("caption", "x.png", "--model", "Salesforce/blipserve-no-such-model")
+    out = run_cli("caption", "x.png", "--model", "Salesforce/blipserve-no-such-model")
     assert out.returncode == 1
     assert "is not a local folder" in out.stderr
     assert "Traceback" not in out.stderr
@@ -145,7 +133,7 @@ def test_batch_input_that_is_not_there_fails_before_the_model_loads(tmp_path: Pa
     here does not exist either, is not even loaded."""
     model = "Salesforce/blipserve-no-such-model"
     for where in (tmp_path / "no-photos", tmp_path / "shards" / "{00000..00003}.tar"):
-        out = run("batch", str(where), "-o", str(tmp_path / "out.jsonl"), "--model", model)
+        out = run_cli("batch", str(where), "-o", str(tmp_path / "out.jsonl"), "--model", model)
         assert out.returncode == 2, out.stderr
         assert "does not exist" in out.stderr
         assert "no-photos" in out.stderr or "00000.tar" in out.stderr

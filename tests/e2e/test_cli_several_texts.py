@@ -4,27 +4,17 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
-from helpers import make_image
-
-BLIPSERVE = [sys.executable, "-m", "blipserve.cli"]
-
-
-def run(*args: str) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    return subprocess.run([*BLIPSERVE, *args], capture_output=True, text=True, env=env, timeout=120)
+from helpers import make_image, run_cli
 
 
 def test_help_shows_the_options() -> None:
     for command in ("caption", "batch"):
-        seen = " ".join(run(command, "--help").stdout.split())
+        seen = " ".join(run_cli(command, "--help").stdout.split())
         assert "--num-return-sequences NUM_RETURN_SEQUENCES" in seen
         assert "--no-repeat-ngram-size NO_REPEAT_NGRAM_SIZE" in seen
-    assert "--sidecar-captions {best,all}" in " ".join(run("batch", "--help").stdout.split())
+    assert "--sidecar-captions {best,all}" in " ".join(run_cli("batch", "--help").stdout.split())
 
 
 def test_caption_prints_every_text_best_first(
@@ -34,15 +24,15 @@ def test_caption_prints_every_text_best_first(
     make_image(2).save(image)
     model = ["--model", str(tiny_model_dir["blip-caption"]), "--max-new-tokens", "4"]
     beams = [*model, "--num-beams", "3"]
-    out = run("caption", str(image), *beams, "--num-return-sequences", "3", "--json")
+    out = run_cli("caption", str(image), *beams, "--num-return-sequences", "3", "--json")
     assert out.returncode == 0, out.stderr
     [answer] = [json.loads(line) for line in out.stdout.splitlines()]
     assert len(set(answer["texts"])) == 3
     assert answer["texts"][0] == answer["text"]
 
-    plain = run("caption", str(image), *beams, "--num-return-sequences", "3")
+    plain = run_cli("caption", str(image), *beams, "--num-return-sequences", "3")
     assert plain.stdout.splitlines() == answer["texts"]  # one a line
-    single = run("caption", str(image), *beams, "--no-repeat-ngram-size", "2")
+    single = run_cli("caption", str(image), *beams, "--no-repeat-ngram-size", "2")
     assert single.returncode == 0, single.stderr
     assert len(single.stdout.splitlines()) == 1
 
@@ -51,15 +41,15 @@ def test_bad_values_name_the_option(tiny_model_dir: dict[str, Path], tmp_path: P
     image = tmp_path / "x.png"
     make_image(2).save(image)
     model = ["--model", str(tiny_model_dir["blip-caption"])]
-    out = run("caption", str(image), *model, "--num-return-sequences", "17")
+    out = run_cli("caption", str(image), *model, "--num-return-sequences", "17")
     assert out.returncode == 2
     assert "generation options.num_return_sequences: Input should be less than or equal to 16" in (
         out.stderr
     )
-    out = run("caption", str(image), *model, "--num-return-sequences", "3", "--num-beams", "2")
+    out = run_cli("caption", str(image), *model, "--num-return-sequences", "3", "--num-beams", "2")
     assert out.returncode == 2
     assert "num_return_sequences (3) must not exceed num_beams (2)" in out.stderr
-    out = run("caption", str(image), *model, "--num-return-sequences", "2")  # greedy model
+    out = run_cli("caption", str(image), *model, "--num-return-sequences", "2")  # greedy model
     assert out.returncode == 2
     assert "num_return_sequences (2) needs beam search" in out.stderr
 
@@ -71,7 +61,7 @@ def test_batch_texts_column_and_all_captions_in_sidecars(
     folder.mkdir()
     for i in range(2):
         make_image(i).save(folder / f"p{i}.png")
-    out = run(
+    out = run_cli(
         "batch",
         str(folder),
         "-o",
@@ -105,7 +95,7 @@ def test_batch_refuses_texts_the_model_cannot_give_before_it_starts(
         make_image(i).save(folder / f"p{i}.png")
     output = tmp_path / "out.jsonl"
     model = ["--model", str(tiny_model_dir["blip-caption"])]
-    out = run("batch", str(folder), "-o", str(output), *model, "--num-return-sequences", "2")
+    out = run_cli("batch", str(folder), "-o", str(output), *model, "--num-return-sequences", "2")
     assert out.returncode == 2
     # One message for the job (the model decodes greedily by default), not one per row.
     assert out.stderr.count("num_return_sequences (2) needs beam search") == 1, out.stderr
