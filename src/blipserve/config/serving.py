@@ -104,7 +104,8 @@ class EngineConfig:
     max_batch_size: int = option(
         0,
         "Most rows run through the model at once; 0 picks by device: 8 on a CPU (where "
-        "larger batches gain little), 32 on a GPU (where one image at a time leaves it idle).",
+        "larger batches gain little), 64 on a GPU (where one image at a time leaves it idle). "
+        "A call that runs out of memory is run again in halves, and that size kept.",
     )
     decode_workers: int = option(4, "Threads that fetch and decode images in parallel.")
     torch_threads: int = option(

@@ -1,7 +1,8 @@
 """Stage 3 of the request path: batches of prepared rows through the model adapter.
 
 :class:`ModelRunner` runs one compatible batch under ``torch.inference_mode`` (a model
-failure fails that batch's rows only), and, for calls that hold several batches (batch
+failure fails that batch's rows only; out of memory, the same rows again in smaller calls,
+:mod:`blipserve.engine.batch_size`), and, for calls that hold several batches (batch
 jobs, the CLI), runs up to ``model_workers`` of them at once on a CPU.
 """
 
@@ -16,6 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
+from blipserve.engine.batch_size import BatchSizer, release_memory
 from blipserve.engine.offline_plan import plan_batches
 from blipserve.engine.prepare import PreparedRow
 from blipserve.errors import BlipserveError, InferenceError, RowError
@@ -35,6 +37,7 @@ class ModelRunner:
         self.max_batch_size = max_batch_size
         self.model_workers = model_workers
         self.torch_threads = torch_threads
+        self.sizer = BatchSizer(max_batch_size)
         # At most model_workers batches at once (inference keeps no state in the model, and
         # int8 scratch buffers are per thread), sharing the torch threads while they overlap.
         self._slots = threading.BoundedSemaphore(model_workers)
@@ -70,12 +73,33 @@ class ModelRunner:
     def run_batch(self, items: Sequence[ModelInput], *, helper: bool = False) -> list[Prediction]:
         """Run rows that share a batch key; raise :class:`InferenceError` if the model fails.
 
-        Safe to call from several threads: at most ``model_workers`` batches run at once
-        (``helper``: on one torch thread, see :meth:`_slot`).
+        Rows go to the model in calls of at most the size that fits in memory for their
+        generation settings (:class:`~blipserve.engine.batch_size.BatchSizer`); a call that
+        runs out of memory is run again in smaller ones.  Safe to call from several threads:
+        at most ``model_workers`` calls run at once (``helper``: on one torch thread, see
+        :meth:`_slot`).
         """
+        shape = items[0].params if items else None  # rows of a batch share them
+        predictions: list[Prediction] = []
+        while len(predictions) < len(items):
+            size = self.sizer.limit(shape)
+            call = items[len(predictions) : len(predictions) + size]
+            answers = self._predict(call, helper)
+            if answers is None:
+                release_memory(self.adapter.device)
+                self.sizer.out_of_memory(shape, len(call))  # (raises when one row is too many)
+                continue
+            predictions += answers
+        return predictions
+
+    def _predict(self, items: Sequence[ModelInput], helper: bool) -> list[Prediction] | None:
+        """One model call; ``None`` when it ran out of memory (the error, and the tensors
+        its frames hold, are gone by the time this returns)."""
         with self._slot(helper), torch.inference_mode():
             try:
                 predictions = self.adapter.predict(items)
+            except torch.OutOfMemoryError:
+                return None
             except BlipserveError:
                 raise
             except Exception as exc:
@@ -161,6 +185,7 @@ def default_batch_size(device: torch.device) -> int:
 
     Measured (docs/performance.md): on a 2-core CPU batching pays little past 8 rows; on an
     H200 BLIP-base gave 6.7x the one-by-one throughput at 8 rows, 14.8x at 32 and 20.7x at
-    64, with 2 GiB of GPU memory at 64.  32 leaves room on smaller GPUs and larger models.
+    64, with 2 GiB of GPU memory at 64, and BLIP-2 OPT-2.7b with --cuda-graphs ran at 64.
+    A GPU with less memory free halves it where it must (:mod:`~blipserve.engine.batch_size`).
     """
-    return 32 if device.type == "cuda" else 8
+    return 64 if device.type == "cuda" else 8

@@ -3,9 +3,10 @@
 transformers' ``generate(streamer=...)`` hands the streamer the prompt first (decoder-only
 models; an encoder-decoder's decoder start token), a (B * k, T) tensor for B rows of k texts
 each, and then one token per sequence at each step, a (B * k,) tensor.  The prompt is part
-of the answer only where the model's text continues it (BLIP's caption prefix).  Its own ``TextStreamer`` takes one
-sequence only; :class:`RowStreamer` splits each step by sequence and gives each row's sink
-(:data:`~blipserve.types.TextSink`) the new text of each of its texts.
+of the answer only where the model's text continues it (BLIP's caption prefix).  Its own
+``TextStreamer`` takes one sequence only; :class:`RowStreamer` splits each step by
+sequence and gives each row's sink (:data:`~blipserve.types.TextSink`) the new text of each
+of its texts.
 
 Each sequence is decoded whole after every step (as ``TextStreamer`` does) and only the part
 that later tokens cannot change is sent: the text up to the whitespace before its last word,

@@ -1,0 +1,75 @@
+"""How many rows one model call takes: as many as asked, until memory says otherwise.
+
+A GPU's memory decides the largest batch that fits, and it depends on the model, its
+precision, the generation settings (beams, texts per row, new tokens) and what else runs
+on the card: no fixed default suits them all.  So the engine starts at its configured
+batch size and, when a call runs out of memory, frees what the failed call held, halves the
+rows per call, and runs the same rows again in the smaller calls: no row is lost and no
+caller sees the failure.  The size that fitted is remembered per generation setting, so
+later batches go straight to it.  A single row that does not fit fails (its batch's rows get
+the error), and the engine goes on.
+
+Halving keeps powers of two powers of two, the sizes BLIP-2's compiled decoding steps
+(``--cuda-graphs``) are warmed up for.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import threading
+from collections.abc import Hashable
+
+import torch
+
+from blipserve.errors import InferenceError
+
+log = logging.getLogger(__name__)
+
+
+class BatchSizer:
+    """The rows per model call for each shape of work (rows that share generation settings
+    need about the same memory each), starting at ``max_batch_size``.  Thread-safe."""
+
+    def __init__(self, max_batch_size: int) -> None:
+        self.max_batch_size = max_batch_size
+        self._fits: dict[Hashable, int] = {}
+        self._lock = threading.Lock()
+
+    def limit(self, shape: Hashable) -> int:
+        """Rows per call for ``shape``: what fitted so far, else ``max_batch_size``."""
+        with self._lock:
+            return self._fits.get(shape, self.max_batch_size)
+
+    def out_of_memory(self, shape: Hashable, rows: int) -> int:
+        """A call of ``rows`` rows of ``shape`` ran out of memory: the rows per call from now
+        on (half as many).  Raises :class:`InferenceError` when one row did not fit."""
+        if rows <= 1:
+            raise InferenceError(
+                "out of memory on a single row: the model and its generation settings "
+                "(beams, texts per row, new tokens) need more memory than the device has free"
+            )
+        with self._lock:
+            smaller = min(self._fits.get(shape, self.max_batch_size), rows // 2)
+            self._fits[shape] = max(1, smaller)
+            log.warning(
+                "out of memory with %d rows in one model call; %d rows a call from now on "
+                "for these generation settings",
+                rows,
+                self._fits[shape],
+            )
+            return self._fits[shape]
+
+    def known(self) -> dict[Hashable, int]:
+        """The sizes learnt so far (shape -> rows per call)."""
+        with self._lock:
+            return dict(self._fits)
+
+
+def release_memory(device: torch.device) -> None:
+    """Give back what a failed call held: its tensors (once the exception is gone, with
+    its frames) and, on a GPU, the allocator's cached blocks, so the smaller calls that
+    follow have the memory."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()

@@ -1,0 +1,147 @@
+"""Out of memory in a model call: the same rows again in smaller calls, the size that fits
+remembered (:mod:`blipserve.engine.batch_size`), on a fake allocator with a fixed budget."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator, Sequence
+
+import pytest
+import torch
+
+from blipserve.config import EngineConfig
+from blipserve.engine import Engine
+from blipserve.engine.batch_size import BatchSizer
+from blipserve.errors import InferenceError
+from blipserve.params import GenerationParams
+from blipserve.types import ModelInput, Prediction, RowInput
+from fakes import EchoAdapter
+from helpers import b64_png
+
+
+class FakeAllocator:
+    """Device memory of ``budget`` bytes; what a call allocates is freed when it returns."""
+
+    def __init__(self, budget: int) -> None:
+        self.budget = budget
+        self.in_use = 0
+        self.peak = 0
+        self.lock = threading.Lock()
+
+    def allocate(self, nbytes: int) -> None:
+        with self.lock:
+            if self.in_use + nbytes > self.budget:
+                raise torch.OutOfMemoryError(
+                    f"CUDA out of memory. Tried to allocate {nbytes} bytes "
+                    f"({self.budget - self.in_use} free)"
+                )
+            self.in_use += nbytes
+            self.peak = max(self.peak, self.in_use)
+
+    def free(self, nbytes: int) -> None:
+        with self.lock:
+            self.in_use -= nbytes
+
+
+class MemoryBoundAdapter(EchoAdapter):
+    """Echo, whose rows each take ``per_row`` bytes (``max_new_tokens`` times that with a
+    limit: longer texts need more cache) from a fake allocator, for the whole call."""
+
+    def __init__(self, allocator: FakeAllocator, per_row: int) -> None:
+        super().__init__()
+        self.allocator = allocator
+        self.per_row = per_row
+        self.calls: list[int] = []  # rows in each call the model was given, OOM or not
+
+    def predict(self, items: Sequence[ModelInput]) -> list[Prediction]:
+        self.calls.append(len(items))
+        need = len(items) * self.per_row * (items[0].params.max_new_tokens or 1)
+        self.allocator.allocate(need)
+        try:
+            return super().predict(items)
+        finally:
+            self.allocator.free(need)
+
+
+@pytest.fixture
+def allocator() -> FakeAllocator:
+    return FakeAllocator(budget=5_000)  # 5 rows of 1,000 bytes
+
+
+@pytest.fixture
+def model(allocator: FakeAllocator) -> MemoryBoundAdapter:
+    return MemoryBoundAdapter(allocator, per_row=1_000)
+
+
+@pytest.fixture
+def engine(model: MemoryBoundAdapter) -> Iterator[Engine]:
+    with Engine(model, config=EngineConfig(max_batch_size=16, model_workers=1)) as loaded:
+        yield loaded
+
+
+def rows(n: int) -> list[RowInput]:
+    return [RowInput(i, b64_png(i % 3), f"row {i}") for i in range(n)]
+
+
+def texts(outcomes: Sequence[object]) -> list[str]:
+    assert all(isinstance(o, Prediction) for o in outcomes), outcomes
+    return [o.text for o in outcomes if isinstance(o, Prediction)]
+
+
+def test_a_batch_too_big_is_run_again_in_halves_and_no_row_is_lost(
+    engine: Engine, model: MemoryBoundAdapter, allocator: FakeAllocator
+) -> None:
+    got = texts(engine.predict(rows(16)))
+    assert got == [f"echo row {i}" for i in range(16)]  # every row, in order
+    assert model.calls == [16, 8, 4, 4, 4, 4]  # 16 and 8 ran out of memory; 4 fits
+    assert allocator.in_use == 0
+    assert allocator.peak <= allocator.budget
+    # Remembered: the next batch goes straight to 4 rows a call, with no failed call.
+    model.calls.clear()
+    assert texts(engine.predict(rows(10))) == [f"echo row {i}" for i in range(10)]
+    assert model.calls == [4, 4, 2]
+
+
+def test_what_fits_is_remembered_per_generation_setting(
+    engine: Engine, model: MemoryBoundAdapter
+) -> None:
+    texts(engine.predict(rows(8)))  # 8 -> 4
+    long = GenerationParams(max_new_tokens=2)  # twice the memory a row: 2 rows a call
+    model.calls.clear()
+    assert len(texts(engine.predict(rows(8), long))) == 8
+    assert model.calls == [8, 4, 2, 2, 2, 2]  # its own size, from the configured one
+    model.calls.clear()
+    texts(engine.predict(rows(8)))  # the short setting kept its own
+    assert model.calls == [4, 4]
+    assert set(engine.runner.sizer.known().values()) == {4, 2}
+
+
+def test_a_row_that_never_fits_fails_alone_and_the_engine_goes_on(
+    engine: Engine, model: MemoryBoundAdapter
+) -> None:
+    huge = GenerationParams(max_new_tokens=6)  # 6,000 bytes for one row: never fits
+    outcomes = engine.predict(rows(3), huge)
+    assert all(isinstance(o, InferenceError) for o in outcomes)
+    assert "out of memory on a single row" in str(outcomes[0])
+    assert texts(engine.predict(rows(3))) == [f"echo row {i}" for i in range(3)]
+
+
+def test_concurrent_batches_share_what_was_learnt(allocator: FakeAllocator) -> None:
+    # Two model workers each running a batch: together they may run out where one would not.
+    model = MemoryBoundAdapter(allocator, per_row=1_000)
+    config = EngineConfig(max_batch_size=4, model_workers=2)
+    with Engine(model, config=config) as engine:
+        got = texts(engine.predict(rows(24)))
+    assert got == [f"echo row {i}" for i in range(24)]
+    assert allocator.peak <= allocator.budget
+
+
+def test_sizer_halves_from_the_failed_call_and_never_grows() -> None:
+    sizer = BatchSizer(64)
+    assert sizer.limit("a") == 64
+    assert sizer.out_of_memory("a", 64) == 32
+    assert sizer.out_of_memory("a", 20) == 10  # a shorter final call failed
+    assert sizer.out_of_memory("a", 64) == 10  # a call started before the last lesson
+    assert sizer.limit("b") == 64
+    with pytest.raises(InferenceError, match="single row"):
+        sizer.out_of_memory("a", 1)
