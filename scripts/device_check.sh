@@ -2,6 +2,7 @@
 # What we run on a lent GPU machine (one short call per part; see bench/speed.py).
 #
 #   bash scripts/device_check.sh bench   # GPU benchmark + CUDA quality guard -> $OUT/gpu.*
+#   bash scripts/device_check.sh attention  # BLIP's vision attention eager vs SDPA (the GPU default) -> $OUT/gpu-attention.*
 #   bash scripts/device_check.sh static  # BLIP-2 with --cuda-graphs (static KV cache) -> $OUT/gpu-static.*
 #   bash scripts/device_check.sh warmup  # --cuda-graphs warm-up: no compilation left for requests
 #   bash scripts/device_check.sh train   # demo-vqa recipe variants side by side -> $OUT/train-logs.tgz
@@ -32,6 +33,13 @@ for part in "${@:-bench}"; do
 case "$part" in
 bench)
   timeout "${BENCH_SECONDS:-300}" "$PY" bench/speed.py --out "$OUT/gpu.json" 2>&1 | tee "$OUT/gpu.log"
+  ;;
+attention)  # BLIP-base's vision attention on the GPU: transformers' eager code against SDPA
+  # (blipserve's GPU default since issue 22, not yet measured there), interleaved passes
+  timeout "${ATTENTION_SECONDS:-300}" "$PY" bench/speed.py --models blip-image-captioning-base \
+    --modes bfloat16-eager bfloat16-sdpa --batches ${ATTENTION_BATCHES:-8 64} \
+    --baseline-images 16 --repeats "${ATTENTION_REPEATS:-3}" --guard-scenes 200 \
+    --out "$OUT/gpu-attention.json" 2>&1 | tee "$OUT/gpu-attention.log"
   ;;
 static)  # BLIP-2 with --cuda-graphs (a static KV cache: generate compiles the LM step),
   # full-size OPT-2.7b at three batch sizes (eager and compiled in interleaved pairs), and

@@ -120,15 +120,23 @@ def vision() -> BlipVisionModel:
     return model
 
 
-def test_sdpa_attention_matches_the_eager_code(vision: BlipVisionModel) -> None:
-    pixels = torch.randn(3, 3, 32, 32)
+@pytest.mark.parametrize(
+    ("dtype", "tolerance"),
+    [(torch.float32, 1e-5), (torch.bfloat16, 0.05), (torch.float16, 0.01)],  # (GPU dtypes too)
+)
+def test_sdpa_attention_matches_the_eager_code(
+    vision: BlipVisionModel, dtype: torch.dtype, tolerance: float
+) -> None:
+    vision.to(dtype)
+    pixels = torch.randn(3, 3, 32, 32, dtype=dtype)
     with torch.inference_mode():
         eager = vision(pixel_values=pixels).last_hidden_state
         assert vision_encoder.use_sdpa(vision) == 2
         fused = vision(pixel_values=pixels).last_hidden_state
         assert vision_encoder.use_sdpa(vision, enabled=False) == 2
         back = vision(pixel_values=pixels).last_hidden_state
-    torch.testing.assert_close(fused, eager, rtol=1e-5, atol=1e-5)
+    assert fused.dtype == dtype
+    torch.testing.assert_close(fused, eager, rtol=tolerance, atol=tolerance)
     assert torch.equal(back, eager)
 
 
@@ -299,7 +307,8 @@ BLIP_CPU_STEPS = ["keep freed memory", "lean text layers"]
         ),
         (BlipMatchAdapter, F32, CPU, True, [*BLIP_CPU_STEPS, "sdpa vision attention"]),
         (BlipCaptionAdapter, BF16, CPU, True, BLIP_CPU_STEPS),
-        (BlipCaptionAdapter, F32, CUDA, True, []),
+        (BlipCaptionAdapter, F32, CUDA, True, ["sdpa vision attention"]),
+        (BlipVqaAdapter, BF16, CUDA, True, ["sdpa vision attention"]),
         (Blip2Adapter, INT8, CPU, True, ["keep freed memory", *INT8_STEPS]),
         (Blip2Adapter, F32, CPU, True, ["keep freed memory"]),
         (Blip2Adapter, BF16, CUDA, True, []),

@@ -28,11 +28,16 @@ def _vision_attention(precision: Precision, device: torch.device) -> str:
     SDPA for float32 on a CPU, where BLIP-base's vision encoder ran 20% faster with it
     (median 297 vs 370 ms per image, six interleaved runs), while in bfloat16 torch's CPU
     kernel was slower than the eager code at batch 8 (1.79 vs 1.92 images/s, medians of
-    three passes); on a GPU it is not measured yet.  In int8 mode, on a CPU with native
-    bf16, its products in bfloat16 instead (batch 8: 2.39 vs 2.29 images/s with float32
-    SDPA, medians of three interleaved passes of ``bench/speed.py``; the demo model's
-    captions stay those of float32).
+    three passes).  In int8 mode, on a CPU with native bf16, its products in bfloat16
+    instead (batch 8: 2.39 vs 2.29 images/s with float32 SDPA, medians of three
+    interleaved passes of ``bench/speed.py``; the demo model's captions stay those of
+    float32).  On a GPU, SDPA in every dtype: the eager code writes and reads a (B, 12,
+    577, 577) score tensor per layer, which SDPA's fused kernels (flash attention in
+    bfloat16 and float16) never hold; the speed-up there is not measured yet (issue 22:
+    ``scripts/device_check.sh``).
     """
+    if device.type == "cuda":
+        return "sdpa"
     if device.type != "cpu" or precision.dtype != torch.float32:
         return "eager"
     return "bf16" if precision.int8 and cpu_has_native_bf16() else "sdpa"
