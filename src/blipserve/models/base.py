@@ -19,6 +19,7 @@ from blipserve.errors import InvalidInput, ModelLoadError
 from blipserve.models import openvino_vision, optimize
 from blipserve.models.openvino_vision import OpenVinoVision
 from blipserve.models.optimize import Speedup
+from blipserve.models.pixels import DevicePixels
 from blipserve.models.precision import Precision, vision_precision
 from blipserve.models.streaming import RowStreamer
 from blipserve.params import GenerationParams
@@ -108,6 +109,11 @@ class HFAdapter:
         self.precision = precision
         self.dtype = precision.dtype  # of the pixel values (and the model's float weights)
         self.image_size = _image_size(processor)
+        # On a GPU images are resized and normalised there (only 8-bit pixels cross to it);
+        # on a CPU the processor's own code does it on the same cores.
+        self.device_pixels = (
+            DevicePixels.of(processor.image_processor, device) if device.type == "cuda" else None
+        )
         self.source = str(getattr(model, "name_or_path", "") or self.kind)
         vision = getattr(model, "vision_model", None)
         self.vision_backend = "openvino" if isinstance(vision, OpenVinoVision) else "torch"
@@ -232,6 +238,8 @@ class HFAdapter:
 
     def pixel_values(self, items: Sequence[ModelInput]) -> torch.Tensor:
         images = [item.image for item in items]
+        if self.device_pixels is not None:
+            return self.device_pixels(images, self.dtype)  # (B, 3, H, W)
         pixels = self.processor.image_processor(images=images, return_tensors="pt")
         values: torch.Tensor = pixels["pixel_values"].to(self.device, self.dtype)
         return values  # (B, 3, H, W)
