@@ -407,7 +407,7 @@ def make_adapter(
     import copy as copying
 
     from blipserve.models import openvino_vision, optimize, vision_encoder
-    from blipserve.models.base import _image_size
+    from blipserve.models.pixels import image_side
     from blipserve.models.precision import resolve_precision, vision_precision
 
     mode, ov, _ = mode.partition("+ov")
@@ -418,7 +418,7 @@ def make_adapter(
         model = copying.deepcopy(model)
     model.to(precision.dtype)
     if ov:  # converted from the float weights first, as blipserve loads it
-        size = _image_size(processor)
+        size = image_side(processor)
         mode = vision_precision(precision, adapter_cls.vision_int8)
         openvino_vision.use_openvino_vision(
             model, processor.image_processor, size, precision.dtype, mode

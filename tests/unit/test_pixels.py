@@ -10,16 +10,18 @@ from pathlib import Path
 
 import pytest
 import torch
-from PIL import Image
+from PIL.Image import Resampling
 
 from blipserve.config import EngineConfig, ModelConfig
 from blipserve.engine import Engine
+from blipserve.errors import ModelLoadError
 from blipserve.finetune.scenes import HELDOUT_SEED, generate
 from blipserve.models.base import HFAdapter
 from blipserve.models.pixels import DevicePixels
 from blipserve.types import Prediction, RowInput
 from helpers import jpeg_bytes, photos
 
+BICUBIC = Resampling.BICUBIC
 LAYOUTS = Path(__file__).parents[1] / "data" / "hf-layouts"
 CPU = torch.device("cpu")
 
@@ -73,40 +75,54 @@ def test_processors_doing_something_else_keep_their_own_code(
     assert DevicePixels.of(other, CPU) is None
 
 
+def load_demo(image_resize: str) -> Engine:
+    model = ModelConfig(
+        model="demo",
+        device="cpu",
+        dtype="float32",
+        backend="torch",
+        image_resize=image_resize,  # type: ignore[arg-type]
+    )
+    return Engine.load(model, config=EngineConfig(max_batch_size=16))
+
+
 @pytest.fixture(scope="module")
-def demo() -> Iterator[Engine]:
-    with Engine.load(
-        ModelConfig(model="demo", device="cpu", dtype="float32", backend="torch"),
-        config=EngineConfig(max_batch_size=16),
-    ) as engine:
-        yield engine
+def demos() -> Iterator[dict[str, Engine]]:
+    engines = {how: load_demo(how) for how in ("auto", "device")}
+    yield engines
+    for engine in engines.values():
+        engine.close()
 
 
-def test_demo_captions_unchanged_on_640x480_jpegs(demo: Engine) -> None:
+def test_demo_captions_unchanged_on_640x480_jpegs(demos: dict[str, Engine]) -> None:
     # The demo model's 64x64 scenes as a camera folder would hold them: 640x480 JPEGs,
     # which both paths shrink back to 64x64 (so resampling is really exercised).
     scenes = list(generate(HELDOUT_SEED, 100, start=7_000))
     rows = [
-        RowInput(
-            i,
-            base64.b64encode(
-                jpeg_bytes(s.image.resize((640, 480), Image.Resampling.BICUBIC))
-            ).decode(),
-        )
+        RowInput(i, base64.b64encode(jpeg_bytes(s.image.resize((640, 480), BICUBIC))).decode())
         for i, s in enumerate(scenes)
     ]
-    adapter = demo.adapter
-    assert isinstance(adapter, HFAdapter)
-    assert adapter.device_pixels is None  # a CPU model keeps the processor's code
-    plain = demo.predict(rows)
-    adapter.device_pixels = DevicePixels.of(adapter.processor.image_processor, CPU)
-    try:
-        tensors = demo.predict(rows)
-    finally:
-        adapter.device_pixels = None
+    auto, device = demos["auto"].adapter, demos["device"].adapter
+    assert isinstance(auto, HFAdapter)
+    assert isinstance(device, HFAdapter)
+    assert auto.device_pixels is None  # on a CPU, auto keeps the processor's code
+    assert device.device_pixels is not None
+    plain, tensors = demos["auto"].predict(rows), demos["device"].predict(rows)
     said = [p.text for p in plain if isinstance(p, Prediction)]
     assert len(said) == len(scenes)
     same = sum(a == b for a, b in zip(plain, tensors, strict=True)) / len(scenes)
     assert same >= 0.99, [(a, b) for a, b in zip(plain, tensors, strict=True) if a != b]
     right = sum(text == s.caption for text, s in zip(said, scenes, strict=True)) / len(scenes)
     assert right >= 0.9  # (the scenes survive the round trip: the comparison means something)
+
+
+def test_device_resize_is_refused_where_the_processor_does_more(
+    demos: dict[str, Engine], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    adapter = demos["device"].adapter
+    assert isinstance(adapter, HFAdapter)
+    monkeypatch.setattr(adapter.processor.image_processor, "resample", 1)  # Lanczos
+    adapter.resize_on_device(required=False)  # auto: the processor stays
+    assert adapter.device_pixels is None
+    with pytest.raises(ModelLoadError, match="--image-resize processor"):
+        adapter.resize_on_device(required=True)

@@ -11,6 +11,7 @@ Device = Literal["auto", "cpu", "cuda"]
 DType = Literal["auto", "float32", "bfloat16", "float16", "int8"]
 Int8Kernel = Literal["auto", "fbgemm"]
 Backend = Literal["auto", "torch", "openvino"]
+ImageResize = Literal["auto", "processor", "device"]
 
 
 @dataclass(frozen=True)
@@ -87,6 +88,13 @@ class ModelConfig:
         "has it).",
     )
     revision: str | None = option(None, "Hub revision (branch, tag or commit) to load.")
+    image_resize: ImageResize = option(
+        "auto",
+        "Who resizes and normalises images for the model: auto (device on a GPU, else "
+        "processor), processor (the model's transformers image processor, on the CPU) or "
+        "device (torch on the model's device, from 8-bit pixels: within one 8-bit level "
+        "of the processor's).",
+    )
     cuda_graphs: bool = option(
         False,
         "BLIP-2 with a decoder-only LM (OPT) on a GPU: decode with a static KV cache, which "

@@ -91,6 +91,8 @@ def load_model(cfg: ModelConfig) -> HFAdapter:
         )
         if cfg.cuda_graphs:
             adapter.use_static_cache(cfg.model)
+        if cfg.image_resize == "device" or (cfg.image_resize == "auto" and device.type == "cuda"):
+            adapter.resize_on_device(required=cfg.image_resize == "device")
         return adapter
     except ModelLoadError:
         raise

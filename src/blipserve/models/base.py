@@ -19,7 +19,7 @@ from blipserve.errors import InvalidInput, ModelLoadError
 from blipserve.models import openvino_vision, optimize
 from blipserve.models.openvino_vision import OpenVinoVision
 from blipserve.models.optimize import Speedup
-from blipserve.models.pixels import DevicePixels
+from blipserve.models.pixels import DevicePixels, image_side
 from blipserve.models.precision import Precision, vision_precision
 from blipserve.models.streaming import RowStreamer
 from blipserve.params import GenerationParams
@@ -108,12 +108,8 @@ class HFAdapter:
         self.device = device
         self.precision = precision
         self.dtype = precision.dtype  # of the pixel values (and the model's float weights)
-        self.image_size = _image_size(processor)
-        # On a GPU images are resized and normalised there (only 8-bit pixels cross to it);
-        # on a CPU the processor's own code does it on the same cores.
-        self.device_pixels = (
-            DevicePixels.of(processor.image_processor, device) if device.type == "cuda" else None
-        )
+        self.image_size = image_side(processor)
+        self.device_pixels: DevicePixels | None = None  # (resize_on_device)
         self.source = str(getattr(model, "name_or_path", "") or self.kind)
         vision = getattr(model, "vision_model", None)
         self.vision_backend = "openvino" if isinstance(vision, OpenVinoVision) else "torch"
@@ -142,7 +138,7 @@ class HFAdapter:
                 openvino_vision.use_openvino_vision(
                     model,
                     processor.image_processor,
-                    _image_size(processor),
+                    image_side(processor),
                     precision.dtype,
                     vision_precision(precision, cls.vision_int8),
                 )
@@ -193,6 +189,21 @@ class HFAdapter:
             f"--cuda-graphs: model {name!r} ({self.kind}) does not support it; it applies to "
             "BLIP-2 models whose language model is decoder-only (OPT)"
         )
+
+    def resize_on_device(self, *, required: bool) -> None:
+        """Resize and normalise images with torch on the model's device (on a GPU, only
+        8-bit pixels cross to it) instead of with the image processor on the CPU; where
+        the processor does something else, it stays (or, ``required``, refuse)."""
+        self.device_pixels = DevicePixels.of(self.processor.image_processor, self.device)
+        if self.device_pixels is None:
+            what = type(self.processor.image_processor).__name__
+            if required:
+                raise ModelLoadError(
+                    f"--image-resize device: {self.source}'s image processor ({what}) does "
+                    "more than a fixed-size bilinear or bicubic resize and normalisation; use "
+                    "--image-resize processor"
+                )
+            log.info("images stay with %s on the CPU", what)
 
     def count_tokens(self, text: str | None) -> int:
         """Tokens the language model sees for ``text`` (usage reporting)."""
@@ -375,18 +386,3 @@ def _best_first(
     mean = torch.where(real, logprobs, 0.0).sum(dim=1) / real.sum(dim=1).clamp(min=1)
     order = mean.view(-1, k).argsort(dim=1, descending=True, stable=True)  # (B, k)
     return (order + k * torch.arange(order.shape[0], device=order.device)[:, None]).flatten()
-
-
-def _image_size(processor: Any) -> int:
-    size = getattr(processor.image_processor, "size", None) or {}
-    if isinstance(size, int):
-        return size
-    if isinstance(size, dict):
-        values = [v for k, v in size.items() if k in ("height", "width", "shortest_edge")]
-        if values:
-            return int(min(values))
-    try:
-        return int(min(getattr(size, "height"), getattr(size, "width")))  # noqa: B009  (SizeDict)
-    except (AttributeError, TypeError):
-        log.warning("could not read the processor's image size; assuming 384")
-        return 384

@@ -17,6 +17,7 @@ the same cores there).
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from typing import Any
 
@@ -24,6 +25,8 @@ import numpy as np
 import torch
 from PIL import Image
 from torch.nn import functional
+
+log = logging.getLogger(__name__)
 
 #: PIL's resampling filters by number (the processors' ``resample``), as torch names them
 _MODES = {2: "bilinear", 3: "bicubic"}
@@ -98,3 +101,19 @@ class DevicePixels:
     def _resize(self, x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
         x = functional.interpolate(x, size=size, mode=self.mode, antialias=True)
         return x.round().clamp(0, 255)
+
+
+def image_side(processor: Any) -> int:
+    """The side, in pixels, that ``processor`` resizes images to (the smaller one)."""
+    size = getattr(processor.image_processor, "size", None) or {}
+    if isinstance(size, int):
+        return size
+    if isinstance(size, dict):
+        values = [v for k, v in size.items() if k in ("height", "width", "shortest_edge")]
+        if values:
+            return int(min(values))
+    try:
+        return int(min(getattr(size, "height"), getattr(size, "width")))  # noqa: B009  (SizeDict)
+    except (AttributeError, TypeError):
+        log.warning("could not read the processor's image size; assuming 384")
+        return 384
