@@ -30,6 +30,15 @@ environment.  ``--source both`` runs the local folder and the store alternately
 ``--repeats`` times (no loop baseline) and reports the store's images/s as a ratio of the
 local run's, pass by pass: what reading from an object store costs.
 
+On a GPU (issue 22): ``--device cuda`` runs the loop there (float32, one image at a time,
+as the catalog's GPU deployments do) and ``blipserve batch --device cuda``; ``--layout
+blip2-opt-2.7b`` benchmarks BLIP-2 instead; each ``--compare FLAGS`` is one more
+``blipserve batch`` with those flags added, and with ``--repeats N`` the runs alternate N
+times (each run's images/s over the loop's, medians reported), e.g.::
+
+    python bench/batch.py --device cuda --size 640x480 --images 2048 --repeats 3 \
+        --compare "--image-resize processor" --compare "--max-batch-size 32"
+
 Run it on a quiet machine; the background load is measured and reported.
 """
 
@@ -52,10 +61,10 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import build_random_model, machine_info, python_command
-from server import CACHE, QUICK_OVERRIDES, background_cpu_busy
+from common import QUICK_BLIP, QUICK_BLIP2, build_random_model, machine_info, python_command
+from server import CACHE, background_cpu_busy
 
-LAYOUT = "blip-image-captioning-base"
+LAYOUTS = {"blip-image-captioning-base": QUICK_BLIP, "blip2-opt-2.7b": QUICK_BLIP2}
 _DTYPES = {"float32", "bfloat16", "float16", "int8"}
 PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "camera", "hubble_deep_field")
 
@@ -84,24 +93,26 @@ def make_jpegs(folder: Path, count: int, size: tuple[int, int], quality: int = 9
     return paths
 
 
-def run_loop(model_dir: Path, paths: list[Path], tokens: int) -> dict[str, Any]:
+def run_loop(model_dir: Path, paths: list[Path], tokens: int, device: str) -> dict[str, Any]:
     """The baseline: one image at a time, as the catalog's scoring wrapper does."""
     import torch
-    from transformers import AutoProcessor, BlipForConditionalGeneration
+    import transformers
+    from transformers import AutoConfig, AutoProcessor
 
     processor: Any = AutoProcessor.from_pretrained(model_dir)
-    model: Any = BlipForConditionalGeneration.from_pretrained(model_dir, dtype=torch.float32)
-    model.eval()
+    architecture = AutoConfig.from_pretrained(model_dir).architectures[0]
+    model_cls = getattr(transformers, architecture)
+    model: Any = model_cls.from_pretrained(model_dir, dtype=torch.float32).to(device).eval()
     params = {"max_new_tokens": tokens, "min_new_tokens": tokens}
     with torch.inference_mode():  # warm-up, as blipserve's engine does before its job
-        warm = processor(images=Image.new("RGB", (64, 64)), return_tensors="pt")
+        warm = processor(images=Image.new("RGB", (64, 64)), return_tensors="pt").to(device)
         model.generate(**warm, max_new_tokens=2)
     start = time.perf_counter()
     texts = []
     with torch.inference_mode():
         for path in paths:
             image = Image.open(path).convert("RGB")
-            inputs = processor(images=image, return_tensors="pt")
+            inputs = processor(images=image, return_tensors="pt").to(device)
             out = model.generate(**inputs, **params)
             texts += processor.batch_decode(out, skip_special_tokens=True)
     elapsed = time.perf_counter() - start
@@ -221,7 +232,9 @@ def sources_markdown(report: dict[str, Any]) -> str:
     )
 
 
-def where_time_goes(model_dir: Path, paths: list[Path], tokens: int, dtype: str) -> dict[str, Any]:
+def where_time_goes(
+    model_dir: Path, paths: list[Path], tokens: int, dtype: str, device: str
+) -> dict[str, Any]:
     """Each stage alone, per image: blipserve's decode, the loop's decode, vision, text."""
     import torch
     from transformers import AutoProcessor
@@ -231,7 +244,8 @@ def where_time_goes(model_dir: Path, paths: list[Path], tokens: int, dtype: str)
     from blipserve.images import load_image
     from blipserve.models import load_model
 
-    adapter: Any = load_model(ModelConfig(model=str(model_dir), device="cpu", dtype=dtype))  # type: ignore[arg-type]
+    model_config = ModelConfig(model=str(model_dir), device=device, dtype=dtype)  # type: ignore[arg-type]
+    adapter: Any = load_model(model_config)
     batch = EngineConfig().max_batch_size or default_batch_size(adapter.device)
     sample = paths[:batch]
     limits = ImageLimits()
@@ -253,14 +267,23 @@ def where_time_goes(model_dir: Path, paths: list[Path], tokens: int, dtype: str)
     out["loop_decode_and_preprocess_s"] = (time.perf_counter() - start) / len(sample)
 
     model = adapter.model
-    pixels = processor(images=images, return_tensors="pt")["pixel_values"].to(adapter.dtype)
+    pixels = processor(images=images, return_tensors="pt")["pixel_values"]
+    pixels = pixels.to(adapter.device, adapter.dtype)
+
+    def sync() -> None:  # (GPU work is asynchronous: wait for it before reading the clock)
+        if adapter.device.type == "cuda":
+            torch.cuda.synchronize()
+
     with torch.inference_mode():
         model.vision_model(pixel_values=pixels)  # warm-up
+        sync()
         start = time.perf_counter()
         model.vision_model(pixel_values=pixels)
+        sync()
         vision = (time.perf_counter() - start) / len(sample)
         start = time.perf_counter()
         model.generate(pixel_values=pixels, max_new_tokens=tokens, min_new_tokens=tokens)
+        sync()
         total = (time.perf_counter() - start) / len(sample)
     out["vision_s"] = vision
     out["text_s"] = total - vision
@@ -285,6 +308,11 @@ def markdown(report: dict[str, Any]) -> str:
         f"| blipserve batch ({stages['dtype']}, batch {stages['batch']}) | "
         f"{ours['images_per_s']:.3f} | {1 / ours['images_per_s']:.2f} | "
         f"{ours['images_per_s'] / loop['images_per_s']:.2f}x |",
+        *(
+            f"| blipserve batch `{c['flags']}` | {c['images_per_s']:.3f} | "
+            f"{1 / c['images_per_s']:.2f} | {c['images_per_s'] / loop['images_per_s']:.2f}x |"
+            for c in report.get("compare", [])
+        ),
         "",
         "Where blipserve's time goes, per image (each stage alone, one after the other):",
         "",
@@ -302,6 +330,12 @@ def markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _median_run(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """The run of median speed among passes of the same flags (all of them kept)."""
+    ranked = sorted(runs, key=lambda run: run["images_per_s"])
+    return {**ranked[len(ranked) // 2], "passes_images_per_s": [r["images_per_s"] for r in runs]}
+
+
 def report_head(args: argparse.Namespace, paths: list[Path], busy: float) -> dict[str, Any]:
     """What every report states: when, where, on what input and model, and how to rerun."""
     width, height = (int(v) for v in args.size.lower().split("x"))
@@ -312,7 +346,8 @@ def report_head(args: argparse.Namespace, paths: list[Path], busy: float) -> dic
         "images": args.images,
         "image_size": [width, height],
         "image_mb": round(sum(p.stat().st_size for p in paths) / len(paths) / 1e6, 2),
-        "model": f"random-weight {LAYOUT}" + (" (tiny)" if args.quick else ""),
+        "model": f"random-weight {args.layout}" + (" (tiny)" if args.quick else ""),
+        "device": args.device,
         "tokens": args.tokens,
         "command": shlex.join(["python", "bench/batch.py", *sys.argv[1:]]),
     }
@@ -332,7 +367,21 @@ def main() -> None:
         default="local",
         help="where blipserve reads the JPEGs (both: local and Azurite, alternately)",
     )
-    parser.add_argument("--repeats", type=int, default=2, help="passes with --source both")
+    parser.add_argument(
+        "--repeats", type=int, default=2, help="passes with --source both or --compare"
+    )
+    parser.add_argument(
+        "--loop-images", type=int, help="the loop's images, the first of the folder (default all)"
+    )
+    parser.add_argument("--layout", choices=sorted(LAYOUTS), default="blip-image-captioning-base")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument(
+        "--compare",
+        action="append",
+        default=[],
+        metavar="FLAGS",
+        help="one more blipserve batch run with these flags added (repeatable)",
+    )
     args = parser.parse_args()
     width, height = (int(v) for v in args.size.lower().split("x"))
 
@@ -345,9 +394,9 @@ def main() -> None:
         for p in paths:
             (images / p.name).symlink_to(p)
         model_dir = build_random_model(  # the same cached folders as bench/server.py's
-            LAYOUT,
-            CACHE / (LAYOUT + ("-quick" if args.quick else "")),
-            overrides=QUICK_OVERRIDES if args.quick else None,
+            args.layout,
+            CACHE / (args.layout + ("-quick" if args.quick else "")),
+            overrides=LAYOUTS[args.layout] if args.quick else None,
         )
         busy = background_cpu_busy()
         if args.source != "local":
@@ -362,14 +411,21 @@ def main() -> None:
             print(sources_markdown(report))
             return
         print(f"background load {busy:.0%}; blipserve batch ...", file=sys.stderr)
-        ours = run_blipserve(model_dir, images, args.tokens, shlex.split(args.blipserve_args), work)
-        print(f"  {ours['images_per_s']:.3f} images/s; loop ...", file=sys.stderr)
-        loop = run_loop(model_dir, paths, args.tokens)
+        flags = [*shlex.split(args.blipserve_args), "--device", args.device]
+        variants = [flags, *([*flags, *shlex.split(c)] for c in args.compare)]
+        runs: list[list[dict[str, Any]]] = [[] for _ in variants]
+        for _ in range(args.repeats if args.compare else 1):  # alternating, pass by pass
+            for variant, done in zip(variants, runs, strict=True):
+                done.append(run_blipserve(model_dir, images, args.tokens, variant, work))
+                print(f"  {done[-1]['images_per_s']:.3f} images/s", file=sys.stderr)
+        ours, *others = [_median_run(done) for done in runs]
+        print("  loop ...", file=sys.stderr)
+        loop = run_loop(model_dir, paths[: args.loop_images or None], args.tokens, args.device)
         print(f"  {loop['images_per_s']:.3f} images/s; stages ...", file=sys.stderr)
         dtype = next(
             (a for a in (*shlex.split(args.blipserve_args), "auto") if a in _DTYPES), "auto"
         )
-        stages = where_time_goes(model_dir, paths, args.tokens, dtype)
+        stages = where_time_goes(model_dir, paths, args.tokens, dtype, args.device)
     report = {
         **report_head(args, paths, busy),
         "loop": loop,
@@ -377,6 +433,10 @@ def main() -> None:
         "ratio": ours["images_per_s"] / loop["images_per_s"],
         "stages": stages,
     }
+    if others:
+        report["compare"] = [
+            {"flags": flags, **run} for flags, run in zip(args.compare, others, strict=True)
+        ]
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(report, indent=2) + "\n")

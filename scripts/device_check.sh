@@ -3,6 +3,7 @@
 #
 #   bash scripts/device_check.sh bench   # GPU benchmark + CUDA quality guard -> $OUT/gpu.*
 #   bash scripts/device_check.sh attention  # BLIP's vision attention eager vs SDPA (the GPU default) -> $OUT/gpu-attention.*
+#   bash scripts/device_check.sh batch  # blipserve batch over 640x480 JPEGs, BLIP-base and BLIP-2, vs the loop -> $OUT/gpu-batch-*.json
 #   bash scripts/device_check.sh static  # BLIP-2 with --cuda-graphs (static KV cache) -> $OUT/gpu-static.*
 #   bash scripts/device_check.sh warmup  # --cuda-graphs warm-up: no compilation left for requests
 #   bash scripts/device_check.sh train   # demo-vqa recipe variants side by side -> $OUT/train-logs.tgz
@@ -40,6 +41,16 @@ attention)  # BLIP-base's vision attention on the GPU: transformers' eager code 
     --modes bfloat16-eager bfloat16-sdpa --batches ${ATTENTION_BATCHES:-8 64} \
     --baseline-images 16 --repeats "${ATTENTION_REPEATS:-3}" --guard-scenes 200 \
     --out "$OUT/gpu-attention.json" 2>&1 | tee "$OUT/gpu-attention.log"
+  ;;
+batch)  # issue 22's targets: `blipserve batch` end to end over a folder of 640x480 JPEGs on
+  # the GPU against the catalog's per-image loop (float32) in the same run, with the image
+  # resize on the CPU (the processor) as the A/B of --image-resize's GPU default
+  for layout in blip-image-captioning-base blip2-opt-2.7b; do
+    timeout "${BATCH_SECONDS:-240}" "$PY" bench/batch.py --device cuda --layout "$layout" \
+      --size 640x480 --images "${BATCH_IMAGES:-2048}" --loop-images "${LOOP_IMAGES:-64}" \
+      --repeats "${BATCH_REPEATS:-2}" --compare "--image-resize processor" \
+      --out "$OUT/gpu-batch-$layout.json" 2>&1 | tee "$OUT/gpu-batch-$layout.log"
+  done
   ;;
 static)  # BLIP-2 with --cuda-graphs (a static KV cache: generate compiles the LM step),
   # full-size OPT-2.7b at three batch sizes (eager and compiled in interleaved pairs), and
