@@ -214,7 +214,7 @@ def test_batch_size_zero_picks_by_device(tiny_model_dir: dict[str, Path]) -> Non
     from blipserve.engine import default_batch_size
 
     assert default_batch_size(torch.device("cpu")) == 8
-    assert default_batch_size(torch.device("cuda")) == 32
+    assert default_batch_size(torch.device("cuda")) == 64
     path = tiny_model_dir["blip-caption"]
     with Engine.load(ModelConfig(model=str(path), device="cpu"), config=EngineConfig()) as engine:
         assert engine.max_batch_size == 8
