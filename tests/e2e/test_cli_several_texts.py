@@ -54,13 +54,19 @@ def test_bad_values_name_the_option(tiny_model_dir: dict[str, Path], tmp_path: P
     assert "num_return_sequences (2) needs beam search" in out.stderr
 
 
+def image_folder(tmp_path: Path, count: int) -> Path:
+    """A folder of ``count`` PNG images, as a batch job's input."""
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for i in range(count):
+        make_image(i).save(folder / f"p{i}.png")
+    return folder
+
+
 def test_batch_texts_column_and_all_captions_in_sidecars(
     tiny_model_dir: dict[str, Path], tmp_path: Path
 ) -> None:
-    folder = tmp_path / "photos"
-    folder.mkdir()
-    for i in range(2):
-        make_image(i).save(folder / f"p{i}.png")
+    folder = image_folder(tmp_path, 2)
     out = run_cli(
         "batch",
         str(folder),
@@ -89,10 +95,7 @@ def test_batch_texts_column_and_all_captions_in_sidecars(
 def test_batch_refuses_texts_the_model_cannot_give_before_it_starts(
     tiny_model_dir: dict[str, Path], tmp_path: Path
 ) -> None:
-    folder = tmp_path / "photos"
-    folder.mkdir()
-    for i in range(3):
-        make_image(i).save(folder / f"p{i}.png")
+    folder = image_folder(tmp_path, 3)
     output = tmp_path / "out.jsonl"
     model = ["--model", str(tiny_model_dir["blip-caption"])]
     out = run_cli("batch", str(folder), "-o", str(output), *model, "--num-return-sequences", "2")

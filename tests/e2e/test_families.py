@@ -51,12 +51,10 @@ def test_instructblip_caption_and_ask(folders: dict[str, Path], image: Path, kin
     question = InstructBlipAdapter.question_prompt("what is it?")
     asked = answer_of("ask", str(image), "what is it?", *model)
     assert asked == answer_of("caption", str(image), "--prompt", question, *model)
-    beams = answer_of("caption", str(image), *model, "--num-beams", "3")
     several = answer_of(
         "caption", str(image), *model, "--num-beams", "3", "--num-return-sequences", "3"
     )
-    assert several.splitlines()[0] == beams  # best beam first
-    assert len(several.splitlines()) == 3
+    assert len(several.splitlines()) == 3  # (their order: tests/unit/test_several_texts.py)
 
 
 def test_blip2_match_and_batch_filter(
