@@ -437,8 +437,10 @@ def png_b64(image: Image.Image) -> str:
 
 
 def quality_guard(device: Any, n: int) -> dict[str, Any]:
-    """The ``demo`` model's captions per dtype on ``n`` held-out scenes, against float32."""
+    """The ``demo`` model's captions per dtype on ``n`` held-out scenes, against float32 with
+    the processor's image resize (transformers' own path, as the model card measures)."""
     from blipserve.config import ModelConfig
+    from blipserve.config.serving import Backend, ImageResize
     from blipserve.engine import Engine
     from blipserve.finetune import scenes
     from blipserve.types import RowInput
@@ -453,8 +455,17 @@ def quality_guard(device: Any, n: int) -> dict[str, Any]:
     )
     for mode in dtypes:
         dtype, ov, _ = mode.partition("+ov")
-        backend = "openvino" if ov else "torch"
-        config = ModelConfig(model="demo", device=device.type, dtype=dtype, backend=backend)  # type: ignore[arg-type]
+        backend: Backend = "openvino" if ov else "torch"
+        # The reference is transformers' own arithmetic, its image processor included (on a
+        # GPU the other modes resize on the device: --image-resize auto).
+        resize: ImageResize = "processor" if mode == "float32" else "auto"
+        config = ModelConfig(
+            model="demo",
+            device=device.type,
+            dtype=dtype,  # type: ignore[arg-type]
+            backend=backend,
+            image_resize=resize,
+        )
         try:
             engine = Engine.load(config)
         except Exception as exc:  # e.g. no OpenVINO here
