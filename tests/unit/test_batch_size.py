@@ -145,3 +145,32 @@ def test_sizer_halves_from_the_failed_call_and_never_grows() -> None:
     assert sizer.limit("b") == 64
     with pytest.raises(InferenceError, match="single row"):
         sizer.out_of_memory("a", 1)
+
+
+def test_metrics_report_retries_and_the_size_that_fits(allocator: FakeAllocator) -> None:
+    from starlette.testclient import TestClient
+
+    from blipserve.config import ModelConfig, ServerConfig, Settings
+    from blipserve.server.app import ServerState, create_app
+    from helpers import score_body
+
+    settings = Settings(model=ModelConfig(model="echo"), server=ServerConfig(warmup=False))
+    app = create_app(settings)
+    state = app.state.blipserve
+    assert isinstance(state, ServerState)
+    model = MemoryBoundAdapter(allocator, per_row=1_000)  # room for 5 rows
+    state.load(Engine(model, config=EngineConfig(max_batch_size=8)))
+    try:
+        client = TestClient(app)
+        body = score_body([[b64_png(i), f"row {i}"] for i in range(8)], ["image", "text"])
+        response = client.post("/score", json=body)
+        assert response.status_code == 200, response.text
+        assert response.json() == [{"text": f"echo row {i}"} for i in range(8)]
+        metrics = client.get("/metrics").text
+        assert "blipserve_out_of_memory_retries_total 1.0" in metrics  # 8 failed, 4 fit
+        assert "blipserve_batch_size_limit 4.0" in metrics
+        client.post("/score", json=body)
+        metrics = client.get("/metrics").text  # read twice: counted once
+        assert "blipserve_out_of_memory_retries_total 1.0" in metrics
+    finally:
+        state.shutdown()

@@ -33,6 +33,7 @@ class BatchSizer:
 
     def __init__(self, max_batch_size: int) -> None:
         self.max_batch_size = max_batch_size
+        self.out_of_memory_calls = 0  # model calls that ran out of memory, all told
         self._fits: dict[Hashable, int] = {}
         self._lock = threading.Lock()
 
@@ -44,6 +45,8 @@ class BatchSizer:
     def out_of_memory(self, shape: Hashable, rows: int) -> int:
         """A call of ``rows`` rows of ``shape`` ran out of memory: the rows per call from now
         on (half as many).  Raises :class:`InferenceError` when one row did not fit."""
+        with self._lock:
+            self.out_of_memory_calls += 1
         if rows <= 1:
             raise InferenceError(
                 "out of memory on a single row: the model and its generation settings "
@@ -64,6 +67,11 @@ class BatchSizer:
         """The sizes learnt so far (shape -> rows per call)."""
         with self._lock:
             return dict(self._fits)
+
+    def smallest(self) -> int:
+        """The fewest rows per call any setting is down to (``max_batch_size`` if none)."""
+        with self._lock:
+            return min(self._fits.values(), default=self.max_batch_size)
 
 
 def release_memory(device: torch.device) -> None:

@@ -238,6 +238,8 @@ def create_app(settings: Settings | None = None, *, engine: Engine | None = None
         check_auth(request, cfg.api_keys)
         if state.online is not None:
             state.metrics.queue_rows.set(state.online.queue.depth)
+            sizer = state.online.engine.runner.sizer
+            state.metrics.memory(sizer.out_of_memory_calls, sizer.smallest())
         return Response(state.metrics.render(), media_type="text/plain; version=0.0.4")
 
     # The page for trying the model (static, so open; the calls it makes carry the key).

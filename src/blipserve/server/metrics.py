@@ -53,6 +53,18 @@ class Metrics:
             registry=r,
         )
         self.images = Counter("blipserve_images", "Images run through the model", registry=r)
+        self.out_of_memory = Counter(
+            "blipserve_out_of_memory_retries",
+            "Model calls that ran out of memory (their rows ran again in smaller calls)",
+            registry=r,
+        )
+        self.batch_size_limit = Gauge(
+            "blipserve_batch_size_limit",
+            "Rows per model call that fit in memory: the fewest any generation setting is "
+            "down to, else --max-batch-size",
+            registry=r,
+        )
+        self._out_of_memory_seen = 0
         self.image_errors = Counter(
             "blipserve_image_errors",
             "Rows refused before the model (bad image or text)",
@@ -74,6 +86,12 @@ class Metrics:
         self.images.inc(size)
         for wait in queue_waits_s:
             self.queue_wait.observe(wait)
+
+    def memory(self, out_of_memory_calls: int, batch_size_limit: int) -> None:
+        """What the engine's batch sizer has seen (read when metrics are scraped)."""
+        self.out_of_memory.inc(max(0, out_of_memory_calls - self._out_of_memory_seen))
+        self._out_of_memory_seen = max(self._out_of_memory_seen, out_of_memory_calls)
+        self.batch_size_limit.set(batch_size_limit)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
