@@ -8,13 +8,14 @@ from collections.abc import Iterator, Sequence
 
 import pytest
 import torch
+from PIL import Image
 
 from blipserve.config import EngineConfig
 from blipserve.engine import Engine
-from blipserve.engine.batch_size import BatchSizer
+from blipserve.engine.batch_size import BatchSizer, SentOnce
 from blipserve.errors import InferenceError
 from blipserve.params import GenerationParams
-from blipserve.types import ModelInput, Prediction, RowInput
+from blipserve.types import ModelInput, Prediction, RowInput, TextSink
 from fakes import EchoAdapter
 from helpers import b64_png
 
@@ -55,12 +56,19 @@ class MemoryBoundAdapter(EchoAdapter):
 
     def predict(self, items: Sequence[ModelInput]) -> list[Prediction]:
         self.calls.append(len(items))
+        for item in items:  # a streamed row's first piece, before the call's memory runs out
+            if item.on_text:
+                item.on_text(0, "echo ")
         need = len(items) * self.per_row * (items[0].params.max_new_tokens or 1)
         self.allocator.allocate(need)
         try:
-            return super().predict(items)
+            answers = super().predict(items)
         finally:
             self.allocator.free(need)
+        for item, answer in zip(items, answers, strict=True):
+            if item.on_text:
+                item.on_text(0, answer.text.removeprefix("echo "))
+        return answers
 
 
 @pytest.fixture
@@ -134,6 +142,35 @@ def test_concurrent_batches_share_what_was_learnt(allocator: FakeAllocator) -> N
         got = texts(engine.predict(rows(24)))
     assert got == [f"echo row {i}" for i in range(24)]
     assert allocator.peak <= allocator.budget
+
+
+def test_a_streamed_row_that_runs_again_sends_each_piece_once(
+    engine: Engine, model: MemoryBoundAdapter
+) -> None:
+    got: dict[int, list[str]] = {i: [] for i in range(8)}
+
+    def sink_of(row: int) -> TextSink:
+        return lambda _index, piece: got[row].append(piece)
+
+    image = Image.new("RGB", (8, 8))
+    items = [ModelInput(image, f"row {i}", GenerationParams(), sink_of(i)) for i in range(8)]
+    answers = engine.run_batch(items)  # as the online queue calls it
+    assert model.calls == [8, 4, 4]  # every row sent "echo " before the first call failed
+    assert [a.text for a in answers] == [f"echo row {i}" for i in range(8)]
+    assert {i: "".join(pieces) for i, pieces in got.items()} == {
+        i: f"echo row {i}" for i in range(8)
+    }
+
+
+def test_a_run_that_says_something_else_sends_nothing_more() -> None:
+    pieces: list[str] = []
+    sink = SentOnce(lambda _, piece: pieces.append(piece))
+    sink(0, "a b")
+    sink.again()  # (sampling draws anew)
+    sink(0, "a ")
+    sink(0, "c d")
+    sink(0, " e")
+    assert pieces == ["a b"]
 
 
 def test_sizer_halves_from_the_failed_call_and_never_grows() -> None:

@@ -11,6 +11,9 @@ the error), and the engine goes on.
 
 Halving keeps powers of two powers of two, the sizes BLIP-2's compiled decoding steps
 (``--cuda-graphs``) are warmed up for.
+
+A streamed row (its text sent as decoded) may have sent pieces before its call ran out of
+memory; :class:`SentOnce` makes its run again send only what goes beyond them.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from collections.abc import Hashable
 import torch
 
 from blipserve.errors import InferenceError
+from blipserve.types import TextSink
 
 log = logging.getLogger(__name__)
 
@@ -81,3 +85,32 @@ def release_memory(device: torch.device) -> None:
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
+
+
+class SentOnce:
+    """A streamed row's sink (:data:`~blipserve.types.TextSink`) for calls that may run
+    again: each run's text is compared with what the client has had, and only what goes
+    beyond it is passed on.  Greedy decoding and beam search say the same again; a run that
+    says something else (sampling draws anew) sends nothing more, and the answer's text,
+    sent with it at the end, is what counts."""
+
+    def __init__(self, sink: TextSink) -> None:
+        self.sink = sink
+        self.sent: dict[int, str] = {}  # text index -> what the client has had
+        self.said: dict[int, str] = {}  # ... what this run has said
+        self.diverged: set[int] = set()
+
+    def again(self) -> None:
+        """A new run of the row begins."""
+        self.said.clear()
+
+    def __call__(self, index: int, piece: str) -> None:
+        said = self.said.get(index, "") + piece
+        self.said[index] = said
+        sent = self.sent.get(index, "")
+        if index in self.diverged or not (said.startswith(sent) or sent.startswith(said)):
+            self.diverged.add(index)
+            return
+        if len(said) > len(sent):
+            self.sent[index] = said
+            self.sink(index, said[len(sent) :])

@@ -9,6 +9,7 @@ jobs, the CLI), runs up to ``model_workers`` of them at once on a CPU.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import threading
 from collections import deque
@@ -17,7 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
-from blipserve.engine.batch_size import BatchSizer, release_memory
+from blipserve.engine.batch_size import BatchSizer, SentOnce, release_memory
 from blipserve.engine.offline_plan import plan_batches
 from blipserve.engine.prepare import PreparedRow
 from blipserve.errors import BlipserveError, InferenceError, RowError
@@ -80,14 +81,24 @@ class ModelRunner:
         :meth:`_slot`).
         """
         shape = items[0].params if items else None  # rows of a batch share them
+        # A streamed row that runs again sends each piece of its text once.
+        sinks = [SentOnce(item.on_text) if item.on_text else None for item in items]
+        items = [
+            dataclasses.replace(item, on_text=sink) if sink else item
+            for item, sink in zip(items, sinks, strict=True)
+        ]
         predictions: list[Prediction] = []
         while len(predictions) < len(items):
             size = self.sizer.limit(shape)
-            call = items[len(predictions) : len(predictions) + size]
+            start = len(predictions)
+            call = items[start : start + size]
             answers = self._predict(call, helper)
             if answers is None:
                 release_memory(self.adapter.device)
                 self.sizer.out_of_memory(shape, len(call))  # (raises when one row is too many)
+                for sink in sinks[start : start + size]:
+                    if sink:
+                        sink.again()
                 continue
             predictions += answers
         return predictions
