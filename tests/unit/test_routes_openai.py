@@ -159,3 +159,26 @@ def test_a_stream_closed_early_drops_its_row() -> None:
         assert answer.cancelled()  # (queue.run's cancellation marks its rows abandoned)
 
     asyncio.run(scenario())
+
+
+def test_an_answer_that_is_not_what_was_streamed_ends_with_an_error_event() -> None:
+    # A sampled row whose batch ran out of memory runs again and may draw another answer
+    # than the one its first pieces came from.
+    async def scenario() -> list[bytes]:
+        loop = asyncio.get_running_loop()
+        answer: asyncio.Future[Prediction] = loop.create_future()
+        answer.set_result(Prediction("a dog", tokens=2))
+        pieces: asyncio.Queue[tuple[int, str]] = asyncio.Queue()
+        writer = ChunkWriter("r", "m", include_usage=False)
+        stream = chat_stream._events(
+            writer, answer, pieces, (0, "a cat "), limit=5, prompt_tokens=1, choices=1
+        )
+        return [event async for event in stream]
+
+    sent = [e.decode().removeprefix("data: ").strip() for e in asyncio.run(scenario())]
+    assert "[DONE]" not in sent
+    role, content, error = (json.loads(e) for e in sent)
+    assert role["choices"][0]["delta"]["role"] == "assistant"
+    assert content["choices"][0]["delta"]["content"] == "a cat "
+    assert error["error"]["code"] == 500
+    assert "the answer changed after part of it was sent" in error["error"]["message"]

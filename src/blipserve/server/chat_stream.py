@@ -7,7 +7,8 @@ or the answer is there, so that every error the non-streamed route gives (a bad 
 full queue, the deadline, the model failing) is still a JSON error with its status; one
 after that ends the stream with an error event.  The pieces add up to the answer's text;
 whatever the final answer holds beyond them (all of a beam search's text, which is not
-streamed) is sent before each choice's ``finish_reason``.  A client that goes away drops
+streamed) is sent before each choice's ``finish_reason``; an answer that does not start with
+what was sent ends the stream with an error event.  A client that goes away drops
 its row (queued) or stops receiving it (running).
 """
 
@@ -32,6 +33,10 @@ from blipserve.types import Prediction, RowInput
 log = logging.getLogger(__name__)
 
 Piece = tuple[int, str]  # (choice index, text)
+_CHANGED = (
+    "the answer changed after part of it was sent (its batch ran out of memory and ran "
+    "again); ask again"
+)
 
 
 async def stream_chat(
@@ -135,8 +140,12 @@ async def _events(
         answers = openai_contract.choices_of(prediction, limit)
         for index, answer in enumerate(answers):
             if not answer.text.startswith(sent[index]):
+                # What the client has is not the answer (a sampled row whose batch ran out
+                # of memory ran again and drew anew): say so rather than finish it.
                 log.warning("streamed text of choice %d is not the answer's start", index)
-            elif len(answer.text) > len(sent[index]):
+                yield error_event(_CHANGED, 500)
+                return
+            if len(answer.text) > len(sent[index]):
                 yield writer.content(index, answer.text[len(sent[index]) :])
             yield writer.finish(index, answer.finish_reason)
         if writer.include_usage:
