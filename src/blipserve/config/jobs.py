@@ -132,7 +132,11 @@ class BatchConfig:
         metavar="MODEL",
     )
     min_match: float = option(0.5, "CapFilt: keep pairs whose match probability reaches this.")
-    chunk_rows: int = option(32, "Rows decoded ahead and journaled together.")
+    chunk_rows: int = option(
+        64,
+        "Rows decoded ahead and journaled together; a model batch never spans two chunks, "
+        "so this caps the batch size (64: a GPU's default --max-batch-size).",
+    )
     read_workers: int = option(
         16, "Image files read at once, ahead of the model (object stores want many in flight)."
     )
