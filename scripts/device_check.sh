@@ -5,6 +5,7 @@
 #   bash scripts/device_check.sh attention  # BLIP's vision attention eager vs SDPA (the GPU default) -> $OUT/gpu-attention.*
 #   bash scripts/device_check.sh batch  # blipserve batch over 640x480 JPEGs, BLIP-base and BLIP-2, vs the loop -> $OUT/gpu-batch-*.json
 #   bash scripts/device_check.sh static  # BLIP-2 with --cuda-graphs (static KV cache) -> $OUT/gpu-static.*
+#   bash scripts/device_check.sh static-blip  # BLIP-base with --cuda-graphs -> $OUT/gpu-static-blip.*
 #   bash scripts/device_check.sh warmup  # --cuda-graphs warm-up: no compilation left for requests
 #   bash scripts/device_check.sh train   # demo-vqa recipe variants side by side -> $OUT/train-logs.tgz
 # Parts can be combined: scripts/device_check.sh static train
@@ -61,6 +62,15 @@ static)  # BLIP-2 with --cuda-graphs (a static KV cache: generate compiles the L
     --baseline-images 16 --static-cache --no-guard --guard-scenes "${GUARD_SCENES:-200}" \
     --repeats "${STATIC_REPEATS:-3}" \
     --out "$OUT/gpu-static.json" 2>&1 | tee "$OUT/gpu-static.log"
+  ;;
+static-blip)  # BLIP-base with --cuda-graphs (issue 22: its text decoder on two static
+  # caches, the text's and the image's), eager and compiled in interleaved pairs, and the
+  # demo captioner's captions with and without it
+  timeout "${STATIC_SECONDS:-420}" "$PY" bench/speed.py --models blip-image-captioning-base \
+    --batches ${STATIC_BATCHES:-8 64} --static-batches ${STATIC_BATCHES:-8 64} \
+    --baseline-images 16 --static-cache --no-guard --guard-scenes "${GUARD_SCENES:-200}" \
+    --repeats "${STATIC_REPEATS:-3}" \
+    --out "$OUT/gpu-static-blip.json" 2>&1 | tee "$OUT/gpu-static-blip.log"
   ;;
 warmup)  # --cuda-graphs: warm-up compiles each padded batch size; later batches must not
   timeout "${WARMUP_SECONDS:-240}" "$PY" - <<'PY' 2>&1 | tee "$OUT/gpu-warmup.log"

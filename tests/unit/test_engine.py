@@ -230,50 +230,19 @@ def test_engine_config_refuses_nonsense(bad: dict[str, int]) -> None:
         EngineConfig(**bad)
 
 
-def test_static_cache_says_what_the_dynamic_cache_says(
-    tiny_model_dir: dict[str, Path], monkeypatch: pytest.MonkeyPatch
-) -> None:
-    # --cuda-graphs decodes BLIP-2 (OPT) with a static KV cache, its batches padded to a
-    # power of two rows; on a CPU transformers runs that eagerly, so here we check the
-    # arithmetic: same tokens as the dynamic cache, padding rows dropped, row order kept.
-    from transformers.cache_utils import StaticCache
-
-    made: list[int] = []  # max_cache_len of each static cache generate builds
-    init = StaticCache.__init__
-
-    def counted(self, *args, **kwargs):  # type: ignore[no-untyped-def]
-        made.append(kwargs["max_cache_len"])
-        init(self, *args, **kwargs)
-
-    monkeypatch.setattr(StaticCache, "__init__", counted)
-    path = str(tiny_model_dir["blip2-opt"])
-    config = EngineConfig(max_batch_size=8)
-    with (
-        Engine.load(ModelConfig(model=path, device="cpu"), config=config) as dynamic,
-        Engine.load(ModelConfig(model=path, device="cpu"), config=config) as static,
-    ):
-        static.adapter.use_static_cache(path)  # type: ignore[attr-defined]
-        rows = rows_for("blip2-opt")[:5]  # 5 rows -> a batch of 8
-        for params in (PARAMS, GenerationParams(max_new_tokens=100)):  # 128 positions, filled
-            want = dynamic.predict(rows, params)
-            assert all(isinstance(p, Prediction) for p in want)
-            assert static.predict(rows, params) == want
-            assert [static.predict([r], params)[0] for r in rows[:2]] == want[:2]
-    assert made == [128] * 6  # the static side only, three calls per params: 128 positions
-
-
 def test_cuda_graphs_are_refused_where_they_cannot_work(
     tiny_model_dir: dict[str, Path],
 ) -> None:
     from blipserve.errors import ModelLoadError
     from blipserve.models import load_model
 
-    for kind in ("blip2-opt", "blip2-t5"):
+    for kind in ("blip-caption", "blip2-opt", "blip2-t5"):
         with pytest.raises(ModelLoadError, match="--cuda-graphs needs a CUDA GPU"):
             load_model(ModelConfig(model=str(tiny_model_dir[kind]), device="cpu", cuda_graphs=True))
-    for kind in ("blip-caption", "blip2-t5"):
+    # (static caches: tests/unit/test_static_cache.py)
+    for kind in ("blip-vqa", "blip-itm", "blip2-t5"):
         adapter = load_model(ModelConfig(model=str(tiny_model_dir[kind]), device="cpu"))
-        with pytest.raises(ModelLoadError, match="decoder-only"):
+        with pytest.raises(ModelLoadError, match=r"BLIP captioning models and BLIP-2 .* \(OPT\)"):
             adapter.use_static_cache(kind)
 
 

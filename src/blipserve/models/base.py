@@ -94,6 +94,8 @@ class HFAdapter:
     #: whether ``--backend auto`` puts an int8 model's encoder on OpenVINO: where that
     #: recipe measured faster than torch's int8 encoder
     openvino_when_auto: ClassVar[bool] = True
+    #: decode with a static KV cache (``--cuda-graphs``; set by :meth:`use_static_cache`)
+    static_cache: bool = False
 
     def __init__(
         self,
@@ -187,7 +189,8 @@ class HFAdapter:
         """Decode with a static KV cache (``--cuda-graphs``), where the family supports it."""
         raise ModelLoadError(
             f"--cuda-graphs: model {name!r} ({self.kind}) does not support it; it applies to "
-            "BLIP-2 models whose language model is decoder-only (OPT)"
+            "BLIP captioning models and BLIP-2 models whose language model is decoder-only "
+            "(OPT)"
         )
 
     def resize_on_device(self, *, required: bool) -> None:

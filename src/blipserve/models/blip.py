@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Hashable, Sequence
+from typing import Any
 
 import torch
 from transformers import (
@@ -18,6 +19,7 @@ from blipserve.models.matching import one_score_per_row
 from blipserve.models.optimize import Speedup
 from blipserve.models.precision import Precision, cpu_has_native_bf16
 from blipserve.models.registry import register
+from blipserve.models.static_cache import blip_text_cache, cache_length, padded_rows
 from blipserve.params import GenerationParams
 from blipserve.types import ModelInput, Prediction
 
@@ -111,19 +113,34 @@ class BlipCaptionAdapter(_BlipText):
     def prompt_positions(self, text_tokens: int) -> int:
         return max(1, text_tokens - 1)  # the prefix is the prompt; generate drops its [SEP]
 
+    def use_static_cache(self, name: str) -> None:
+        self.static_cache = True
+
     def predict(self, items: Sequence[ModelInput]) -> list[Prediction]:
+        n, k = len(items), texts_per_row(items)
+        # The caption includes its prefix: a stream sends it with the first word after it.
+        streaming = self.streaming(items, prompt_in_text=True)  # (not the padding rows)
+        if self.static_cache:
+            items = padded_rows(items)  # (the copies' texts dropped below)
         pixel_values = self.pixel_values(items)  # (B, 3, S, S)
         params = items[0].params
-        # The caption includes its prefix: a stream sends it with the first word after it.
-        streaming = self.streaming(items, prompt_in_text=True)
-        if items[0].text is None:
-            out = self.generate(params, pixel_values=pixel_values, **streaming)
-            prompt_len = 1  # [DEC]
-        else:
-            text = self.encode_text(items)
-            out = self.generate(params, pixel_values=pixel_values, **text, **streaming)
-            prompt_len = text["input_ids"].shape[1] - 1  # generate drops the final [SEP]
-        return self.decode(out, new_from=prompt_len, per_row=texts_per_row(items))
+        text = {} if items[0].text is None else self.encode_text(items)
+        # generate's prompt: [DEC], or the prefix without its final [SEP], which it drops
+        prompt_len = text["input_ids"].shape[1] - 1 if text else 1
+        cache = self.static_kv_cache(prompt_len, params) if self.static_cache else {}
+        out = self.generate(params, pixel_values=pixel_values, **text, **streaming, **cache)
+        return self.decode(out[: n * k], new_from=prompt_len, per_row=k)
+
+    def static_kv_cache(self, prompt_len: int, params: GenerationParams) -> dict[str, Any]:
+        """``generate``'s static cache for ``--cuda-graphs`` (:func:`blip_text_cache`): the
+        prompt and new tokens rounded up (:func:`cache_length`), and the image's tokens."""
+        new = params.max_new_tokens or self.default_max_new_tokens
+        vision = self.model.config.vision_config
+        image_tokens = (vision.image_size // vision.patch_size) ** 2 + 1  # patches + [CLS]
+        cache = blip_text_cache(
+            self.model.config.text_config, cache_length(prompt_len, new), image_tokens
+        )
+        return {"cache": cache}
 
 
 @register("BlipForQuestionAnswering")

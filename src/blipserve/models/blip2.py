@@ -16,6 +16,7 @@ from transformers import Blip2ForConditionalGeneration
 
 from blipserve.models.base import HFAdapter, texts_per_row
 from blipserve.models.registry import register
+from blipserve.models.static_cache import cache_length, padded_rows
 from blipserve.types import ModelInput, Prediction
 
 
@@ -35,8 +36,6 @@ class Blip2Adapter(HFAdapter):
     # Speed options: HFAdapter.speedups' (BLIP's lean text layers and vision attention have
     # no counterpart in BLIP-2's modules).
     text_role = "prompt"
-    #: decode with a static KV cache (``--cuda-graphs``; set by :meth:`use_static_cache`)
-    static_cache = False
 
     @classmethod
     def question_prompt(cls, question: str) -> str:
@@ -120,21 +119,16 @@ class Blip2Adapter(HFAdapter):
         n = len(items)
         streaming = self.streaming(items)  # (not the padding rows below)
         if self.static_cache:
-            # Compiled decoding steps (CUDA graphs) are specialised to the batch and cache
-            # shapes: pad to a power of two rows (copies of the last row, dropped below) so
-            # that a handful of graphs serve every batch size.
-            items = [*items, *[items[-1]] * (_next_power_of_two(n) - n)]
+            items = padded_rows(items)  # (the copies' texts dropped below)
         pixel_values = self.pixel_values(items)  # (B, 3, S, S)
         input_ids, attention_mask = self.encode_prompts(items)
         params, k = items[0].params, texts_per_row(items)
         cache: dict[str, Any] = {}
         if self.static_cache:
-            # A cache of at least 128 positions (32 query tokens, a question and 20 new
-            # tokens fit), else a multiple of 64: transformers keeps the longest seen so
-            # far, and each new length compiles anew, so warm-up's length should hold.
+            # (transformers keeps the longest length seen so far: warm-up's should hold)
             new = params.max_new_tokens or self.default_max_new_tokens
-            needed = _CACHE_STEP * -(-(input_ids.shape[1] + new) // _CACHE_STEP)
-            cache = {"cache_implementation": "static", "max_cache_len": max(_CACHE_MIN, needed)}
+            positions = cache_length(input_ids.shape[1], new)
+            cache = {"cache_implementation": "static", "max_cache_len": positions}
         out = self.generate(
             params,
             **streaming,
@@ -160,11 +154,3 @@ def _history_turn(question: str, answer: str) -> str:
     if not question:
         return f"{answer}{end}"
     return f"Question: {question} Answer: {answer}{end}"
-
-
-_CACHE_STEP = 64  # static KV cache lengths are multiples of this
-_CACHE_MIN = 128  # ... and at least this
-
-
-def _next_power_of_two(n: int) -> int:
-    return 1 << (n - 1).bit_length()
