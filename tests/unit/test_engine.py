@@ -242,7 +242,9 @@ def test_cuda_graphs_are_refused_where_they_cannot_work(
     # (static caches: tests/unit/test_static_cache.py)
     for kind in ("blip-vqa", "blip-itm", "blip2-t5"):
         adapter = load_model(ModelConfig(model=str(tiny_model_dir[kind]), device="cpu"))
-        with pytest.raises(ModelLoadError, match=r"BLIP captioning models and BLIP-2 .* \(OPT\)"):
+        with pytest.raises(
+            ModelLoadError, match=r"BLIP captioning models and BLIP-2 .* \(OPT, Vicuna\)"
+        ):
             adapter.use_static_cache(kind)
 
 

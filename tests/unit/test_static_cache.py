@@ -26,10 +26,24 @@ PROMPTS: dict[str, list[str | None]] = {
     # Prefixes / prompts of several token lengths; BLIP batches rows of one length.
     "blip-caption": [None, "a picture of", None, "a picture of a very small", None],
     "blip2-opt": [None, "Question: what is it? Answer:", "a photo of", None, "x"],
+    # (its Q-Former reads the instruction too; no text: the caption instruction)
+    "instructblip-vicuna": [None, "Question: what is it? Short answer:", "Describe it.", None, "x"],
 }
 #: the image tokens BLIP's cross-attention cache holds: tiny models' 32 px images, 8 px
 #: patches -> 16 patches and [CLS]
 TINY_IMAGE_TOKENS = 17
+
+
+@pytest.fixture(scope="module")
+def model_dir(
+    tiny_model_dir: dict[str, Path], tmp_path_factory: pytest.TempPathFactory
+) -> dict[str, Path]:
+    """The session's tiny models and a tiny InstructBLIP-Vicuna."""
+    import tiny_models
+
+    kind = "instructblip-vicuna"
+    folder = tiny_models.build(kind, tmp_path_factory.mktemp("instructblip") / kind)
+    return {**tiny_model_dir, kind: folder}
 
 
 @pytest.fixture(scope="module")
@@ -86,14 +100,14 @@ def _engines(path: Path) -> tuple[Engine, Engine]:
 
 @pytest.mark.parametrize("kind", sorted(PROMPTS))
 def test_static_cache_says_what_the_dynamic_cache_says(
-    tiny_model_dir: dict[str, Path],
+    model_dir: dict[str, Path],
     rows: list[RowInput],
     made: list[int],
     as_on_a_gpu: None,
     kind: str,
 ) -> None:
     # On a CPU transformers runs the static cache eagerly: the arithmetic, not the graphs.
-    dynamic, static = _engines(tiny_model_dir[kind])
+    dynamic, static = _engines(model_dir[kind])
     asked = _rows(kind, rows)
     with dynamic, static:
         for params in (
@@ -148,13 +162,13 @@ def _compile_on_cpu(model: torch.nn.Module, backend: Any) -> None:
 
 @pytest.mark.parametrize("kind", sorted(PROMPTS))
 def test_the_decoding_step_is_one_graph(
-    tiny_model_dir: dict[str, Path],
+    model_dir: dict[str, Path],
     rows: list[RowInput],
     graphs: list[torch.fx.GraphModule],
     as_on_a_gpu: None,
     kind: str,
 ) -> None:
-    dynamic, static = _engines(tiny_model_dir[kind])
+    dynamic, static = _engines(model_dir[kind])
     _compile_on_cpu(static.adapter.model, _keeping(graphs))  # type: ignore[attr-defined]
     asked = _rows(kind, rows)
     params = GenerationParams(max_new_tokens=6)
@@ -181,11 +195,11 @@ def test_padding_and_lengths() -> None:
 
 @pytest.mark.parametrize("kind", sorted(PROMPTS))
 def test_streamed_rows_of_a_padded_batch(
-    tiny_model_dir: dict[str, Path], as_on_a_gpu: None, kind: str
+    model_dir: dict[str, Path], as_on_a_gpu: None, kind: str
 ) -> None:
     # Three rows padded to four: the streamer sees the copy's tokens and sends nothing of
     # them; each streaming row's pieces add up to its answer.
-    dynamic, static = _engines(tiny_model_dir[kind])
+    dynamic, static = _engines(model_dir[kind])
     params = GenerationParams(max_new_tokens=10, min_new_tokens=10)
     images = list(photos().values())
     pieces: dict[int, list[str]] = {0: [], 2: []}

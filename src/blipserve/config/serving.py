@@ -97,9 +97,9 @@ class ModelConfig:
     )
     cuda_graphs: bool = option(
         False,
-        "BLIP captioning, and BLIP-2 with a decoder-only LM (OPT), on a GPU: decode with a "
-        "static KV cache, which transformers compiles into CUDA graphs (torch.compile, "
-        "mode reduce-overhead). "
+        "BLIP captioning, and BLIP-2 or InstructBLIP with a decoder-only LM (OPT, Vicuna), "
+        "on a GPU: decode with a static KV cache, which transformers compiles into CUDA "
+        "graphs (torch.compile, mode reduce-overhead). "
         "Batches are padded to a power of two rows and the cache to a multiple of 64 "
         "positions (at least 128) so that a few graphs serve every request; warm-up "
         "compiles them (tens of seconds) before the server reports ready.",

@@ -189,8 +189,8 @@ class HFAdapter:
         """Decode with a static KV cache (``--cuda-graphs``), where the family supports it."""
         raise ModelLoadError(
             f"--cuda-graphs: model {name!r} ({self.kind}) does not support it; it applies to "
-            "BLIP captioning models and BLIP-2 models whose language model is decoder-only "
-            "(OPT)"
+            "BLIP captioning models and BLIP-2 / InstructBLIP models whose language model is "
+            "decoder-only (OPT, Vicuna)"
         )
 
     def resize_on_device(self, *, required: bool) -> None:

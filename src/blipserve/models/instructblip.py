@@ -17,7 +17,6 @@ from collections.abc import Hashable, Sequence
 import torch
 from transformers import InstructBlipForConditionalGeneration
 
-from blipserve.models.base import HFAdapter
 from blipserve.models.blip2 import ANSWER_MARK, Blip2Adapter
 from blipserve.models.registry import register
 from blipserve.types import ModelInput
@@ -79,11 +78,6 @@ class InstructBlipAdapter(Blip2Adapter):
     def count_tokens(self, text: str | None) -> int:
         # A caption's prompt is the caption instruction, which the model reads too.
         return super().count_tokens(text or CAPTION_INSTRUCTION)
-
-    def use_static_cache(self, name: str) -> None:
-        # Refused (HFAdapter's error): BLIP-2's static cache pads batches with copies of
-        # the last row, which has not been tried with the Q-Former's instruction on a GPU.
-        HFAdapter.use_static_cache(self, name)
 
     def extra_inputs(self, items: Sequence[ModelInput]) -> dict[str, torch.Tensor]:
         """The Q-Former's input: each row's instruction, padded on the right (its positions
