@@ -173,7 +173,7 @@ def test_a_run_that_says_something_else_sends_nothing_more() -> None:
     assert pieces == ["a b"]
 
 
-def test_sizer_halves_from_the_failed_call_and_never_grows() -> None:
+def test_sizer_halves_from_the_failed_call() -> None:
     sizer = BatchSizer(64)
     assert sizer.limit("a") == 64
     assert sizer.out_of_memory("a", 64) == 32
@@ -182,6 +182,55 @@ def test_sizer_halves_from_the_failed_call_and_never_grows() -> None:
     assert sizer.limit("b") == 64
     with pytest.raises(InferenceError, match="single row"):
         sizer.out_of_memory("a", 1)
+
+
+def test_sizer_grows_back_after_full_calls_only() -> None:
+    sizer = BatchSizer(64, probe_after=2)
+    assert sizer.out_of_memory("a", 64) == 32
+    sizer.fitted("a", 10)  # a call short of the size says nothing about it
+    sizer.fitted("a", 32)
+    assert sizer.limit("a") == 32
+    sizer.fitted("a", 32)  # two full calls in a row: twice as many
+    assert sizer.limit("a") == 64
+    assert sizer.known() == {}  # back to the configured size
+    sizer.fitted("b", 64)  # (a shape at the configured size: nothing to learn)
+    assert sizer.known() == {}
+
+
+def test_batches_grow_back_when_memory_comes_back(
+    engine: Engine, model: MemoryBoundAdapter, allocator: FakeAllocator
+) -> None:
+    # Another process held memory for a while: 4 rows a call were learnt.  When it is
+    # back, after probe_after full calls the size doubles, up to the configured 16.
+    texts(engine.predict(rows(16)))
+    assert engine.runner.sizer.known() == {GenerationParams(): 4}
+    engine.runner.sizer.probe_after = 2
+    allocator.budget = 16_000
+    model.calls.clear()
+    for _ in range(3):
+        assert texts(engine.predict(rows(16))) == [f"echo row {i}" for i in range(16)]
+    # The lesson's four full calls of 4 count: 4 (the fifth: try 8), 8 (fits), 4 (not
+    # full) | 8 (the second full call at 8: try 16, the configured size), 8 | 16
+    assert model.calls == [4, 8, 4, 8, 8, 16]
+    assert engine.runner.sizer.known() == {}
+    assert engine.runner.sizer.out_of_memory_calls == 2  # (the lesson's 16 and 8)
+
+
+def test_a_size_that_still_does_not_fit_is_tried_less_and_less(
+    engine: Engine, model: MemoryBoundAdapter
+) -> None:
+    # The card really is that small: each failed try at 8 rows doubles the wait for the
+    # next (2, 4, 8, 16 full calls), and costs one call run again; no row is lost.
+    sizer = engine.runner.sizer
+    texts(engine.predict(rows(8)))  # 8 -> 4
+    sizer.probe_after = 2
+    failed = sizer.out_of_memory_calls
+    model.calls.clear()
+    for _ in range(30):
+        assert texts(engine.predict(rows(8))) == [f"echo row {i}" for i in range(8)]
+    assert model.calls.count(8) == 4  # the tries, each run again as two calls of 4
+    # 60 full calls of 4: tries after 2, 2 + 4, 6 + 8, 14 + 16, 30 + 32 of them
+    assert sizer.out_of_memory_calls - failed == 4
 
 
 def test_metrics_report_retries_and_the_size_that_fits(allocator: FakeAllocator) -> None:

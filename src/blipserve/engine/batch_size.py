@@ -9,6 +9,13 @@ caller sees the failure.  The size that fitted is remembered per generation sett
 later batches go straight to it.  A single row that does not fit fails (its batch's rows get
 the error), and the engine goes on.
 
+Memory short for a while (another process on the card, a burst of long requests) should
+not keep batches small until a restart: after ``probe_after`` calls in a row that filled the
+learnt size, the sizer tries twice as many rows.  If that fits, it keeps it (and later tries
+again, up to the configured size); if not, the call is run again at the old size, and the
+next try waits twice as long, so a card that is really that small costs one failed call
+per 100, 200, 400, ... calls.
+
 Halving keeps powers of two powers of two, the sizes BLIP-2's compiled decoding steps
 (``--cuda-graphs``) are warmed up for.
 
@@ -35,10 +42,14 @@ class BatchSizer:
     """The rows per model call for each shape of work (rows that share generation settings
     need about the same memory each), starting at ``max_batch_size``.  Thread-safe."""
 
-    def __init__(self, max_batch_size: int) -> None:
+    def __init__(self, max_batch_size: int, probe_after: int = 100) -> None:
         self.max_batch_size = max_batch_size
+        self.probe_after = probe_after
         self.out_of_memory_calls = 0  # model calls that ran out of memory, all told
         self._fits: dict[Hashable, int] = {}
+        self._full_calls: dict[Hashable, int] = {}  # calls in a row that filled the size
+        self._failed_tries: dict[Hashable, int] = {}  # tries at twice as many in a row
+        self._probing: set[Hashable] = set()  # shapes whose size was just doubled
         self._lock = threading.Lock()
 
     def limit(self, shape: Hashable) -> int:
@@ -59,6 +70,10 @@ class BatchSizer:
         with self._lock:
             smaller = min(self._fits.get(shape, self.max_batch_size), rows // 2)
             self._fits[shape] = max(1, smaller)
+            self._full_calls[shape] = 0
+            if shape in self._probing:  # a try at twice as many: wait longer for the next
+                self._probing.discard(shape)
+                self._failed_tries[shape] = self._failed_tries.get(shape, 0) + 1
             log.warning(
                 "out of memory with %d rows in one model call; %d rows a call from now on "
                 "for these generation settings",
@@ -66,6 +81,32 @@ class BatchSizer:
                 self._fits[shape],
             )
             return self._fits[shape]
+
+    def fitted(self, shape: Hashable, rows: int) -> None:
+        """A call of ``rows`` rows of ``shape`` fitted; after enough calls in a row that
+        filled a learnt size, the next ones get twice as many rows (up to
+        ``max_batch_size``, when the shape's entry goes)."""
+        with self._lock:
+            size = self._fits.get(shape, self.max_batch_size)
+            if rows < size:
+                return  # (a call that was not full: nothing learnt)
+            if shape in self._probing:  # twice as many fitted: try again after the usual wait
+                self._probing.discard(shape)
+                self._failed_tries.pop(shape, None)
+            if shape not in self._fits:
+                return  # (the configured size)
+            full = self._full_calls.get(shape, 0) + 1
+            self._full_calls[shape] = full
+            if full < self.probe_after * 2 ** self._failed_tries.get(shape, 0):
+                return
+            self._full_calls[shape] = 0
+            larger = min(2 * size, self.max_batch_size)
+            self._probing.add(shape)
+            if larger == self.max_batch_size:
+                del self._fits[shape]
+            else:
+                self._fits[shape] = larger
+            log.info("%d rows a call fitted %d times in a row; trying %d", size, full, larger)
 
     def known(self) -> dict[Hashable, int]:
         """The sizes learnt so far (shape -> rows per call)."""

@@ -100,6 +100,7 @@ class ModelRunner:
                     if sink:
                         sink.again()
                 continue
+            self.sizer.fitted(shape, len(call))
             predictions += answers
         return predictions
 
