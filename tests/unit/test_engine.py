@@ -223,7 +223,7 @@ def test_batch_size_zero_picks_by_device(tiny_model_dir: dict[str, Path]) -> Non
 
 
 @pytest.mark.parametrize(
-    "bad", [{"max_batch_size": -1}, {"torch_threads": -2}, {"decode_workers": 0}]
+    "bad", [{"max_batch_size": -1}, {"torch_threads": -2}, {"decode_workers": -1}]
 )
 def test_engine_config_refuses_nonsense(bad: dict[str, int]) -> None:
     with pytest.raises(ValueError, match="must be"):
@@ -257,6 +257,17 @@ def test_model_workers_by_device() -> None:
     assert default_model_workers(torch.device("cpu"), 16) == 2
     assert default_model_workers(torch.device("cpu"), 1) == 1
     assert default_model_workers(torch.device("cuda"), 16) == 1
+
+
+def test_decode_workers_by_device() -> None:
+    import torch
+
+    from blipserve.engine import default_decode_workers
+
+    cpu, gpu = torch.device("cpu"), torch.device("cuda")
+    assert [default_decode_workers(cpu, n) for n in (2, 16)] == [4, 4]  # the model's cores
+    assert [default_decode_workers(gpu, n) for n in (2, 8, 16, 64)] == [4, 8, 16, 16]
+    assert default_decode_workers(gpu) >= 4  # (this machine's usable cores)
 
 
 def test_two_model_workers_share_the_torch_threads(tiny_model_dir: dict[str, Path]) -> None:

@@ -116,7 +116,12 @@ class EngineConfig:
         "larger batches gain little), 64 on a GPU (where one image at a time leaves it idle). "
         "A call that runs out of memory is run again in halves, and that size kept.",
     )
-    decode_workers: int = option(4, "Threads that fetch and decode images in parallel.")
+    decode_workers: int = option(
+        0,
+        "Threads that fetch and decode images in parallel; 0 picks by device: 4 with the "
+        "model on a CPU (which needs the cores), one per usable core (4 to 16) with the "
+        "model on a GPU (which leaves them to decoding).",
+    )
     torch_threads: int = option(
         0, "CPU threads torch runs the model on; 0 keeps torch's default (one per core)."
     )
@@ -130,14 +135,11 @@ class EngineConfig:
     )
 
     def __post_init__(self) -> None:
-        if (
-            min(self.max_batch_size, self.torch_threads, self.model_workers) < 0
-            or self.decode_workers < 1
-        ):
+        values = (self.max_batch_size, self.torch_threads, self.model_workers, self.decode_workers)
+        if min(values) < 0:
             raise ValueError(
-                "max_batch_size, torch_threads and model_workers must be >= 0 (0: automatic) "
-                f"and decode_workers >= 1; got {self.max_batch_size}, {self.torch_threads}, "
-                f"{self.model_workers} and {self.decode_workers}"
+                "max_batch_size, torch_threads, model_workers and decode_workers must be >= 0 "
+                f"(0: automatic); got {', '.join(map(str, values))}"
             )
 
 

@@ -17,12 +17,17 @@ for the server.
 from blipserve.engine.core import Engine
 from blipserve.engine.prepare import PreparedRow
 from blipserve.engine.results import good_rows_or_raise, predictions_or_raise
-from blipserve.engine.run import default_batch_size, default_model_workers
+from blipserve.engine.run import (
+    default_batch_size,
+    default_decode_workers,
+    default_model_workers,
+)
 
 __all__ = [
     "Engine",
     "PreparedRow",
     "default_batch_size",
+    "default_decode_workers",
     "default_model_workers",
     "good_rows_or_raise",
     "predictions_or_raise",

@@ -23,7 +23,12 @@ from blipserve.config import EngineConfig, FetchConfig, ImageLimits, ModelConfig
 from blipserve.contracts.catalog import ScoringRequest
 from blipserve.engine.prepare import PreparedRow, RowPreparer
 from blipserve.engine.results import good_rows_or_raise, predictions_or_raise
-from blipserve.engine.run import ModelRunner, default_batch_size, default_model_workers
+from blipserve.engine.run import (
+    ModelRunner,
+    default_batch_size,
+    default_decode_workers,
+    default_model_workers,
+)
 from blipserve.errors import InvalidInput, InvalidRequest, RowError
 from blipserve.models import load_model
 from blipserve.models.base import Adapter
@@ -59,8 +64,9 @@ class Engine:
             adapter.device, self.torch_threads, adapter.vision_backend
         )
         self.limits = limits or ImageLimits()
+        self.decode_workers = self.config.decode_workers or default_decode_workers(adapter.device)
         self.preparer = RowPreparer(
-            adapter, self.limits, fetch or FetchConfig(), self.config.decode_workers
+            adapter, self.limits, fetch or FetchConfig(), self.decode_workers
         )
         self.runner = ModelRunner(
             adapter,
