@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any, cast
 
@@ -352,3 +353,43 @@ def test_warm_up_compiles_every_padded_batch_size_with_cuda_graphs(
         with engine:
             engine.warm_up()
         assert seen == want
+
+
+@pytest.mark.parametrize("kind", ["blip-caption", "blip-itm", "blip2-opt", "blip2-t5"])
+def test_vision_batch_size_splits_the_encoder_not_the_batch(
+    tiny_model_dir: dict[str, Path], kind: str
+) -> None:
+    # --vision-batch-size 2: the decoder gets the batch of 5 rows in one call, the vision
+    # encoder 2 + 2 + 1 images; the answers are what the whole batch gets.
+    path = str(tiny_model_dir[kind])
+    config = EngineConfig(max_batch_size=8)
+    whole = Engine.load(ModelConfig(model=path, device="cpu", dtype="float32"), config=config)
+    split = Engine.load(
+        ModelConfig(model=path, device="cpu", dtype="float32", vision_batch_size=2), config=config
+    )
+    seen: list[int] = []  # images per vision encoder call, as its embeddings see them
+    embeddings = split.adapter.model.vision_model.embeddings  # type: ignore[attr-defined]
+    embeddings.register_forward_pre_hook(
+        lambda _m, args, kwargs: seen.append(len([*args, *kwargs.values()][0])),
+        with_kwargs=True,
+    )
+    rows = [RowInput(i, b64_png(i), "a dog" if kind.endswith("itm") else None) for i in range(5)]
+    with whole, split:
+        assert split.predict(rows, PARAMS) == whole.predict(rows, PARAMS)
+    assert seen == [2, 2, 1]
+
+
+def test_vision_batch_size_is_refused_where_it_cannot_apply(
+    tiny_model_dir: dict[str, Path],
+) -> None:
+    from blipserve.errors import ModelLoadError
+    from blipserve.models import load_model
+
+    path = str(tiny_model_dir["blip-caption"])
+    int8 = ModelConfig(model=path, device="cpu", dtype="int8", vision_batch_size=2)
+    with pytest.raises(ModelLoadError, match=r"--vision-batch-size: .* runs on OpenVINO"):
+        load_model(int8)  # (--backend auto: OpenVINO's encoder)
+    with pytest.raises(ModelLoadError, match=r"--vision-batch-size: .* one image per call"):
+        load_model(dataclasses.replace(int8, backend="torch"))
+    with pytest.raises(ValueError, match="vision_batch_size must be >= 0"):
+        ModelConfig(model=path, vision_batch_size=-1)

@@ -95,6 +95,14 @@ class ModelConfig:
         "device (torch on the model's device, from 8-bit pixels: within one 8-bit level "
         "of the processor's).",
     )
+    vision_batch_size: int = option(
+        0,
+        "Most images the vision encoder takes in one call; 0: the whole batch. Lets the "
+        "text decoder take larger batches (--max-batch-size) than the vision encoder's "
+        "activations leave memory for: the decoder's steps gain from many rows, the "
+        "encoder little past a few dozen images on a GPU. torch's vision encoder only, "
+        "not in int8 (which encodes one image per call already).",
+    )
     cuda_graphs: bool = option(
         False,
         "BLIP captioning, and BLIP-2 or InstructBLIP with a decoder-only LM (OPT, Vicuna), "
@@ -104,6 +112,12 @@ class ModelConfig:
         "positions (at least 128) so that a few graphs serve every request; warm-up "
         "compiles them (tens of seconds) before the server reports ready.",
     )
+
+    def __post_init__(self) -> None:
+        if self.vision_batch_size < 0:
+            raise ValueError(
+                f"vision_batch_size must be >= 0 (0: the whole batch); got {self.vision_batch_size}"
+            )
 
 
 @dataclass(frozen=True)

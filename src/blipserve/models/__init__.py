@@ -14,6 +14,7 @@ from blipserve.models import blip, blip2, blip2_itm, instructblip  # noqa: F401 
 from blipserve.models.base import Adapter, HFAdapter
 from blipserve.models.precision import resolve_device, resolve_precision, resolve_vision_backend
 from blipserve.models.registry import ADAPTERS
+from blipserve.models.vision_encoder import split_vision_batches
 from blipserve.types import ModelInput
 
 log = logging.getLogger(__name__)
@@ -89,6 +90,8 @@ def load_model(cfg: ModelConfig) -> HFAdapter:
             vision=vision,
             fallback=cfg.backend == "auto",
         )
+        if cfg.vision_batch_size:
+            _split_vision(adapter, cfg.vision_batch_size, cfg.model)
         if cfg.cuda_graphs:
             adapter.use_static_cache(cfg.model)
         if cfg.image_resize == "device" or (cfg.image_resize == "auto" and device.type == "cuda"):
@@ -101,6 +104,20 @@ def load_model(cfg: ModelConfig) -> HFAdapter:
             f"model {cfg.model!r} ({source}) could not be loaded as {adapter_cls.kind}: "
             f"{_first_line(exc)}"
         ) from exc
+
+
+def _split_vision(adapter: HFAdapter, rows: int, name: str) -> None:
+    """``--vision-batch-size``: the vision encoder on at most ``rows`` images a call."""
+    why = (
+        "its vision encoder runs on OpenVINO (use --backend torch)"
+        if adapter.vision_backend != "torch"
+        else "in int8 the vision encoder takes one image per call already"
+        if adapter.precision.int8
+        else None
+    )
+    if why:
+        raise ModelLoadError(f"--vision-batch-size: model {name!r}: {why}")
+    split_vision_batches(adapter.model, rows)
 
 
 def _load_config(model: str, source: str, revision: str | None) -> Any:
