@@ -6,6 +6,7 @@
 #   bash scripts/device_check.sh batch  # blipserve batch over 640x480 JPEGs, BLIP-base and BLIP-2, vs the loop -> $OUT/gpu-batch-*.json
 #   bash scripts/device_check.sh static  # BLIP-2 with --cuda-graphs (static KV cache) -> $OUT/gpu-static.*
 #   bash scripts/device_check.sh static-blip  # BLIP-base with --cuda-graphs -> $OUT/gpu-static-blip.*
+#   bash scripts/device_check.sh big-batch  # BLIP-base batch 256, vision 64 vs the default -> $OUT/gpu-big-batch.*
 #   bash scripts/device_check.sh warmup  # --cuda-graphs warm-up: no compilation left for requests
 #   bash scripts/device_check.sh train   # demo-vqa recipe variants side by side -> $OUT/train-logs.tgz
 # Parts can be combined: scripts/device_check.sh static train
@@ -62,6 +63,15 @@ static)  # BLIP-2 with --cuda-graphs (a static KV cache: generate compiles the L
     --baseline-images 16 --static-cache --no-guard --guard-scenes "${GUARD_SCENES:-200}" \
     --repeats "${STATIC_REPEATS:-3}" \
     --out "$OUT/gpu-static.json" 2>&1 | tee "$OUT/gpu-static.log"
+  ;;
+big-batch)  # larger decoder batches with the vision encoder kept at 64 images a call
+  # (--vision-batch-size) against the default 64-row batches, end to end over JPEGs:
+  # issue 22's open question of separate batch sizes
+  timeout "${BATCH_SECONDS:-300}" "$PY" bench/batch.py --device cuda \
+    --layout blip-image-captioning-base --size 640x480 --images "${BATCH_IMAGES:-2048}" \
+    --loop-images 16 --repeats "${BATCH_REPEATS:-2}" \
+    --compare "--max-batch-size 256 --vision-batch-size 64" \
+    --out "$OUT/gpu-big-batch.json" 2>&1 | tee "$OUT/gpu-big-batch.log"
   ;;
 static-blip)  # BLIP-base with --cuda-graphs (issue 22: its text decoder on two static
   # caches, the text's and the image's), eager and compiled in interleaved pairs, and the
