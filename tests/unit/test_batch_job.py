@@ -200,3 +200,49 @@ def test_capfilt(engine: Engine, itm: Engine, tmp_path: Path) -> None:
     assert "text_in" not in keep_all[1]
     assert all(row["keep"] is False for row in keep_none)
     assert [r["score"] for r in keep_none] == [r["score"] for r in keep_all]
+
+
+def _commit_chunks(commit: Any, chunks: range, *, then_fail: bool = False) -> None:
+    """Chunks ``{"n": i}`` through :class:`CommitBehind`, as ``BatchJob.run`` sends them;
+    ``then_fail``: the job then fails (a store going away)."""
+    from blipserve.batch.runner import CommitBehind
+
+    with CommitBehind(commit) as committer:
+        for n in chunks:
+            committer.submit([{"n": n}])
+        if then_fail:
+            raise RuntimeError("the store went away")
+
+
+def test_chunks_are_committed_in_order_behind_the_model() -> None:
+    import threading
+    import time
+
+    committed: list[tuple[str, int]] = []
+
+    def commit(records: list[Any]) -> None:
+        time.sleep(0.01)  # (a slow fsync: the job's thread goes on meanwhile)
+        committed.append((threading.current_thread().name, records[0]["n"]))
+
+    _commit_chunks(commit, range(5))
+    assert [n for _, n in committed] == list(range(5))  # all of them, in order, by exit
+    assert all(name.startswith("blipserve-commit") for name, _ in committed)
+
+
+def test_a_failed_commit_stops_the_job_at_the_next_chunk() -> None:
+    committed: list[int] = []
+
+    def commit(records: list[Any]) -> None:
+        if records[0]["n"] == 1:
+            raise OutputError("disk full")
+        committed.append(records[0]["n"])
+
+    with pytest.raises(OutputError, match="disk full"):
+        _commit_chunks(commit, range(5))
+    assert committed == [0]  # nothing after chunk 1 was committed: the job stopped at 2
+
+    # The job failing elsewhere: the chunk being committed is kept, the job's error raised.
+    committed.clear()
+    with pytest.raises(RuntimeError, match="the store"):
+        _commit_chunks(commit, range(7, 8), then_fail=True)
+    assert committed == [7]

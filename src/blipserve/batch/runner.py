@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections import deque
-from collections.abc import Generator, Iterable, Sequence
+from collections.abc import Callable, Generator, Iterable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 
 from blipserve.batch.book import JobBook
@@ -50,14 +50,61 @@ class BatchJob(JobBook):
 
     def run(self) -> Summary:
         try:
-            with contextlib.closing(
-                records_of(self.engine, self.todo(), self.options, self.filter_engine)
-            ) as chunks:
+            with (
+                contextlib.closing(
+                    records_of(self.engine, self.todo(), self.options, self.filter_engine)
+                ) as chunks,
+                CommitBehind(self.commit) as committer,
+            ):
                 for records in chunks:
-                    self.commit(records)
+                    committer.submit(records)
         finally:
             self.close()
         return self.finish()
+
+
+class CommitBehind:
+    """Commits each chunk's records (``commit``: journal, fsync, sidecars, counts) on a
+    thread of its own while the model runs the next chunk, one chunk behind at most.
+
+    Committed on the job's thread, every chunk left the model idle while its records were
+    written and fsync-ed: 1.4 ms a chunk of 64 rows here (median; p90 2.7 ms), 2-4% of a
+    64 ms model call (1,000 images/s).  Measured with a stand-in model that sleeps 64 ms a
+    chunk, medians of 4 interleaved pairs on 2 cores: 64x48 JPEGs (decoding cheap) +4.9%
+    images/s, 640x480 JPEGs (decoding-bound here) +1.8%; with a stand-in that holds the
+    GIL for its 64 ms, as eager decoding on a GPU does, no difference (-3% to +0.6%, the
+    noise).  Chunks are committed in order; a commit's error
+    (``--max-failures`` exceeded, an unwritable output) stops the job at the next chunk,
+    whose records are then dropped as a killed job's would be (resume runs them again).
+    """
+
+    def __init__(self, commit: Callable[[list[Record]], None]) -> None:
+        self._commit = commit
+        self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="blipserve-commit")
+        self._pending: Future[None] | None = None
+
+    def submit(self, records: list[Record]) -> None:
+        """Commit ``records`` once the previous chunk's commit is done (raising its error)."""
+        self._wait()
+        self._pending = self._writer.submit(self._commit, records)
+
+    def _wait(self) -> None:
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            pending.result()
+
+    def __enter__(self) -> CommitBehind:
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, *_: object) -> None:
+        try:
+            if kind is None:
+                self._wait()  # (its error is the job's)
+            elif self._pending is not None:  # the job failed: keep what was finished
+                with contextlib.suppress(Exception):
+                    self._pending.result()
+        finally:
+            self._writer.shutdown(wait=True)
 
 
 def records_of(
