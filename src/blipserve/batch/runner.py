@@ -69,11 +69,12 @@ class CommitBehind:
 
     Committed on the job's thread, every chunk left the model idle while its records were
     written and fsync-ed: 1.4 ms a chunk of 64 rows here (median; p90 2.7 ms), 2-4% of a
-    64 ms model call (1,000 images/s).  Measured with a stand-in model that sleeps 64 ms a
-    chunk, medians of 4 interleaved pairs on 2 cores: 64x48 JPEGs (decoding cheap) +4.9%
-    images/s, 640x480 JPEGs (decoding-bound here) +1.8%; with a stand-in that holds the
-    GIL for its 64 ms, as eager decoding on a GPU does, no difference (-3% to +0.6%, the
-    noise).  Chunks are committed in order; a commit's error
+    64 ms model call (1,000 images/s).  ``bench/pipeline.py`` (stand-in models of 64 ms a
+    chunk, 5 interleaved pairs, 2 cores): committing on the job's thread ran at 0.96x this
+    with 64x48 JPEGs, where decoding is not the limit; with 640x480 ones (decoding-bound
+    here) 1.025x, and with a stand-in that holds the GIL 1.005-1.009x: within the noise.
+    A small gain where the model is what is waited for, as on a GPU host with cores to
+    decode on.  Chunks are committed in order; a commit's error
     (``--max-failures`` exceeded, an unwritable output) stops the job at the next chunk,
     whose records are then dropped as a killed job's would be (resume runs them again).
     """
