@@ -6,6 +6,7 @@
 #   bash scripts/device_check.sh batch  # blipserve batch over 640x480 JPEGs, BLIP-base and BLIP-2, vs the loop -> $OUT/gpu-batch-*.json
 #   bash scripts/device_check.sh static  # BLIP-2 with --cuda-graphs (static KV cache) -> $OUT/gpu-static.*
 #   bash scripts/device_check.sh static-blip  # BLIP-base with --cuda-graphs -> $OUT/gpu-static-blip.*
+#   bash scripts/device_check.sh pipeline  # the host's cores: batch pipeline vs stand-in models -> $OUT/pipeline.json
 #   bash scripts/device_check.sh big-batch  # BLIP-base batch 256, vision 64 vs the default -> $OUT/gpu-big-batch.*
 #   bash scripts/device_check.sh warmup  # --cuda-graphs warm-up: no compilation left for requests
 #   bash scripts/device_check.sh train   # demo-vqa recipe variants side by side -> $OUT/train-logs.tgz
@@ -63,6 +64,11 @@ static)  # BLIP-2 with --cuda-graphs (a static KV cache: generate compiles the L
     --baseline-images 16 --static-cache --no-guard --guard-scenes "${GUARD_SCENES:-200}" \
     --repeats "${STATIC_REPEATS:-3}" \
     --out "$OUT/gpu-static.json" 2>&1 | tee "$OUT/gpu-static.log"
+  ;;
+pipeline)  # no GPU needed: whether the host's 16 cores decode fast enough to keep a model
+  # of 1,000 images/s busy (stand-in models, threads vs worker processes), 1 min
+  timeout "${PIPELINE_SECONDS:-120}" "$PY" bench/pipeline.py --images 4096 --size 640x480 \
+    --repeats 2 --out "$OUT/pipeline.json" 2>&1 | tee "$OUT/pipeline.log"
   ;;
 big-batch)  # larger decoder batches with the vision encoder kept at 64 images a call
   # (--vision-batch-size) against the default 64-row batches, end to end over JPEGs:
