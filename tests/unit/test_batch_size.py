@@ -197,6 +197,30 @@ def test_sizer_grows_back_after_full_calls_only() -> None:
     assert sizer.known() == {}
 
 
+def test_a_failed_try_goes_back_to_the_size_that_fitted() -> None:
+    sizer = BatchSizer(64, probe_after=1)
+    assert sizer.out_of_memory("a", 64) == 32
+    sizer.fitted("a", 32)  # -> trying 64
+    assert sizer.limit("a") == 64
+    assert sizer.out_of_memory("a", 48) == 32  # (a short call of the try: not 24)
+    sizer.fitted("a", 32)  # the wait is now 2 full calls
+    assert sizer.limit("a") == 32
+    sizer.fitted("a", 32)
+    assert sizer.limit("a") == 64  # trying again
+    assert sizer.out_of_memory("a", 20) == 10  # a call no larger than 32 failed: halve
+    for _ in range(20):  # failed tries: the wait doubles, up to 64 full calls
+        for _ in range(64):
+            if sizer.limit("a") > 10:
+                break
+            sizer.fitted("a", 10)
+        sizer.out_of_memory("a", 20)
+    full = 0
+    while sizer.limit("a") == 10:
+        sizer.fitted("a", 10)
+        full += 1
+    assert full == 64
+
+
 def test_batches_grow_back_when_memory_comes_back(
     engine: Engine, model: MemoryBoundAdapter, allocator: FakeAllocator
 ) -> None:

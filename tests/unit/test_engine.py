@@ -271,6 +271,30 @@ def test_decode_workers_by_device() -> None:
     assert default_decode_workers(gpu) >= 4  # (this machine's usable cores)
 
 
+@pytest.mark.parametrize(
+    ("files", "cores"),
+    [
+        ({"cpu.max": "50000 100000\n"}, 1),  # cgroup v2: half a CPU -> 1
+        ({"cpu.max": "max 100000\n"}, None),  # no quota: the cores it may run on
+        ({"cpu/cpu.cfs_quota_us": "100000\n", "cpu/cpu.cfs_period_us": "100000\n"}, 1),
+        ({"cpu/cpu.cfs_quota_us": "-1\n", "cpu/cpu.cfs_period_us": "100000\n"}, None),
+        ({}, None),
+    ],
+)
+def test_usable_cores_count_a_containers_quota(
+    tmp_path: Path, files: dict[str, str], cores: int | None
+) -> None:
+    import os
+
+    from blipserve.engine.run import usable_cores
+
+    for name, text in files.items():
+        (tmp_path / name).parent.mkdir(exist_ok=True)
+        (tmp_path / name).write_text(text)
+    everything = len(os.sched_getaffinity(0))
+    assert usable_cores(str(tmp_path)) == min(cores or everything, everything)
+
+
 def test_two_model_workers_share_the_torch_threads(tiny_model_dir: dict[str, Path]) -> None:
     # Three batches of two rows on two model workers: the same outcomes, in row order, as
     # one worker; never more than two batches in the model, and while two overlap each
@@ -388,7 +412,7 @@ def test_vision_batch_size_is_refused_where_it_cannot_apply(
     path = str(tiny_model_dir["blip-caption"])
     int8 = ModelConfig(model=path, device="cpu", dtype="int8", vision_batch_size=2)
     with pytest.raises(ModelLoadError, match=r"--vision-batch-size: .* runs on OpenVINO"):
-        load_model(int8)  # (--backend auto: OpenVINO's encoder)
+        load_model(dataclasses.replace(int8, backend="openvino"))
     with pytest.raises(ModelLoadError, match=r"--vision-batch-size: .* one image per call"):
         load_model(dataclasses.replace(int8, backend="torch"))
     with pytest.raises(ValueError, match="vision_batch_size must be >= 0"):

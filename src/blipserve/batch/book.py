@@ -6,6 +6,7 @@ from __future__ import annotations
 import functools
 import logging
 import sys
+import threading
 import time
 from collections import defaultdict
 from collections.abc import Iterator, Sequence
@@ -89,6 +90,9 @@ class JobBook:
         self._progress: _Progress | None = None
         self._total: int | None = None  # the input's rows, where cheap to know
         self._kept_sidecars: set[str] = set()  # images whose caption file was there already
+        # commit() runs on a writer thread while todo() reads on the job's (CommitBehind):
+        # the shards' state, the counts and the progress are changed under this lock
+        self._books = threading.Lock()
 
     def _format(self, shards_in: bool) -> str | None:
         if self.output is None:
@@ -144,17 +148,19 @@ class JobBook:
         )
         for row in iter_rows(self.input, how):
             skip = self._skip(row, done)
-            if shards and row.source:
-                shards.expect(row.source, recorded=skip)
-            if skip:
-                self.summary.skipped += 1
-                if self._progress:
-                    self._progress.update(1)
-            else:
+            with self._books:
+                if shards and row.source:
+                    shards.expect(row.source, recorded=skip)
+                if skip:
+                    self.summary.skipped += 1
+                    if self._progress:
+                        self._progress.update(1)
+            if not skip:
                 yield row
         if shards:
-            shards.end_of_input()
-            shards.flush()
+            with self._books:
+                shards.end_of_input()
+                shards.flush()
 
     def shard_work(self) -> list[ShardWork] | None:
         """For a job whose input is only WebDataset shards, each shard still to read, for
@@ -211,7 +217,12 @@ class JobBook:
         return False
 
     def commit(self, records: Sequence[Record]) -> None:
-        """Record finished rows: journal (durably), sidecars, counts, progress."""
+        """Record finished rows: journal (durably), sidecars, counts, progress.  Safe to
+        call on another thread than :meth:`todo`'s (one commit at a time)."""
+        with self._books:
+            self._commit(records)
+
+    def _commit(self, records: Sequence[Record]) -> None:
         if self.journal:
             self.journal.append(records)
         if self.shards:

@@ -3,8 +3,9 @@ results.
 
 Memory stays bounded: at most two chunks of rows are in flight (image files read by a pool
 of reader threads, local or from an object store, and decoded ahead of the model while it
-runs), whatever the input size.  Every finished chunk is journaled before the next one
-starts, so a killed job resumes where it stopped.
+runs), whatever the input size.  Every finished chunk is journaled (on a writer thread,
+while the model runs the next one: :class:`CommitBehind`), so a killed job resumes where it
+stopped, redoing only the chunks it was running or committing.
 """
 
 from __future__ import annotations
@@ -101,10 +102,9 @@ class CommitBehind:
         try:
             if kind is None:
                 self._wait()  # (its error is the job's)
-            elif self._pending is not None:  # the job failed: keep what was finished
-                with contextlib.suppress(Exception):
-                    self._pending.result()
         finally:
+            # (the job failed: the chunk being committed is kept all the same, and the
+            # job's own error is the one raised)
             self._writer.shutdown(wait=True)
 
 

@@ -10,14 +10,16 @@ later batches go straight to it.  A single row that does not fit fails (its batc
 the error), and the engine goes on.
 
 Memory short for a while (another process on the card, a burst of long requests) should
-not keep batches small until a restart: after ``probe_after`` calls in a row that filled the
-learnt size, the sizer tries twice as many rows.  If that fits, it keeps it (and later tries
-again, up to the configured size); if not, the call is run again at the old size, and the
-next try waits twice as long, so a card that is really that small costs one failed call
-per 100, 200, 400, ... calls.
+not keep batches small until a restart: after ``probe_after`` calls that filled the learnt
+size with no shortage between them (calls of fewer rows do not count), the sizer tries
+twice as many rows.  If that fits, it keeps it (and later tries again, up to the configured
+size); if not, the call is run again at the size that fitted, and the next try waits twice
+as long, so a card that is really that small costs one failed call per 100, 200, 400, ...
+calls (at most 6,400: memory that comes back is used within hours, not days).
 
-Halving keeps powers of two powers of two, the sizes BLIP-2's compiled decoding steps
-(``--cuda-graphs``) are warmed up for.
+From the configured size, halving and doubling give the sizes BLIP's and BLIP-2's compiled
+decoding steps (``--cuda-graphs``) are warmed up for when it is a power of two; a short
+final call that runs out of memory may leave another size, which compiles on first use.
 
 A streamed row (its text sent as decoded) may have sent pieces before its call ran out of
 memory; :class:`SentOnce` makes its run again send only what goes beyond them.
@@ -37,6 +39,9 @@ from blipserve.types import TextSink
 
 log = logging.getLogger(__name__)
 
+#: the wait between tries at more rows doubles after each failed one, at most this often
+_MOST_FAILED_TRIES = 6
+
 
 class BatchSizer:
     """The rows per model call for each shape of work (rows that share generation settings
@@ -49,7 +54,7 @@ class BatchSizer:
         self._fits: dict[Hashable, int] = {}
         self._full_calls: dict[Hashable, int] = {}  # calls in a row that filled the size
         self._failed_tries: dict[Hashable, int] = {}  # tries at twice as many in a row
-        self._probing: set[Hashable] = set()  # shapes whose size was just doubled
+        self._probing: dict[Hashable, int] = {}  # shapes just doubled -> the size that fitted
         self._lock = threading.Lock()
 
     def limit(self, shape: Hashable) -> int:
@@ -69,11 +74,15 @@ class BatchSizer:
             )
         with self._lock:
             smaller = min(self._fits.get(shape, self.max_batch_size), rows // 2)
+            fitted = self._probing.pop(shape, None)
+            if fitted is not None and rows > fitted:
+                # A try at more rows than fitted: back to those, and the next try waits
+                # twice as long.  (A call no larger failed for want of memory, not the try.)
+                smaller = fitted
+                tries = self._failed_tries.get(shape, 0) + 1
+                self._failed_tries[shape] = min(tries, _MOST_FAILED_TRIES)
             self._fits[shape] = max(1, smaller)
             self._full_calls[shape] = 0
-            if shape in self._probing:  # a try at twice as many: wait longer for the next
-                self._probing.discard(shape)
-                self._failed_tries[shape] = self._failed_tries.get(shape, 0) + 1
             log.warning(
                 "out of memory with %d rows in one model call; %d rows a call from now on "
                 "for these generation settings",
@@ -83,16 +92,15 @@ class BatchSizer:
             return self._fits[shape]
 
     def fitted(self, shape: Hashable, rows: int) -> None:
-        """A call of ``rows`` rows of ``shape`` fitted; after enough calls in a row that
-        filled a learnt size, the next ones get twice as many rows (up to
-        ``max_batch_size``, when the shape's entry goes)."""
+        """A call of ``rows`` rows of ``shape`` fitted; after enough calls that filled a
+        learnt size, the next ones get twice as many rows (up to ``max_batch_size``, when
+        the shape's entry goes)."""
         with self._lock:
             size = self._fits.get(shape, self.max_batch_size)
             if rows < size:
                 return  # (a call that was not full: nothing learnt)
-            if shape in self._probing:  # twice as many fitted: try again after the usual wait
-                self._probing.discard(shape)
-                self._failed_tries.pop(shape, None)
+            if self._probing.pop(shape, None) is not None:
+                self._failed_tries.pop(shape, None)  # twice as many fitted: the usual wait
             if shape not in self._fits:
                 return  # (the configured size)
             full = self._full_calls.get(shape, 0) + 1
@@ -101,12 +109,12 @@ class BatchSizer:
                 return
             self._full_calls[shape] = 0
             larger = min(2 * size, self.max_batch_size)
-            self._probing.add(shape)
+            self._probing[shape] = size
             if larger == self.max_batch_size:
                 del self._fits[shape]
             else:
                 self._fits[shape] = larger
-            log.info("%d rows a call fitted %d times in a row; trying %d", size, full, larger)
+            log.info("%d rows a call fitted %d times; trying %d", size, full, larger)
 
     def known(self) -> dict[Hashable, int]:
         """The sizes learnt so far (shape -> rows per call)."""

@@ -16,6 +16,7 @@ import threading
 from collections import deque
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import torch
 
@@ -195,7 +196,7 @@ def default_model_workers(device: torch.device, torch_threads: int, vision: str 
 
 def default_decode_workers(device: torch.device, cores: int | None = None) -> int:
     """Threads fetching and decoding images when the config leaves it to us
-    (``decode_workers`` 0), given the usable ``cores`` (default: this process's).
+    (``decode_workers`` 0), given the usable ``cores`` (default: :func:`usable_cores`).
 
     With the model on a CPU, 4: the model needs the cores, and decoding is a small share of
     a row's time there.  With the model on a GPU the cores are free for decoding, which
@@ -208,10 +209,24 @@ def default_decode_workers(device: torch.device, cores: int | None = None) -> in
     """
     if device.type == "cpu":
         return 4
-    if cores is None:
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
-        cores = cores or os.cpu_count() or 4
-    return max(4, min(16, cores))
+    return max(4, min(16, usable_cores() if cores is None else cores))
+
+
+def usable_cores(cgroup: str = "/sys/fs/cgroup") -> int:
+    """The cores this process may use: those it may run on, fewer where a container's CPU
+    quota (cgroup v2 ``cpu.max``, v1 ``cpu.cfs_quota_us``) allows less."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 0
+    cores = cores or os.cpu_count() or 1
+    root = Path(cgroup)
+    for files in (["cpu.max"], ["cpu/cpu.cfs_quota_us", "cpu/cpu.cfs_period_us"]):
+        try:
+            fields = " ".join((root / name).read_text() for name in files).split()
+            quota, period = int(fields[0]), int(fields[1])
+        except (OSError, ValueError, IndexError):
+            continue  # (no such file, or "max": no quota)
+        if quota > 0 and period > 0:
+            return max(1, min(cores, -(-quota // period)))
+    return cores
 
 
 def default_batch_size(device: torch.device) -> int:

@@ -127,16 +127,20 @@ class BlipCaptionAdapter(_BlipText):
         text = {} if items[0].text is None else self.encode_text(items)
         # generate's prompt: [DEC], or the prefix without its final [SEP], which it drops
         prompt_len = text["input_ids"].shape[1] - 1 if text else 1
-        cache = self.static_kv_cache(prompt_len, params) if self.static_cache else {}
+        cache = self.static_kv_cache(prompt_len, params, pixel_values) if self.static_cache else {}
         out = self.generate(params, pixel_values=pixel_values, **text, **streaming, **cache)
         return self.decode(out[: n * k], new_from=prompt_len, per_row=k)
 
-    def static_kv_cache(self, prompt_len: int, params: GenerationParams) -> dict[str, Any]:
+    def static_kv_cache(
+        self, prompt_len: int, params: GenerationParams, pixel_values: torch.Tensor
+    ) -> dict[str, Any]:
         """``generate``'s static cache for ``--cuda-graphs`` (:func:`blip_text_cache`): the
-        prompt and new tokens rounded up (:func:`cache_length`), and the image's tokens."""
+        prompt and new tokens rounded up (:func:`cache_length`), and the image's tokens
+        (from the pixels' size: a processor may resize to another size than the config's)."""
         new = params.max_new_tokens or self.default_max_new_tokens
-        vision = self.model.config.vision_config
-        image_tokens = (vision.image_size // vision.patch_size) ** 2 + 1  # patches + [CLS]
+        patch = self.model.config.vision_config.patch_size
+        height, width = pixel_values.shape[-2:]
+        image_tokens = (height // patch) * (width // patch) + 1  # patches + [CLS]
         cache = blip_text_cache(
             self.model.config.text_config, cache_length(prompt_len, new), image_tokens
         )

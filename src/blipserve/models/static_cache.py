@@ -1,12 +1,16 @@
 """Decoding with a static KV cache (``--cuda-graphs``): the shapes that make it pay.
 
-Given a cache whose tensors never change shape or address, transformers' ``generate``
-compiles the decoding step on a GPU (``torch.compile``, mode ``reduce-overhead``: CUDA
-graphs), so each new token costs a graph replay instead of hundreds of kernel launches
-from Python.  A compiled step is specialised to its batch and cache shapes, so the
-adapters that decode this way pad batches to a power of two rows (:func:`padded_rows`)
-and round cache lengths up (:func:`cache_length`): a handful of graphs, compiled at
-warm-up (``Engine.warm_up``), then serve every batch.
+Given a cache of fixed shapes (``StaticCache``: allocated once per call and written in
+place), transformers' ``generate`` compiles the decoding step on a GPU (``torch.compile``,
+mode ``reduce-overhead``: CUDA graphs), so each new token costs a graph replay instead of
+hundreds of kernel launches from Python.  A compiled step is specialised to its batch and
+cache shapes, so the adapters that decode this way pad batches to a power of two rows
+(:func:`padded_rows`) and round cache lengths up (:func:`cache_length`): a handful of
+graphs, compiled at warm-up (``Engine.warm_up``), then serve every batch.
+
+Each call makes its cache anew, as transformers does for BLIP-2's
+``cache_implementation="static"``; whether the new addresses make the CUDA graphs record
+again, and what that costs, is for a GPU to tell (issue 22).
 """
 
 from __future__ import annotations
