@@ -149,3 +149,56 @@ def test_a_half_written_shard_never_appears(
         )
     assert not (tmp_path / "out" / "00000.tar").exists()
     assert [p.name for p in (tmp_path / "out").iterdir()] == []
+
+
+@pytest.mark.filterwarnings("ignore::ResourceWarning")
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+def test_each_shard_is_written_once_while_commits_run_behind(
+    engine: Engine, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Commits run on a writer thread while the job's thread reads on.  Resumed with the
+    # second shard's rows all journaled (killed before its output was written) and the
+    # first shard's not: the end of the input finishes the second shard on the job's
+    # thread while a commit of the first shard's rows flushes on the writer's.  Slow
+    # shard writes hold that window open: each shard must be written once, one at a time.
+    import threading
+    import time
+
+    from blipserve.batch import shards
+
+    img2dataset_shards(tmp_path / "shards", per_shard=2)
+    out = tmp_path / "out"
+    options = BatchOptions(
+        input=tmp_path / "shards", output=out, params=PARAMS, progress=False, chunk_rows=1
+    )
+    BatchJob(engine, options).run()
+    journal = tmp_path / ".out.journal.jsonl"
+    lines = journal.read_text().splitlines(keepends=True)
+    journal.write_text("".join(line for line in lines if '"00000.tar"' not in line))
+    for shard in out.iterdir():
+        shard.unlink()
+
+    written: list[str] = []
+    inside, most = 0, 0
+    lock = threading.Lock()
+    write = shards.write_shard
+
+    def slow_write(source: Any, dest: Any, *args: Any) -> int:
+        nonlocal inside, most
+        with lock:
+            inside += 1
+            most = max(most, inside)
+        time.sleep(0.3)
+        try:
+            return write(source, dest, *args)
+        finally:
+            with lock:
+                inside -= 1
+                written.append(dest.name)
+
+    monkeypatch.setattr(shards, "write_shard", slow_write)
+    summary = BatchJob(engine, options).run()
+    assert (summary.done, summary.skipped) == (2, 3)
+    assert sorted(written) == ["00000.tar", "00001.tar"]  # once each
+    assert summary.written == 2
+    assert most == 1
