@@ -179,6 +179,11 @@ def test_the_decoding_step_is_one_graph(
         compiled = len(graphs)
         assert static.predict(asked, params) == want  # the same shapes: no new graph
         assert len(graphs) == compiled
+        # Sampling several texts a row decodes through the compiled step too, still in one
+        # graph (a break raises under fullgraph, and the rows would carry the error).
+        sampled = GenerationParams(max_new_tokens=6, do_sample=True, num_return_sequences=2)
+        got = static.predict(asked, sampled)
+        assert all(isinstance(p, Prediction) and len(p.texts or ()) == 2 for p in got), got
 
 
 def test_padding_and_lengths() -> None:
