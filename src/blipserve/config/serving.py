@@ -99,9 +99,9 @@ class ModelConfig:
         0,
         "Most images the vision encoder takes in one call; 0: the whole batch. Lets the "
         "text decoder take larger batches (--max-batch-size) than the vision encoder's "
-        "activations leave memory for: the decoder's steps gain from many rows, the "
-        "encoder little past a few dozen images on a GPU. torch's vision encoder only, "
-        "not in int8 (which encodes one image per call already).",
+        "activations would leave memory for (which sizes are fastest on a GPU is not "
+        "measured yet). torch's vision encoder only, not in int8 (which encodes one image "
+        "per call already).",
     )
     cuda_graphs: bool = option(
         False,
