@@ -35,6 +35,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return run_batch(args)
         if args.command == "finetune":
             return run_finetune(args)
+        if args.command == "export":
+            from blipserve.cli.export import run_export
+
+            return run_export(args)
         return run(args, sys.stdout)
     except BlipserveError as exc:
         print(f"blipserve: error: {exc.message}", file=sys.stderr)

@@ -248,4 +248,8 @@ def build_parser() -> argparse.ArgumentParser:
         "serve", "Serve the model over HTTP (catalog /score, OpenAI /v1, /metrics).", SERVE_EPILOG
     )
     p.add_argument("--port-file", help="write the bound port here once listening (--port 0)")
+
+    from blipserve.cli.export import add_export_command
+
+    add_export_command(sub)
     return parser
