@@ -96,6 +96,12 @@ class ModelNotReady(BlipserveError):
         return {"Retry-After": "5"}
 
 
+class ModelNotFound(BlipserveError):
+    """A route names a model (or version) this server does not serve; HTTP 404."""
+
+    status = 404
+
+
 class InferenceError(BlipserveError):
     """The model raised while running a batch; only that batch's requests fail."""
 

@@ -38,6 +38,7 @@ from blipserve.server.http import (
     unless_disconnected,
 )
 from blipserve.server.metrics import Metrics
+from blipserve.server.open_inference import open_inference_router
 from blipserve.server.openapi import (
     CHAT_OPENAPI,
     CHAT_RESPONSES,
@@ -242,6 +243,7 @@ def create_app(settings: Settings | None = None, *, engine: Engine | None = None
             state.metrics.memory(sizer.out_of_memory_calls, sizer.smallest())
         return Response(state.metrics.render(), media_type="text/plain; version=0.0.4")
 
+    app.include_router(open_inference_router(state))  # KServe's Open Inference Protocol (v2)
     # The page for trying the model (static, so open; the calls it makes carry the key).
     app.mount("/ui", ui.static_app(), name="ui")
     return app

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import re
 import time
 import uuid
 from collections.abc import Awaitable, Sequence
@@ -33,6 +34,7 @@ from blipserve.server.metrics import Metrics
 T = TypeVar("T")
 
 # Routes whose metrics are labelled by path; anything else is "other" (bounded cardinality).
+# A route with a model's name in its path is labelled by its template, whatever the name.
 KNOWN_ROUTES = (
     "/",
     "/ready",
@@ -42,7 +44,15 @@ KNOWN_ROUTES = (
     "/docs",
     "/v1/chat/completions",
     "/v1/models",
+    "/v2",
+    "/v2/health/live",
+    "/v2/health/ready",
+    "/v2/models/{name}",
+    "/v2/models/{name}/ready",
+    "/v2/models/{name}/infer",
 )
+# /v2/models/NAME[/versions/VERSION][/ready | /infer]; NAME may hold slashes (hub ids)
+_V2_MODEL_ROUTE = re.compile(r"/v2/models/.+?(?:/versions/[^/]+)?(/ready|/infer)?")
 
 # The request ids the catalog's server reads, each answered with 431 past its limit.
 REQUEST_ID_HEADERS = ("x-request-id", "x-ms-request-id", "x-ms-client-request-id")
@@ -52,9 +62,24 @@ MAX_REQUEST_ID_CHARS = 100
 TRACE_ID_HEADER = "traceid"
 
 
-def error_response(exc: BlipserveError) -> JSONResponse:
-    """The one place where typed errors become HTTP responses."""
-    return JSONResponse({"message": exc.message}, status_code=exc.status, headers=exc.headers)
+def route_label(path: str) -> str:
+    """The metrics label of a request for ``path``: one of :data:`KNOWN_ROUTES`, or "other"."""
+    if path in KNOWN_ROUTES:
+        return path
+    if (model_route := _V2_MODEL_ROUTE.fullmatch(path)) is not None:
+        return "/v2/models/{name}" + (model_route.group(1) or "")
+    return "other"
+
+
+def error_response(exc: BlipserveError, *, field: str = "message") -> JSONResponse:
+    """The one place where typed errors become HTTP responses: ``{field: message}``
+    (``message``; the Open Inference Protocol's routes say ``error``)."""
+    return JSONResponse({field: exc.message}, status_code=exc.status, headers=exc.headers)
+
+
+def error_field(path: str) -> str:
+    """The key of an error's message in the body of a response for ``path``."""
+    return "error" if path == "/v2" or path.startswith("/v2/") else "message"
 
 
 async def read_json_body(request: Request, limit: int) -> bytes:
@@ -65,6 +90,11 @@ async def read_json_body(request: Request, limit: int) -> bytes:
             f"the body must be JSON (Content-Type: application/json), got "
             f"{content_type or 'no Content-Type'!r}"
         )
+    return await read_body(request, limit)
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The body, whatever its type, refused with 413 past ``limit`` bytes."""
     declared = request.headers.get("content-length")
     if declared and declared.isdigit() and int(declared) > limit:
         raise PayloadTooLarge(f"the body is {declared} bytes; the limit is {limit} bytes")
@@ -149,7 +179,7 @@ class RequestContext:
         trace_id = headers.get(TRACE_ID_HEADER)
         scope.setdefault("state", {})["request_id"] = request_id
         path = scope["path"]
-        route = path if path in KNOWN_ROUTES else "other"
+        route = route_label(path)
         started = time.perf_counter()
         status = 500
 
@@ -170,7 +200,8 @@ class RequestContext:
 
         try:
             if refused is not None:
-                await error_response(refused)(scope, receive, send_with_ids)
+                answer = error_response(refused, field=error_field(path))
+                await answer(scope, receive, send_with_ids)
             else:
                 await self.app(scope, receive, send_with_ids)
         finally:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 from blipserve.params import GenerationParams
 
@@ -198,6 +198,158 @@ SCORE_RESPONSES: dict[int | str, dict[str, Any]] = {
         }
     },
     **ERROR_RESPONSES,
+}
+
+
+# -- the Open Inference Protocol (v2): blipserve.server.open_inference ---------------------
+
+
+class V2ErrorSchema(BaseModel):
+    error: str = Field(description="what was wrong, naming the row or tensor where there is one")
+
+
+class ServerMetadataSchema(BaseModel):
+    name: str
+    version: str
+    extensions: list[str]
+
+
+class TensorMetadataSchema(BaseModel):
+    name: str
+    datatype: str
+    shape: list[int] = Field(description="-1: any size")
+
+
+class ModelMetadataSchema(BaseModel):
+    name: str
+    versions: list[str]
+    platform: str = Field(description="the adapter, e.g. blip-caption, blip-itm, blip2")
+    inputs: list[TensorMetadataSchema]
+    outputs: list[TensorMetadataSchema]
+
+
+class ModelReadySchema(BaseModel):
+    name: str
+    ready: bool
+
+
+class InputParametersSchema(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    binary_data_size: int | None = Field(
+        None, ge=0, description="binary tensor data extension: this input's bytes after the JSON"
+    )
+    content_type: str | None = Field(None, description="accepted, not used")
+
+
+class RequestInputSchema(BaseModel):
+    name: Literal["image", "text"]
+    datatype: Literal["BYTES"]
+    shape: list[int] = Field(description="[N] or [N, 1]; element i is row i", examples=[[1]])
+    data: list[str] | list[list[str]] | None = Field(
+        None,
+        description="image: base64 (or a data URL) or an http(s) URL; text: the row's prefix, "
+        "question or prompt. Absent when parameters.binary_data_size is given",
+    )
+    parameters: InputParametersSchema | None = None
+
+
+class OutputParametersSchema(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    binary_data: bool | None = Field(None, description="this output as binary after the JSON")
+
+
+class RequestOutputSchema(BaseModel):
+    name: Literal["text", "score", "texts"]
+    parameters: OutputParametersSchema | None = None
+
+
+class InferParametersSchema(GenerationParams):
+    binary_data_output: bool | None = Field(None, description="every output in binary")
+    timeout: int | None = Field(
+        None, ge=1, description="microseconds: the request's deadline, if sooner than the server's"
+    )
+
+
+class InferRequestSchema(BaseModel):
+    id: str | None = Field(None, description="echoed in the response")
+    parameters: InferParametersSchema | None = Field(
+        None, description="generation settings (as /score's params) and the protocol's"
+    )
+    inputs: list[RequestInputSchema]
+    outputs: list[RequestOutputSchema] | None = Field(
+        None, description="default: text (and score, or texts, where the model gives them)"
+    )
+
+
+class BinaryDataSizeSchema(BaseModel):
+    binary_data_size: int
+
+
+class ResponseOutputSchema(BaseModel):
+    name: str
+    datatype: Literal["BYTES", "FP32"]
+    shape: list[int]
+    data: list[str] | list[float] | None = None
+    parameters: BinaryDataSizeSchema | None = None
+
+
+class InferResponseSchema(BaseModel):
+    model_name: str
+    model_version: str
+    id: str | None = None
+    outputs: list[ResponseOutputSchema]
+
+
+_V2_ERROR_DESCRIPTIONS = {
+    **ERROR_DESCRIPTIONS,
+    404: "No such model (or version) here",
+    415: "Body neither JSON nor JSON followed by binary tensors, or an unknown Content-Encoding",
+}
+
+
+def v2_errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """The v2 routes' error responses: ``{"error": ...}``."""
+    return {
+        status: {"model": V2ErrorSchema, "description": _V2_ERROR_DESCRIPTIONS[status]}
+        for status in statuses
+    }
+
+
+_BINARY = {"schema": {"type": "string", "format": "binary"}}
+INFER_OPENAPI = _request_body(
+    InferRequestSchema,
+    {
+        "caption": {
+            "summary": "Caption an image (base64 or an http(s) URL)",
+            "value": {
+                "id": "1",
+                "parameters": {"max_new_tokens": 20},
+                "inputs": [
+                    {"name": "image", "datatype": "BYTES", "shape": [1], "data": [_PNG_1PX]}
+                ],
+            },
+        }
+    },
+)
+INFER_OPENAPI["requestBody"]["content"]["application/octet-stream"] = {
+    **_BINARY,
+    "description": "the JSON, then each binary input's bytes (binary tensor data extension)",
+}
+INFER_RESPONSES: dict[int | str, dict[str, Any]] = {
+    200: {
+        "model": InferResponseSchema,
+        "description": "The outputs; with binary outputs, the JSON then their bytes",
+        "content": {"application/octet-stream": _BINARY},
+        "headers": {
+            "Inference-Header-Content-Length": {
+                "description": "with binary outputs: the length of the JSON before them",
+                "schema": {"type": "string"},
+            }
+        },
+    },
+    **v2_errors(400, 401, 404, 413, 415, 431, 500, 503, 504),
 }
 
 
