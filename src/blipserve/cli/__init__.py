@@ -150,10 +150,15 @@ def run_finetune(args: argparse.Namespace) -> int:
 def run_server(args: argparse.Namespace) -> int:
     from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()
+    settings = settings_from_args(args)
+    if settings.ray.ray:
+        from blipserve.ray_serve import serve_on_ray
+
+        return serve_on_ray(settings, port_file=args.port_file)
     from blipserve.server import serve
 
-    hf_logging.disable_progress_bar()
-    return serve(settings_from_args(args), port_file=args.port_file)
+    return serve(settings, port_file=args.port_file)
 
 
 def _read(path: str) -> str:

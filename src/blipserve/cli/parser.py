@@ -18,6 +18,7 @@ from blipserve.config.fields import (
     flag_name,
     is_flag,
     is_repeated,
+    takes_flag,
 )
 from blipserve.errors import InvalidInput
 from blipserve.params import GenerationParams
@@ -30,10 +31,14 @@ TITLES = {
     "fetch": "image URLs",
     "server": "server",
     "batch": "batch job",
-    "ray": "ray (pip install 'blipserve[ray]')",
+    "ray": "ray (pip install 'blipserve[ray]'; the server: 'blipserve[serve]')",
+    "replicas": "ray serve replicas (with --ray)",
 }
 MODEL_PARTS = ("model", "engine", "images", "fetch")
-COMMAND_PARTS = {"serve": (*MODEL_PARTS, "server"), "batch": (*MODEL_PARTS, "batch", "ray")}
+COMMAND_PARTS = {
+    "serve": (*MODEL_PARTS, "server", "ray", "replicas"),
+    "batch": (*MODEL_PARTS, "batch", "ray"),
+}
 
 EPILOG = """\
 examples:
@@ -96,16 +101,23 @@ A killed run continues from its newest checkpoint when rerun with the same comma
 
 
 def add_config_arguments(
-    parser: argparse.ArgumentParser, cls: type[Any], title: str, *, prefix: str = ""
+    parser: argparse.ArgumentParser,
+    cls: type[Any],
+    title: str,
+    *,
+    prefix: str = "",
+    command: str | None = None,
 ) -> None:
     """One flag per field of a config dataclass, typed and documented from the field.
 
     Values are stored under ``prefix + field name`` and converted by the field's own
     :func:`~blipserve.config.fields.convert`, so a flag and its environment variable take
-    the same text.
+    the same text.  With ``command``, only the fields that command takes.
     """
     group = parser.add_argument_group(title)
     for f, hint in fields_with_types(cls):
+        if command is not None and not takes_flag(f, command):
+            continue
         default = f.default if f.default is not dataclasses.MISSING else None
         help_text = str(f.metadata.get("help", ""))
         if default not in (None, (), {}):
@@ -197,7 +209,7 @@ def build_parser() -> argparse.ArgumentParser:
             formatter_class=argparse.RawDescriptionHelpFormatter,
         )
         for part in COMMAND_PARTS.get(name, MODEL_PARTS):
-            add_config_arguments(p, PARTS[part], TITLES[part], prefix=f"{part}.")
+            add_config_arguments(p, PARTS[part], TITLES[part], prefix=f"{part}.", command=name)
         if name != "serve":
             add_generation_arguments(p)
         if name not in ("serve", "batch"):

@@ -14,6 +14,7 @@ from blipserve.config.jobs import (
     FailureLimit,
     OutputFormat,
     RayConfig,
+    ReplicaConfig,
     parse_storage_options,
 )
 from blipserve.config.serving import (
@@ -43,6 +44,7 @@ __all__ = [
     "ModelConfig",
     "OutputFormat",
     "RayConfig",
+    "ReplicaConfig",
     "ServerConfig",
     "Settings",
     "from_env",

@@ -38,13 +38,15 @@ def option(
     parse: Callable[[Any], Any] | None = None,
     repeatable: bool = False,
     secret: bool = False,
+    commands: tuple[str, ...] | None = None,
 ) -> Any:
     """A configuration field.
 
     ``flag`` replaces the derived ``--field-name``; ``short`` adds e.g. ``-o``; ``env=False``
     keeps a job's own values (its output, ``--overwrite``) out of the environment;
     ``parse`` turns the text (a list of texts when ``repeatable``) into a type of our own;
-    a ``secret`` (keys, credentials) is left out of the config's ``repr``.
+    a ``secret`` (keys, credentials) is left out of the config's ``repr``; ``commands``
+    names the only commands that take the flag, in a part several commands share.
     """
     metadata = {
         "help": help,
@@ -54,10 +56,17 @@ def option(
         "metavar": metavar,
         "parse": parse,
         "repeatable": repeatable,
+        "commands": commands,
     }
     if isinstance(default, dict):  # a mutable default: each config gets its own
         return field(default_factory=lambda: dict(default), metadata=metadata, repr=not secret)
     return field(default=default, metadata=metadata, repr=not secret)
+
+
+def takes_flag(f: dataclasses.Field[Any], command: str) -> bool:
+    """Whether ``command`` has a flag for ``f`` (a field may be one command's only)."""
+    only = f.metadata.get("commands")
+    return only is None or command in only
 
 
 def flag_name(f: dataclasses.Field[Any]) -> str:

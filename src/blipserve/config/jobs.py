@@ -177,14 +177,18 @@ class BatchConfig:
 
 @dataclass(frozen=True)
 class RayConfig:
-    """Where a batch job runs when not in this process (pip install 'blipserve[ray]')."""
+    """Which Ray cluster blipserve's work runs on, when it runs on Ray: a batch job's model
+    actors on Ray Data (pip install 'blipserve[ray]') or the server's replicas on Ray Serve
+    ('blipserve[serve]')."""
 
-    ray: bool = option(False, "Run the job on Ray Data.")
+    ray: bool = option(
+        False, "Run on Ray: a batch job on Ray Data; the server as Ray Serve replicas."
+    )
     ray_address: str | None = option(
         None, "Ray cluster to join (unset: start a local one, or use the one already joined)."
     )
-    concurrency: int = option(1, "Model actors, one engine each.")
-    num_gpus: float = option(0.0, "GPUs per model actor.")
+    concurrency: int = option(1, "Model actors, one engine each.", commands=("batch",))
+    num_gpus: float = option(0.0, "GPUs per model actor (batch) or server replica (serve).")
 
     def __post_init__(self) -> None:
         if self.concurrency < 1 or self.num_gpus < 0:
@@ -192,3 +196,54 @@ class RayConfig:
                 f"concurrency must be at least 1 and num_gpus at least 0; got "
                 f"{self.concurrency} and {self.num_gpus}"
             )
+
+
+def parse_autoscale(raw: str | list[str]) -> tuple[int, int]:
+    """``MIN:MAX`` replicas, e.g. ``1:4``."""
+    text = raw if isinstance(raw, str) else raw[-1]
+    low, sep, high = text.partition(":")
+    try:
+        bounds = (int(low), int(high))
+    except ValueError:
+        bounds = (-1, -1)
+    if not sep or bounds[0] < 0 or bounds[1] < max(1, bounds[0]):
+        raise InvalidInput(
+            f"expected MIN:MAX replicas with 0 <= MIN <= MAX and MAX >= 1, e.g. 1:4; got {text!r}"
+        )
+    return bounds
+
+
+@dataclass(frozen=True)
+class ReplicaConfig:
+    """The server's replicas on Ray Serve (``blipserve serve --ray``): how many, and what
+    each holds. Each replica loads the model once and batches its own requests; Serve's
+    proxy routes requests between them."""
+
+    replicas: int = option(1, "Replicas, one engine each (unless --autoscale).")
+    autoscale: tuple[int, int] | None = option(
+        None,
+        "Scale between MIN and MAX replicas on the requests each one has in flight "
+        "(instead of --replicas).",
+        metavar="MIN:MAX",
+        parse=parse_autoscale,
+    )
+    num_cpus: float = option(
+        1.0,
+        "CPUs per replica: Ray reserves them, and a replica runs torch on that many threads "
+        "(rounded up) unless --torch-threads says otherwise.",
+    )
+    max_ongoing_requests: int = option(
+        0,
+        "Requests Serve sends one replica at once; more wait in the proxy. 0: four times the "
+        "replica's batch size (8 on a CPU, 64 on a GPU), so its queue can fill batches while "
+        "one runs. Autoscaling aims at half of it per replica.",
+    )
+
+    def __post_init__(self) -> None:
+        if self.replicas < 1 or self.num_cpus <= 0 or self.max_ongoing_requests < 0:
+            raise ValueError(
+                f"replicas must be at least 1, num_cpus above 0 and max_ongoing_requests at "
+                f"least 0; got {self.replicas}, {self.num_cpus} and {self.max_ongoing_requests}"
+            )
+        if self.autoscale is not None and self.replicas != 1:
+            raise ValueError("give --replicas or --autoscale, not both")

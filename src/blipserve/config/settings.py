@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any, Final
 
 from blipserve.config.fields import from_env
-from blipserve.config.jobs import BatchConfig, RayConfig
+from blipserve.config.jobs import BatchConfig, RayConfig, ReplicaConfig
 from blipserve.config.serving import (
     EngineConfig,
     FetchConfig,
@@ -35,6 +35,7 @@ class Settings:
     server: ServerConfig = field(default_factory=ServerConfig)
     batch: BatchConfig = field(default_factory=BatchConfig)
     ray: RayConfig = field(default_factory=RayConfig)
+    replicas: ReplicaConfig = field(default_factory=ReplicaConfig)
 
     @classmethod
     def build(

@@ -103,6 +103,11 @@ class OnlineQueue:
             self._thread.join(timeout)
 
     @property
+    def alive(self) -> bool:
+        """Whether the model thread is running (started, not stopped, not dead)."""
+        return self._thread is not None and self._thread.is_alive()
+
+    @property
     def depth(self) -> int:
         return len(self._queue)
 

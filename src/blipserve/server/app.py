@@ -26,7 +26,13 @@ from blipserve.contracts import openai as openai_contract
 from blipserve.contracts.catalog import encode_response, parse_request
 from blipserve.engine import Engine
 from blipserve.engine.online import OnlineEngine
-from blipserve.errors import BlipserveError, InvalidInput, ModelNotReady, RowError
+from blipserve.errors import (
+    BlipserveError,
+    InvalidInput,
+    ModelLoadError,
+    ModelNotReady,
+    RowError,
+)
 from blipserve.server.chat_stream import stream_chat
 from blipserve.server.docs import serve_docs
 from blipserve.server.http import (
@@ -102,25 +108,50 @@ class ServerState:
             raise ModelNotReady(f"not ready: {self.load_error or 'the model is still loading'}")
         return self.online
 
+    def health_problem(self) -> str | None:
+        """Why this server cannot answer requests now (for a replica's health check), or
+        None: not loaded, failed to load, or its model thread is gone."""
+        if self.load_error is not None:
+            return f"the model failed to load: {self.load_error}"
+        if not self.ready or self.online is None:
+            return "the model is still loading"
+        if not self.online.queue.alive:
+            return "the model thread is not running"
+        return None
+
     def shutdown(self) -> None:
         if self.online:
             self.online.stop(timeout=self.server.graceful_timeout_s)
 
 
-def create_app(settings: Settings | None = None, *, engine: Engine | None = None) -> FastAPI:
+def create_app(
+    settings: Settings | None = None,
+    *,
+    engine: Engine | None = None,
+    load_in_background: bool = True,
+) -> FastAPI:
     """The ASGI app for ``settings`` (default: every default). The model loads in a
     background thread after startup (``/ready`` answers 503 until it is loaded and warmed
     up); pass ``engine`` to serve one you have.
+
+    ``load_in_background=False``: startup itself loads and warms up (off the event loop),
+    and fails when loading fails — for hosts that route traffic to an app only once its
+    startup is done (a Ray Serve replica).
     """
     state = ServerState(settings or Settings())
     cfg = state.server
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        loader = threading.Thread(
-            target=state.load, args=(engine,), name="blipserve-load", daemon=True
-        )
-        loader.start()
+        if load_in_background:
+            loader = threading.Thread(
+                target=state.load, args=(engine,), name="blipserve-load", daemon=True
+            )
+            loader.start()
+        else:
+            await asyncio.to_thread(state.load, engine)
+            if state.load_error is not None:
+                raise ModelLoadError(f"could not start: {state.load_error}")
         yield
         await asyncio.to_thread(state.shutdown)
 
