@@ -281,6 +281,17 @@ def test_broken_binary_framing_is_named(
         parse_infer_request(raw, length)
 
 
+def test_a_header_length_that_cuts_the_json_is_suspected() -> None:
+    raw = body(tensor("image", ["a"]))
+    with pytest.raises(InvalidRequest) as caught:
+        parse_infer_request(raw, 20)
+    assert caught.value.message.startswith("request body is not valid JSON")
+    assert caught.value.message.endswith(
+        f"(read as the first 20 of {len(raw)} bytes, as Inference-Header-Content-Length says: "
+        "is that header meant for this request?)"
+    )
+
+
 def test_binary_text_must_be_utf8() -> None:
     texts = encode_bytes_tensor([b"ok", b"\xff\xfe"])
     header = {

@@ -35,6 +35,7 @@ from typing import Any, Final
 
 from blipserve.contracts.catalog import MAX_TEXT_CHARS
 from blipserve.contracts.open_inference_binary import (
+    HEADER_LENGTH,
     BinaryTensors,
     decode_bytes_tensor,
     encode_bytes_tensor,
@@ -143,7 +144,17 @@ def parse_infer_request(
     :class:`RowError` naming the row (and the tensor) for a malformed element.
     """
     header, binary = split_body(body, header_length)
-    request = load_json_object(header, "with an 'inputs' key")
+    try:
+        request = load_json_object(header, "with an 'inputs' key")
+    except InvalidRequest as exc:
+        if header_length is None:
+            raise
+        # (tritonclient adds the header to the dict of headers a caller passes it, so a
+        # dict used again sends a binary request's length with a JSON one)
+        raise InvalidRequest(
+            f"{exc.message} (read as the first {header_length} of {len(body)} bytes, as "
+            f"{HEADER_LENGTH} says: is that header meant for this request?)"
+        ) from None
     binary_output, timeout_s, params = _parameters(request.get("parameters"))
     tensors = _inputs(request.get("inputs"), binary, max_rows)
     if IMAGE not in tensors:
