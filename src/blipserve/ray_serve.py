@@ -179,6 +179,12 @@ def deployment_options(settings: Settings) -> dict[str, Any]:
         "graceful_shutdown_wait_loop_s": 1.0,
         "health_check_period_s": 5.0,
         "health_check_timeout_s": 30.0,
+        # --log-format json: Serve's replica logs as JSON, with Serve's request ids (the
+        # proxy passes its id on as x-request-id, which the app answers with)
+        "logging_config": {
+            "encoding": "JSON" if server.log_format == "json" else "TEXT",
+            "log_level": server.log_level.upper(),
+        },
     }
     if replicas.autoscale is None:
         options["num_replicas"] = replicas.replicas

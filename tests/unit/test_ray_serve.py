@@ -45,6 +45,9 @@ def test_a_cpu_replica_takes_four_batches_and_drains_for_the_graceful_timeout() 
     assert options["ray_actor_options"] == {"num_cpus": 1.0, "num_gpus": 0.0}
     assert options["max_queued_requests"] == ServerConfig().max_queue
     assert options["backpressure_config"] == {"status_code": 503, "retry_after_s": 1}
+    assert options["logging_config"] == {"encoding": "TEXT", "log_level": "INFO"}
+    json_logs = deployment_options(Settings(server=ServerConfig(log_format="json")))
+    assert json_logs["logging_config"]["encoding"] == "JSON"
 
 
 def test_gpus_autoscaling_and_explicit_limits() -> None:

@@ -189,3 +189,8 @@ class ServerConfig:
     )
     warmup: bool = option(True, "Run one image through the model before reporting ready.")
     log_level: str = option("info", "uvicorn log level (critical, error, warning, info, debug).")
+    log_format: Literal["text", "json"] = option(
+        "text",
+        "Log lines as text, or as JSON objects (one a line: time, level, logger, message, "
+        "the request's id, and an access line per request with its status and duration).",
+    )

@@ -29,6 +29,7 @@ from blipserve.errors import (
     Unauthorized,
     UnsupportedMediaType,
 )
+from blipserve.server.logs import REQUEST_ID, access_log
 from blipserve.server.metrics import Metrics
 
 T = TypeVar("T")
@@ -178,6 +179,7 @@ class RequestContext:
         client_id = given.get("x-ms-client-request-id")
         trace_id = headers.get(TRACE_ID_HEADER)
         scope.setdefault("state", {})["request_id"] = request_id
+        token = REQUEST_ID.set(request_id)
         path = scope["path"]
         route = route_label(path)
         started = time.perf_counter()
@@ -205,5 +207,21 @@ class RequestContext:
             else:
                 await self.app(scope, receive, send_with_ids)
         finally:
+            seconds = time.perf_counter() - started
             self.metrics.requests.labels(route, str(status)).inc()
-            self.metrics.request_latency.labels(route).observe(time.perf_counter() - started)
+            self.metrics.request_latency.labels(route).observe(seconds)
+            access_log.info(
+                "%s %s %d %.1f ms",
+                scope.get("method", ""),
+                path,
+                status,
+                seconds * 1000,
+                extra={
+                    "method": scope.get("method", ""),
+                    "path": path,
+                    "status": status,
+                    "duration_ms": round(seconds * 1000, 3),
+                    "client_request_id": client_id,
+                },
+            )
+            REQUEST_ID.reset(token)

@@ -10,6 +10,7 @@ from types import FrameType
 import uvicorn
 
 from blipserve.config import Settings
+from blipserve.server import logs
 from blipserve.server.app import ServerState, create_app
 
 
@@ -46,13 +47,17 @@ def serve(settings: Settings, *, port_file: str | None = None) -> int:
     """Run the server until SIGINT/SIGTERM (in-flight requests finish); the exit code."""
     app = create_app(settings)
     server = settings.server
+    json_logs = server.log_format == "json"
+    if json_logs:  # every logger, uvicorn's too, as JSON lines (blipserve.server.logs)
+        logs.configure_json(server.log_level)
     config = uvicorn.Config(
         app,
         host=server.host,
         port=server.port,
         log_level=server.log_level,
+        log_config=None if json_logs else uvicorn.config.LOGGING_CONFIG,
         timeout_graceful_shutdown=int(server.graceful_timeout_s),
-        access_log=False,
+        access_log=False,  # blipserve.access logs each request (with its id)
     )
     runner = PortFileServer(config, port_file)
     state: ServerState = app.state.blipserve
