@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.metadata
 import json
+import os
 import shutil
 import tempfile
 import warnings
@@ -98,7 +99,7 @@ def _prepared(
     extra: Sequence[str],
 ) -> Iterator[dict[str, Any]]:
     """The keyword arguments of ``mlflow.pyfunc.save_model`` / ``log_model``, valid while
-    the context lasts (the bundled code's copy is removed after)."""
+    the context lasts (the staged files and the bundled code's copy are removed after)."""
     from blipserve.mlflow.pyfunc import MODEL_ARTIFACT
 
     settings = settings or Settings()
@@ -109,22 +110,22 @@ def _prepared(
     name = settings.model.model
     folder = model_folder(name, settings.model.revision)
     architecture, text_role, text_required = _architecture(name, folder)
-    kwargs: dict[str, Any] = {
-        # MLflow's models from code: this file, run where the model is loaded, makes it
-        "python_model": str(Path(__file__).with_name("model_code.py")),
-        "artifacts": {MODEL_ARTIFACT: str(folder)},
-        "model_config": settings_to_config(settings, name),
-        "signature": signature(text_role, text_required),
-        "metadata": {
-            "blipserve_version": blipserve.__version__,
-            "source": name,
-            "architecture": architecture,
-        },
-    }
     with tempfile.TemporaryDirectory(prefix="blipserve-mlflow-") as tmp, warnings.catch_warnings():
         # No input example, on purpose: log_model would load the model to try it (minutes
         # and gigabytes for BLIP-2); the signature says what the model takes.
         warnings.filterwarnings("ignore", ".*An input example was not provided", UserWarning)
+        kwargs: dict[str, Any] = {
+            # MLflow's models from code: this file, run where the model is loaded, makes it
+            "python_model": str(Path(__file__).with_name("model_code.py")),
+            "artifacts": {MODEL_ARTIFACT: str(_without_links(folder, name, Path(tmp)))},
+            "model_config": settings_to_config(settings, name),
+            "signature": signature(text_role, text_required),
+            "metadata": {
+                "blipserve_version": blipserve.__version__,
+                "source": name,
+                "architecture": architecture,
+            },
+        }
         if bundle_code:
             kwargs["code_paths"] = [str(_copy_code(Path(tmp)))]
             kwargs["pip_requirements"] = [*dependencies(), *extra]
@@ -135,6 +136,25 @@ def _prepared(
                 *extra,
             ]
         yield kwargs
+
+
+def _without_links(folder: Path, name: str, tmp: Path) -> Path:
+    """``folder``, or where it has symbolic links (a Hugging Face cache's snapshot: each
+    file links to a blob), a copy of it in ``tmp`` with the files themselves, which MLflow
+    takes as an artifact (it refuses links that lead out of the folder).  Files are hard
+    links to the originals where the file system allows, so only MLflow's copy costs."""
+    files = [p for p in folder.rglob("*") if not p.is_dir()]
+    if not any(p.is_symlink() for p in files):
+        return folder
+    staged = tmp / "model" / name.rstrip("/").rsplit("/", 1)[-1]
+    for path in files:
+        target = staged / path.relative_to(folder)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            os.link(path.resolve(), target)
+        except OSError:  # (another file system, or links not allowed)
+            shutil.copy2(path, target)
+    return staged
 
 
 def model_folder(model: str, revision: str | None = None) -> Path:
