@@ -354,7 +354,9 @@ def test_a_registered_model_is_served_by_its_name(
     from blipserve.config import Settings
     from blipserve.mlflow import log_model
 
-    with mlflow.start_run():
+    # (artifacts in the test's folder: a sqlite store's default is ./mlruns, in the cwd)
+    experiment = mlflow.create_experiment("blipserve", str(tmp_path / "artifacts"))
+    with mlflow.start_run(experiment_id=experiment):
         info = log_model(
             "model",
             "demo",
@@ -362,6 +364,7 @@ def test_a_registered_model_is_served_by_its_name(
             registered_model_name="blip-demo",
         )
     assert info.registered_model_version == 1
+    assert next((tmp_path / "artifacts").rglob("MLmodel"))
     served = start_mlflow_server("models:/blip-demo/1", env, tmp_path)
     try:
         assert texts_of(served.invoke(split(images.scenes[:3]))) == images.captions[:3]
