@@ -48,7 +48,17 @@ OPERATIONS = [
     ("GET", "/metrics"),
     ("GET", "/ready"),
     ("GET", "/"),
+    ("GET", "/v2/health/live"),
+    ("GET", "/v2/health/ready"),
+    ("GET", "/v2"),
+    ("GET", "/v2/models/{model_name}"),
+    ("GET", "/v2/models/{model_name}/ready"),
+    ("POST", "/v2/models/{model_name}/infer"),
 ]
+# Routes open without the key (the others answer 401 without it).
+OPEN = {"/", "/ready", "/v2/health/live", "/v2/health/ready", "/v2/models/{model_name}/ready"}
+# The served model's name in the documented examples (always served under this alias).
+MODEL = {"model_name": "blipserve"}
 # positive_data_acceptance is left out on purpose: a schema-valid body is not a valid
 # request here (any string is a valid 'image' for the schema, few strings are images).
 CHECKS = [
@@ -147,9 +157,9 @@ def test_fuzz_operation_long(api: Any, server: RunningServer, method: str, path:
 def test_documented_examples_without_a_key(api: Any, server: RunningServer) -> None:
     """Each operation's documented example, sent without the key, is answered as documented."""
     for method, path in OPERATIONS:
-        case = api[path][method].Case()
+        case = api[path][method].Case(path_parameters=MODEL if "{model_name}" in path else None)
         response = case.call(base_url=server.url, timeout=30)
-        expected = 200 if path in ("/", "/ready") else 401
+        expected = 200 if path in OPEN else 401
         assert response.status_code == expected, (method, path, response.text)
         case.validate_response(response, checks=CHECKS)
 
@@ -172,6 +182,15 @@ def chat(text: str, image: str | None = None) -> dict[str, Any]:
     return {"model": "m", "max_tokens": 3, "messages": [{"role": "user", "content": content}]}
 
 
+def infer(*images: str, texts: list[str] | None = None) -> dict[str, Any]:
+    """A v2 inference request: one row per image (and text)."""
+    inputs = [{"name": "image", "datatype": "BYTES", "shape": [len(images)], "data": list(images)}]
+    if texts is not None:
+        inputs.append({"name": "text", "datatype": "BYTES", "shape": [len(texts)], "data": texts})
+    return {"inputs": inputs, "parameters": {"max_new_tokens": 3}}
+
+
+INFER = "/v2/models/blipserve/infer"
 JSON = {"Content-Type": "application/json"}
 # Every status the routes document, provoked on purpose: (route, request, status).
 PROVOKED: list[tuple[str, dict[str, Any], int]] = [
@@ -189,6 +208,15 @@ PROVOKED: list[tuple[str, dict[str, Any], int]] = [
     ("/v1/chat/completions", {"content": b"{" + b" " * 210_000 + b"}", "headers": JSON}, 413),
     ("/v1/chat/completions", {"content": b"{}", "headers": {"Content-Type": "text/xml"}}, 415),
     ("/v1/chat/completions", {"json": chat("x"), "headers": {"x-ms-request-id": "m" * 101}}, 431),
+    (INFER, {"json": infer(png_row(0)[0])}, 200),
+    (INFER, {"json": infer(png_row(0)[0], "@@@")}, 400),
+    (INFER, {"json": infer("x"), "headers": {"Authorization": "Bearer nope"}}, 401),
+    ("/v2/models/nobody/infer", {"json": infer(png_row(0)[0])}, 404),
+    (INFER, {"json": infer("A" * 250_000)}, 413),
+    (INFER, {"content": b"{}", "headers": {"Content-Type": "text/plain"}}, 415),
+    (INFER, {"json": infer("x"), "headers": {"x-request-id": "i" * 101}}, 431),
+    (INFER, {"json": infer(png_row(0)[0], texts=["boom"])}, 500),
+    (INFER, {"json": infer(*(png_row(i)[0] for i in range(5)))}, 503),  # > --max-queue 4
 ]
 
 
@@ -212,6 +240,7 @@ def test_deadline_504_matches_the_document(
         controllable_model, "--api-key", KEY, "--request-timeout-s", "1", "--max-wait-ms", "0"
     )
     provoke(api, hurried, "/score", {"json": score(png_row(0, "sleep:3"))}, 504)
+    provoke(api, hurried, INFER, {"json": infer(png_row(0)[0], texts=["sleep:3"])}, 504)
 
 
 def provoke(
@@ -220,8 +249,14 @@ def provoke(
     headers = {**AUTH, **request_kwargs.pop("headers", {})}
     response = httpx.post(server.url + path, headers=headers, timeout=30, **request_kwargs)
     assert response.status_code == status, response.text
-    case = api[path]["POST"].Case(body=request_kwargs.get("json"))
+    model = path.removeprefix("/v2/models/").removesuffix("/infer")
+    operation = api["/v2/models/{model_name}/infer" if model != path else path]["POST"]
+    case = operation.Case(
+        body=request_kwargs.get("json"),
+        media_type="application/json",
+        path_parameters={"model_name": model} if model != path else None,
+    )
     # 500/503/504 are provoked on purpose here: only conformance to the document counts.
     case.validate_response(response, checks=CHECKS[1:])
     if status >= 400:
-        assert response.json()["message"]
+        assert response.json()["error" if path.startswith("/v2/") else "message"]

@@ -50,6 +50,7 @@ from blipserve.server.openapi import (
     ServerMetadataSchema,
     v2_errors,
 )
+from blipserve.server.tracing import traced
 
 if TYPE_CHECKING:
     from blipserve.models.base import Adapter
@@ -143,7 +144,8 @@ def open_inference_router(state: ServerState) -> APIRouter:
         parsed.check_outputs(model_outputs(matching))
         timeout_s = min(cfg.request_timeout_s, parsed.timeout_s or math.inf)
         predictions = await unless_disconnected(
-            request, online.predict(parsed.rows, parsed.params, started + timeout_s)
+            request,
+            online.predict(parsed.rows, parsed.params, started + timeout_s, trace=traced(request)),
         )
         answer = encode_infer_response(parsed, predictions, model_name=served, matching=matching)
         if answer.header_length is None:
@@ -159,6 +161,7 @@ def open_inference_router(state: ServerState) -> APIRouter:
     name = "/v2/models/{model_name:path}"
     versioned = f"{name}/versions/{{model_version}}"
     hidden: dict[str, Any] = {"include_in_schema": False}
+    model_name = _model_name(served)
     router.add_api_route(f"{versioned}/ready", model_ready, **hidden)
     router.add_api_route(f"{versioned}/infer", infer, methods=["POST"], **hidden)
     router.add_api_route(versioned, model, **hidden)
@@ -168,7 +171,7 @@ def open_inference_router(state: ServerState) -> APIRouter:
         summary="Model readiness (v2)",
         response_model=ModelReadySchema,
         responses=v2_errors(404, 503),
-        openapi_extra={"parameters": [_MODEL_NAME]},
+        openapi_extra={"parameters": [model_name]},
     )
     router.add_api_route(
         f"{name}/infer",
@@ -176,7 +179,7 @@ def open_inference_router(state: ServerState) -> APIRouter:
         methods=["POST"],
         summary="Inference (v2): image and text tensors in, text tensors out",
         responses=INFER_RESPONSES,
-        openapi_extra={**INFER_OPENAPI, "parameters": [_MODEL_NAME, _HEADER_LENGTH]},
+        openapi_extra={**INFER_OPENAPI, "parameters": [model_name, _HEADER_LENGTH]},
     )
     router.add_api_route(
         name,
@@ -184,19 +187,23 @@ def open_inference_router(state: ServerState) -> APIRouter:
         summary="Model metadata (v2)",
         response_model=ModelMetadataSchema,
         responses=v2_errors(401, 404, 503),
-        openapi_extra={"parameters": [_MODEL_NAME]},
+        openapi_extra={"parameters": [model_name]},
     )
     return router
 
 
-_MODEL_NAME: dict[str, Any] = {
-    "name": "model_name",
-    "in": "path",
-    "required": True,
-    "schema": {"type": "string"},
-    "description": f"the --model value the server was started with, or {ALIAS!r}",
-    "example": ALIAS,
-}
+def _model_name(served: str) -> dict[str, Any]:
+    """The path parameter, documented with the names this server answers to."""
+    return {
+        "name": "model_name",
+        "in": "path",
+        "required": True,
+        "schema": {"type": "string", "enum": list(dict.fromkeys([served, ALIAS]))},
+        "description": f"the --model value the server was started with, or {ALIAS!r}",
+        "example": ALIAS,
+    }
+
+
 _HEADER_LENGTH: dict[str, Any] = {
     "name": HEADER_LENGTH,
     "in": "header",
