@@ -4,6 +4,8 @@
   parse with :mod:`blipserve.contracts`, call the engine and encode;
 - :mod:`~blipserve.server.http`: bodies, auth, disconnects, request ids, and the one
   place typed errors become responses;
+- :mod:`~blipserve.server.open_inference`: KServe's Open Inference Protocol (``/v2``),
+  on the same engine;
 - :mod:`~blipserve.server.openapi`, :mod:`~blipserve.server.metrics`: ``/swagger.json``
   and ``/metrics``;
 - :mod:`~blipserve.server.docs`: ``/docs``, Swagger UI served from installed files;
