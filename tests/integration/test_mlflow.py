@@ -188,13 +188,21 @@ def test_a_bad_row_fails_the_call_with_mlflows_error_naming_it(pyfunc: Any, imag
         pyfunc.predict(frame.iloc[:1], params={"num_beams": 17})
 
 
-def test_model_config_overrides_the_saved_settings(exported: Path) -> None:
+def test_model_config_overrides_the_saved_settings(
+    exported: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     import mlflow.pyfunc
+
+    from blipserve.errors import InvalidInput
 
     model = mlflow.pyfunc.load_model(str(exported), model_config={"max_batch_size": 2})
     engine = model.unwrap_python_model().engine
     assert engine.max_batch_size == 2
     assert engine.adapter.device.type == "cpu"  # (the rest as saved)
+    monkeypatch.setenv("MLFLOW_PYFUNC_INFERENCE_CONFIG", '{"max_batch_size": 3}')
+    assert mlflow.pyfunc.load_model(str(exported)).unwrap_python_model().engine.max_batch_size == 3
+    with pytest.raises(InvalidInput, match=r"^model_config 'dtype': expected one of auto, "):
+        mlflow.pyfunc.load_model(str(exported), model_config={"dtype": "float64"})
 
 
 # -- MLflow's scoring server ----------------------------------------------------------------

@@ -12,7 +12,13 @@ import pandas as pd
 import pytest
 
 from blipserve.config import EngineConfig, FetchConfig, ModelConfig, Settings
-from blipserve.errors import InvalidInput, InvalidRequest, ModelLoadError, RowError
+from blipserve.errors import (
+    InferenceError,
+    InvalidInput,
+    InvalidRequest,
+    ModelLoadError,
+    RowError,
+)
 from blipserve.mlflow.export import generation_param_types, model_folder, save_model, signature
 from blipserve.mlflow.tables import (
     frame_columns,
@@ -197,3 +203,37 @@ def test_nan_is_missing_but_zero_is_a_value() -> None:
     frame = pd.DataFrame({"image": ["aGk="], "text": [0.0]}, dtype=object)
     with pytest.raises(RowError, match="got a number"):
         rows_from_frame(frame)
+
+
+class _FailingEngine:
+    """What BlipserveModel.predict needs of an engine, failing as told."""
+
+    def __init__(self, error: Exception) -> None:
+        self.error = error
+        self.adapter = type("Adapter", (), {"text_role": "prefix"})()
+
+    def score(self, request: object) -> list[Prediction]:
+        raise self.error
+
+
+@pytest.mark.parametrize(
+    ("error", "code"),
+    [
+        (RowError(2, "image is not valid base64", "c"), "INVALID_PARAMETER_VALUE"),
+        (InvalidRequest("params: bad"), "INVALID_PARAMETER_VALUE"),
+        (InferenceError("the model failed on this request's batch"), "INTERNAL_ERROR"),
+    ],
+)
+def test_predict_raises_mlflows_error_with_blipserves_message(error: Exception, code: str) -> None:
+    from mlflow.exceptions import MlflowException
+
+    from blipserve.mlflow.pyfunc import BlipserveModel
+
+    model = BlipserveModel()
+    model.engine = _FailingEngine(error)  # type: ignore[assignment]
+    with pytest.raises(MlflowException) as caught:
+        model.predict(None, pd.DataFrame({"image": ["aGk="]}))
+    assert caught.value.error_code == code
+    assert caught.value.message == str(error)
+    status = caught.value.get_http_status_code()  # type: ignore[no-untyped-call]
+    assert status == (500 if code == "INTERNAL_ERROR" else 400)
