@@ -326,6 +326,22 @@ def test_server_bad_row_is_mlflows_400_naming_it_and_it_keeps_serving(
     assert texts_of(server.invoke(split(images.scenes[:2]))) == images.captions[:2]
 
 
+def test_server_answers_concurrent_requests_each_in_order(
+    server: MlflowServer, images: Images
+) -> None:
+    # MLflow runs each request's predict on a thread of its own: the engine is shared
+    from concurrent.futures import ThreadPoolExecutor
+
+    orders = [list(range(i, i + 5)) for i in range(4)]  # overlapping rows, shifted
+
+    def ask(order: list[int]) -> list[str]:
+        return texts_of(server.invoke(split([images.scenes[i] for i in order])))
+
+    with ThreadPoolExecutor(len(orders)) as pool:
+        answers = list(pool.map(ask, orders))
+    assert answers == [[images.captions[i] for i in order] for order in orders]
+
+
 def test_server_fetches_url_rows_the_model_was_exported_to_allow(
     server: MlflowServer, images: Images
 ) -> None:
