@@ -183,6 +183,14 @@ def test_a_model_blipserve_cannot_serve_is_refused_before_saving(tmp_path: Path)
     assert not (tmp_path / "out").exists()
 
 
+def test_a_requirement_and_bundled_code_exclude_each_other(tmp_path: Path) -> None:
+    with pytest.raises(InvalidInput, match="exclude each other"):
+        save_model(
+            tmp_path / "out", "demo", requirement="blipserve @ file:///w.whl", bundle_code=True
+        )
+    assert not (tmp_path / "out").exists()
+
+
 def test_a_hub_id_must_be_in_the_local_cache() -> None:
     # (tests run with HF_HUB_OFFLINE=1: nothing is downloaded, here or anywhere)
     with pytest.raises(ModelLoadError, match=r"not in the local Hugging Face cache.*hf download"):

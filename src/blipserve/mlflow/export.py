@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 import blipserve
 from blipserve.config import Settings
 from blipserve.contracts.catalog import IMAGE, TEXT
-from blipserve.errors import ModelLoadError
+from blipserve.errors import InvalidInput, ModelLoadError
 from blipserve.mlflow.tables import settings_to_config
 from blipserve.params import GenerationParams
 
@@ -102,6 +102,11 @@ def _prepared(
     the context lasts (the staged files and the bundled code's copy are removed after)."""
     from blipserve.mlflow.pyfunc import MODEL_ARTIFACT
 
+    if bundle_code and requirement is not None:
+        raise InvalidInput(
+            "a requirement that installs blipserve and bundling its code exclude each other: "
+            "give one (--requirement or --bundle-code)"
+        )
     settings = settings or Settings()
     if model is not None:
         settings = dataclasses.replace(

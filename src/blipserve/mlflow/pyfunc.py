@@ -51,10 +51,9 @@ class BlipserveModel(PythonModel):
         self.engine: Engine | None = None
 
     def load_context(self, context: Any) -> None:
-        settings = settings_from_config(
-            context.model_config or {}, context.artifacts[MODEL_ARTIFACT]
-        )
-        log.info("loading %s from the MLflow model", context.model_config.get("source"))
+        config = context.model_config or {}
+        settings = settings_from_config(config, context.artifacts[MODEL_ARTIFACT])
+        log.info("loading %s from the MLflow model", config.get("source", "the model"))
         self.engine = Engine.from_settings(settings)
         self.engine.warm_up()
 
