@@ -15,6 +15,7 @@ import io
 import re
 from collections.abc import Callable
 from pathlib import Path
+from typing import Protocol
 from urllib.parse import unquote
 
 import numpy as np
@@ -22,7 +23,6 @@ from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 
 from blipserve.config import ImageLimits
 from blipserve.errors import ImageError, UrlRefused, quote
-from blipserve.fetch import SafeFetcher
 
 # Raster formats people actually send.  Everything else Pillow can open (EPS runs
 # Ghostscript, and many rarely used parsers are a needless attack surface) is refused.
@@ -263,11 +263,18 @@ def _is(check: Callable[[], bool]) -> bool:
         return False
 
 
+class Fetcher(Protocol):
+    """What downloads an image URL's bytes (:class:`blipserve.fetch.SafeFetcher`, or one
+    that wraps it)."""
+
+    def fetch(self, url: str) -> bytes: ...
+
+
 def load_image(
     source: str | bytes,
     *,
     limits: ImageLimits,
-    fetcher: SafeFetcher | None,
+    fetcher: Fetcher | None,
     target_size: int | None = None,
     allow_paths: bool = False,
 ) -> Image.Image:

@@ -189,6 +189,12 @@ class ServerConfig:
     )
     warmup: bool = option(True, "Run one image through the model before reporting ready.")
     log_level: str = option("info", "uvicorn log level (critical, error, warning, info, debug).")
+    otel: bool = option(
+        False,
+        "OpenTelemetry traces: a span per request (a child of the caller's W3C traceparent) "
+        "with spans for fetch, decode, queue wait and the model call; exported over OTLP as "
+        "the OTEL_* variables say (pip install 'blipserve[otel]').",
+    )
     log_format: Literal["text", "json"] = option(
         "text",
         "Log lines as text, or as JSON objects (one a line: time, level, logger, message, "

@@ -29,6 +29,7 @@ from blipserve.engine.run import (
     default_decode_workers,
     default_model_workers,
 )
+from blipserve.engine.trace import RequestTrace
 from blipserve.errors import InvalidInput, InvalidRequest, RowError
 from blipserve.models import load_model
 from blipserve.models.base import Adapter
@@ -142,10 +143,15 @@ class Engine:
     # -- the stages, each usable on its own ----------------------------------------------
 
     def prepare(
-        self, row: RowInput, params: GenerationParams, *, allow_paths: bool = False
+        self,
+        row: RowInput,
+        params: GenerationParams,
+        *,
+        allow_paths: bool = False,
+        trace: RequestTrace | None = None,
     ) -> PreparedRow:
         """Stage 1: fetch and decode the row's image, check its text (or raise RowError)."""
-        return self.preparer.prepare(row, params, allow_paths=allow_paths)
+        return self.preparer.prepare(row, params, allow_paths=allow_paths, trace=trace)
 
     def prepare_all(
         self, rows: Iterable[RowInput], params: GenerationParams, *, allow_paths: bool = False

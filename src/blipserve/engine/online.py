@@ -24,6 +24,7 @@ from blipserve.engine.core import Engine
 from blipserve.engine.online_queue import BatchObserver, OnlineQueue
 from blipserve.engine.prepare import PreparedRow
 from blipserve.engine.results import good_rows_or_raise, predictions_or_raise
+from blipserve.engine.trace import RequestTrace
 from blipserve.errors import DeadlineExceeded, RowError
 from blipserve.params import GenerationParams
 from blipserve.types import Prediction, RowInput, TextSink
@@ -72,6 +73,7 @@ class OnlineEngine:
         params: GenerationParams,
         deadline: float,
         sinks: Sequence[TextSink | None] = (),
+        trace: RequestTrace | None = None,
     ) -> list[Prediction]:
         """Every row's prediction, in order, by ``deadline`` (the event loop's clock).
 
@@ -93,7 +95,8 @@ class OnlineEngine:
             async with asyncio.timeout_at(deadline):
                 jobs = [
                     loop.run_in_executor(
-                        self.engine.decode_pool, functools.partial(prepare, row, params)
+                        self.engine.decode_pool,
+                        functools.partial(prepare, row, params, trace=trace),
                     )
                     for row in rows
                 ]
@@ -118,5 +121,6 @@ class OnlineEngine:
         results = await self.queue.run(
             [(item, p.key) for item, p in zip(items, good, strict=True)],
             timeout=max(0.0, deadline - loop.time()),
+            trace=trace,
         )
         return predictions_or_raise(results)

@@ -21,11 +21,12 @@ import contextlib
 import logging
 import threading
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from blipserve.engine.trace import RequestTrace
 from blipserve.errors import BlipserveError, DeadlineExceeded, InferenceError, Overloaded
 from blipserve.types import ModelInput, Prediction
 
@@ -49,6 +50,7 @@ class _Pending:
     future: asyncio.Future[Result]
     loop: asyncio.AbstractEventLoop
     enqueued: float
+    trace: RequestTrace | None = None
     # Set from the event loop when the request gives up; read by the model thread.
     abandoned: bool = field(default=False)
 
@@ -123,7 +125,11 @@ class OnlineQueue:
     # -- the event-loop side --------------------------------------------------------------
 
     async def run(
-        self, items: Sequence[tuple[ModelInput, Hashable]], *, timeout: float | None
+        self,
+        items: Sequence[tuple[ModelInput, Hashable]],
+        *,
+        timeout: float | None,
+        trace: RequestTrace | None = None,
     ) -> list[Result]:
         """Queue ``(item, batch key)`` rows and wait for their results, in order.
 
@@ -133,7 +139,11 @@ class OnlineQueue:
         """
         loop = asyncio.get_running_loop()
         now = self._clock()
-        pending = [_Pending(item, key, loop.create_future(), loop, now) for item, key in items]
+        pending = [
+            _Pending(item, key, loop.create_future(), loop, now, trace) for item, key in items
+        ]
+        if trace is not None:
+            trace.queued()
         with self._cond:
             self.refuse_if_full(len(pending))
             self._queue.extend(pending)
@@ -194,7 +204,7 @@ class OnlineQueue:
         while (batch := self._next_batch()) is not None:
             if self._observer:
                 self._observer.queue_depth(len(self._queue))
-            started = self._clock()
+            started, started_ns = self._clock(), time.time_ns()
             try:
                 results: Sequence[Result] = self._run_batch([p.item for p in batch])
             except BlipserveError as exc:
@@ -203,8 +213,16 @@ class OnlineQueue:
                 log.exception("batch of %d rows failed", len(batch))
                 results = [InferenceError(f"the model failed on this batch: {exc}")] * len(batch)
             model_s = self._clock() - started
+            _record_traces(batch, started_ns, time.time_ns())
             for p, result in zip(batch, results, strict=True):
                 p.resolve(result)
             if self._observer:
                 waits = [started - p.enqueued for p in batch]
                 self._observer.batch_done(len(batch), waits, model_s)
+
+
+def _record_traces(batch: Sequence[_Pending], start_ns: int, end_ns: int) -> None:
+    """Tell each traced request of ``batch`` when its rows waited and ran."""
+    traced = Counter(p.trace for p in batch if p.trace is not None)
+    for trace, rows in traced.items():
+        trace.ran(start_ns, end_ns, rows, len(batch))

@@ -7,14 +7,16 @@ batch.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Hashable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from blipserve.config import FetchConfig, ImageLimits
+from blipserve.engine.trace import RequestTrace
 from blipserve.errors import InvalidInput, RowError
 from blipserve.fetch import SafeFetcher
-from blipserve.images import load_image
+from blipserve.images import Fetcher, load_image
 from blipserve.models.base import Adapter
 from blipserve.params import GenerationParams
 from blipserve.types import ModelInput, RowInput
@@ -47,16 +49,28 @@ class RowPreparer:
         self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="blipserve-decode")
 
     def prepare(
-        self, row: RowInput, params: GenerationParams, *, allow_paths: bool = False
+        self,
+        row: RowInput,
+        params: GenerationParams,
+        *,
+        allow_paths: bool = False,
+        trace: RequestTrace | None = None,
     ) -> PreparedRow:
-        """Fetch and decode the row's image and check its text; raise :class:`RowError`."""
+        """Fetch and decode the row's image and check its text; raise :class:`RowError`.
+
+        ``trace``: when the row's image was fetched (``fetch``) and decoded (``decode``).
+        """
+        started_ns = time.time_ns()
+        fetcher: Fetcher | None = self.fetcher
+        if trace is not None and fetcher is not None:
+            fetcher = _TimedFetcher(fetcher, trace, row.position)
         try:
             if row.text is None and self.adapter.text_required:
                 raise InvalidInput(_TEXT_NEEDED.get(self.adapter.text_role, "'text' is required"))
             image = load_image(
                 row.image,
                 limits=self.limits,
-                fetcher=self.fetcher,
+                fetcher=fetcher,
                 target_size=self.adapter.image_size,
                 allow_paths=allow_paths,
             )
@@ -66,6 +80,10 @@ class RowPreparer:
             raise
         except InvalidInput as exc:
             raise RowError(row.position, exc.message, row.index) from exc
+        finally:
+            if trace is not None:
+                fetched = fetcher.ended_ns if isinstance(fetcher, _TimedFetcher) else None
+                trace.record("decode", fetched or started_ns, time.time_ns(), row=row.position)
 
     def prepare_all(
         self, rows: Iterable[RowInput], params: GenerationParams, *, allow_paths: bool = False
@@ -84,3 +102,19 @@ class RowPreparer:
 
     def close(self) -> None:
         self.pool.shutdown(wait=False, cancel_futures=True)
+
+
+class _TimedFetcher:
+    """A fetcher that records its download in a request's trace."""
+
+    def __init__(self, fetcher: Fetcher, trace: RequestTrace, row: int) -> None:
+        self.fetcher, self.trace, self.row = fetcher, trace, row
+        self.ended_ns: int | None = None
+
+    def fetch(self, url: str) -> bytes:
+        started_ns = time.time_ns()
+        try:
+            return self.fetcher.fetch(url)
+        finally:
+            self.ended_ns = time.time_ns()
+            self.trace.record("fetch", started_ns, self.ended_ns, row=self.row)

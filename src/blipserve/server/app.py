@@ -54,6 +54,7 @@ from blipserve.server.openapi import (
     ScoreAnswerSchema,
     json_errors,
 )
+from blipserve.server.tracing import TraceRequests, traced, tracer_of
 from blipserve.types import RowInput
 
 log = logging.getLogger(__name__)
@@ -129,6 +130,7 @@ def create_app(
     *,
     engine: Engine | None = None,
     load_in_background: bool = True,
+    tracer_provider: Any | None = None,
 ) -> FastAPI:
     """The ASGI app for ``settings`` (default: every default). The model loads in a
     background thread after startup (``/ready`` answers 503 until it is loaded and warmed
@@ -136,7 +138,8 @@ def create_app(
 
     ``load_in_background=False``: startup itself loads and warms up (off the event loop),
     and fails when loading fails — for hosts that route traffic to an app only once its
-    startup is done (a Ray Serve replica).
+    startup is done (a Ray Serve replica).  ``tracer_provider``: trace requests to this
+    OpenTelemetry provider (``--otel`` traces to the process's own).
     """
     state = ServerState(settings or Settings())
     cfg = state.server
@@ -167,6 +170,8 @@ def create_app(
     )
     app.state.blipserve = state
     app.add_middleware(RequestContext, metrics=state.metrics)
+    if cfg.otel or tracer_provider is not None:  # outermost: the span covers everything
+        app.add_middleware(TraceRequests, tracer=tracer_of(tracer_provider))
     _document_hand_parsed_bodies(app)
     serve_docs(app)
 
@@ -216,7 +221,7 @@ def create_app(
         parsed = parse_request(body, max_rows=cfg.max_rows)
         online = state.ready_engine()
         predictions = await unless_disconnected(
-            request, online.predict(parsed.rows, parsed.params, until)
+            request, online.predict(parsed.rows, parsed.params, until, trace=traced(request))
         )
         return JSONResponse(encode_response(predictions), headers=run_fn_exec_ms(started))
 
@@ -237,7 +242,10 @@ def create_app(
             return await stream_chat(request, online, req, prompt, until)
         try:
             [prediction] = await unless_disconnected(
-                request, online.predict([RowInput(0, req.image, prompt)], req.params, until)
+                request,
+                online.predict(
+                    [RowInput(0, req.image, prompt)], req.params, until, trace=traced(request)
+                ),
             )
         except RowError as exc:
             raise InvalidInput(f"messages: {exc.reason}") from None

@@ -28,6 +28,7 @@ from blipserve.contracts.openai_stream import DONE, ChunkWriter, error_event
 from blipserve.engine.online import OnlineEngine
 from blipserve.errors import BlipserveError, InvalidInput, RowError
 from blipserve.server.http import unless_disconnected
+from blipserve.server.tracing import traced
 from blipserve.types import Prediction, RowInput
 
 log = logging.getLogger(__name__)
@@ -56,7 +57,8 @@ async def stream_chat(
             loop.call_soon_threadsafe(pieces.put_nowait, (index, text))
 
     row = RowInput(0, req.image, prompt)
-    task = asyncio.ensure_future(_answer(online.predict([row], req.params, deadline, [sink])))
+    answer = online.predict([row], req.params, deadline, [sink], traced(request))
+    task = asyncio.ensure_future(_answer(answer))
     try:
         first = await unless_disconnected(request, _next_piece(task, pieces))
         if first is None:
