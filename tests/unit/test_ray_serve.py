@@ -6,7 +6,9 @@ runs real replicas.)"""
 from __future__ import annotations
 
 import asyncio
+import importlib
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +21,8 @@ from blipserve.engine.online import OnlineEngine
 from blipserve.errors import InvalidInput
 from blipserve.ray_serve import (
     DEPLOYMENT_NAME,
+    PROXY_CALLBACK,
+    PROXY_CALLBACK_ENV,
     AnsweredBy,
     ReplicaLost,
     build,
@@ -187,3 +191,20 @@ def test_replica_health_follows_the_server_state() -> None:
     state.online.queue.stop(timeout=5)  # the model thread is gone
     assert state.health_problem() == "the model thread is not running"
     state.shutdown()
+
+
+def test_every_cluster_file_names_the_real_proxy_middleware() -> None:
+    """The variable's value in deploy/ and the docs is the callback, and it answers with the
+    middleware (a typo would leave proxies answering bare 500s, silently)."""
+    module, _, name = PROXY_CALLBACK.partition(":")
+    middlewares = getattr(importlib.import_module(module), name)()
+    assert [m.cls for m in middlewares] == [ReplicaLost]
+    root = Path(__file__).parents[2]
+    files = [*root.glob("deploy/**/*.y*ml"), *root.glob("docs/*.md")]
+    values = [
+        value
+        for path in files
+        for value in re.findall(rf"{PROXY_CALLBACK_ENV}(?:=|\s+value: )([\w.:]+)", path.read_text())
+    ]
+    assert len(values) >= 4  # the Serve config, the RayService's head and workers, the docs'
+    assert set(values) == {PROXY_CALLBACK}
