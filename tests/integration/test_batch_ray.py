@@ -32,19 +32,18 @@ from blipserve.config import (  # noqa: E402
 from blipserve.engine import Engine  # noqa: E402
 from blipserve.errors import InvalidInput, ModelLoadError  # noqa: E402
 from blipserve.params import GenerationParams  # noqa: E402
-from helpers import img2dataset_shards, jpeg_bytes, make_image, members, photos  # noqa: E402
+from helpers import (  # noqa: E402
+    RAY_ENV,
+    img2dataset_shards,
+    jpeg_bytes,
+    make_image,
+    members,
+    photos,
+)
 from stores import Emulator  # noqa: E402
 
 PARAMS = GenerationParams(max_new_tokens=4)
 ENGINE = EngineConfig(max_batch_size=4, decode_workers=2)
-# Ray must stay offline and quiet: no usage stats, no dashboard, no token file in $HOME.
-RAY_ENV = {
-    "RAY_USAGE_STATS_ENABLED": "0",
-    "RAY_AUTH_MODE": "disabled",
-    "RAY_DISABLE_DOCKER_CPU_WARNING": "1",
-    "RAY_ENABLE_UV_RUN_RUNTIME_ENV": "0",
-    "HF_HUB_OFFLINE": "1",
-}
 
 
 @pytest.fixture(scope="module", autouse=True)

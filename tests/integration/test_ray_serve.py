@@ -24,18 +24,15 @@ import httpx
 import openai
 import pytest
 
+from helpers import RAY_ENV
 from live_server import RunningServer, launch, wait_ready
 
 ray = pytest.importorskip("ray")
 pytest.importorskip("ray.serve")
 
 EXAMPLES = Path(__file__).parents[2] / "examples"
-RAY_ENV = {
-    "RAY_USAGE_STATS_ENABLED": "0",
-    "RAY_AUTH_MODE": "disabled",
-    "RAY_DISABLE_DOCKER_CPU_WARNING": "1",
-    "RAY_ENABLE_UV_RUN_RUNTIME_ENV": "0",
-    "HF_HUB_OFFLINE": "1",
+CLUSTER_ENV = {
+    **RAY_ENV,
     # what a cluster operator sets for blipserve's proxy middleware (docs/deploying.md)
     "RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH": "blipserve.ray_serve:proxy_middlewares",
 }
@@ -57,7 +54,7 @@ def score_body(names: list[str]) -> dict[str, Any]:
 def cluster() -> Iterator[str]:
     """A local Ray cluster (2 CPUs) that this test process starts; its address."""
     with pytest.MonkeyPatch.context() as mp:
-        for key, value in RAY_ENV.items():
+        for key, value in CLUSTER_ENV.items():
             mp.setenv(key, value)
         ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
         try:
@@ -72,7 +69,7 @@ def replicas(cluster: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator
     command = [str(Path(sys.executable).with_name("blipserve"))]
     assert shutil.which(command[0]), "the blipserve command is installed beside python"
     with pytest.MonkeyPatch.context() as mp:
-        for key, value in RAY_ENV.items():
+        for key, value in CLUSTER_ENV.items():
             mp.setenv(key, value)
         proc, port_file = launch(
             command,
