@@ -179,8 +179,14 @@ BAD_JSON: list[tuple[bytes, str]] = [
         body(IMAGE, parameters={"binary_data_output": 1}),
         "parameters.binary_data_output must be true or false, got 1",
     ),
-    (body(IMAGE, parameters={"timeout": 0}), "parameters.timeout must be positive, got 0"),
-    (body(IMAGE, parameters={"timeout": 1.5}), "parameters.timeout must be microseconds"),
+    (
+        body(IMAGE, parameters={"timeout": 0}),
+        "parameters.timeout must be microseconds (over 0), got 0",
+    ),
+    (
+        body(IMAGE, parameters={"timeout": 1.5}),
+        "parameters.timeout must be microseconds (over 0), got 1.5",
+    ),
     (body(IMAGE, id=7), "id must be a string, got a number"),
     (body(IMAGE, outputs={"name": "text"}), "outputs must be an array, got dict"),
     (body(IMAGE, outputs=[{"name": "caption"}]), "outputs[0]: unknown output 'caption'"),

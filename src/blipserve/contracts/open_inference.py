@@ -38,8 +38,7 @@ from blipserve.contracts.open_inference_binary import (
     HEADER_LENGTH,
     BinaryTensors,
     decode_bytes_tensor,
-    encode_bytes_tensor,
-    encode_fp32_tensor,
+    encode_tensor,
     split_body,
 )
 from blipserve.errors import InferenceError, InvalidRequest, ModelNotFound, RowError
@@ -98,8 +97,7 @@ class InferRequest:
 @dataclass(frozen=True)
 class EncodedResponse:
     body: bytes
-    #: the JSON's length when binary tensors follow it (the ``HEADER_LENGTH`` header)
-    header_length: int | None = None
+    header_length: int | None = None  # the JSON's, when binary tensors follow it
 
 
 def model_outputs(matching: bool) -> tuple[str, ...]:
@@ -149,8 +147,7 @@ def parse_infer_request(
     except InvalidRequest as exc:
         if header_length is None:
             raise
-        # (tritonclient adds the header to the dict of headers a caller passes it, so a
-        # dict used again sends a binary request's length with a JSON one)
+        # (tritonclient adds the header to the caller's headers dict, which may be reused)
         raise InvalidRequest(
             f"{exc.message} (read as the first {header_length} of {len(body)} bytes, as "
             f"{HEADER_LENGTH} says: is that header meant for this request?)"
@@ -199,12 +196,8 @@ def _parameters(raw: object) -> tuple[bool, float | None, GenerationParams]:
     if not isinstance(binary, bool):
         raise InvalidRequest(f"parameters.binary_data_output must be true or false, got {binary!r}")
     timeout = raw.get("timeout")
-    if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, int)):
-        raise InvalidRequest(
-            f"parameters.timeout must be microseconds (an integer), got {timeout!r}"
-        )
-    if timeout is not None and timeout <= 0:
-        raise InvalidRequest(f"parameters.timeout must be positive, got {timeout}")
+    if timeout is not None and (type(timeout) is not int or timeout <= 0):
+        raise InvalidRequest(f"parameters.timeout must be microseconds (over 0), got {timeout!r}")
     generation = {k: v for k, v in raw.items() if k not in _PROTOCOL_PARAMS}
     timeout_s = timeout / 1e6 if timeout is not None else None
     return binary, timeout_s, GenerationParams.parse(generation, where="parameters")
@@ -375,11 +368,7 @@ def encode_infer_response(
         datatype, shape, values = _output(output.name, predictions)
         tensor = _tensor(output.name, datatype, shape)
         if output.binary if output.binary is not None else request.binary_output:
-            chunk = (
-                encode_fp32_tensor(values)
-                if datatype == FP32
-                else encode_bytes_tensor([v.encode() for v in values])
-            )
+            chunk = encode_tensor(datatype, values)
             tensor["parameters"] = {"binary_data_size": len(chunk)}
             chunks.append(chunk)
         else:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Sequence
-from typing import Final
+from typing import Any, Final
 
 from blipserve.errors import InvalidRequest
 
@@ -79,8 +79,11 @@ def encode_bytes_tensor(elements: Sequence[bytes]) -> bytes:
     return b"".join(_LENGTH.pack(len(e)) + e for e in elements)
 
 
-def encode_fp32_tensor(values: Sequence[float]) -> bytes:
-    return struct.pack(f"<{len(values)}f", *values)
+def encode_tensor(datatype: str, values: Sequence[Any]) -> bytes:
+    """``FP32`` values or ``BYTES`` text (UTF-8) in binary."""
+    if datatype == "FP32":
+        return struct.pack(f"<{len(values)}f", *values)
+    return encode_bytes_tensor([str(value).encode() for value in values])
 
 
 def decode_bytes_tensor(data: bytes | memoryview, name: str = "tensor") -> list[bytes]:
