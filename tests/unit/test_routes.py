@@ -389,9 +389,9 @@ class Watch:
             record(seconds, bad_rows)
             self._queued.put_nowait(None)
 
-        async def predict_and_tell(*args: Any) -> Any:
+        async def predict_and_tell(*args: Any, **kwargs: Any) -> Any:
             try:
-                return await predict(*args)
+                return await predict(*args, **kwargs)
             finally:
                 self._finished.put_nowait(None)
 
