@@ -146,13 +146,16 @@ def create_app(
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        if load_in_background:
-            loader = threading.Thread(
-                target=state.load, args=(engine,), name="blipserve-load", daemon=True
-            )
-            loader.start()
-        else:
-            await asyncio.to_thread(state.load, engine)
+        # The model loads and warms up on a thread of its own that then ends: while a thread
+        # that ran the model lives on (the event loop's, an executor's), the model thread
+        # ran BLIP-base 1.5x slower here (0.60 vs 0.39 s a caption, 2 cores; its OpenMP and
+        # OpenVINO thread pools stay bound to it).
+        loader = threading.Thread(
+            target=state.load, args=(engine,), name="blipserve-load", daemon=True
+        )
+        loader.start()
+        if not load_in_background:
+            await asyncio.to_thread(loader.join)
             if state.load_error is not None:
                 raise ModelLoadError(f"could not start: {state.load_error}")
         yield
