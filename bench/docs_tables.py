@@ -242,6 +242,39 @@ def cpu_server(results: Path) -> str:
     return table(intro, columns, rows, left=0)
 
 
+@renderer("cpu-ray-serve")
+def cpu_ray_serve(results: Path) -> str:
+    name = "ray-serve-cpu.json"
+    r = load(results, name)
+    summary, cores = r["summary"], r["machine"]["usable_cores"]
+    intro = (
+        f"`{r['command']}` ({cpu_machine(r)}): {r['clients']} clients each sending one-image "
+        f"requests (640x480 JPEG, {r['tokens']} tokens) in a closed loop, {r['duration_s']:.0f} s "
+        f"per setup, the setups in turn over {r['repeats']} rounds; full-size BLIP-base, "
+        "random weights, defaults otherwise."
+    )
+    flags = {
+        "serve": "`blipserve serve`",
+        "ray-1": f"`--ray --replicas 1 --num-cpus {cores}`",
+        "ray-2": f"`--ray --replicas 2 --num-cpus {cores / 2:g}`",
+    }
+    rows = [
+        f"| {flags[setup]} | {', '.join(f'{v:.2f}' for v in summary['images_per_s'][setup])} | "
+        f"{summary['median_images_per_s'][setup]:.2f} |"
+        for setup in r["setups"]
+    ]
+    ratios = summary["ratios"]
+    after = "; ".join(
+        f"{label}: {ratios[key]['of_medians']:.2f}x (rounds "
+        f"{', '.join(f'{v:.2f}' for v in ratios[key]['per_round'])})"
+        for key, label in (
+            ("ray-1 / serve", "one replica / blipserve serve"),
+            ("ray-2 / ray-1", "two replicas / one"),
+        )
+    )
+    return table(intro, ["setup", "images/s per round", "median"], rows, after=after + ".")
+
+
 @renderer("gpu")
 def gpu(results: Path) -> str:
     name = "gpu-h200.json"
