@@ -34,18 +34,21 @@ import math
 import os
 import signal
 import socket
-import threading
+import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import torch
 from fastapi import FastAPI
 from starlette.middleware import Middleware
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from blipserve.config import PARTS, Settings
 from blipserve.config.fields import convert, fields_with_types
+from blipserve.engine.run import default_batch_size
 from blipserve.errors import InvalidInput
+from blipserve.server import logs
 from blipserve.server.app import ServerState, create_app
 
 log = logging.getLogger(__name__)
@@ -55,8 +58,6 @@ APP_NAME = "blipserve"
 DEPLOYMENT_NAME = "blipserve"
 #: what the CLI prints for Ray's missing parts
 NEEDS_SERVE = "--ray needs Ray Serve: pip install 'blipserve[serve]'"
-#: rows per batch when the engine's own choice (0) is left to the replica's device
-_DEFAULT_BATCH = {"cpu": 8, "gpu": 64}
 
 
 class BlipserveReplica:
@@ -66,6 +67,10 @@ class BlipserveReplica:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.state: ServerState | None = None
+        if settings.server.log_format == "json":
+            # Ray configures the replica's root logger; blipserve's own lines (each
+            # request's access line, the engine's warnings) get a JSON handler of their own.
+            logs.configure_package_json(settings.server.log_level)
 
     def __serve_build_asgi_app__(self) -> FastAPI:
         app = create_app(self.settings, load_in_background=False)
@@ -161,9 +166,8 @@ def proxy_middlewares() -> list[Middleware]:
 def deployment_options(settings: Settings) -> dict[str, Any]:
     """Serve's deployment options from blipserve's settings (see :class:`ReplicaConfig`)."""
     replicas, server = settings.replicas, settings.server
-    batch = (
-        settings.engine.max_batch_size
-        or _DEFAULT_BATCH["gpu" if settings.ray.num_gpus > 0 else "cpu"]
+    batch = settings.engine.max_batch_size or default_batch_size(
+        torch.device("cuda" if settings.ray.num_gpus > 0 else "cpu")
     )
     ongoing = replicas.max_ongoing_requests or 4 * batch
     options: dict[str, Any] = {
@@ -179,6 +183,9 @@ def deployment_options(settings: Settings) -> dict[str, Any]:
         "graceful_shutdown_wait_loop_s": 1.0,
         "health_check_period_s": 5.0,
         "health_check_timeout_s": 30.0,
+        # A model that cannot load fails every try the same way: give up after three
+        # (Serve's default retries for minutes) and say so.
+        "max_constructor_retry_count": 3,
         # --log-format json: Serve's replica logs as JSON, with Serve's request ids (the
         # proxy passes its id on as x-request-id, which the app answers with)
         "logging_config": {
@@ -256,31 +263,50 @@ def settings_from_mapping(args: Mapping[str, Any]) -> Settings:
 
 def serve_on_ray(settings: Settings, *, port_file: str | None = None) -> int:
     """``blipserve serve --ray``: deploy the replicas, keep Serve's proxy on ``--host`` /
-    ``--port`` until SIGINT or SIGTERM, then drain and stop; the exit code."""
+    ``--port`` until SIGINT or SIGTERM, then drain and stop; the exit code.
+
+    On a cluster where Serve already runs (other applications, their proxy), only the
+    application ``blipserve`` is added and, at the end, deleted; Serve itself is stopped
+    only when it was started here.
+    """
     ray = _import("ray")
     serve = _import("ray.serve")
     server = settings.server
     port = server.port or _free_port(server.host)
-    started_here = not ray.is_initialized()
-    if started_here:
+    started_ray = not ray.is_initialized()
+    if started_ray:
         if settings.ray.ray_address is None:  # a local cluster: its proxy inherits this
             os.environ.setdefault(PROXY_CALLBACK_ENV, PROXY_CALLBACK)
         ray.init(address=settings.ray.ray_address, ignore_reinit_error=True)
-    stop = threading.Event()
-    previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in _STOP_SIGNALS}
+    started_serve = not _serve_running(ray)
+    if not started_serve and APP_NAME in serve.status().applications:
+        raise InvalidInput(
+            f"an application named {APP_NAME!r} already runs on this Ray cluster's Serve: "
+            "stop it first (serve shutdown, or the process that deployed it)"
+        )
+    stopping = Stopping()
+    previous = {sig: signal.signal(sig, stopping.handle) for sig in _STOP_SIGNALS}
     try:
-        serve.start(http_options={"host": server.host, "port": port})
+        if started_serve:
+            serve.start(http_options={"host": server.host, "port": port})
         try:
             serve.run(build(settings), name=APP_NAME, route_prefix="/")
         except RuntimeError as exc:  # the deployment failed: its replicas could not start
             log.error("could not start the replicas: %s", exc)
             return 1
-        if port_file:
-            tmp = Path(port_file + ".tmp")
-            tmp.write_text(f"{port}\n")
-            tmp.replace(port_file)
-        log.warning("blipserve on Ray Serve: http://%s:%d", server.host, port)
-        stop.wait()
+        stopping.deployed = True
+        if started_serve:
+            if port_file:
+                tmp = Path(port_file + ".tmp")
+                tmp.write_text(f"{port}\n")
+                tmp.replace(port_file)
+            log.warning("blipserve on Ray Serve: http://%s:%d", server.host, port)
+        else:
+            log.warning("blipserve deployed behind the Serve proxy already on the cluster")
+        while not stopping.requested:
+            time.sleep(0.2)
+        return 0
+    except Stopping.Requested:  # SIGINT or SIGTERM while the replicas were loading
         return 0
     finally:
         for sig, handler in previous.items():
@@ -289,11 +315,40 @@ def serve_on_ray(settings: Settings, *, port_file: str | None = None) -> int:
         # requests they hold (up to graceful_shutdown_timeout_s) while the proxy relays
         # their answers; only then does the proxy go.
         serve.delete(APP_NAME)
-        serve.shutdown()
-        if started_here:
+        if started_serve:
+            serve.shutdown()
+        if started_ray:
             ray.shutdown()
 
 
+class Stopping:
+    """SIGINT and SIGTERM for ``serve_on_ray``: a flag once deployed (the main loop polls
+    it; nothing that takes a lock runs in the handler); before that, an exception that
+    interrupts ``serve.run``, which waits for the replicas to load (minutes for BLIP-2)."""
+
+    class Requested(Exception):
+        pass
+
+    def __init__(self) -> None:
+        self.requested = False
+        self.deployed = False
+
+    def handle(self, signum: int, frame: object) -> None:
+        self.requested = True
+        if not self.deployed:
+            raise Stopping.Requested()
+
+
+def _serve_running(ray: Any) -> bool:
+    """Whether Serve's controller runs on the cluster this process joined."""
+    try:
+        ray.get_actor(_CONTROLLER, namespace="serve")
+    except ValueError:
+        return False
+    return True
+
+
+_CONTROLLER = "SERVE_CONTROLLER_ACTOR"  # ray.serve._private.constants.SERVE_CONTROLLER_NAME
 _STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 

@@ -23,8 +23,11 @@ def server(server_factory: Callable[..., RunningServer], controllable_model: Pat
 
 
 def lines(server: RunningServer) -> list[dict[str, Any]]:
+    text = server.output()
+    if not text.endswith("\n"):  # a line being written: read it next time
+        text = text[: text.rfind("\n") + 1]
     out = []
-    for line in server.output().splitlines():
+    for line in text.splitlines():
         assert line.startswith("{"), f"not a JSON line: {line!r}"
         out.append(json.loads(line))
     return out
@@ -76,5 +79,17 @@ def test_every_line_is_json_and_requests_carry_their_ids(server: RunningServer) 
     )
     assert boom.status_code == 500
     assert access_lines(server, "r-boom")[0]["status"] == 500
+    # An image URL refused by the SSRF guard: logged on a decode thread, with the id.
+    refused = httpx.post(
+        url,
+        json=score_body([["http://10.20.30.40/cat.jpg"]]),
+        headers={"x-request-id": "ssrf-1"},
+    )
+    assert refused.status_code == 400
+    access_lines(server, "ssrf-1")  # the request is done, its lines written
+    [warning] = [line for line in lines(server) if "refused URL host" in line["message"]]
+    assert warning["request_id"] == "ssrf-1"
+    assert warning["level"] == "WARNING"
+
     startup = [line for line in lines(server) if line["logger"].startswith("uvicorn")]
     assert startup, "uvicorn's own lines go through the JSON formatter too"

@@ -13,7 +13,7 @@ import pytest
 from blipserve.config import EngineConfig
 from blipserve.engine import Engine
 from blipserve.engine.online import OnlineEngine
-from blipserve.errors import DeadlineExceeded, InferenceError, Overloaded, RowError
+from blipserve.errors import DeadlineExceeded, InferenceError, InvalidRequest, Overloaded, RowError
 from blipserve.params import GenerationParams
 from blipserve.types import Prediction, RowInput
 from fakes import EchoAdapter, VirtualTimeLoop, run_on_virtual_time
@@ -148,8 +148,27 @@ def test_rows_that_cannot_be_queued_are_refused_before_decoding(
     online: OnlineEngine, model: EchoAdapter, observer: Decoded
 ) -> None:
     async def main() -> None:
-        with pytest.raises(Overloaded, match="queue is full"):
-            await ask(online, "1", "2", "3", "4", "5")  # the queue holds 4
+        busy = await busy_model(online, model)
+        await observer.next()
+        waiting = asyncio.create_task(ask(online, "1", "2", "3"))  # 3 of the 4 places
+        await observer.next()
+        with pytest.raises(Overloaded, match=r"queue is full \(3 of 4 rows waiting\)"):
+            await ask(online, "4", "5")
+        assert observer.requests.empty()  # refused before its images were decoded
+        await then_the_rest(online, model, busy)
+        assert [p.text for p in await waiting] == ["echo 1", "echo 2", "echo 3"]
+
+    run_on_virtual_time(main())
+    assert model.texts() == ["busy", "1", "2", "3", "after"]
+
+
+def test_a_request_larger_than_the_queue_is_refused_for_good(
+    online: OnlineEngine, model: EchoAdapter, observer: Decoded
+) -> None:
+    async def main() -> None:
+        # A 503 would tell the client to retry what can never fit.
+        with pytest.raises(InvalidRequest, match="5 rows; this server queues at most 4 rows"):
+            await ask(online, "1", "2", "3", "4", "5")
         assert observer.requests.empty()
 
     run_on_virtual_time(main())

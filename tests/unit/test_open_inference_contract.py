@@ -420,3 +420,9 @@ def test_model_names_and_metadata() -> None:
         ("text", "BYTES"),
         ("score", "FP32"),
     ]
+
+
+def test_a_binary_tensor_is_read_no_further_than_its_shape_allows() -> None:
+    empty = b"\0\0\0\0"  # one zero-length element: 4 bytes
+    assert decode_bytes_tensor(empty * 3_000_000, "image", most=2) == [b""] * 3
+    assert len(decode_bytes_tensor(empty * 5, "image")) == 5

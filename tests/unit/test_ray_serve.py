@@ -9,6 +9,7 @@ import asyncio
 import importlib
 import json
 import re
+import signal
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,7 @@ from blipserve.ray_serve import (
     PROXY_CALLBACK_ENV,
     AnsweredBy,
     ReplicaLost,
+    Stopping,
     build,
     deployment_options,
     replica_settings,
@@ -208,3 +210,14 @@ def test_every_cluster_file_names_the_real_proxy_middleware() -> None:
     ]
     assert len(values) >= 4  # the Serve config, the RayService's head and workers, the docs'
     assert set(values) == {PROXY_CALLBACK}
+
+
+def test_a_stop_signal_interrupts_loading_then_only_sets_the_flag() -> None:
+    stopping = Stopping()
+    with pytest.raises(Stopping.Requested):  # serve.run waits for replicas: leave it
+        stopping.handle(signal.SIGTERM, None)
+    assert stopping.requested
+    stopping = Stopping()
+    stopping.deployed = True
+    stopping.handle(signal.SIGINT, None)  # the main loop sees it and drains
+    assert stopping.requested

@@ -196,13 +196,14 @@ def test_a_model_fault_fails_only_that_request(client: TestClient) -> None:
     assert client.post("/score", json=texts("fine")).status_code == 200
 
 
-def test_rows_that_cannot_be_queued_get_503_before_decoding(make_app: ServerFactory) -> None:
+def test_a_request_larger_than_the_queue_gets_400_before_decoding(
+    make_app: ServerFactory,
+) -> None:
     app = make_app(max_queue=2)
     client = TestClient(app, headers=AUTH)
     response = client.post("/score", json=texts("a", "b", "c"))
-    assert response.status_code == 503
-    assert response.headers["retry-after"] == "1"
-    assert "queue is full" in response.json()["message"]
+    assert response.status_code == 400  # not 503: retrying could never help
+    assert "3 rows; this server queues at most 2 rows at once" in response.json()["message"]
     assert "blipserve_decode_seconds_count 0.0" in client.get("/metrics").text
 
 

@@ -20,6 +20,7 @@ from starlette.testclient import TestClient
 
 from blipserve.config import EngineConfig, ModelConfig, ServerConfig, Settings
 from blipserve.engine import Engine
+from blipserve.errors import Overloaded
 from blipserve.server.app import ServerState, create_app
 from fakes import EchoAdapter
 from helpers import b64_png
@@ -172,6 +173,11 @@ def test_model_names_and_versions(make_app: AppFactory) -> None:
             "the gzip body ends before its compressed data does",
         ),
         (
+            {"content": gzip.compress(b"{}") * 2, "headers": {"Content-Encoding": "gzip"}},
+            400,
+            "the gzip body has 22 bytes after its compressed data: send one stream",
+        ),
+        (
             {"content": gzip.compress(b" " * 400_000), "headers": {"Content-Encoding": "gzip"}},
             413,
             "larger than the limit of 300000 bytes once decompressed",
@@ -233,12 +239,23 @@ def test_the_clients_timeout_shortens_the_deadline(client: TestClient, model: Ec
     assert "deadline" in response.json()["error"]
 
 
-def test_a_full_queue_is_503_with_retry_after(make_app: AppFactory) -> None:
-    client = TestClient(make_app(max_queue=2), headers=AUTH)
-    response = client.post(INFER, json=infer_body("a", "b", "c"))
+def test_a_full_queue_is_503_with_retry_after(
+    make_app: AppFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    app = make_app(max_queue=2)
+    client = TestClient(app, headers=AUTH)
+
+    def full(rows: int) -> None:  # as the queue answers when other requests fill it
+        raise Overloaded("the queue is full (2 of 2 rows waiting); retry shortly")
+
+    monkeypatch.setattr(app.state.blipserve.online.queue, "refuse_if_full", full)
+    response = client.post(INFER, json=infer_body("a"))
     assert response.status_code == 503
     assert "retry-after" in response.headers
-    assert set(response.json()) == {"error"}
+    assert response.json() == {"error": "the queue is full (2 of 2 rows waiting); retry shortly"}
+    bigger = client.post(INFER, json=infer_body("a", "b", "c"))
+    assert bigger.status_code == 400
+    assert "queues at most 2 rows" in bigger.json()["error"]
 
 
 def test_a_request_id_too_long_is_431_in_each_routes_format(client: TestClient) -> None:

@@ -23,7 +23,7 @@ pytest.importorskip("opentelemetry.sdk")
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
-from opentelemetry.trace import SpanKind
+from opentelemetry.trace import SpanKind, StatusCode
 
 TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
 CALLER_SPAN = "00f067aa0ba902b7"
@@ -129,7 +129,16 @@ def test_without_a_caller_a_request_starts_its_own_trace_and_errors_are_marked(
     [server] = by_name(exporter.get_finished_spans())["POST /score"]
     assert server.parent is None
     assert attrs(server)["http.response.status_code"] == 400
+    assert server.status.status_code == StatusCode.UNSET  # the client's error, not ours
     assert "model" not in by_name(exporter.get_finished_spans())  # refused before the queue
+    exporter.clear()
+    photo = base64.b64encode(jpeg_bytes(photos()["coffee"])).decode()
+    body = score_body([[photo, "boom"]], ["image", "text"])  # the echo model fails on it
+    assert client.post("/score", json=body).status_code == 500
+    spans = by_name(exporter.get_finished_spans())
+    [failed] = spans["POST /score"]
+    assert failed.status.status_code == StatusCode.ERROR
+    assert len(spans["model"]) == 1  # the call that failed is in the trace
 
 
 def test_chat_requests_are_traced_too(

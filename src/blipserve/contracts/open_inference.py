@@ -253,11 +253,11 @@ def _elements(
         raise InvalidRequest(
             f"input {name!r}: binary_data_size must be a number of bytes, got {size!r}"
         )
-    elements = decode_bytes_tensor(binary.take(name, size), name)
+    elements = decode_bytes_tensor(binary.take(name, size), name, most=count)
     if len(elements) != count:
         raise InvalidRequest(
-            f"input {name!r} has {len(elements)} elements in its binary data but its shape "
-            f"says {count}"
+            f"input {name!r} has {'more than ' * (len(elements) > count)}"
+            f"{min(len(elements), count)} elements in its binary data but its shape says {count}"
         )
     return list(elements)
 

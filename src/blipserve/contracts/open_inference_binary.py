@@ -86,13 +86,17 @@ def encode_tensor(datatype: str, values: Sequence[Any]) -> bytes:
     return encode_bytes_tensor([str(value).encode() for value in values])
 
 
-def decode_bytes_tensor(data: bytes | memoryview, name: str = "tensor") -> list[bytes]:
+def decode_bytes_tensor(
+    data: bytes | memoryview, name: str = "tensor", most: int | None = None
+) -> list[bytes]:
     """The elements of a binary ``BYTES`` tensor; :class:`InvalidRequest` naming input
-    ``name`` and the element where the framing breaks."""
+    ``name`` and the element where the framing breaks.  Past ``most`` elements it stops
+    (one more than a shape allows is enough to refuse it; a body of empty elements would
+    otherwise become millions of them)."""
     view = memoryview(data)
     elements: list[bytes] = []
     at = 0
-    while at < len(view):
+    while at < len(view) and (most is None or len(elements) <= most):
         if len(view) - at < _LENGTH.size:
             raise InvalidRequest(
                 f"input {name!r}: binary data ends inside the length of element {len(elements)} "

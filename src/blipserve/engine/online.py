@@ -14,6 +14,7 @@ queue takes a clock.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import dataclasses
 import functools
 import time
@@ -25,7 +26,7 @@ from blipserve.engine.online_queue import BatchObserver, OnlineQueue
 from blipserve.engine.prepare import PreparedRow
 from blipserve.engine.results import good_rows_or_raise, predictions_or_raise
 from blipserve.engine.trace import RequestTrace
-from blipserve.errors import DeadlineExceeded, RowError
+from blipserve.errors import DeadlineExceeded, InvalidRequest, RowError
 from blipserve.params import GenerationParams
 from blipserve.types import Prediction, RowInput, TextSink
 
@@ -85,6 +86,11 @@ class OnlineEngine:
         the queue is full, :class:`DeadlineExceeded`, or a batch's ``InferenceError``.
         """
         self.engine.check_params(params)
+        if len(rows) > self.queue.max_queue:  # a 503 would be retried, and never fit
+            raise InvalidRequest(
+                f"the request has {len(rows)} rows; this server queues at most "
+                f"{self.queue.max_queue} rows at once (--max-queue): send fewer a request"
+            )
         # Rows that cannot be queued are refused before their images are fetched and decoded
         # (each decoded image can hold up to max_image_pixels x 3 bytes).
         self.queue.refuse_if_full(len(rows))
@@ -94,8 +100,9 @@ class OnlineEngine:
         try:
             async with asyncio.timeout_at(deadline):
                 jobs = [
-                    loop.run_in_executor(
+                    loop.run_in_executor(  # in the request's context: its logs carry its id
                         self.engine.decode_pool,
+                        contextvars.copy_context().run,
                         functools.partial(prepare, row, params, trace=trace),
                     )
                     for row in rows

@@ -38,6 +38,7 @@ from blipserve.server.docs import serve_docs
 from blipserve.server.http import (
     RequestContext,
     check_auth,
+    error_field,
     error_response,
     read_json_body,
     run_fn_exec_ms,
@@ -184,8 +185,9 @@ def create_app(
 
     @app.exception_handler(StarletteHTTPException)
     async def on_http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        field = error_field(request.url.path)  # /v2 answers {"error": ...}
         return JSONResponse(
-            {"message": str(exc.detail)}, status_code=exc.status_code, headers=exc.headers
+            {field: str(exc.detail)}, status_code=exc.status_code, headers=exc.headers
         )
 
     @app.exception_handler(Exception)

@@ -1,8 +1,9 @@
 """The server's logs as JSON lines for a log pipeline (``--log-format json``), each line
 carrying the id of the request it is about.
 
-The request id is the one the client sent (``x-request-id``, else the catalog's
-``x-ms-client-request-id``) or one made up, the same that the response echoes; the request
+The request id is the one the client sent (``x-request-id``) or one made up, the same that
+the response echoes (the catalog's ``x-ms-client-request-id`` goes in ``client_request_id``
+on the access line); the request
 context middleware (:mod:`blipserve.server.http`) sets it for the request's task, and
 every record logged while that request is handled on the event loop or in a thread started
 with its context (``asyncio.to_thread``) carries it.  One access line per request
@@ -29,6 +30,7 @@ _STANDARD = frozenset(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {
     "message",
     "asctime",
     "taskName",
+    "color_message",  # uvicorn's message again, with terminal colours
 }
 
 
@@ -54,7 +56,7 @@ class JsonFormatter(logging.Formatter):
                 line[key] = value if _is_json(value) else repr(value)
         if record.exc_info:
             line["exception"] = self.formatException(record.exc_info)
-        return json.dumps(line, ensure_ascii=False)
+        return json.dumps(line, ensure_ascii=False, default=repr)
 
 
 def configure_json(level: str) -> None:
@@ -72,6 +74,18 @@ def configure_json(level: str) -> None:
     for name in ("uvicorn", "uvicorn.error", "uvicorn.access"):
         logging.getLogger(name).handlers[:] = []
         logging.getLogger(name).propagate = True
+
+
+def configure_package_json(level: str) -> None:
+    """blipserve's own loggers to stderr as JSON lines at ``level``, leaving the root logger
+    to its owner: where another framework configures the process (a Ray Serve replica),
+    the access lines and the engine's warnings still come out, as JSON."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonFormatter())
+    package = logging.getLogger("blipserve")
+    package.handlers[:] = [handler]
+    package.setLevel(logging.getLevelName(level.upper()))
+    package.propagate = False
 
 
 def _is_json(value: object) -> bool:

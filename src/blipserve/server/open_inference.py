@@ -247,4 +247,9 @@ def _inflate(body: bytes, encoding: str, limit: int) -> bytes:
         )
     if not inflater.eof:
         raise InvalidRequest(f"the {encoding} body ends before its compressed data does")
+    if inflater.unused_data:  # bytes after the stream's end: another member, or garbage
+        raise InvalidRequest(
+            f"the {encoding} body has {len(inflater.unused_data)} bytes after its compressed "
+            "data: send one stream"
+        )
     return data

@@ -45,11 +45,11 @@ class PortFileServer(uvicorn.Server):
 
 def serve(settings: Settings, *, port_file: str | None = None) -> int:
     """Run the server until SIGINT/SIGTERM (in-flight requests finish); the exit code."""
-    app = create_app(settings)
     server = settings.server
     json_logs = server.log_format == "json"
     if json_logs:  # every logger, uvicorn's too, as JSON lines (blipserve.server.logs)
         logs.configure_json(server.log_level)
+    app = create_app(settings)
     config = uvicorn.Config(
         app,
         host=server.host,
