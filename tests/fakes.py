@@ -16,10 +16,14 @@ from collections.abc import Coroutine, Hashable, Sequence
 from typing import Any, ClassVar, TypeVar
 
 import torch
+from fastapi import FastAPI
 
+from blipserve.config import EngineConfig, ModelConfig, ServerConfig, Settings
+from blipserve.engine import Engine
 from blipserve.errors import InferenceError, InvalidInput
 from blipserve.models.base import TextRole
 from blipserve.params import GenerationParams
+from blipserve.server.app import create_app
 from blipserve.types import ModelInput, Prediction
 
 T = TypeVar("T")
@@ -149,3 +153,27 @@ def run_on_virtual_time(main: Coroutine[Any, Any, T]) -> T:
     """``asyncio.run(main)`` on a :class:`VirtualTimeLoop`."""
     with asyncio.Runner(loop_factory=VirtualTimeLoop) as runner:
         return runner.run(main)
+
+
+class EchoApps:
+    """Apps (``create_app``) over one echo model, as the route tests make them: server
+    settings from ``defaults`` and each call's own, loaded by hand unless ``load`` is false;
+    :meth:`close` releases the model and stops every app's queue."""
+
+    def __init__(self, model: EchoAdapter, name: str, **defaults: Any) -> None:
+        self.model, self.name, self.defaults = model, name, defaults
+        self.apps: list[FastAPI] = []
+
+    def make(self, load: bool = True, name: str | None = None, **server: Any) -> FastAPI:
+        config = ServerConfig(**{**self.defaults, **server})
+        app = create_app(Settings(model=ModelConfig(model=name or self.name), server=config))
+        if load:
+            engine = Engine(self.model, config=EngineConfig(max_batch_size=4))
+            app.state.blipserve.load(engine)
+        self.apps.append(app)
+        return app
+
+    def close(self) -> None:
+        self.model.release()
+        for app in self.apps:
+            app.state.blipserve.shutdown()

@@ -25,11 +25,11 @@ from fastapi import FastAPI
 from starlette.testclient import TestClient
 from starlette.types import Message
 
-from blipserve.config import EngineConfig, ModelConfig, ServerConfig, Settings
+from blipserve.config import ModelConfig, ServerConfig, Settings
 from blipserve.engine import Engine
 from blipserve.errors import Overloaded
 from blipserve.server.app import ServerState, create_app
-from fakes import EchoAdapter, VirtualTimeLoop, run_on_virtual_time
+from fakes import EchoAdapter, EchoApps, VirtualTimeLoop, run_on_virtual_time
 from helpers import b64_png, score_body
 
 KEY = "test-key-1"
@@ -57,27 +57,16 @@ def model() -> EchoAdapter:
 def make_app(model: EchoAdapter) -> Iterator[ServerFactory]:
     """``make_app(load=True, **server_config)``: an app over the echo model, loaded unless
     ``load`` is false; its queue is stopped at the end of the test."""
-    apps: list[FastAPI] = []
-
-    def make(load: bool = True, **server: Any) -> FastAPI:
-        config = {
-            "api_keys": (KEY, "second-key"),
-            "max_body_bytes": 300_000,
-            "max_wait_ms": 0,
-            "warmup": False,
-            **server,
-        }
-        settings = Settings(model=ModelConfig(model=MODEL), server=ServerConfig(**config))
-        app = create_app(settings)
-        if load:
-            state_of(app).load(Engine(model, config=EngineConfig(max_batch_size=4)))
-        apps.append(app)
-        return app
-
-    yield make
-    model.release()
-    for app in apps:
-        state_of(app).shutdown()
+    apps = EchoApps(
+        model,
+        MODEL,
+        api_keys=(KEY, "second-key"),
+        max_body_bytes=300_000,
+        max_wait_ms=0,
+        warmup=False,
+    )
+    yield apps.make
+    apps.close()
 
 
 @pytest.fixture

@@ -18,11 +18,9 @@ import pytest
 from fastapi import FastAPI
 from starlette.testclient import TestClient
 
-from blipserve.config import EngineConfig, ModelConfig, ServerConfig, Settings
-from blipserve.engine import Engine
 from blipserve.errors import Overloaded
-from blipserve.server.app import ServerState, create_app
-from fakes import EchoAdapter
+from blipserve.server.app import ServerState
+from fakes import EchoAdapter, EchoApps
 from helpers import b64_png
 
 KEY = "test-key-1"
@@ -56,23 +54,11 @@ def model() -> EchoAdapter:
 @pytest.fixture
 def make_app(model: EchoAdapter) -> Iterator[AppFactory]:
     """``make_app(load=True, name=MODEL, **server_config)``: an app over the echo model."""
-    apps: list[FastAPI] = []
-
-    def make(load: bool = True, name: str = MODEL, **server: Any) -> FastAPI:
-        config = {"api_keys": (KEY,), "max_body_bytes": 300_000, "max_wait_ms": 0, **server}
-        settings = Settings(
-            model=ModelConfig(model=name), server=ServerConfig(warmup=False, **config)
-        )
-        app = create_app(settings)
-        if load:
-            state_of(app).load(Engine(model, config=EngineConfig(max_batch_size=4)))
-        apps.append(app)
-        return app
-
-    yield make
-    model.release()
-    for app in apps:
-        state_of(app).shutdown()
+    apps = EchoApps(
+        model, MODEL, api_keys=(KEY,), max_body_bytes=300_000, max_wait_ms=0, warmup=False
+    )
+    yield apps.make
+    apps.close()
 
 
 @pytest.fixture
