@@ -87,7 +87,12 @@ class BlipserveReplica:
 
 class AnsweredBy:
     """Replica middleware: ``x-blipserve-replica`` on every response names the replica
-    that answered (which one was slow, or failed, is otherwise hard to tell)."""
+    that answered (which one was slow, or failed, is otherwise hard to tell).
+
+    It also drops the app's ``x-request-id``: Serve's proxy passes the request's id to the
+    replica (which the app echoes) and adds the same header to the response itself, so the
+    client would get it twice.
+    """
 
     def __init__(self, app: ASGIApp, replica: str) -> None:
         self.app = app
@@ -96,7 +101,9 @@ class AnsweredBy:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         async def send_with_replica(message: Message) -> None:
             if message["type"] == "http.response.start":
-                message["headers"] = [*message.get("headers", []), self.header]
+                headers = message.get("headers", [])
+                kept = [(k, v) for k, v in headers if k.lower() != b"x-request-id"]
+                message["headers"] = [*kept, self.header]
             await send(message)
 
         await self.app(scope, receive, send_with_replica)

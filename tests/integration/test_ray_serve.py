@@ -133,6 +133,11 @@ def test_replicas_answer_score_ready_and_openai(replicas: RunningServer) -> None
         assert [row["text"] for row in reply.json()] == [truth[name] for name in names]
         answered_by.add(reply.headers["x-blipserve-replica"])
     assert answered_by == running_replicas()
+    traced = httpx.post(
+        f"{replicas.url}/score", json=score_body(names[:1]), headers={"x-request-id": "job-7"}
+    )
+    assert traced.headers.get_list("x-request-id") == ["job-7"]  # once: the proxy's
+    assert traced.headers["x-ms-request-id"] == "job-7"  # the replica saw the client's id
 
     broken = score_body(["scene-01.png", "scene-02.png"])
     broken["input_data"]["data"][1] = ["not base64!"]

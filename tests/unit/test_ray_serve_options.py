@@ -172,13 +172,18 @@ def test_answers_pass_through_the_proxy_middleware_untouched() -> None:
         asgi(ReplicaLost(dies_mid_stream))
 
 
-def test_each_answer_names_its_replica() -> None:
+def test_each_answer_names_its_replica_and_leaves_the_request_id_to_the_proxy() -> None:
     async def ok(scope: Any, receive: Any, send: Any) -> None:
-        await send({"type": "http.response.start", "status": 200, "headers": [(b"a", b"b")]})
+        headers = [(b"a", b"b"), (b"x-request-id", b"r-1"), (b"x-ms-request-id", b"r-1")]
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
         await send({"type": "http.response.body", "body": b"[]"})
 
     start, _ = asgi(AnsweredBy(ok, replica="r1"))
-    assert start["headers"] == [(b"a", b"b"), (b"x-blipserve-replica", b"r1")]
+    assert start["headers"] == [
+        (b"a", b"b"),
+        (b"x-ms-request-id", b"r-1"),
+        (b"x-blipserve-replica", b"r1"),
+    ]
 
 
 def test_replica_health_follows_the_server_state() -> None:
