@@ -319,14 +319,14 @@ def test_overload_gives_503_only_then_recovers(server: RunningServer) -> None:
 
 
 def test_rows_that_cannot_be_queued_are_not_decoded(server: RunningServer) -> None:
-    """A request with more rows than the queue holds gets its 503 before any decoding:
-    each decoded row can hold up to max_image_pixels x 3 bytes (120 MB at the default)."""
+    """A request with more rows than the queue holds is refused before any decoding (each
+    decoded row can hold up to max_image_pixels x 3 bytes, 120 MB at the default), with a
+    400: it could never fit, so a 503's invitation to retry would be wrong."""
     decoded_before = server.metric("blipserve_decode_seconds_count")
     too_many = score_body(*(b64(i) for i in range(MAX_QUEUE + 1)))
     response = httpx.post(f"{server.url}/score", json=too_many, timeout=60)
-    assert response.status_code == 503
-    assert response.headers["retry-after"] == "1"
-    assert "queue is full" in response.json()["message"]
+    assert response.status_code == 400
+    assert f"this server queues at most {MAX_QUEUE} rows" in response.json()["message"]
     assert server.metric("blipserve_decode_seconds_count") == decoded_before
 
 

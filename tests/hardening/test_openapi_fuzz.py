@@ -13,8 +13,10 @@ runs ``BLIPSERVE_FUZZ_EXAMPLES`` (default 500) per operation and mode.
 from __future__ import annotations
 
 import os
+import time
 from collections import Counter
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -200,7 +202,7 @@ PROVOKED: list[tuple[str, dict[str, Any], int]] = [
     ("/score", {"json": score(["A" * 250_000])}, 413),
     ("/score", {"content": b"{}", "headers": {"Content-Type": "text/plain"}}, 415),
     ("/score", {"json": score(png_row(0, "boom"))}, 500),
-    ("/score", {"json": score(*(png_row(i) for i in range(5)))}, 503),  # > --max-queue 4
+    ("/score", {"json": score(*(png_row(i) for i in range(5)))}, 400),  # > --max-queue 4
     ("/score", {"json": score(png_row(0)), "headers": {"x-request-id": "i" * 101}}, 431),
     ("/v1/chat/completions", {"json": chat("describe")}, 200),
     ("/v1/chat/completions", {"json": chat("describe", image="@@@")}, 400),
@@ -216,7 +218,7 @@ PROVOKED: list[tuple[str, dict[str, Any], int]] = [
     (INFER, {"content": b"{}", "headers": {"Content-Type": "text/plain"}}, 415),
     (INFER, {"json": infer("x"), "headers": {"x-request-id": "i" * 101}}, 431),
     (INFER, {"json": infer(png_row(0)[0], texts=["boom"])}, 500),
-    (INFER, {"json": infer(*(png_row(i)[0] for i in range(5)))}, 503),  # > --max-queue 4
+    (INFER, {"json": infer(*(png_row(i)[0] for i in range(5)))}, 400),  # > --max-queue 4
 ]
 
 
@@ -241,6 +243,40 @@ def test_deadline_504_matches_the_document(
     )
     provoke(api, hurried, "/score", {"json": score(png_row(0, "sleep:3"))}, 504)
     provoke(api, hurried, INFER, {"json": infer(png_row(0)[0], texts=["sleep:3"])}, 504)
+
+
+def test_a_full_queue_503_matches_the_document(
+    api: Any, server_factory: Callable[..., RunningServer], controllable_model: Path
+) -> None:
+    """The model runs a sleeping row, two rows wait (the queue holds two): one more row
+    is refused with 503 on both routes."""
+    full = server_factory(
+        controllable_model, "--api-key", KEY, "--max-wait-ms", "0", "--max-queue", "2"
+    )
+    url = f"{full.url}/score"
+    with ThreadPoolExecutor(2) as pool:
+        decoded = full.metric("blipserve_decode_seconds_count", AUTH)
+        sleeper = pool.submit(
+            httpx.post, url, headers=AUTH, json=score(png_row(0, "sleep:4")), timeout=30
+        )
+        full.wait_for_metric("blipserve_decode_seconds_count", decoded + 1, AUTH)
+        queued_rows(full, 0)  # the model thread has taken the sleeper: the queue is empty
+        waiting = pool.submit(
+            httpx.post, url, headers=AUTH, json=score(png_row(1), png_row(2)), timeout=30
+        )
+        queued_rows(full, 2)
+        provoke(api, full, "/score", {"json": score(png_row(3))}, 503)
+        provoke(api, full, INFER, {"json": infer(png_row(3)[0])}, 503)
+        assert sleeper.result().status_code == 200
+        assert waiting.result().status_code == 200
+
+
+def queued_rows(server: RunningServer, rows: int, timeout: float = 20) -> None:
+    """Poll until ``rows`` rows wait in the server's queue."""
+    deadline = time.monotonic() + timeout
+    while server.metric("blipserve_queue_rows", AUTH) != rows:
+        assert time.monotonic() < deadline, f"the queue never held {rows} rows"
+        time.sleep(0.02)
 
 
 def provoke(
