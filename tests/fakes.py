@@ -23,7 +23,7 @@ from blipserve.engine import Engine
 from blipserve.errors import InferenceError, InvalidInput
 from blipserve.models.base import TextRole
 from blipserve.params import GenerationParams
-from blipserve.server.app import create_app
+from blipserve.server.app import ServerState, create_app
 from blipserve.types import ModelInput, Prediction
 
 T = TypeVar("T")
@@ -155,6 +155,13 @@ def run_on_virtual_time(main: Coroutine[Any, Any, T]) -> T:
         return runner.run(main)
 
 
+def state_of(app: FastAPI) -> ServerState:
+    """What an app's routes share (its engine, readiness, metrics)."""
+    state = app.state.blipserve
+    assert isinstance(state, ServerState)
+    return state
+
+
 class EchoApps:
     """Apps (``create_app``) over one echo model, as the route tests make them: server
     settings from ``defaults`` and each call's own, loaded by hand unless ``load`` is false;
@@ -169,11 +176,11 @@ class EchoApps:
         app = create_app(Settings(model=ModelConfig(model=name or self.name), server=config))
         if load:
             engine = Engine(self.model, config=EngineConfig(max_batch_size=4))
-            app.state.blipserve.load(engine)
+            state_of(app).load(engine)
         self.apps.append(app)
         return app
 
     def close(self) -> None:
         self.model.release()
         for app in self.apps:
-            app.state.blipserve.shutdown()
+            state_of(app).shutdown()

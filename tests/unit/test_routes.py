@@ -28,8 +28,8 @@ from starlette.types import Message
 from blipserve.config import ModelConfig, ServerConfig, Settings
 from blipserve.engine import Engine
 from blipserve.errors import Overloaded
-from blipserve.server.app import ServerState, create_app
-from fakes import EchoAdapter, EchoApps, VirtualTimeLoop, run_on_virtual_time
+from blipserve.server.app import create_app
+from fakes import EchoAdapter, EchoApps, VirtualTimeLoop, run_on_virtual_time, state_of
 from helpers import b64_png, score_body
 
 KEY = "test-key-1"
@@ -40,12 +40,6 @@ ServerFactory = Callable[..., FastAPI]
 
 def texts(*texts: str) -> dict[str, Any]:
     return score_body([[b64_png(i), t] for i, t in enumerate(texts)], ["image", "text"])
-
-
-def state_of(app: FastAPI) -> ServerState:
-    state = app.state.blipserve
-    assert isinstance(state, ServerState)
-    return state
 
 
 @pytest.fixture

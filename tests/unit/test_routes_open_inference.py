@@ -19,7 +19,6 @@ from fastapi import FastAPI
 from starlette.testclient import TestClient
 
 from blipserve.errors import Overloaded
-from blipserve.server.app import ServerState
 from fakes import EchoAdapter, EchoApps
 from helpers import b64_png
 
@@ -38,12 +37,6 @@ def infer_body(*texts: str, **fields: Any) -> dict[str, Any]:
         {"name": "text", "datatype": "BYTES", "shape": [n], "data": list(texts)},
     ]
     return {"inputs": inputs, **fields}
-
-
-def state_of(app: FastAPI) -> ServerState:
-    state = app.state.blipserve
-    assert isinstance(state, ServerState)
-    return state
 
 
 @pytest.fixture
