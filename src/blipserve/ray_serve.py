@@ -220,7 +220,8 @@ def deployment_options(settings: Settings) -> dict[str, Any]:
 
 def replica_settings(settings: Settings) -> Settings:
     """The settings a replica runs with: torch on the CPUs Ray reserved for it (unless
-    ``--torch-threads`` says otherwise), its own port unused (Serve's proxy listens)."""
+    ``--torch-threads`` says otherwise). (Its host and port go unused: Serve's proxy
+    listens.)"""
     engine = settings.engine
     if engine.torch_threads == 0:
         engine = dataclasses.replace(engine, torch_threads=math.ceil(settings.replicas.num_cpus))
