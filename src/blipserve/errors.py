@@ -167,3 +167,41 @@ class ClientDisconnected(BlipserveError):
 
     def __init__(self) -> None:
         super().__init__("the client disconnected")
+
+
+class Forbidden(BlipserveError):
+    """The key is right but the request asks for what the operator does not allow (a batch
+    job's input or output outside ``--jobs-allow-root``); HTTP 403."""
+
+    status = 403
+
+
+class JobNotFound(BlipserveError):
+    """No batch job of that name in the server's job table; HTTP 404."""
+
+    status = 404
+
+
+class Conflict(BlipserveError):
+    """The request clashes with what exists: an output written by another job, or a job
+    that cannot change state that way; HTTP 409."""
+
+    status = 409
+
+
+class JobStopped(BlipserveError):
+    """A hosted batch job was canceled or its server is stopping: it ends where it is (its
+    finished rows are journaled; it resumes when started again)."""
+
+    status = 503
+
+
+class TooManyJobs(BlipserveError):
+    """The batch endpoint has as many jobs queued and running as it takes
+    (``--max-waiting-jobs``); HTTP 429 with ``Retry-After``."""
+
+    status = 429
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": "60"}

@@ -36,7 +36,7 @@ from blipserve.batch.sources import (
 )
 from blipserve.batch.storage import Location
 from blipserve.config import FailureLimit
-from blipserve.errors import InvalidInput
+from blipserve.errors import InvalidInput, JobStopped
 
 log = logging.getLogger(__name__)
 
@@ -93,6 +93,17 @@ class JobBook:
         # commit() runs on a writer thread while todo() reads on the job's (CommitBehind):
         # the shards' state, the counts and the progress are changed under this lock
         self._books = threading.Lock()
+        # set: the job stops at its next commit (a hosted job canceled, its server stopping)
+        self.stop: threading.Event | None = None
+
+    @property
+    def total(self) -> int | None:
+        """The input's rows, where cheap to know (once the job is open)."""
+        return self._total
+
+    @property
+    def elapsed_s(self) -> float:
+        return time.monotonic() - self._started
 
     def _format(self, shards_in: bool) -> str | None:
         if self.output is None:
@@ -218,9 +229,12 @@ class JobBook:
 
     def commit(self, records: Sequence[Record]) -> None:
         """Record finished rows: journal (durably), sidecars, counts, progress.  Safe to
-        call on another thread than :meth:`todo`'s (one commit at a time)."""
+        call on another thread than :meth:`todo`'s (one commit at a time); once
+        :attr:`stop` is set, :class:`~blipserve.errors.JobStopped` (after this commit)."""
         with self._books:
             self._commit(records)
+        if self.stop is not None and self.stop.is_set():
+            raise JobStopped("the job was stopped; what is done is journaled")
 
     def _commit(self, records: Sequence[Record]) -> None:
         if self.journal:

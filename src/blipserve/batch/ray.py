@@ -31,6 +31,7 @@ import functools
 import importlib
 import json
 import logging
+import threading
 import warnings
 from collections.abc import Iterable, Iterator
 from typing import Any
@@ -63,13 +64,16 @@ COLUMNS = tuple(
 BLOCK_CHUNKS = 4  # chunks of rows per block in the object store
 
 
-def run_on_ray(options: BatchOptions, settings: Settings) -> Summary:
+def run_on_ray(
+    options: BatchOptions, settings: Settings, stop: threading.Event | None = None
+) -> Summary:
     """Run the batch job described by ``options`` on Ray Data; same results as locally.
 
     The model actors load ``settings.model`` (and ``options.filter_model``) with the
     engine, image and fetch settings; ``settings.ray`` says which cluster to join (none:
     start a local one, or use the one this process already joined) and how many actors
-    to start, each with how many GPUs.
+    to start, each with how many GPUs.  ``stop``: once set, the job stops at its next
+    commit (:class:`~blipserve.errors.JobStopped`; a hosted job canceled).
     """
     try:  # imported as Any: Ray's own annotations are partial
         ray: Any = importlib.import_module("ray")
@@ -85,6 +89,7 @@ def run_on_ray(options: BatchOptions, settings: Settings) -> Summary:
         resolve_source(settings.model.model),
         resolve_source(filter_model) if filter_model else None,
     )
+    book.stop = stop
     connected_here = not ray.is_initialized()
     if connected_here:
         ray.init(address=settings.ray.ray_address, ignore_reinit_error=True)

@@ -33,10 +33,11 @@ TITLES = {
     "batch": "batch job",
     "ray": "ray (pip install 'blipserve[ray]'; the server: 'blipserve[serve]')",
     "replicas": "ray serve replicas (with --ray)",
+    "jobs": "batch endpoint (POST /jobs: batch jobs the server hosts)",
 }
 MODEL_PARTS = ("model", "engine", "images", "fetch")
 COMMAND_PARTS = {
-    "serve": (*MODEL_PARTS, "server", "ray", "replicas"),
+    "serve": (*MODEL_PARTS, "server", "ray", "replicas", "jobs", "batch"),
     "batch": (*MODEL_PARTS, "batch", "ray"),
 }
 

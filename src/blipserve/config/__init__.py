@@ -3,11 +3,13 @@
 Each part is a frozen dataclass whose fields declare, once, their default, their help,
 their flag and their environment variable (``BLIPSERVE_<FIELD>``): :mod:`.serving` (the
 model, the engine, images, image URLs, the HTTP server), :mod:`.jobs` (batch jobs, Ray),
-composed by :class:`Settings` (:mod:`.settings`); :mod:`.fields` says how a field is read.
+composed by :class:`Settings` (:mod:`.settings`), with :mod:`.endpoint_jobs` (batch jobs
+the server hosts); :mod:`.fields` says how a field is read.
 The CLI derives its flags from the fields; the environment is read only when settings are
 built, never at import time.
 """
 
+from blipserve.config.endpoint_jobs import JobsConfig
 from blipserve.config.fields import from_env, option
 from blipserve.config.jobs import (
     BatchConfig,
@@ -41,6 +43,7 @@ __all__ = [
     "FetchConfig",
     "ImageLimits",
     "Int8Kernel",
+    "JobsConfig",
     "ModelConfig",
     "OutputFormat",
     "RayConfig",

@@ -91,14 +91,19 @@ class BatchConfig:
         "the captioned shards into (--format webdataset); a local path or an object-store URL.",
         short="-o",
         env=False,
+        commands=("batch",),
     )
     format: OutputFormat | None = option(
-        None, "Output format when the output's name doesn't say.", env=False
+        None,
+        "Output format when the output's name doesn't say.",
+        env=False,
+        commands=("batch",),
     )
     sidecar: str | None = option(
         None,
         "Also write each caption next to its image, e.g. .txt (photo.jpg -> photo.txt).",
         metavar="SUFFIX",
+        commands=("batch",),
     )
     sidecar_captions: Literal["best", "all"] = option(
         "best",
@@ -109,16 +114,21 @@ class BatchConfig:
         False,
         "Start over: ignore earlier results and replace existing sidecars.",
         env=False,
+        commands=("batch",),
     )
     retry_errors: bool = option(False, "On resume, run again the rows that failed last time.")
     prompt: str | None = option(
-        None, "Text for rows without any (e.g. one question for all).", env=False
+        None,
+        "Text for rows without any (e.g. one question for all).",
+        env=False,
+        commands=("batch",),
     )
     text_from: str | None = option(
         None,
         "WebDataset input: each sample's text from KEY.txt, or from FIELD of KEY.json "
         "(unset: none, caption from scratch).",
         metavar="txt|json:FIELD",
+        commands=("batch",),
     )
     caption_key: str = option(
         "caption",
@@ -130,8 +140,11 @@ class BatchConfig:
         "CapFilt: an image-text matching model that scores each caption and original text "
         "(e.g. Salesforce/blip-itm-base-coco).",
         metavar="MODEL",
+        commands=("batch",),
     )
-    min_match: float = option(0.5, "CapFilt: keep pairs whose match probability reaches this.")
+    min_match: float = option(
+        0.5, "CapFilt: keep pairs whose match probability reaches this.", commands=("batch",)
+    )
     chunk_rows: int = option(
         64,
         "Rows decoded ahead and journaled together; a model batch never spans two chunks, "
@@ -148,7 +161,9 @@ class BatchConfig:
         parse=FailureLimit.parse,
     )
     progress: bool | None = option(
-        None, "Progress bar (unset: on a terminal; log lines otherwise)."
+        None,
+        "Progress bar (unset: on a terminal; log lines otherwise).",
+        commands=("batch",),
     )
     log_every_s: float = option(10.0, "Seconds between progress log lines (without a bar).")
     storage_options: Mapping[str, Any] = option(

@@ -8,6 +8,7 @@ from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final
 
+from blipserve.config.endpoint_jobs import JobsConfig
 from blipserve.config.fields import from_env
 from blipserve.config.jobs import BatchConfig, RayConfig, ReplicaConfig
 from blipserve.config.serving import (
@@ -36,6 +37,7 @@ class Settings:
     batch: BatchConfig = field(default_factory=BatchConfig)
     ray: RayConfig = field(default_factory=RayConfig)
     replicas: ReplicaConfig = field(default_factory=ReplicaConfig)
+    jobs: JobsConfig = field(default_factory=JobsConfig)
 
     @classmethod
     def build(

@@ -10,6 +10,13 @@ request's asyncio futures through ``call_soon_threadsafe``, so the event loop ne
 inference.  Rows whose request gave up (deadline, disconnect) are dropped before they reach
 the model.
 
+Batch jobs the server hosts queue their batches *behind* these rows (:meth:`run_behind`):
+the same model thread runs a job's rows only when no request's rows wait, so a request
+never waits for more than the model call already running.  While requests keep coming
+(one in the last ``quiet_s``), a job's calls shrink to ``behind_rows`` rows and take at
+most ``behind_share`` of the thread's time, so most requests find the model free; when
+requests stop, a job's calls grow back to full batches.
+
 The class knows nothing of HTTP: tests drive it with a fake ``run_batch`` and a plain
 event loop.
 """
@@ -17,6 +24,7 @@ event loop.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import logging
 import threading
@@ -27,7 +35,13 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from blipserve.engine.trace import RequestTrace
-from blipserve.errors import BlipserveError, DeadlineExceeded, InferenceError, Overloaded
+from blipserve.errors import (
+    BlipserveError,
+    DeadlineExceeded,
+    InferenceError,
+    JobStopped,
+    Overloaded,
+)
 from blipserve.types import ModelInput, Prediction
 
 log = logging.getLogger(__name__)
@@ -64,6 +78,26 @@ class _Pending:
             self.loop.call_soon_threadsafe(settle)
 
 
+@dataclass(eq=False)
+class _Behind:
+    """A batch job's rows waiting behind the requests' (run a slice at a time)."""
+
+    items: Sequence[ModelInput]
+    future: concurrent.futures.Future[list[Result]]
+    results: list[Result] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class BehindPolicy:
+    """How a hosted batch job shares the model thread with requests: while requests come
+    (one in the last ``quiet_s`` seconds), calls of ``rows`` rows taking at most ``share``
+    of the thread's time; otherwise calls of a full batch back to back."""
+
+    rows: int = 1
+    share: float = 0.25
+    quiet_s: float = 2.0
+
+
 class OnlineQueue:
     """Merge rows of concurrent requests into model batches of compatible rows."""
 
@@ -76,6 +110,7 @@ class OnlineQueue:
         max_queue: int,
         observer: BatchObserver | None = None,
         clock: Callable[[], float] = time.monotonic,
+        behind: BehindPolicy | None = None,
     ) -> None:
         if max_batch_size < 1 or max_queue < 1:
             raise ValueError("max_batch_size and max_queue must be at least 1")
@@ -89,6 +124,10 @@ class OnlineQueue:
         self._cond = threading.Condition()
         self._stopping = False
         self._thread: threading.Thread | None = None
+        self.behind = behind or BehindPolicy()
+        self._behind: deque[_Behind] = deque()
+        self._last_request = -float("inf")  # when the last request's rows came or ran
+        self._behind_until = -float("inf")  # no job rows before this (their share is used)
 
     # -- lifecycle ------------------------------------------------------------------------
 
@@ -147,6 +186,7 @@ class OnlineQueue:
         with self._cond:
             self.refuse_if_full(len(pending))
             self._queue.extend(pending)
+            self._last_request = now
             self._cond.notify_all()
         try:
             async with asyncio.timeout(timeout):
@@ -177,10 +217,49 @@ class OnlineQueue:
                 "retry shortly"
             )
 
+    # -- a batch job's side (any thread but the event loop's) ------------------------------
+
+    def run_behind(
+        self, items: Sequence[ModelInput], cancelled: threading.Event | None = None
+    ) -> list[Result]:
+        """Run rows that share a batch key behind the requests' rows; block until done.
+
+        Results in order (a failed call's rows get its error).  Raises :class:`JobStopped`
+        when the queue stops or once ``cancelled`` is set (rows not run yet are dropped).
+        """
+        if not items:
+            return []
+        work = _Behind(items, concurrent.futures.Future())
+        with self._cond:
+            if self._stopping:
+                raise JobStopped("the server is stopping")
+            self._behind.append(work)
+            self._cond.notify_all()
+        while True:
+            try:
+                return work.future.result(timeout=0.2)
+            except concurrent.futures.TimeoutError:
+                if cancelled is not None and cancelled.is_set():
+                    with self._cond:
+                        if work in self._behind:
+                            self._behind.remove(work)
+                    raise JobStopped("the job was stopped") from None
+
+    def _behind_slice(self, now: float) -> tuple[_Behind, Sequence[ModelInput]] | None:
+        """The job rows to run now, if any may (called under the lock, no request waiting)."""
+        if not self._behind or now < self._behind_until:
+            return None
+        work = self._behind[0]
+        busy = now - self._last_request < self.behind.quiet_s
+        size = max(1, self.behind.rows) if busy else self.max_batch_size
+        start = len(work.results)
+        return work, work.items[start : start + size]
+
     # -- the model thread -----------------------------------------------------------------
 
-    def _next_batch(self) -> list[_Pending] | None:
-        """Block until a batch is due; ``None`` once stopping with an empty queue."""
+    def _next_batch(self) -> list[_Pending] | tuple[_Behind, Sequence[ModelInput]] | None:
+        """Block until a batch is due (a request's rows first, else a job's); ``None`` once
+        stopping with an empty queue."""
         with self._cond:
             while True:
                 while self._queue and self._queue[0].abandoned:
@@ -188,7 +267,13 @@ class OnlineQueue:
                 if not self._queue:
                     if self._stopping:
                         return None
-                    self._cond.wait()
+                    now = self._clock()
+                    if (job_rows := self._behind_slice(now)) is not None:
+                        return job_rows
+                    if self._behind:  # the job's share of a busy model is used up
+                        self._cond.wait(max(0.001, self._behind_until - now))
+                    else:
+                        self._cond.wait()
                     continue
                 first = self._queue[0]
                 same = [p for p in self._queue if p.key == first.key and not p.abandoned]
@@ -202,6 +287,9 @@ class OnlineQueue:
 
     def _work(self) -> None:
         while (batch := self._next_batch()) is not None:
+            if isinstance(batch, tuple):
+                self._run_behind(*batch)
+                continue
             if self._observer:
                 self._observer.queue_depth(len(self._queue))
             started, started_ns = self._clock(), time.time_ns()
@@ -216,9 +304,36 @@ class OnlineQueue:
             _record_traces(batch, started_ns, time.time_ns())
             for p, result in zip(batch, results, strict=True):
                 p.resolve(result)
+            with self._cond:
+                self._last_request = self._clock()
             if self._observer:
                 waits = [started - p.enqueued for p in batch]
                 self._observer.batch_done(len(batch), waits, model_s)
+        with self._cond:  # stopped: jobs waiting behind get an answer
+            left, self._behind = list(self._behind), deque()
+        for work in left:
+            work.future.set_exception(JobStopped("the server is stopping"))
+
+    def _run_behind(self, work: _Behind, items: Sequence[ModelInput]) -> None:
+        """One call on a job's rows; the job's turn ends when its share is used."""
+        started = self._clock()
+        try:
+            results: Sequence[Result] = self._run_batch(items)
+        except BlipserveError as exc:
+            results = [exc] * len(items)
+        except Exception as exc:  # never let the model thread die
+            log.exception("a batch job's call of %d rows failed", len(items))
+            results = [InferenceError(f"the model failed on this batch: {exc}")] * len(items)
+        ended = self._clock()
+        work.results.extend(results)
+        with self._cond:
+            if ended - self._last_request < self.behind.quiet_s:
+                share = min(max(self.behind.share, 0.01), 1.0)
+                self._behind_until = ended + (ended - started) * (1 - share) / share
+            if len(work.results) >= len(work.items):
+                if self._behind and self._behind[0] is work:
+                    self._behind.popleft()
+                work.future.set_result(list(work.results))
 
 
 def _record_traces(batch: Sequence[_Pending], start_ns: int, end_ns: int) -> None:

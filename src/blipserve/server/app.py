@@ -33,6 +33,9 @@ from blipserve.errors import (
     ModelNotReady,
     RowError,
 )
+from blipserve.jobs import runners
+from blipserve.jobs.host import JobHost, RunJob
+from blipserve.server.batch_jobs import batch_jobs_router
 from blipserve.server.chat_stream import stream_chat
 from blipserve.server.docs import serve_docs
 from blipserve.server.http import (
@@ -71,6 +74,7 @@ class ServerState:
     ready: bool = False
     load_error: str | None = None
     on_load_failure: Callable[[], None] | None = None
+    jobs: JobHost | None = None  # the batch endpoint (--jobs-dir), open before the model
 
     def load(self, engine: Engine | None = None) -> None:
         """Load the model (unless given), warm up, start the queue, then report ready."""
@@ -87,6 +91,8 @@ class ServerState:
             )
             online.start()
             self.online = online
+            if self.jobs is not None:  # jobs queued (or left by a stopped server) start now
+                self.jobs.start(self._run_jobs(engine, online))
             self.ready = True
             log.info("ready: %s (%s)", self.settings.model.model, engine.adapter.kind)
         except Exception as exc:
@@ -99,6 +105,17 @@ class ServerState:
                 log.exception("could not start")
             if self.on_load_failure:
                 self.on_load_failure()
+
+    def _run_jobs(self, engine: Engine, online: OnlineEngine) -> RunJob:
+        if self.settings.jobs.jobs_on_ray:
+            return runners.on_ray(self.settings)
+        return runners.on_engine(engine, online.queue)
+
+    def open_jobs(self) -> None:
+        """The job table (``--jobs-dir``), read before the model loads: POST /jobs queues
+        jobs while it loads."""
+        if self.settings.jobs.jobs_dir is not None:
+            self.jobs = JobHost(self.settings)
 
     @property
     def server(self) -> ServerConfig:
@@ -122,6 +139,8 @@ class ServerState:
         return None
 
     def shutdown(self) -> None:
+        if self.jobs:  # first: running jobs stop where they are, resumed by the next server
+            self.jobs.stop(timeout=self.server.graceful_timeout_s)
         if self.online:
             self.online.stop(timeout=self.server.graceful_timeout_s)
 
@@ -151,6 +170,7 @@ def create_app(
         # that ran the model lives on (the event loop's, an executor's), the model thread
         # ran BLIP-base 1.5x slower here (0.60 vs 0.39 s a caption, 2 cores; its OpenMP and
         # OpenVINO thread pools stay bound to it).
+        await asyncio.to_thread(state.open_jobs)
         loader = threading.Thread(
             target=state.load, args=(engine,), name="blipserve-load", daemon=True
         )
@@ -288,6 +308,7 @@ def create_app(
         return Response(state.metrics.render(), media_type="text/plain; version=0.0.4")
 
     app.include_router(open_inference_router(state))  # KServe's Open Inference Protocol (v2)
+    app.include_router(batch_jobs_router(state))  # the catalog's batch endpoint (/jobs)
     # The page for trying the model (static, so open; the calls it makes carry the key).
     app.mount("/ui", ui.static_app(), name="ui")
     return app

@@ -51,9 +51,13 @@ KNOWN_ROUTES = (
     "/v2/models/{name}",
     "/v2/models/{name}/ready",
     "/v2/models/{name}/infer",
+    "/jobs",
+    "/jobs/{name}",
+    "/jobs/{name}/cancel",
 )
 # /v2/models/NAME[/versions/VERSION][/ready | /infer]; NAME may hold slashes (hub ids)
 _V2_MODEL_ROUTE = re.compile(r"/v2/models/.+?(?:/versions/[^/]+)?(/ready|/infer)?")
+_JOB_ROUTE = re.compile(r"/jobs/[^/]+(/cancel)?")
 
 # The request ids the catalog's server reads, each answered with 431 past its limit.
 REQUEST_ID_HEADERS = ("x-request-id", "x-ms-request-id", "x-ms-client-request-id")
@@ -69,6 +73,8 @@ def route_label(path: str) -> str:
         return path
     if (model_route := _V2_MODEL_ROUTE.fullmatch(path)) is not None:
         return "/v2/models/{name}" + (model_route.group(1) or "")
+    if (job_route := _JOB_ROUTE.fullmatch(path)) is not None:
+        return "/jobs/{name}" + (job_route.group(1) or "")
     return "other"
 
 

@@ -171,6 +171,14 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     status: {"model": ErrorBodySchema, "description": description}
     for status, description in ERROR_DESCRIPTIONS.items()
 }
+# the batch endpoint's own (/jobs)
+JOB_ERROR_DESCRIPTIONS = {
+    400: "Bad body; the message names the field (properties.InputData..., a URI, ...)",
+    403: "A URI outside the folders the server lets jobs use (--jobs-allow-root)",
+    404: "No such job (or batch jobs are off: --jobs-dir)",
+    409: "The output exists already, another job writes it, or the job has ended",
+    429: "As many jobs queued and running as the server takes (see Retry-After)",
+}
 CHAT_RESPONSES: dict[int | str, dict[str, Any]] = {
     200: {
         "description": "A chat.completion; with stream, chat.completion.chunk events (errors "
@@ -361,7 +369,7 @@ def json_errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
     schema = ErrorBodySchema.model_json_schema()
     return {
         status: {
-            "description": ERROR_DESCRIPTIONS[status],
+            "description": (JOB_ERROR_DESCRIPTIONS | ERROR_DESCRIPTIONS)[status],
             "content": {"application/json": {"schema": schema}},
         }
         for status in statuses

@@ -1,0 +1,86 @@
+"""A job as the server takes it: its client's URIs resolved, allowed, and checked before
+it is queued, so every mistake is a 4xx naming the field, not a job that fails later."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from blipserve.batch.shards import is_pattern
+from blipserve.batch.sinks import infer_format
+from blipserve.batch.sources import check_input
+from blipserve.batch.storage import Location, StorageError, locate
+from blipserve.contracts.batch_jobs import JobSpec
+from blipserve.errors import Conflict, Forbidden, InvalidInput, quote
+from blipserve.jobs.table import JobRecord
+
+if TYPE_CHECKING:
+    from blipserve.jobs.host import JobHost
+
+IN, OUT = "properties.InputData", "properties.OutputData"
+
+
+def resolve_job(host: JobHost, spec: JobSpec, name: str) -> JobRecord:
+    """The record of a new job named ``name``; raises what is wrong with ``spec``."""
+    source = host.resolver.locate(spec.input_uri, f"{IN}.Uri")
+    _check_input(source, spec)
+    output = _output(host, spec, name)
+    try:
+        infer_format(output, spec.overrides.get("format"))
+    except InvalidInput as exc:
+        raise InvalidInput(f"{OUT}: {exc.message} (properties.blipserve.format)") from None
+    try:
+        exists = output.exists()
+    except StorageError as exc:
+        raise InvalidInput(f"{OUT}.Uri: {exc.message}") from None
+    if exists:
+        raise Conflict(
+            f"{OUT}.Uri: {quote(str(output), 200)} exists already; a job writes a new file "
+            "(no job overwrites another's results)"
+        )
+    return JobRecord(name, spec, input=str(source), output=str(output))
+
+
+def _check_input(source: Location, spec: JobSpec) -> None:
+    where = f"{IN}.Uri"
+    try:
+        check_input(source)
+        if is_pattern(source.path):
+            return
+        if spec.input_type == "UriFolder" and not source.is_dir():
+            raise InvalidInput(
+                f"{where}: {quote(str(source), 200)} is a file; its JobInputType is "
+                "UriFolder (use UriFile)"
+            )
+        if spec.input_type == "UriFile" and not source.is_file():
+            raise InvalidInput(
+                f"{where}: {quote(str(source), 200)} is a folder; its JobInputType is "
+                "UriFile (use UriFolder)"
+            )
+    except StorageError as exc:  # no such store, bad credentials, unreachable
+        raise InvalidInput(f"{where}: {exc.message}") from None
+    except InvalidInput as exc:
+        if exc.message.startswith(where):
+            raise
+        raise InvalidInput(f"{where}: {exc.message}") from None
+
+
+def _output(host: JobHost, spec: JobSpec, name: str) -> Location:
+    """Where the job's results go: the client's file, ``output_file_name`` in the client's
+    folder, or the server's default; summary_only: the jobs folder (no client file)."""
+    file_name = host.config.output_file_name
+    options = host.settings.batch.storage_options
+    if host.config.output_action == "summary_only":
+        return host.table.folder.child("work").child(name).child("results.jsonl")
+    if spec.output_uri is None:
+        place = locate(host.output_root, options).child(name).child(file_name)
+        if not host.resolver.allowed(place):
+            raise Forbidden(
+                f"{OUT}: none given, and this server's default output ({quote(str(place), 200)}, "
+                "--jobs-output-root) is outside --jobs-allow-root; give OutputData"
+            )
+        return place
+    place = host.resolver.locate(spec.output_uri, f"{OUT}.Uri")
+    return place.child(file_name) if spec.output_type == "UriFolder" else place
+
+
+__all__ = ["resolve_job"]
