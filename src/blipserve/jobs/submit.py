@@ -9,7 +9,7 @@ from blipserve.batch.shards import is_pattern
 from blipserve.batch.sinks import infer_format
 from blipserve.batch.sources import check_input
 from blipserve.batch.storage import Location, StorageError, locate
-from blipserve.contracts.batch_jobs import JobSpec
+from blipserve.contracts.batch_jobs import FORMATS, JobSpec
 from blipserve.errors import Conflict, Forbidden, InvalidInput, quote
 from blipserve.jobs.table import JobRecord
 
@@ -26,8 +26,11 @@ def resolve_job(host: JobHost, spec: JobSpec, name: str) -> JobRecord:
     output = _output(host, spec, name)
     try:
         infer_format(output, spec.overrides.get("format"))
-    except InvalidInput as exc:
-        raise InvalidInput(f"{OUT}: {exc.message} (properties.blipserve.format)") from None
+    except InvalidInput:
+        raise InvalidInput(
+            f"{OUT}: cannot tell the format of {quote(str(output), 200)} from its name; set "
+            f"properties.blipserve.format ({', '.join(FORMATS)})"
+        ) from None
     try:
         exists = output.exists()
     except StorageError as exc:

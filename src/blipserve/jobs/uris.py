@@ -73,21 +73,23 @@ class UriResolver:
 
     def locate(self, uri: str, where: str) -> Location:
         """Where ``uri`` points, once allowed: 403 (:class:`Forbidden`) outside every root."""
-        place = locate(self.url(uri, where), self.storage_options)
-        if not self.allowed(place):
+        url = self.url(uri, where)
+        if not self.allowed(url):
             raise Forbidden(
-                f"{where}: {quote(str(place), 200)} is outside the folders this server lets "
+                f"{where}: {quote(_shown(url), 200)} is outside the folders this server lets "
                 "jobs use (--jobs-allow-root)"
             )
-        return place
+        return locate(url, self.storage_options)
 
-    def allowed(self, place: Location) -> bool:
+    def allowed(self, url: str | Location) -> bool:
+        """Whether ``url`` is one of the roots or under one (local paths with their links
+        resolved: a link out of a root is out of it)."""
+        family, path = _key(str(url))
         for root in self.roots:
-            base = locate(root, self.storage_options)
-            if _family(base.protocol) != _family(place.protocol):
+            root_family, top = _key(root)
+            if root_family != family:
                 continue
-            top = base.path.rstrip("/")
-            if place.path == top or place.path.startswith(top + "/") or top in ("", "/"):
+            if path == top or path.startswith(top.rstrip("/") + "/"):
                 return True
         return False
 
@@ -156,8 +158,19 @@ class UriResolver:
         return posixpath.join(self.datastores[name], path) if path else self.datastores[name]
 
 
-def _family(protocol: str) -> str:
-    return _FAMILY.get(protocol, protocol)
+def _key(url: str) -> tuple[str, str]:
+    """(store, normalized path) of a URL or a local path, to compare with a root's."""
+    if "://" in url and not url.lower().startswith("file://"):
+        scheme, rest = url.split("://", 1)
+        family = _FAMILY.get(scheme.lower(), scheme.lower())
+        return family, posixpath.normpath("/" + rest.strip("/"))
+    path = url[len("file://") :] if url.lower().startswith("file://") else url
+    return "file", os.path.realpath(os.path.expanduser(path))
+
+
+def _shown(url: str) -> str:
+    family, path = _key(url)
+    return path if family == "file" else f"{url.split('://', 1)[0]}://{path.lstrip('/')}"
 
 
 def _bare(uri: str) -> str:
