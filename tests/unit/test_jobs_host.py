@@ -128,18 +128,20 @@ def test_jobs_run_in_order_one_at_a_time(folders: dict[str, Path], hosts: list[J
     host = new_host(hosts, folders, run)
     first = host.submit(spec(folders, "o1"))
     second = host.submit(spec(folders, "o2", "in2"))
-    with pytest.raises(Conflict, match="writes .* already"):
+    with pytest.raises(Conflict, match=r"writes .* already"):
         host.submit(spec(folders, "o2"))  # (another job writes that output)
     run.wait_started(1)
     time.sleep(0.3)
-    assert len(run.started) == 1 and host.get(second.name).status == "Queued"
+    assert len(run.started) == 1
+    assert host.get(second.name).status == "Queued"
     assert host.get(first.name).status == "Running"
     run.go.set()
     wait_status(host, second.name, "Completed")
     assert [str(o.input) for o in run.started] == [first.input, second.input]
     done = host.get(first.name)
     assert (done.status, done.done, done.failed, done.attempts) == ("Completed", 3, 1, 1)
-    assert done.started is not None and done.ended is not None
+    assert done.started is not None
+    assert done.ended is not None
     assert [r.name for r in host.jobs()] == [second.name, first.name]  # newest first
 
 
@@ -182,7 +184,7 @@ def test_a_restarted_server_resumes_running_and_queued_jobs(
 def test_two_servers_never_run_one_job(folders: dict[str, Path], hosts: list[JobHost]) -> None:
     one, two = StandIn(), StandIn()
     first = new_host(hosts, folders, one)
-    second = new_host(hosts, folders, two, max_running_jobs=2)
+    new_host(hosts, folders, two, max_running_jobs=2)
     jobs = [first.submit(spec(folders, f"o{i}", "in" if i % 2 else "in2")) for i in range(4)]
     time.sleep(2.5)  # (each server looks at the table every second or two)
     one.go.set()

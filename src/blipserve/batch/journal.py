@@ -30,6 +30,11 @@ from blipserve.batch.storage import Location, OutputError
 Record = dict[str, Any]
 
 
+class ForeignOutput(OutputError):
+    """The output's journal is another job's (another input, model or parameters): this
+    job may not resume it, now or after any number of tries."""
+
+
 class JobJournal(Protocol):
     """What a job needs of its journal, on a local disk or in an object store."""
 
@@ -70,7 +75,7 @@ class Journal:
                 header = f.readline()
                 if not header.endswith(b"\n") or _load(header).get("signature") != self.signature:
                     found = _load(header).get("signature")
-                    raise OutputError(
+                    raise ForeignOutput(
                         f"{self.path} belongs to a different job ({found}); rerun with "
                         "--overwrite to start over, or choose another --output"
                     )
@@ -158,7 +163,7 @@ class PartsJournal:
             head.write_bytes(_dump({"signature": self.signature}))
             return {}
         if found != self.signature:
-            raise OutputError(
+            raise ForeignOutput(
                 f"{self.where} belongs to a different job ({found}); rerun with "
                 "--overwrite to start over, or choose another --output"
             )

@@ -23,8 +23,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from blipserve.batch.journal import ForeignOutput
 from blipserve.batch.options import BatchOptions, Summary, TooManyFailures
-from blipserve.batch.storage import Location, OutputError, StorageError, locate
+from blipserve.batch.storage import Location, StorageError, locate
 from blipserve.config import Settings
 from blipserve.contracts.batch_jobs import JobSpec
 from blipserve.errors import (
@@ -282,7 +283,8 @@ class JobHost:
         except TooManyFailures as exc:
             self._end(record, t.FAILED, "TooManyFailures", exc.message)
         except BlipserveError as exc:
-            self._end(record, t.FAILED, type(exc).__name__, exc.message)
+            code = "StorageError" if isinstance(exc, StorageError) else type(exc).__name__
+            self._end(record, t.FAILED, code, exc.message)
         except Exception as exc:
             log.exception("job %s failed", record.name)
             self._end(record, t.FAILED, "InternalError", f"{type(exc).__name__}: {exc}")
@@ -304,8 +306,8 @@ class JobHost:
             self._save(record)
             try:
                 summary = self._run_job(self._options(record), job.stop, self._runs(job))
-            except OutputError:
-                raise  # (the output itself: retrying will not help)
+            except ForeignOutput:
+                raise  # (another job's output: retrying will not help)
             except StorageError as exc:
                 if job.stop.is_set() or record.attempts > self.config.job_retries:
                     raise
