@@ -21,7 +21,7 @@ import httpx
 import pandas as pd
 import pytest
 
-from helpers import batch_command, client_base64, jpeg_bytes, photos, score_body
+from helpers import RAY_ENV, batch_command, client_base64, jpeg_bytes, photos, score_body
 from live_server import RunningServer
 from stores import Emulator
 
@@ -353,3 +353,32 @@ def test_a_store_that_fails_mid_job_fails_it_clearly_and_it_resumes(
     assert done["properties"]["progress"]["rowsSkipped"] >= 8
     rows = [json.loads(line) for line in store.download(out).decode().splitlines()]
     assert len({r["id"] for r in rows}) == len(rows) == 60
+
+
+# -- on Ray ---------------------------------------------------------------------------------
+
+
+def test_jobs_on_a_ray_cluster_write_what_blipserve_batch_writes(
+    tiny_model_dir: dict[str, Path],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    serve: Callable[..., RunningServer],
+) -> None:
+    """``--jobs-on-ray local``: the server submits the job to a local Ray cluster it
+    starts (Ray Data actors run the rows), tracks it, and the output is the same."""
+    pytest.importorskip("ray")
+    for key, value in RAY_ENV.items():
+        monkeypatch.setenv(key, value)
+    model = tiny_model_dir["blip-caption"]
+    data = write(tmp_path / "data" / "in", catalog_tables()).parent
+    expected = reference(model, data / "in", tmp_path / "reference" / "predictions.csv")
+    server = serve(model, tmp_path / "jobs", str(data), flags=("--jobs-on-ray", "local"))
+    answer = invoke(server, str(data / "in"), str(data / "out" / "predictions.csv"))
+    assert answer.status_code == 202, answer.text
+    done = poll(server, answer.json()["id"], timeout=400)
+    assert done["properties"]["status"] == "Completed", done
+    assert (
+        done["properties"]["progress"]["rowsDone"],
+        done["properties"]["progress"]["rowsFailed"],
+    ) == (6, 1)
+    assert (data / "out" / "predictions.csv").read_bytes() == expected
