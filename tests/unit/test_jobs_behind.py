@@ -148,3 +148,19 @@ def test_stopping_the_queue_stops_waiting_jobs(model: EchoAdapter) -> None:
     assert isinstance(box.get("error"), JobStopped)
     with pytest.raises(JobStopped):
         queue.run_behind([item("late")])
+
+
+def test_the_servers_queue_takes_jobs_share_from_the_settings(model: EchoAdapter) -> None:
+    from blipserve.config import JobsConfig, ModelConfig, Settings
+    from blipserve.engine import Engine
+    from blipserve.server.app import create_app
+    from fakes import state_of
+
+    settings = Settings(model=ModelConfig(model="echo"), jobs=JobsConfig(jobs_share=0.6))
+    state = state_of(create_app(settings))
+    state.load(Engine(model))
+    try:
+        assert state.online is not None
+        assert state.online.queue.behind.share == 0.6
+    finally:
+        state.shutdown()

@@ -22,7 +22,7 @@ from collections.abc import Callable, Sequence
 from typing import Protocol
 
 from blipserve.engine.core import Engine
-from blipserve.engine.online_queue import BatchObserver, OnlineQueue
+from blipserve.engine.online_queue import BatchObserver, BehindPolicy, OnlineQueue
 from blipserve.engine.prepare import PreparedRow
 from blipserve.engine.results import good_rows_or_raise, predictions_or_raise
 from blipserve.engine.trace import RequestTrace
@@ -48,6 +48,7 @@ class OnlineEngine:
         max_queue: int,
         observer: OnlineObserver | None = None,
         clock: Callable[[], float] = time.monotonic,
+        behind: BehindPolicy | None = None,
     ) -> None:
         self.engine = engine
         self.observer = observer
@@ -58,6 +59,7 @@ class OnlineEngine:
             max_queue=max_queue,
             observer=observer,
             clock=clock,
+            behind=behind,
         )
 
     def start(self) -> None:

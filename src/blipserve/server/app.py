@@ -26,6 +26,7 @@ from blipserve.contracts import openai as openai_contract
 from blipserve.contracts.catalog import encode_response, parse_request
 from blipserve.engine import Engine
 from blipserve.engine.online import OnlineEngine
+from blipserve.engine.online_queue import BehindPolicy
 from blipserve.errors import (
     BlipserveError,
     InvalidInput,
@@ -88,6 +89,7 @@ class ServerState:
                 max_wait_s=self.server.max_wait_ms / 1000,
                 max_queue=self.server.max_queue,
                 observer=self.metrics,
+                behind=BehindPolicy(share=self.settings.jobs.jobs_share),
             )
             online.start()
             self.online = online
