@@ -382,3 +382,34 @@ def test_jobs_on_a_ray_cluster_write_what_blipserve_batch_writes(
         done["properties"]["progress"]["rowsFailed"],
     ) == (6, 1)
     assert (data / "out" / "predictions.csv").read_bytes() == expected
+
+
+def test_a_tables_image_paths_stay_under_the_allowed_roots(
+    tiny_model_dir: dict[str, Path], tmp_path: Path, serve: Callable[..., RunningServer]
+) -> None:
+    """A table may name image files anywhere; a hosted job reads only those under an
+    allowed root: the others are failed rows, and nothing of them is read."""
+    data, outside = tmp_path / "data", tmp_path / "private"
+    (data / "in").mkdir(parents=True)
+    outside.mkdir()
+    photo = jpeg_bytes(photos()["chelsea"])
+    (data / "in" / "inside.jpg").write_bytes(photo)
+    (outside / "secret.jpg").write_bytes(photo)
+    (data / "in" / "link.jpg").symlink_to(outside / "secret.jpg")
+    table = (
+        "image\ninside.jpg\n../../private/secret.jpg\n" + f"{outside / 'secret.jpg'}\nlink.jpg\n"
+    )
+    (data / "in" / "rows.csv").write_text(table)
+    server = serve(tiny_model_dir["blip-caption"], tmp_path / "jobs", str(data))
+    props = {
+        "InputData": {"t": {"JobInputType": "UriFile", "Uri": str(data / "in" / "rows.csv")}},
+        "OutputData": {"o": {"JobOutputType": "UriFile", "Uri": str(data / "out.jsonl")}},
+    }
+    answer = httpx.post(f"{server.url}/jobs", json={"properties": props}, headers=AUTH)
+    assert answer.status_code == 202, answer.text
+    done = poll(server, answer.json()["id"])
+    assert done["properties"]["status"] == "Completed", done
+    rows = [json.loads(line) for line in (data / "out.jsonl").read_text().splitlines()]
+    assert [bool(r["error"]) for r in rows] == [False, True, True, True]
+    for row in rows[1:]:
+        assert "outside the folders this server lets jobs read" in row["error"], row

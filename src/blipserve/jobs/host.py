@@ -341,6 +341,7 @@ class JobHost:
             "input": record.input,
             "output": record.output,
             "params": spec.params,
+            "guard": self.resolver.guard,  # (a table's image paths too)
         }
         for name in ("format", "text_from", "prompt", "caption_key", "retry_errors"):
             if name in spec.overrides:

@@ -37,6 +37,26 @@ _FAMILY = {"abfs": "az", "abfss": "az", "s3a": "s3", "gcs": "gs"}
 
 
 @dataclass(frozen=True)
+class AllowedRoots:
+    """The folders (local paths, store URLs) jobs may use; a batch job's
+    :class:`~blipserve.batch.options.PathGuard` (picklable: it travels to Ray actors)."""
+
+    roots: tuple[str, ...]
+
+    def allowed(self, url: str | Location) -> bool:
+        """Whether ``url`` is one of the roots or under one (local paths with their links
+        resolved: a link out of a root is out of it)."""
+        family, path = _key(str(url))
+        for root in self.roots:
+            root_family, top = _key(root)
+            if root_family != family:
+                continue
+            if path == top or path.startswith(top.rstrip("/") + "/"):
+                return True
+        return False
+
+
+@dataclass(frozen=True)
 class UriResolver:
     """Turns a client's URI into a :class:`Location` the job may use, or refuses it."""
 
@@ -81,17 +101,12 @@ class UriResolver:
             )
         return locate(url, self.storage_options)
 
+    @property
+    def guard(self) -> AllowedRoots:
+        return AllowedRoots(tuple(self.roots))
+
     def allowed(self, url: str | Location) -> bool:
-        """Whether ``url`` is one of the roots or under one (local paths with their links
-        resolved: a link out of a root is out of it)."""
-        family, path = _key(str(url))
-        for root in self.roots:
-            root_family, top = _key(root)
-            if root_family != family:
-                continue
-            if path == top or path.startswith(top.rstrip("/") + "/"):
-                return True
-        return False
+        return self.guard.allowed(url)
 
     # -- the catalog's forms ------------------------------------------------------------------
 
@@ -180,4 +195,4 @@ def _bare(uri: str) -> str:
     return f"{parts.scheme}://{host}{port}{parts.path}"
 
 
-__all__ = ["UriResolver"]
+__all__ = ["AllowedRoots", "UriResolver"]
