@@ -1,8 +1,10 @@
 """The page at ``/ui`` for trying a model in a browser: static files, no build step.
 
-``static/`` holds hand-written HTML, CSS and JavaScript; the page calls the server's own
-``/ready``, ``/score`` and ``/v1/chat/completions`` routes (with the API key the user types,
-when the server needs one), so the files themselves are open to everyone.
+``static/`` holds hand-written HTML, CSS and JavaScript (``ui.js`` for trying the model,
+``jobs.js`` for the batch jobs' table; every file in it is served); the page calls the
+server's own ``/ready``, ``/score``, ``/v1/chat/completions`` and ``/jobs`` routes (with
+the API key the user types, when the server needs one), so the files themselves are open
+to everyone.
 """
 
 from __future__ import annotations

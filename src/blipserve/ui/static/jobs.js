@@ -64,7 +64,8 @@
 
   // One of: "table", "empty" (no job yet: how to start one), "none" (a message only).
   function showView(view, message) {
-    $("jobs-message").textContent = message;
+    // (the same text again is not set again: a screen reader would say it again)
+    if ($("jobs-message").textContent !== message) $("jobs-message").textContent = message;
     $("jobs-table-wrap").hidden = view !== "table";
     $("jobs-empty").hidden = view !== "empty";
     if (view !== "table") {
@@ -157,7 +158,10 @@
       const again = $("jobs-rows").querySelector(`button[data-cancel="${CSS.escape(focusedJob)}"]`);
       (again || $("jobs-message")).focus();
     }
-    $("jobs-more").hidden = !body.nextLink || state.top >= MAX_TOP;
+    const more = $("jobs-more");
+    const hadFocus = document.activeElement === more;
+    more.hidden = !body.nextLink || state.top >= MAX_TOP;
+    if (more.hidden && hadFocus) $("jobs-message").focus(); // (all are shown)
   }
 
   function summary(jobs, count) {
@@ -320,16 +324,26 @@
 
   // -- no job yet: how to start one ------------------------------------------------------------
 
+  // JSON on one line, spaced as Python's json.dumps spaces it.
+  function oneLine(value) {
+    if (!value || typeof value !== "object") return JSON.stringify(value);
+    const entries = Object.entries(value).map(([k, v]) => `${JSON.stringify(k)}: ${oneLine(v)}`);
+    return `{${entries.join(", ")}}`;
+  }
+
   function curlExample(withKey) {
-    const body = {
-      properties: {
-        InputData: { images: { JobInputType: "UriFolder", Uri: "/path/to/images" } },
-        OutputData: { captions: { JobOutputType: "UriFolder", Uri: "/path/to/captions" } },
-      },
-    };
+    const input = { images: { JobInputType: "UriFolder", Uri: "/path/to/images" } };
+    const output = { captions: { JobOutputType: "UriFolder", Uri: "/path/to/captions" } };
     const lines = [`curl -sS ${JOBS} \\`, "  -H 'Content-Type: application/json' \\"];
     if (withKey) lines.push('  -H "Authorization: Bearer $BLIPSERVE_API_KEY" \\');
-    lines.push("  --data-binary @- <<'JSON'", JSON.stringify(body, null, 2), "JSON");
+    lines.push(
+      "  --data-binary @- <<'JSON'",
+      '{"properties": {',
+      `  "InputData": ${oneLine(input)},`,
+      `  "OutputData": ${oneLine(output)}`,
+      "}}",
+      "JSON",
+    );
     return lines.join("\n");
   }
 
