@@ -9,6 +9,8 @@ import pytest
 
 from helpers import b64_png, make_image, run_cli
 
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
+
 
 def test_help_teaches() -> None:
     out = run_cli("caption", "--help")
@@ -138,3 +140,21 @@ def test_batch_input_that_is_not_there_fails_before_the_model_loads(tmp_path: Pa
         assert "does not exist" in out.stderr
         assert "no-photos" in out.stderr or "00000.tar" in out.stderr
         assert "is not a local folder" not in out.stderr
+
+
+def test_batch_max_failures_from_the_command_line_stops_with_status_3(tmp_path: Path) -> None:
+    """``--max-failures`` as typed (it crashed once: the settings turned its value into a
+    dict on the way to the job)."""
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for name in ("scene-01.png", "scene-02.png"):
+        (photos / name).write_bytes((EXAMPLES / name).read_bytes())
+    for k in range(3):
+        (photos / f"broken-{k}.jpg").write_bytes(b"\xff\xd8\xff\xe0 truncated")
+    out = run_cli("batch", str(photos), "-o", str(tmp_path / "out.jsonl"), "--max-failures", "2")
+    assert out.returncode == 3, out.stderr
+    assert "more than --max-failures 2" in out.stderr
+    assert "Traceback" not in out.stderr
+    out = run_cli("batch", str(photos), "-o", str(tmp_path / "ok.jsonl"), "--max-failures", "60%")
+    assert out.returncode == 0, out.stderr
+    assert "done 2, failed 3" in out.stderr

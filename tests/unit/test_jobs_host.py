@@ -14,7 +14,7 @@ import pytest
 
 from blipserve.batch.options import BatchOptions, Summary
 from blipserve.batch.storage import StorageError
-from blipserve.config import Settings
+from blipserve.config import FailureLimit, Settings
 from blipserve.contracts.batch_jobs import JobSpec
 from blipserve.errors import Conflict, Forbidden, InvalidInput, JobNotFound, TooManyJobs
 from blipserve.jobs import host as host_module
@@ -62,9 +62,11 @@ def folders(tmp_path: Path) -> dict[str, Path]:
     return {"data": data, "jobs": tmp_path / "jobs", "outside": tmp_path}
 
 
-def settings(folders: dict[str, Path], **jobs: Any) -> Settings:
+def settings(
+    folders: dict[str, Path], batch: dict[str, Any] | None = None, **jobs: Any
+) -> Settings:
     values = {"jobs_dir": str(folders["jobs"]), "jobs_allow_root": (str(folders["data"]),)}
-    return Settings.build({}, jobs=values | jobs)
+    return Settings.build({}, jobs=values | jobs, batch=batch or {})
 
 
 @pytest.fixture
@@ -75,8 +77,14 @@ def hosts() -> Iterator[list[JobHost]]:
         host.stop(timeout=5)
 
 
-def new_host(hosts: list[JobHost], folders: dict[str, Path], run: StandIn, **jobs: Any) -> JobHost:
-    host = JobHost(settings(folders, **jobs))
+def new_host(
+    hosts: list[JobHost],
+    folders: dict[str, Path],
+    run: StandIn,
+    batch: dict[str, Any] | None = None,
+    **jobs: Any,
+) -> JobHost:
+    host = JobHost(settings(folders, batch, **jobs))
     host.start(run)
     hosts.append(host)
     return host
@@ -112,6 +120,11 @@ def test_checked_before_it_is_queued(folders: dict[str, Path], hosts: list[JobHo
             Conflict,
             "exists already",
         ),
+        (
+            JobSpec(str(data / "in"), "UriFolder", str(data / "in" / "a.jpg" / "o"), "UriFolder"),
+            InvalidInput,
+            "is a file, not a folder",
+        ),
         # no OutputData, and the default output root is not under an allowed root
         (JobSpec(str(data / "in"), "UriFolder"), Forbidden, "give OutputData"),
     ]
@@ -140,6 +153,7 @@ def test_jobs_run_in_order_one_at_a_time(folders: dict[str, Path], hosts: list[J
     assert [str(o.input) for o in run.started] == [first.input, second.input]
     done = host.get(first.name)
     assert (done.status, done.done, done.failed, done.attempts) == ("Completed", 3, 1, 1)
+    assert done.total == 4
     assert done.started is not None
     assert done.ended is not None
     assert [r.name for r in host.jobs()] == [second.name, first.name]  # newest first
@@ -229,3 +243,25 @@ def test_bounded(folders: dict[str, Path], hosts: list[JobHost]) -> None:
     host.submit(spec(folders, "o4"))
     assert len([r for r in host.jobs() if r.finished]) <= 1  # (the oldest forgotten)
     assert len(JobTable(host.table.folder).names()) == 2  # (forgotten in the folder too)
+
+
+def test_the_servers_batch_settings_and_the_jobs_own_reach_it(
+    folders: dict[str, Path], hosts: list[JobHost]
+) -> None:
+    run = StandIn()
+    run.go.set()
+    batch = {"max_failures": FailureLimit.parse("5%"), "chunk_rows": 7}
+    host = new_host(hosts, folders, run, batch)
+    data = folders["data"]
+    mine = {"format": "jsonl", "prompt": "a photo of", "params": {"max_new_tokens": 5}}
+    job = host.submit(
+        JobSpec(str(data / "in"), "UriFolder", str(data / "o.txt"), "UriFile", overrides=mine)
+    )
+    wait_status(host, job.name, "Completed")
+    [options] = run.started
+    assert options.max_failures == FailureLimit(percent=5.0)
+    assert (options.chunk_rows, options.format, options.prompt) == (7, "jsonl", "a photo of")
+    assert options.params.max_new_tokens == 5
+    assert options.guard is not None
+    assert options.guard.allowed(str(data / "in" / "a.jpg"))
+    assert not options.guard.allowed(str(folders["outside"] / "x.jpg"))

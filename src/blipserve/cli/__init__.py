@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, TextIO
 
 from blipserve.cli.parser import build_parser, params_from_args, settings_from_args
-from blipserve.config import Settings, from_env
+from blipserve.config import Settings, from_env, values_of
 from blipserve.contracts.catalog import ScoringRequest, encode_response, parse_request
 from blipserve.errors import BlipserveError, InvalidInput
 from blipserve.types import Prediction, RowInput
@@ -101,7 +101,7 @@ def run_batch(args: argparse.Namespace) -> int:
         logging.getLogger("blipserve").setLevel(logging.INFO)
     settings = settings_from_args(args)
     options = BatchOptions(
-        input=args.input, params=params_from_args(args), **dataclasses.asdict(settings.batch)
+        input=args.input, params=params_from_args(args), **values_of(settings.batch)
     )
     try:
         summary = _run_batch_job(settings, options)

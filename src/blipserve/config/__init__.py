@@ -10,7 +10,7 @@ built, never at import time.
 """
 
 from blipserve.config.endpoint_jobs import JobsConfig
-from blipserve.config.fields import from_env, option
+from blipserve.config.fields import from_env, option, values_of
 from blipserve.config.jobs import (
     BatchConfig,
     FailureLimit,
@@ -53,4 +53,5 @@ __all__ = [
     "from_env",
     "option",
     "parse_storage_options",
+    "values_of",
 ]

@@ -63,6 +63,12 @@ def option(
     return field(default=default, metadata=metadata, repr=not secret)
 
 
+def values_of(config: Any) -> dict[str, Any]:
+    """A config dataclass's fields by name, as they are (``dataclasses.asdict`` would turn a
+    field that is a dataclass itself, ``--max-failures``' FailureLimit, into a dict)."""
+    return {f.name: getattr(config, f.name) for f in dataclasses.fields(config)}
+
+
 def takes_flag(f: dataclasses.Field[Any], command: str) -> bool:
     """Whether ``command`` has a flag for ``f`` (a field may be one command's only)."""
     only = f.metadata.get("commands")

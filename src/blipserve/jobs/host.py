@@ -26,7 +26,7 @@ from typing import Any
 from blipserve.batch.journal import ForeignOutput
 from blipserve.batch.options import BatchOptions, Summary, TooManyFailures
 from blipserve.batch.storage import Location, StorageError, locate
-from blipserve.config import Settings
+from blipserve.config import Settings, values_of
 from blipserve.contracts.batch_jobs import JobSpec
 from blipserve.errors import (
     BlipserveError,
@@ -264,9 +264,12 @@ class JobHost:
                 target=self._run, args=(job,), name=f"blipserve-job-{fresh.name[-8:]}", daemon=True
             )
             with self._lock:
+                if self._stopping:  # (stop() joins every thread it finds here: start none)
+                    self.table.release(record.name)
+                    return
                 self._running[fresh.name] = job
                 self._records[fresh.name] = fresh
-            job.thread.start()
+                job.thread.start()
             free -= 1
 
     # -- one job --------------------------------------------------------------------------------
@@ -337,7 +340,7 @@ class JobHost:
 
     def _options(self, record: JobRecord) -> BatchOptions:
         spec, batch = record.spec, self.settings.batch
-        values = dataclasses.asdict(batch) | {
+        values = values_of(batch) | {
             "input": record.input,
             "output": record.output,
             "params": spec.params,
@@ -364,6 +367,7 @@ class JobHost:
 
     def _counts_from(self, record: JobRecord, summary: Summary) -> None:
         record.done, record.failed, record.skipped = summary.done, summary.failed, summary.skipped
+        record.total = summary.done + summary.failed + summary.skipped  # (every input row)
         record.rows_per_s = round(summary.images_per_s, 3)
 
     def _end(self, record: JobRecord, status: str, code: str = "", message: str = "") -> None:

@@ -35,12 +35,26 @@ def resolve_job(host: JobHost, spec: JobSpec, name: str) -> JobRecord:
         exists = output.exists()
     except StorageError as exc:
         raise InvalidInput(f"{OUT}.Uri: {exc.message}") from None
+    if output.local:  # (a store has no folders: any name can hold an object)
+        _check_local_folders(output)
     if exists:
         raise Conflict(
             f"{OUT}.Uri: {quote(str(output), 200)} exists already; a job writes a new file "
             "(no job overwrites another's results)"
         )
     return JobRecord(name, spec, input=str(source), output=str(output))
+
+
+def _check_local_folders(output: Location) -> None:
+    """Refuse now an output whose folder cannot be made (a file in the way)."""
+    folder = output.parent
+    while folder.path not in ("", "/") and not folder.exists():
+        folder = folder.parent
+    if not folder.is_dir():
+        raise InvalidInput(
+            f"{OUT}.Uri: cannot write {quote(str(output), 200)}: {quote(str(folder), 200)} is "
+            "a file, not a folder"
+        )
 
 
 def _check_input(source: Location, spec: JobSpec) -> None:
