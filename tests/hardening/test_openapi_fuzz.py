@@ -12,6 +12,8 @@ runs ``BLIPSERVE_FUZZ_EXAMPLES`` (default 500) per operation and mode.
 
 from __future__ import annotations
 
+import base64
+import json
 import os
 import time
 from collections import Counter
@@ -56,11 +58,18 @@ OPERATIONS = [
     ("GET", "/v2/models/{model_name}"),
     ("GET", "/v2/models/{model_name}/ready"),
     ("POST", "/v2/models/{model_name}/infer"),
+    ("POST", "/jobs"),
+    ("GET", "/jobs"),
+    ("GET", "/jobs/{name}"),
+    ("POST", "/jobs/{name}/cancel"),
 ]
+# POST routes without a body (nothing for negative cases to break)
+BODILESS = {"/jobs/{name}/cancel"}
 # Routes open without the key (the others answer 401 without it).
 OPEN = {"/", "/ready", "/v2/health/live", "/v2/health/ready", "/v2/models/{model_name}/ready"}
-# The served model's name in the documented examples (always served under this alias).
-MODEL = {"model_name": "blipserve"}
+# The served model's name in the documented examples (always served under this alias),
+# and a job's
+PATH_PARAMETERS = {"model_name": "blipserve", "name": "batchjob-none"}
 # positive_data_acceptance is left out on purpose: a schema-valid body is not a valid
 # request here (any string is a valid 'image' for the schema, few strings are images).
 CHECKS = [
@@ -73,7 +82,20 @@ CHECKS = [
 
 
 @pytest.fixture(scope="module")
-def server(server_factory: Callable[..., RunningServer], controllable_model: Path) -> RunningServer:
+def jobs_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The batch endpoint's allowed root: an input folder of one image, a file that exists
+    (an output no job may take), and the jobs folder."""
+    root = tmp_path_factory.mktemp("jobs-root")
+    (root / "in").mkdir()
+    (root / "in" / "a.png").write_bytes(base64.b64decode(b64_png(0)))
+    (root / "taken.csv").write_text("id,text\n")
+    return root
+
+
+@pytest.fixture(scope="module")
+def server(
+    server_factory: Callable[..., RunningServer], controllable_model: Path, jobs_root: Path
+) -> RunningServer:
     # --no-allow-urls: the documented examples contain https://example.com/...; nothing here
     # may leave loopback. Small limits make the 413 path reachable for generated bodies.
     return server_factory(
@@ -89,6 +111,7 @@ def server(server_factory: Callable[..., RunningServer], controllable_model: Pat
         "0",
         "--max-queue",
         "4",
+        *("--jobs-dir", str(jobs_root / "jobs"), "--jobs-allow-root", str(jobs_root)),
     )
 
 
@@ -102,7 +125,7 @@ def fuzz(api: Any, server: RunningServer, method: str, path: str, examples: int)
     operation = api[path][method]
     statuses: Counter[int] = Counter()
     fuzz_mode(operation, GenerationMode.POSITIVE, CHECKS, server, examples, statuses)
-    if method == "POST":  # negative cases need something to break: a body
+    if method == "POST" and path not in BODILESS:  # negative cases need a body to break
         checks = [*CHECKS, negative_data_rejection]
         fuzz_mode(operation, GenerationMode.NEGATIVE, checks, server, examples, statuses)
     print(f"{method} {path}: {sum(statuses.values())} calls, statuses {dict(statuses)}")
@@ -159,7 +182,8 @@ def test_fuzz_operation_long(api: Any, server: RunningServer, method: str, path:
 def test_documented_examples_without_a_key(api: Any, server: RunningServer) -> None:
     """Each operation's documented example, sent without the key, is answered as documented."""
     for method, path in OPERATIONS:
-        case = api[path][method].Case(path_parameters=MODEL if "{model_name}" in path else None)
+        wanted = {k: v for k, v in PATH_PARAMETERS.items() if "{" + k + "}" in path}
+        case = api[path][method].Case(path_parameters=wanted or None)
         response = case.call(base_url=server.url, timeout=30)
         expected = 200 if path in OPEN else 401
         assert response.status_code == expected, (method, path, response.text)
@@ -192,6 +216,14 @@ def infer(*images: str, texts: list[str] | None = None) -> dict[str, Any]:
     return {"inputs": inputs, "parameters": {"max_new_tokens": 3}}
 
 
+def job(source: str, output: str | None = None, kind: str = "UriFolder") -> dict[str, Any]:
+    """A catalog invoke body; ``{root}`` in a URI is the fuzzed server's allowed root."""
+    props: dict[str, Any] = {"InputData": {"in": {"JobInputType": kind, "Uri": source}}}
+    if output is not None:
+        props["OutputData"] = {"out": {"JobOutputType": "UriFile", "Uri": output}}
+    return {"properties": props}
+
+
 INFER = "/v2/models/blipserve/infer"
 JSON = {"Content-Type": "application/json"}
 # Every status the routes document, provoked on purpose: (route, request, status).
@@ -219,6 +251,14 @@ PROVOKED: list[tuple[str, dict[str, Any], int]] = [
     (INFER, {"json": infer("x"), "headers": {"x-request-id": "i" * 101}}, 431),
     (INFER, {"json": infer(png_row(0)[0], texts=["boom"])}, 500),
     (INFER, {"json": infer(*(png_row(i)[0] for i in range(5)))}, 400),  # > --max-queue 4
+    ("/jobs", {"json": job("{root}/in")}, 202),
+    ("/jobs", {"json": job("{root}/in", kind="Literal")}, 400),
+    ("/jobs", {"json": job("{root}/in"), "headers": {"Authorization": "Bearer nope"}}, 401),
+    ("/jobs", {"json": job("/etc")}, 403),
+    ("/jobs", {"json": job("{root}/in", "{root}/taken.csv")}, 409),
+    ("/jobs", {"json": job("{root}/in" + "/x" * 40_000)}, 413),
+    ("/jobs", {"content": b"{}", "headers": {"Content-Type": "text/plain"}}, 415),
+    ("/jobs/batchjob-none/cancel", {}, 404),
 ]
 
 
@@ -228,9 +268,14 @@ PROVOKED: list[tuple[str, dict[str, Any], int]] = [
     ids=[f"{path}-{status}" for path, _, status in PROVOKED],
 )
 def test_every_documented_status_matches_the_document(
-    api: Any, server: RunningServer, path: str, request_kwargs: dict[str, Any], status: int
+    api: Any,
+    server: RunningServer,
+    jobs_root: Path,
+    path: str,
+    request_kwargs: dict[str, Any],
+    status: int,
 ) -> None:
-    provoke(api, server, path, dict(request_kwargs), status)
+    provoke(api, server, path, dict(request_kwargs), status, jobs_root)
 
 
 def test_deadline_504_matches_the_document(
@@ -280,17 +325,30 @@ def queued_rows(server: RunningServer, rows: int, timeout: float = 20) -> None:
 
 
 def provoke(
-    api: Any, server: RunningServer, path: str, request_kwargs: dict[str, Any], status: int
+    api: Any,
+    server: RunningServer,
+    path: str,
+    request_kwargs: dict[str, Any],
+    status: int,
+    root: Path | None = None,
 ) -> None:
     headers = {**AUTH, **request_kwargs.pop("headers", {})}
+    if "json" in request_kwargs and root is not None:  # (a job's URIs under the root)
+        text = json.dumps(request_kwargs["json"]).replace("{root}", str(root))
+        request_kwargs["json"] = json.loads(text)
     response = httpx.post(server.url + path, headers=headers, timeout=30, **request_kwargs)
     assert response.status_code == status, response.text
-    model = path.removeprefix("/v2/models/").removesuffix("/infer")
-    operation = api["/v2/models/{model_name}/infer" if model != path else path]["POST"]
-    case = operation.Case(
+    template, parameters = path, None
+    if path.startswith("/v2/models/"):
+        template = "/v2/models/{model_name}/infer"
+        parameters = {"model_name": path.removeprefix("/v2/models/").removesuffix("/infer")}
+    elif path.startswith("/jobs/"):
+        template = "/jobs/{name}/cancel"
+        parameters = {"name": path.split("/")[2]}
+    case = api[template]["POST"].Case(
         body=request_kwargs.get("json"),
         media_type="application/json",
-        path_parameters={"model_name": model} if model != path else None,
+        path_parameters=parameters,
     )
     # 500/503/504 are provoked on purpose here: only conformance to the document counts.
     case.validate_response(response, checks=CHECKS[1:])

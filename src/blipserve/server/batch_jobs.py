@@ -20,7 +20,14 @@ from blipserve.contracts.batch_jobs import parse_job_request
 from blipserve.errors import InvalidInput, JobNotFound
 from blipserve.jobs.table import JobRecord
 from blipserve.server.http import check_auth, read_json_body
-from blipserve.server.openapi import JOB_ERROR_DESCRIPTIONS, json_errors
+from blipserve.server.openapi_jobs import (
+    CANCEL_RESPONSES,
+    JOB_RESPONSES,
+    LIST_OPENAPI,
+    LIST_RESPONSES,
+    START_JOB_OPENAPI,
+    START_JOB_RESPONSES,
+)
 
 if TYPE_CHECKING:
     from blipserve.jobs.host import JobHost
@@ -68,12 +75,24 @@ def _iso(stamp: float | None) -> str | None:
     return datetime.datetime.fromtimestamp(stamp, datetime.UTC).isoformat(timespec="seconds")
 
 
+def _count(request: Request, name: str, default: int, low: int, high: int | None) -> int:
+    """A query parameter that counts jobs (a 400 naming it, not FastAPI's 422)."""
+    raw = request.query_params.get(name)
+    if raw is None:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        value = low - 1
+    if value < low or (high is not None and value > high):
+        limits = f"{low} to {high}" if high is not None else f"at least {low}"
+        raise InvalidInput(f"{name}: a whole number, {limits}; got {raw[:20]!r}")
+    return value
+
+
 def batch_jobs_router(state: ServerState) -> APIRouter:
     router = APIRouter(tags=["batch endpoint"])
     keys = state.server.api_keys
-    errors = json_errors(400, 401, 403, 404, 409, 413, 429)
-    for status in (400, 403, 404, 409, 429):  # (the /jobs meaning of each)
-        errors[status]["description"] = JOB_ERROR_DESCRIPTIONS[status]
 
     def host() -> JobHost:
         if state.jobs is None:
@@ -86,8 +105,9 @@ def batch_jobs_router(state: ServerState) -> APIRouter:
     @router.post(
         "/jobs",
         status_code=202,
-        summary="Start a batch job (the catalog's invoke)",
-        responses=errors,
+        summary="Start a batch job (the catalog's invoke body)",
+        responses=START_JOB_RESPONSES,
+        openapi_extra=START_JOB_OPENAPI,
     )
     async def start_job(request: Request) -> JSONResponse:
         check_auth(request, keys)
@@ -98,12 +118,17 @@ def batch_jobs_router(state: ServerState) -> APIRouter:
             encode_job(record), status_code=202, headers={"Location": f"/jobs/{record.name}"}
         )
 
-    @router.get("/jobs", summary="Batch jobs, newest first", responses=errors)
-    async def list_jobs(request: Request, top: int = 20, skip: int = 0) -> JSONResponse:
+    @router.get(
+        "/jobs",
+        summary="Batch jobs, newest first",
+        responses=LIST_RESPONSES,
+        openapi_extra=LIST_OPENAPI,
+    )
+    async def list_jobs(request: Request) -> JSONResponse:
         check_auth(request, keys)
         jobs = host()
-        if not 1 <= top <= MAX_PAGE or skip < 0:
-            raise InvalidInput(f"top: 1 to {MAX_PAGE}, skip: at least 0; got {top} and {skip}")
+        top = _count(request, "top", 20, 1, MAX_PAGE)
+        skip = _count(request, "skip", 0, 0, None)
         records = await asyncio.to_thread(jobs.jobs)
         page = records[skip : skip + top]
         more = skip + top < len(records)
@@ -115,12 +140,12 @@ def batch_jobs_router(state: ServerState) -> APIRouter:
             }
         )
 
-    @router.get("/jobs/{name}", summary="A batch job now", responses=errors)
+    @router.get("/jobs/{name}", summary="A batch job now", responses=JOB_RESPONSES)
     async def get_job(request: Request, name: str) -> JSONResponse:
         check_auth(request, keys)
         return JSONResponse(encode_job(await asyncio.to_thread(host().get, name)))
 
-    @router.post("/jobs/{name}/cancel", summary="Cancel a batch job", responses=errors)
+    @router.post("/jobs/{name}/cancel", summary="Cancel a batch job", responses=CANCEL_RESPONSES)
     async def cancel_job(request: Request, name: str) -> JSONResponse:
         check_auth(request, keys)
         return JSONResponse(encode_job(await asyncio.to_thread(host().cancel, name)))

@@ -91,7 +91,7 @@ class ChatRequestSchema(BaseModel):
     stream_options: StreamOptionsSchema | None = Field(None, description="only with stream")
 
 
-def _request_body(model: type[BaseModel], examples: dict[str, Any]) -> dict[str, Any]:
+def request_body(model: type[BaseModel], examples: dict[str, Any]) -> dict[str, Any]:
     schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
     defs = schema.pop("$defs", {})
     return {
@@ -104,7 +104,7 @@ def _request_body(model: type[BaseModel], examples: dict[str, Any]) -> dict[str,
     }
 
 
-SCORE_OPENAPI = _request_body(
+SCORE_OPENAPI = request_body(
     ScoreRequestSchema,
     {
         "caption": {
@@ -131,7 +131,7 @@ SCORE_OPENAPI = _request_body(
     },
 )
 
-CHAT_OPENAPI = _request_body(
+CHAT_OPENAPI = request_body(
     ChatRequestSchema,
     {
         "question": {
@@ -170,14 +170,6 @@ ERROR_DESCRIPTIONS = {
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     status: {"model": ErrorBodySchema, "description": description}
     for status, description in ERROR_DESCRIPTIONS.items()
-}
-# the batch endpoint's own (/jobs)
-JOB_ERROR_DESCRIPTIONS = {
-    400: "Bad body; the message names the field (properties.InputData..., a URI, ...)",
-    403: "A URI outside the folders the server lets jobs use (--jobs-allow-root)",
-    404: "No such job (or batch jobs are off: --jobs-dir)",
-    409: "The output exists already, another job writes it, or the job has ended",
-    429: "As many jobs queued and running as the server takes (see Retry-After)",
 }
 CHAT_RESPONSES: dict[int | str, dict[str, Any]] = {
     200: {
@@ -326,7 +318,7 @@ def v2_errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
 
 
 _BINARY = {"schema": {"type": "string", "format": "binary"}}
-INFER_OPENAPI = _request_body(
+INFER_OPENAPI = request_body(
     InferRequestSchema,
     {
         "caption": {
@@ -361,7 +353,7 @@ INFER_RESPONSES: dict[int | str, dict[str, Any]] = {
 }
 
 
-def json_errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
+def json_errors(*statuses: int, **descriptions: str) -> dict[int | str, dict[str, Any]]:
     """Error responses documented as JSON on a route whose own answer is not JSON.
 
     (With ``model``, FastAPI would document them in the route's media type, e.g. text/plain.)
@@ -369,7 +361,7 @@ def json_errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
     schema = ErrorBodySchema.model_json_schema()
     return {
         status: {
-            "description": (JOB_ERROR_DESCRIPTIONS | ERROR_DESCRIPTIONS)[status],
+            "description": descriptions.get(f"s{status}") or ERROR_DESCRIPTIONS[status],
             "content": {"application/json": {"schema": schema}},
         }
         for status in statuses
