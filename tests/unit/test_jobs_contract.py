@@ -3,6 +3,7 @@ the field, nothing outside the allowed roots, no credentials kept."""
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import pytest
@@ -169,3 +170,47 @@ def test_only_under_the_allowed_roots(tmp_path: Any) -> None:
                 r.locate(refused, "w")
     with pytest.raises(Forbidden):
         resolver().locate(str(allowed / "in"), "w")  # no root: nothing allowed
+
+
+@pytest.mark.parametrize(
+    ("uri", "says"),
+    [
+        ("/r/in/{..,a}/{..,a}/secret/s.tar", "'..' segments"),
+        ("/r/in/.{,x}./s.tar", "'..' segments"),
+        ("az://data/batch/{0..999}{0..999}.tar", "more than 100000 files"),
+        ("/r/in/{a,b", "unbalanced braces"),
+    ],
+)
+def test_brace_patterns_are_checked_as_what_they_expand_to(uri: str, says: str) -> None:
+    with pytest.raises(InvalidInput, match=re.escape(says)):
+        resolver("/r", "az://data").url(uri, "w")
+    assert resolver().url("/r/in/{00000..00009}.tar", "w") == "/r/in/{00000..00009}.tar"
+
+
+def test_store_paths_with_dot_segments_match_no_root() -> None:
+    r = resolver("s3://allowed")
+    assert r.allowed("s3://allowed/x.jpg")
+    assert not r.allowed("s3://allowed/../other/x.jpg")
+    assert not r.allowed("s3://allowed/./x.jpg")
+
+
+def test_the_job_table_is_no_jobs_even_under_a_root(tmp_path: Any) -> None:
+    r = UriResolver({}, (str(tmp_path),), {}, (str(tmp_path / "jobs" / "jobs"),), env={})
+    assert r.allowed(str(tmp_path / "data" / "x.jpg"))
+    assert not r.allowed(str(tmp_path / "jobs" / "jobs" / "batchjob-1.json"))
+    assert not r.guard.allowed(str(tmp_path / "jobs" / "jobs" / "batchjob-1.json"))
+
+
+def test_blob_urls_need_the_servers_account() -> None:
+    with pytest.raises(Forbidden, match="names no account"):
+        resolver().url("https://acct.blob.core.windows.net/data/in", "w")
+    assert resolver(account_name="ACCT").url("https://acct.blob.core.windows.net/c/p", "w") == (
+        "az://c/p"
+    )
+
+
+def test_a_datastore_may_be_named_by_its_https_url() -> None:
+    r = UriResolver(
+        {"ws": "https://acct.blob.core.windows.net/data"}, (), {"account_name": "acct"}, env={}
+    )
+    assert r.url("azureml://datastores/ws/paths/in/", "w") == "az://data/in/"

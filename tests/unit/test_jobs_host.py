@@ -17,7 +17,7 @@ from blipserve.batch.storage import StorageError
 from blipserve.config import FailureLimit, Settings
 from blipserve.contracts.batch_jobs import JobSpec
 from blipserve.errors import Conflict, Forbidden, InvalidInput, JobNotFound, TooManyJobs
-from blipserve.jobs import host as host_module
+from blipserve.jobs import worker as worker_module
 from blipserve.jobs.host import JobHost
 from blipserve.jobs.table import JobTable
 
@@ -213,7 +213,7 @@ def test_two_servers_never_run_one_job(folders: dict[str, Path], hosts: list[Job
 def test_a_storage_error_is_retried_then_fails(
     folders: dict[str, Path], hosts: list[JobHost], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(host_module, "RETRY_WAIT_S", 0.01)
+    monkeypatch.setattr(worker_module, "RETRY_WAIT_S", 0.01)
     run = StandIn()
     run.go.set()
     run.fail_with = [StorageError("cannot read az://x: ServiceUnavailable")]
@@ -265,3 +265,83 @@ def test_the_servers_batch_settings_and_the_jobs_own_reach_it(
     assert options.guard is not None
     assert options.guard.allowed(str(data / "in" / "a.jpg"))
     assert not options.guard.allowed(str(folders["outside"] / "x.jpg"))
+
+
+def test_a_cancel_on_one_server_stops_the_job_on_another(
+    folders: dict[str, Path], hosts: list[JobHost]
+) -> None:
+    runs = StandIn()
+    runner = new_host(hosts, folders, runs)
+    asked = JobHost(settings(folders))  # (a second server that runs nothing: it only answers)
+    job = runner.submit(spec(folders, "o1"))
+    runs.wait_started(1)
+    assert asked.cancel(job.name).status == "CancelRequested"
+    wait_status(runner, job.name, "Canceled")
+    assert asked.get(job.name).status == "Canceled"
+
+
+def test_a_queued_job_left_by_a_stopped_server_cancels_at_once(
+    folders: dict[str, Path], hosts: list[JobHost]
+) -> None:
+    run = StandIn()
+    host = new_host(hosts, folders, run)
+    first = host.submit(spec(folders, "o1"))
+    run.wait_started(1)
+    host.stop(timeout=5)  # (its job back in the queue, its record naming this server)
+    assert host.table.load(first.name).server is not None  # type: ignore[union-attr]
+    busy = StandIn()
+    successor = new_host(hosts, folders, busy)
+    second = successor.submit(spec(folders, "o2", "in2"))  # runs after the first
+    busy.wait_started(1)
+    canceled = successor.cancel(second.name)
+    assert canceled.status == "Canceled"  # nobody ran it: ended at once
+    busy.go.set()
+    wait_status(successor, first.name, "Completed")
+    assert [str(o.output) for o in busy.started] == [first.output]
+
+
+def test_two_jobs_never_write_one_output_at_once(
+    folders: dict[str, Path], hosts: list[JobHost]
+) -> None:
+    one, two = StandIn(), StandIn()
+    first, second = new_host(hosts, folders, one), new_host(hosts, folders, two)
+    a = first.submit(spec(folders, "same"))
+    one.wait_started(1)
+    b = second.submit(spec(folders, "same", "in2"))  # (the first server's job is not its)
+    time.sleep(3)
+    assert two.started == []  # the output's lease is held: it waits
+    one.go.set()
+    two.go.set()
+    wait_status(second, b.name, "Completed", timeout=20)
+    assert first.get(a.name).status == "Completed"
+
+
+def test_restarts_do_not_use_up_the_retries(
+    folders: dict[str, Path], hosts: list[JobHost], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(worker_module, "RETRY_WAIT_S", 0.01)
+    run = StandIn()
+    host = new_host(hosts, folders, run, job_retries=1)
+    job = host.submit(spec(folders, "o1"))
+    run.wait_started(1)
+    host.stop(timeout=5)
+    again = StandIn()
+    again.fail_with = [StorageError("cannot read az://x: for a moment")]
+    again.go.set()
+    successor = new_host(hosts, folders, again, job_retries=1)
+    wait_status(successor, job.name, "Completed")
+    assert successor.get(job.name).attempts == 3  # (shown: every start)
+
+
+def test_a_job_takes_only_the_servers_settings_meant_for_every_job(
+    folders: dict[str, Path],
+) -> None:
+    from blipserve.jobs.table import JobRecord
+    from blipserve.jobs.worker import job_options
+
+    batch = {"sidecar": ".txt", "filter_model": "x/y", "overwrite": True, "chunk_rows": 5}
+    server = settings(folders, batch)
+    record = JobRecord("batchjob-x", spec(folders), "/in", "/out.jsonl")
+    options = job_options(server, record, guard=None)  # type: ignore[arg-type]
+    assert (options.sidecar, options.filter_model, options.overwrite) == (None, None, False)
+    assert options.chunk_rows == 5

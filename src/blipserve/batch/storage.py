@@ -19,6 +19,7 @@ import os
 import posixpath
 import re
 import tempfile
+import uuid
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import IO, Any
@@ -159,7 +160,8 @@ class Location:
         """
         if self.local:
             self.parent.mkdirs()
-            tmp = self.with_name(f".{self.name}.tmp").path
+            # (a name of its own: two writers of one file never share a temporary one)
+            tmp = self.with_name(f".{self.name}.{uuid.uuid4().hex[:12]}.tmp").path
         else:
             handle, tmp = tempfile.mkstemp(prefix="blipserve-", suffix=".part")
             os.close(handle)

@@ -93,7 +93,7 @@ def parse_job_request(body: object) -> JobSpec:
     in_uri, in_type = _one(props, "InputData", "JobInputType")
     out_uri: str | None = None
     out_type: UriType | None = None
-    if props.get("OutputData") is not None:
+    if props.get("OutputData") not in (None, {}):  # (empty: none, the server's default)
         out_uri, out_type = _one(props, "OutputData", "JobOutputType")
     return JobSpec(in_uri, in_type, out_uri, out_type, _overrides(props.get("blipserve")))
 

@@ -239,6 +239,8 @@ class OnlineQueue:
             try:
                 return work.future.result(timeout=0.2)
             except concurrent.futures.TimeoutError:
+                if not self.alive:  # (the model thread is gone: nobody will run them)
+                    raise JobStopped("the model thread is not running") from None
                 if cancelled is not None and cancelled.is_set():
                     with self._cond:
                         if work in self._behind:

@@ -13,7 +13,7 @@ from blipserve.config import Settings
 from blipserve.engine import Engine
 from blipserve.engine.online_queue import OnlineQueue
 from blipserve.jobs.behind import BehindRequests
-from blipserve.jobs.host import RunJob
+from blipserve.jobs.worker import RunJob
 
 
 def on_engine(engine: Engine, queue: OnlineQueue) -> RunJob:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from blipserve.batch.shards import is_pattern
+from blipserve.batch.shards import check_text_from, is_pattern
 from blipserve.batch.sinks import infer_format
 from blipserve.batch.sources import check_input
 from blipserve.batch.storage import Location, StorageError, locate
@@ -23,26 +23,40 @@ def resolve_job(host: JobHost, spec: JobSpec, name: str) -> JobRecord:
     """The record of a new job named ``name``; raises what is wrong with ``spec``."""
     source = host.resolver.locate(spec.input_uri, f"{IN}.Uri")
     _check_input(source, spec)
-    output = _output(host, spec, name)
     try:
-        infer_format(output, spec.overrides.get("format"))
-    except InvalidInput:
-        raise InvalidInput(
-            f"{OUT}: cannot tell the format of {quote(str(output), 200)} from its name; set "
-            f"properties.blipserve.format ({', '.join(FORMATS)})"
-        ) from None
+        check_text_from(spec.overrides.get("text_from"))
+    except InvalidInput as exc:
+        raise InvalidInput(f"properties.blipserve.text_from: {exc.message}") from None
+    output = _output(host, spec, name)
+    shards_out = spec.overrides.get("format") == "webdataset"
+    if not shards_out:
+        try:
+            infer_format(output, spec.overrides.get("format"))
+        except InvalidInput:
+            raise InvalidInput(
+                f"{OUT}: cannot tell the format of {quote(str(output), 200)} from its name; "
+                f"set properties.blipserve.format ({', '.join(FORMATS)})"
+            ) from None
     try:
         exists = output.exists()
-    except StorageError as exc:
-        raise InvalidInput(f"{OUT}.Uri: {exc.message}") from None
-    if output.local:  # (a store has no folders: any name can hold an object)
-        _check_local_folders(output)
-    if exists:
+        if output.local:  # (a store has no folders: any name can hold an object)
+            _check_local_folders(output)
+    except (StorageError, OSError) as exc:
+        raise _unusable(f"{OUT}.Uri", exc) from None
+    if exists and not shards_out:  # (captioned shards: written ones are kept, never redone)
         raise Conflict(
             f"{OUT}.Uri: {quote(str(output), 200)} exists already; a job writes a new file "
             "(no job overwrites another's results)"
         )
     return JobRecord(name, spec, input=str(source), output=str(output))
+
+
+def _unusable(where: str, exc: Exception) -> InvalidInput | Forbidden:
+    """A store's or a disk's refusal as the field's 4xx (403 for a permission)."""
+    if isinstance(exc, PermissionError):
+        return Forbidden(f"{where}: the server's credentials may not use it: {exc}")
+    message = exc.message if isinstance(exc, StorageError) else f"{type(exc).__name__}: {exc}"
+    return InvalidInput(f"{where}: {message}")
 
 
 def _check_local_folders(output: Location) -> None:
@@ -73,8 +87,8 @@ def _check_input(source: Location, spec: JobSpec) -> None:
                 f"{where}: {quote(str(source), 200)} is a folder; its JobInputType is "
                 "UriFile (use UriFolder)"
             )
-    except StorageError as exc:  # no such store, bad credentials, unreachable
-        raise InvalidInput(f"{where}: {exc.message}") from None
+    except (StorageError, OSError) as exc:  # no such store, bad credentials, unreachable
+        raise _unusable(where, exc) from None
     except InvalidInput as exc:
         if exc.message.startswith(where):
             raise
@@ -97,7 +111,9 @@ def _output(host: JobHost, spec: JobSpec, name: str) -> Location:
             )
         return place
     place = host.resolver.locate(spec.output_uri, f"{OUT}.Uri")
-    return place.child(file_name) if spec.output_type == "UriFolder" else place
+    if spec.output_type == "UriFile" or spec.overrides.get("format") == "webdataset":
+        return place  # (captioned shards go into the folder itself)
+    return place.child(file_name)
 
 
 __all__ = ["resolve_job"]

@@ -2,7 +2,9 @@
 an object-store URL), so jobs outlive the server that took them.
 
 ``DIR/jobs/NAME.json`` is the record (replaced whole, atomically, at each change);
-``DIR/leases/NAME`` says which server runs the job.  On a local (or NFS) folder the lease
+``DIR/leases/NAME`` says which server runs the job (``DIR/leases/output-HASH``, which job
+writes an output); ``DIR/cancels/NAME`` asks the server running a job to cancel it.
+On a local (or NFS) folder the lease
 is an OS lock (``flock``) the running server holds: a killed server's lock is gone with it,
 and no two servers ever hold one.  In an object store it is an object naming its holder
 and an expiry, renewed while the job runs: a killed server's lease expires
@@ -93,8 +95,9 @@ class JobTable:
         self.server_id = server_id or f"{os.uname().nodename}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self._records = folder.child("jobs")
         self._leases = folder.child("leases")
-        self._records.mkdirs()
-        self._leases.mkdirs()
+        self._cancels = folder.child("cancels")
+        for where in (self._records, self._leases, self._cancels):
+            where.mkdirs()
         self._locks: dict[str, IO[bytes]] = {}  # local leases held: name -> open lock file
 
     # -- records ------------------------------------------------------------------------------
@@ -126,6 +129,18 @@ class JobTable:
     def forget(self, name: str) -> None:
         self._records.child(f"{name}.json").remove()
         self._leases.child(name).remove()
+        self.clear_cancel(name)
+
+    # -- cancel requests (a marker the server running the job reads) -------------------------
+
+    def request_cancel(self, name: str) -> None:
+        self._cancels.child(name).write_bytes(b"")
+
+    def cancel_requested(self, name: str) -> bool:
+        return self._cancels.child(name).exists()
+
+    def clear_cancel(self, name: str) -> None:
+        self._cancels.child(name).remove()
 
     # -- leases -------------------------------------------------------------------------------
 

@@ -42,18 +42,15 @@ class AllowedRoots:
     :class:`~blipserve.batch.options.PathGuard` (picklable: it travels to Ray actors)."""
 
     roots: tuple[str, ...]
+    denied: tuple[str, ...] = ()  # (under an allowed root, but no job's: the job table)
 
     def allowed(self, url: str | Location) -> bool:
         """Whether ``url`` is one of the roots or under one (local paths with their links
-        resolved: a link out of a root is out of it)."""
-        family, path = _key(str(url))
-        for root in self.roots:
-            root_family, top = _key(root)
-            if root_family != family:
-                continue
-            if path == top or path.startswith(top.rstrip("/") + "/"):
-                return True
-        return False
+        resolved: a link out of a root is out of it), and under no denied folder."""
+        key = _key(str(url))
+        return any(_under(key, root) for root in self.roots) and not any(
+            _under(key, folder) for folder in self.denied
+        )
 
 
 @dataclass(frozen=True)
@@ -63,6 +60,7 @@ class UriResolver:
     datastores: Mapping[str, str]
     roots: Sequence[str]
     storage_options: Mapping[str, Any]
+    private: Sequence[str] = ()  # folders under a root that no job may use
     env: Mapping[str, str] = field(default_factory=lambda: os.environ)
 
     def url(self, uri: str, where: str) -> str:
@@ -89,6 +87,7 @@ class UriResolver:
         path = url.split("://", 1)[-1]
         if ".." in path.split("/"):
             raise InvalidInput(f"{where}: a URI may not hold '..' segments")
+        _check_pattern(path, where)
         return url
 
     def locate(self, uri: str, where: str) -> Location:
@@ -103,7 +102,7 @@ class UriResolver:
 
     @property
     def guard(self) -> AllowedRoots:
-        return AllowedRoots(tuple(self.roots))
+        return AllowedRoots(tuple(self.roots), tuple(self.private))
 
     def allowed(self, url: str | Location) -> bool:
         return self.guard.allowed(url)
@@ -121,10 +120,11 @@ class UriResolver:
         if not segments:
             raise InvalidInput(f"{where}: the URL names no container")
         mine = self._configured_account()
-        if mine is not None and mine != account:
+        if mine is None or mine.lower() != account.lower():
+            reads = f"it reads {quote(mine, 30)}" if mine else "it names no account"
             raise Forbidden(
                 f"{where}: this server has no credentials for storage account "
-                f"{quote(account, 30)} (it reads {quote(mine, 30)})"
+                f"{quote(account, 30)} ({reads})"
             )
         return f"{protocol}://{'/'.join(segments)}"
 
@@ -170,17 +170,51 @@ class UriResolver:
             raise InvalidInput(
                 f"{where}: unknown datastore {quote(name, 60)}; this server knows {known}"
             )
-        return posixpath.join(self.datastores[name], path) if path else self.datastores[name]
+        target = self.url(self.datastores[name], f"--datastore {name}")  # (its https form too)
+        return posixpath.join(target, path) if path else target
+
+
+def _under(key: tuple[str, str], root: str) -> bool:
+    family, top = _key(root)
+    path = key[1]
+    return family == key[0] and (path == top or path.startswith(top.rstrip("/") + "/"))
 
 
 def _key(url: str) -> tuple[str, str]:
-    """(store, normalized path) of a URL or a local path, to compare with a root's."""
+    """(store, path) of a URL or a local path, to compare with a root's.  A store's path
+    with '.' or '..' segments matches nothing (stores do not resolve them: the text is
+    the key)."""
     if "://" in url and not url.lower().startswith("file://"):
         scheme, rest = url.split("://", 1)
         family = _FAMILY.get(scheme.lower(), scheme.lower())
-        return family, posixpath.normpath("/" + rest.strip("/"))
+        segments = rest.strip("/").split("/")
+        if any(s in (".", "..") for s in segments):
+            return "refused", ""
+        return family, "/" + "/".join(s for s in segments if s)
     path = url[len("file://") :] if url.lower().startswith("file://") else url
     return "file", os.path.realpath(os.path.expanduser(path))
+
+
+MAX_PATTERN_FILES = 100_000
+
+
+def _check_pattern(path: str, where: str) -> None:
+    """A brace pattern (WebDataset shards) is checked as what it expands to: at most
+    MAX_PATTERN_FILES paths, none with a '.' or '..' segment (none leads out of a root)."""
+    if "{" not in path and "}" not in path:
+        return
+    from braceexpand import braceexpand
+
+    try:
+        for count, each in enumerate(braceexpand(path), 1):
+            if count > MAX_PATTERN_FILES:
+                raise InvalidInput(
+                    f"{where}: the pattern names more than {MAX_PATTERN_FILES} files"
+                )
+            if any(segment in (".", "..") for segment in each.split("/")):
+                raise InvalidInput(f"{where}: a pattern may not lead to '.' or '..' segments")
+    except ValueError:  # (braceexpand's UnbalancedBracesError)
+        raise InvalidInput(f"{where}: unbalanced braces in the pattern") from None
 
 
 def _shown(url: str) -> str:

@@ -35,7 +35,8 @@ from blipserve.errors import (
     RowError,
 )
 from blipserve.jobs import runners
-from blipserve.jobs.host import JobHost, RunJob
+from blipserve.jobs.host import JobHost
+from blipserve.jobs.worker import RunJob
 from blipserve.server.batch_jobs import batch_jobs_router
 from blipserve.server.chat_stream import stream_chat
 from blipserve.server.docs import serve_docs
