@@ -413,3 +413,29 @@ def test_a_tables_image_paths_stay_under_the_allowed_roots(
     assert [bool(r["error"]) for r in rows] == [False, True, True, True]
     for row in rows[1:]:
         assert "outside the folders this server lets jobs read" in row["error"], row
+
+
+def test_summary_only_keeps_the_counts_and_writes_nothing_of_the_clients(
+    tiny_model_dir: dict[str, Path], tmp_path: Path, serve: Callable[..., RunningServer]
+) -> None:
+    """The catalog's output_action summary_only, and a folder input whose table links out
+    of the allowed root (a failed row: nothing of it is read)."""
+    data = write(tmp_path / "data" / "in", catalog_tables()).parent
+    outside = tmp_path / "private"
+    outside.mkdir()
+    (outside / "rows.csv").write_text("image\n/etc/hostname\n")
+    (data / "in" / "zz-link.csv").symlink_to(outside / "rows.csv")
+    server = serve(
+        tiny_model_dir["blip-caption"],
+        tmp_path / "jobs",
+        str(data),
+        flags=("--output-action", "summary_only"),
+    )
+    answer = invoke(server, str(data / "in"), str(data / "out" / "predictions.csv"))
+    assert answer.status_code == 202, answer.text
+    done = poll(server, answer.json()["id"])
+    assert done["properties"]["status"] == "Completed", done
+    progress = done["properties"]["progress"]
+    assert (progress["rowsDone"], progress["rowsFailed"]) == (6, 2)  # (a bad cell, the link)
+    assert done["properties"]["outputFile"] is None
+    assert not (data / "out").exists()

@@ -337,11 +337,12 @@ def test_a_job_takes_only_the_servers_settings_meant_for_every_job(
     folders: dict[str, Path],
 ) -> None:
     from blipserve.jobs.table import JobRecord
+    from blipserve.jobs.uris import AllowedRoots
     from blipserve.jobs.worker import job_options
 
     batch = {"sidecar": ".txt", "filter_model": "x/y", "overwrite": True, "chunk_rows": 5}
     server = settings(folders, batch)
     record = JobRecord("batchjob-x", spec(folders), "/in", "/out.jsonl")
-    options = job_options(server, record, guard=None)  # type: ignore[arg-type]
+    options = job_options(server, record, AllowedRoots((str(folders["data"]),)))
     assert (options.sidecar, options.filter_model, options.overwrite) == (None, None, False)
     assert options.chunk_rows == 5

@@ -156,6 +156,7 @@ class JobBook:
             sidecar=o.sidecar,
             text_from=o.text_from,
             skip_shard=shards.is_written if shards and not o.overwrite else None,
+            allowed=o.guard.allowed if o.guard else None,
         )
         for row in iter_rows(self.input, how):
             skip = self._skip(row, done)
@@ -177,7 +178,8 @@ class JobBook:
         """For a job whose input is only WebDataset shards, each shard still to read, for
         workers that read (and write) shards themselves: Ray actors.  None for any other
         input (:meth:`todo` reads it).  Opens the journal."""
-        shards = shard_list(self.input, self._written())
+        guard = self.options.guard
+        shards = shard_list(self.input, self._written(), guard.allowed if guard else None)
         if not shards:
             return None
         done = self._open(preload=False)

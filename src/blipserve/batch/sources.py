@@ -40,12 +40,14 @@ class ReadOptions:
     job's own outputs); ``sidecar``: the caption files' suffix, so that images with one
     are marked and the caption files themselves are never read as inputs; ``text_from``:
     a shard sample's text (``txt`` or ``json:FIELD``); ``skip_shard``: shards (by name)
-    not to read at all (their output is written already)."""
+    not to read at all (their output is written already); ``allowed``: the files a job may
+    read (a table or shard in a folder that links elsewhere is a failed row)."""
 
     exclude: frozenset[str] = frozenset()
     sidecar: str | None = None
     text_from: str | None = None
     skip_shard: Callable[[str], bool] | None = None
+    allowed: Callable[[str], bool] | None = None
 
 
 def iter_rows(
@@ -101,7 +103,11 @@ def shard_locations(root: Location) -> list[tuple[str, Location]]:
     return out
 
 
-def shard_list(root: Location, exclude: frozenset[str] = frozenset()) -> list[tuple[str, Location]]:
+def shard_list(
+    root: Location,
+    exclude: frozenset[str] = frozenset(),
+    allowed: Callable[[str], bool] | None = None,
+) -> list[tuple[str, Location]]:
     """(name, location) of each shard of an input made only of shards (a pattern, a .tar,
     or a folder of them), in the order :func:`iter_rows` reads them; empty when the input
     holds anything else (images or tables), which only :func:`iter_rows` reads."""
@@ -115,6 +121,9 @@ def shard_list(root: Location, exclude: frozenset[str] = frozenset()) -> list[tu
         if suffix in IMAGE_EXTENSIONS or suffix in TABLE_EXTENSIONS:
             return []
         if suffix in SHARD_EXTENSIONS and str(where) not in exclude:
+            if allowed and not allowed(str(where)):
+                log.warning("skipping %s: it leads outside the folders this job may read", where)
+                continue
             out.append((where.relative_to(root) or where.name, where))
     return out
 
@@ -196,6 +205,10 @@ def _iter_folder(root: Location, how: ReadOptions) -> Iterator[InputRow]:
         if suffix in IMAGE_EXTENSIONS:
             has = bool(sidecar) and sidecar_name(where.name, sidecar or "") in siblings
             yield InputRow(id=rel, image=str(where), path=str(where), source=rel, has_sidecar=has)
+        elif how.allowed and not how.allowed(str(where)):  # (images: judged when read)
+            if suffix in TABLE_EXTENSIONS or suffix in SHARD_EXTENSIONS:
+                error = f"'{where}' leads outside the folders this job may read"
+                yield InputRow(id=rel, image=str(where), source=rel, error=error)
         elif suffix in TABLE_EXTENSIONS:
             if (
                 sidecar

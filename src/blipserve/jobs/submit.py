@@ -48,7 +48,8 @@ def resolve_job(host: JobHost, spec: JobSpec, name: str) -> JobRecord:
             f"{OUT}.Uri: {quote(str(output), 200)} exists already; a job writes a new file "
             "(no job overwrites another's results)"
         )
-    return JobRecord(name, spec, input=str(source), output=str(output))
+    summary_only = host.config.output_action == "summary_only"
+    return JobRecord(name, spec, str(source), str(output), summary_only=summary_only)
 
 
 def _unusable(where: str, exc: Exception) -> InvalidInput | Forbidden:

@@ -68,6 +68,7 @@ class JobRecord:
     attempts: int = 0
     error: dict[str, str] | None = None
     server: str | None = None  # the server running it, last it said
+    summary_only: bool = False  # (output_action: results in the jobs folder, not shown)
     updated: float = field(default_factory=time.time)
 
     @property
@@ -127,6 +128,7 @@ class JobTable:
         return [n[: -len(".json")] for n in names if n.endswith(".json") and n[0] != "."]
 
     def forget(self, name: str) -> None:
+        self.folder.child("work").child(name).remove(recursive=True)  # (summary_only's)
         self._records.child(f"{name}.json").remove()
         self._leases.child(name).remove()
         self.clear_cancel(name)

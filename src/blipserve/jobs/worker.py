@@ -11,12 +11,13 @@ from collections.abc import Callable
 from typing import Any
 
 from blipserve.batch.journal import ForeignOutput
-from blipserve.batch.options import BatchOptions, PathGuard, Summary, TooManyFailures
+from blipserve.batch.options import BatchOptions, Summary, TooManyFailures
 from blipserve.batch.storage import StorageError
 from blipserve.config import Settings
 from blipserve.errors import BlipserveError, InvalidInput, JobStopped
 from blipserve.jobs import table as t
 from blipserve.jobs.table import JobRecord
+from blipserve.jobs.uris import AllowedRoots
 
 log = logging.getLogger(__name__)
 
@@ -38,10 +39,12 @@ SERVER_OPTIONS = (
 JOB_OPTIONS = ("format", "text_from", "prompt", "caption_key", "retry_errors")
 
 
-def job_options(settings: Settings, record: JobRecord, guard: PathGuard) -> BatchOptions:
+def job_options(settings: Settings, record: JobRecord, guard: AllowedRoots) -> BatchOptions:
     """The ``blipserve batch`` options of a hosted job: the server's settings that apply to
-    every job, the job's own, and ``guard`` (only files under the allowed roots)."""
+    every job, the job's own, and ``guard`` (only files under the allowed roots, and its
+    output, checked when the job was taken: summary_only's is the server's own)."""
     batch, spec = settings.batch, record.spec
+    guard = AllowedRoots((*guard.roots, record.output), guard.denied)
     values: dict[str, Any] = {name: getattr(batch, name) for name in SERVER_OPTIONS}
     values.update({name: spec.overrides[name] for name in JOB_OPTIONS if name in spec.overrides})
     try:

@@ -54,7 +54,7 @@ def encode_job(record: JobRecord) -> dict[str, Any]:
             "endTime": _iso(record.ended),
             "InputData": {"input": {"JobInputType": spec.input_type, "Uri": spec.input_uri}},
             "OutputData": outputs,
-            "outputFile": record.output,
+            "outputFile": None if record.summary_only else record.output,
             "progress": {
                 "rowsDone": record.done,
                 "rowsFailed": record.failed,

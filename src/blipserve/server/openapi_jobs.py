@@ -82,7 +82,7 @@ class JobStateSchema(BaseModel):
     endTime: str | None
     InputData: dict[str, JobInputSchema]
     OutputData: dict[str, JobOutputSchema]
-    outputFile: str = Field(description="where the results are written")
+    outputFile: str | None = Field(description="where the results are written (summary_only: none)")
     progress: JobProgressSchema
     attempts: int
     error: JobErrorSchema | None
