@@ -275,6 +275,41 @@ def cpu_ray_serve(results: Path) -> str:
     return table(intro, ["setup", "images/s per round", "median"], rows, after=after + ".")
 
 
+@renderer("cpu-jobs-online")
+def cpu_jobs_online(results: Path) -> str:
+    """/score latency with and without a hosted batch job, steady and random arrivals."""
+    runs = [load(results, n) for n in ("jobs-online-cpu.json", "jobs-online-poisson-cpu.json")]
+    first = runs[0]
+    intro = (
+        f"`python bench/jobs_online.py [--arrivals poisson]` ({cpu_machine(first)}): one "
+        f"`blipserve serve --jobs-dir ... --chunk-rows 4`, full-size BLIP-base (random "
+        f"weights, int8), one-image requests (640x480 JPEG, {first['tokens']} tokens) at "
+        "fixed intervals or at random (Poisson), ~45% of the model's time, windows of "
+        f"{first['duration_s']:.0f} s without and with a batch job captioning a folder of the "
+        f"same photos, alternating over {first['repeats']} rounds; the defaults "
+        "(`--jobs-share` 0.1, full batches after 10 s without a request)."
+    )
+    rows = []
+    for r in runs:
+        arrivals = r.get("arrivals", "steady")
+        c, ratios = r["summary"]["conditions"], r["summary"]["ratios"]
+        for name in ("no job", "job"):
+            v = c[name]
+            job = v["median_job_rows_per_s"]
+            rows.append(
+                f"| {arrivals} | {name} | {v['median_s']['p50']:.3f} | {v['median_s']['p90']:.3f} "
+                f"| {v['pooled_s']['p99']:.3f} | {v['answered']} | {v['errors']} | "
+                f"{'-' if job is None else f'{job:.2f}'} |"
+            )
+        rows.append(
+            f"| {arrivals} | job / no job | {ratios['p50 job / no job']['of_medians']:.2f}x | "
+            f"{ratios['p90 job / no job']['of_medians']:.2f}x | "
+            f"{ratios['p99 job / no job']['pooled']:.2f}x | | | |"
+        )
+    columns = ["arrivals", "window", "p50 s", "p90 s", "p99 s (pooled)", "answered", "errors"]
+    return table(intro, [*columns, "job rows/s"], rows, left=2)
+
+
 @renderer("gpu")
 def gpu(results: Path) -> str:
     name = "gpu-h200.json"

@@ -61,6 +61,7 @@ import datetime as dt
 import json
 import math
 import os
+import random
 import re
 import resource
 import shlex
@@ -118,10 +119,15 @@ class Sample:
 
 
 class OpenLoop:
-    """One-image ``POST /score`` requests, one every ``1 / rate`` s whatever the answers."""
+    """One-image ``POST /score`` requests at ``rate`` a second whatever the answers: one
+    every ``1 / rate`` s, or (``poisson``) at random, exponential gaps of that mean (seed
+    0: the same arrivals every run)."""
 
-    def __init__(self, url: str, bodies: list[bytes], rate: float, timeout: float) -> None:
+    def __init__(
+        self, url: str, bodies: list[bytes], rate: float, timeout: float, poisson: bool = False
+    ) -> None:
         self.url, self.bodies, self.interval, self.timeout = url, bodies, 1 / rate, timeout
+        self.gaps = random.Random(0) if poisson else None
         self.samples: list[Sample] = []
         self.in_flight: set[float] = set()  # when each request not answered yet was due
         self.stopping = False
@@ -139,9 +145,9 @@ class OpenLoop:
         limits = httpx.Limits(max_connections=1024, max_keepalive_connections=64)
         async with httpx.AsyncClient(timeout=self.timeout, limits=limits) as http:
             tasks: set[asyncio.Task[None]] = set()
-            start, k = time.perf_counter(), 0
+            due, k = time.perf_counter(), 0
             while not self.stopping:
-                due = start + k * self.interval
+                due += self.gaps.expovariate(1 / self.interval) if self.gaps else self.interval
                 await asyncio.sleep(max(0.0, due - time.perf_counter()))
                 task = asyncio.create_task(self._send(http, self.bodies[k % len(self.bodies)], due))
                 tasks.add(task)
@@ -606,13 +612,14 @@ async def run_bench(
             "single_model_s": model_s,
             "rate_per_s": rate,
             "rate_from": "--rate" if args.rate else f"--busy {args.busy} / one request",
+            "arrivals": args.arrivals,
             "job_images": rows,
         }
         log(
             f"one request alone: {single:.3f} s (model {model_s:.3f} s); load {rate:.3f} "
             f"requests/s; job input: {rows} images"
         )
-        load = OpenLoop(server.url, bodies, rate, args.timeout)
+        load = OpenLoop(server.url, bodies, rate, args.timeout, args.arrivals == "poisson")
         task = asyncio.create_task(load.run())
         windows: list[Window] = []
         try:
@@ -647,6 +654,12 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--settle", type=float, help="s after a job starts or ends (5; quick 2)")
     parser.add_argument("--busy", type=float, default=0.45, help="load / one request's rate")
     parser.add_argument("--rate", type=float, help="requests per second (default: from --busy)")
+    parser.add_argument(
+        "--arrivals",
+        choices=("steady", "poisson"),
+        default="steady",
+        help="requests at fixed intervals, or at random (exponential gaps)",
+    )
     parser.add_argument("--tokens", type=int, default=20, help="min = max new tokens")
     parser.add_argument("--images", type=int, default=6, help="distinct photos")
     parser.add_argument("--job-images", type=int, help="files in the job's input folder")

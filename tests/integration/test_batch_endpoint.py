@@ -158,6 +158,8 @@ def test_the_catalogs_flow_writes_what_blipserve_batch_writes(
     assert [j["name"] for j in listed["value"]] == [job["name"]]
     assert httpx.get(f"{server.url}/jobs").status_code == 401
     assert httpx.post(f"{server.url}/jobs", json={}).status_code == 401
+    assert server.metric('blipserve_jobs{status="Completed"}', AUTH) == 1
+    assert server.metric('blipserve_jobs{status="Running"}', AUTH) == 0
 
 
 def test_bad_bodies_are_4xx_naming_the_field(

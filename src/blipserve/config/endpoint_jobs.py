@@ -90,9 +90,9 @@ class JobsConfig:
         metavar="ADDRESS",
     )
     jobs_share: float = option(
-        0.25,
+        0.1,
         "While requests come, the most of the model's time a job's calls take (0-1); a "
-        "job runs full batches back to back when none came for 2 s.",
+        "job runs full batches back to back once none came for 10 s.",
     )
     output_file_name: str = option(
         "predictions.csv",

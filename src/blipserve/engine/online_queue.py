@@ -94,8 +94,8 @@ class BehindPolicy:
     of the thread's time; otherwise calls of a full batch back to back."""
 
     rows: int = 1
-    share: float = 0.25
-    quiet_s: float = 2.0
+    share: float = 0.1
+    quiet_s: float = 10.0
 
 
 class OnlineQueue:

@@ -22,6 +22,7 @@ import hashlib
 import logging
 import threading
 import time
+from collections import Counter
 
 from blipserve.batch.storage import Location, StorageError, locate
 from blipserve.config import Settings
@@ -115,6 +116,12 @@ class JobHost:
                 dataclasses.replace(r)
                 for r in sorted(self._records.values(), key=lambda r: -r.created)
             ]
+
+    def counts(self) -> dict[str, int]:
+        """Jobs by status, as this server last read the table (no store call)."""
+        with self._lock:
+            found = Counter(r.status for r in self._records.values())
+        return {status: found.get(status, 0) for status in t.STATUSES}
 
     def cancel(self, name: str) -> JobRecord:
         """Cancel: a queued job at once; a running one after its chunk in hand (its done

@@ -30,7 +30,7 @@ from blipserve.contracts.batch_jobs import JobSpec
 log = logging.getLogger(__name__)
 
 #: the catalog's job statuses that blipserve's jobs go through
-QUEUED, STARTING, RUNNING, FINALIZING = "Queued", "Starting", "Running", "Finalizing"
+QUEUED, STARTING, RUNNING = "Queued", "Starting", "Running"
 CANCEL_REQUESTED, COMPLETED, FAILED, CANCELED = (
     "CancelRequested",
     "Completed",
@@ -38,6 +38,7 @@ CANCEL_REQUESTED, COMPLETED, FAILED, CANCELED = (
     "Canceled",
 )
 FINISHED = frozenset({COMPLETED, FAILED, CANCELED})
+STATUSES = (QUEUED, STARTING, RUNNING, CANCEL_REQUESTED, COMPLETED, FAILED, CANCELED)
 LEASE_S = 30.0  # a store lease's life; renewed every LEASE_S / 3 while the job runs
 SETTLE_S = 1.0
 
@@ -215,11 +216,11 @@ __all__ = [
     "CANCEL_REQUESTED",
     "COMPLETED",
     "FAILED",
-    "FINALIZING",
     "FINISHED",
     "QUEUED",
     "RUNNING",
     "STARTING",
+    "STATUSES",
     "JobRecord",
     "JobTable",
     "new_job_name",

@@ -308,6 +308,8 @@ def create_app(
             state.metrics.queue_rows.set(state.online.queue.depth)
             sizer = state.online.engine.runner.sizer
             state.metrics.memory(sizer.out_of_memory_calls, sizer.smallest())
+        if state.jobs is not None:
+            state.metrics.jobs_by_status(state.jobs.counts())
         return Response(state.metrics.render(), media_type="text/plain; version=0.0.4")
 
     app.include_router(open_inference_router(state))  # KServe's Open Inference Protocol (v2)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
@@ -65,6 +65,12 @@ class Metrics:
             registry=r,
         )
         self._out_of_memory_seen = 0
+        self.jobs = Gauge(
+            "blipserve_jobs",
+            "Batch jobs (POST /jobs) in the job table, by status, as this server last read it",
+            ["status"],
+            registry=r,
+        )
         self.image_errors = Counter(
             "blipserve_image_errors",
             "Rows refused before the model (bad image or text)",
@@ -92,6 +98,11 @@ class Metrics:
         self.out_of_memory.inc(max(0, out_of_memory_calls - self._out_of_memory_seen))
         self._out_of_memory_seen = max(self._out_of_memory_seen, out_of_memory_calls)
         self.batch_size_limit.set(batch_size_limit)
+
+    def jobs_by_status(self, counts: Mapping[str, int]) -> None:
+        """The job table's statuses (read when metrics are scraped)."""
+        for status, count in counts.items():
+            self.jobs.labels(status).set(count)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
