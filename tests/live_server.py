@@ -68,6 +68,19 @@ class RunningServer:
             time.sleep(0.05)
 
 
+def stop_all(procs: list[subprocess.Popen[bytes]]) -> None:
+    """Stop servers: SIGTERM to each, then wait (SIGKILL for one that will not stop)."""
+    for proc in procs:
+        if proc.poll() is None:
+            proc.terminate()
+    for proc in procs:
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
+
+
 def launch(command: list[str], workdir: Path, *args: str) -> tuple[subprocess.Popen[bytes], Path]:
     """Start ``command serve --port 0 --port-file F --log-level warning ARGS``; output goes
     to ``workdir/server.log``.  Returns the process and its port file."""

@@ -19,7 +19,7 @@ from playwright.sync_api import Browser, BrowserContext, ConsoleMessage, expect,
 
 import live_server
 from browser.ui_support import API_KEY, PageProblems, Server
-from live_server import wait_ready
+from live_server import stop_all, wait_ready
 
 CHROMIUM_ARGS = [
     "--headless",
@@ -70,16 +70,7 @@ def servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[[str]
         return running[name]
 
     yield get
-    procs = [proc for proc, _ in starting.values()]
-    for proc in procs:
-        if proc.poll() is None:
-            proc.terminate()
-    for proc in procs:
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(10)
+    stop_all([proc for proc, _ in starting.values()])
 
 
 @pytest.fixture(scope="session")

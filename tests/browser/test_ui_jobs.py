@@ -25,7 +25,7 @@ from playwright.sync_api import BrowserContext, Locator, Page, Request, expect
 
 import live_server
 from browser.ui_support import API_KEY, PageProblems, Server
-from live_server import wait_ready
+from live_server import stop_all, wait_ready
 
 ROOT = Path(__file__).resolve().parents[2]
 SCENES = sorted((ROOT / "examples").glob("scene-0*.png"))
@@ -74,16 +74,7 @@ def jobs_servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[
         return running[name]
 
     yield get
-    procs = [proc for proc, _ in starting.values()]
-    for proc in procs:
-        if proc.poll() is None:
-            proc.terminate()
-    for proc in procs:
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(10)
+    stop_all([proc for proc, _ in starting.values()])
 
 
 # -- helpers ---------------------------------------------------------------------------------

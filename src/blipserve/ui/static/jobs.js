@@ -35,18 +35,7 @@
     again: false, // poll once more as soon as the request in flight ends
   };
 
-  // -- small DOM helpers (as ui.js's) ------------------------------------------------------
-
-  function el(tag, props = {}, ...children) {
-    const node = document.createElement(tag);
-    for (const [key, value] of Object.entries(props)) {
-      if (key === "text") node.textContent = value;
-      else if (key === "className") node.className = value;
-      else node.setAttribute(key, value);
-    }
-    node.append(...children);
-    return node;
-  }
+  const { el } = window.blipserveDom; // (ui.js's, loaded first)
 
   function headers() {
     const key = $("api-key").value.trim();

@@ -76,6 +76,7 @@
     node.append(...children);
     return node;
   }
+  window.blipserveDom = { el }; // (jobs.js builds its table with it)
 
   function showStatus(text) {
     $("status").textContent = text;
