@@ -20,7 +20,7 @@ from typing import Any
 import httpx
 from playwright.sync_api import BrowserContext, Page, Request, expect
 
-from browser.ui_support import API_KEY, PageProblems, Server
+from browser.ui_support import API_KEY, PageProblems, Server, unlabelled_controls
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLES = ROOT / "examples"
@@ -401,14 +401,7 @@ def test_labelled_keyboard_usable_and_fits_a_phone(
     servers: Any, context: BrowserContext, problems: PageProblems, screenshots: Path
 ) -> None:
     page = open_ui(context, servers("demo"), width=360)
-    unlabelled = page.evaluate(
-        """() => [...document.querySelectorAll('input, button, select, textarea')]
-            .filter(e => !e.closest('[hidden]'))
-            .filter(e => !(e.labels && e.labels.length) && !e.getAttribute('aria-label')
-                         && !e.textContent.trim())
-            .map(e => e.outerHTML)"""
-    )
-    assert unlabelled == []
+    assert unlabelled_controls(page, "input, button, select, textarea") == []
     expect(page.locator("#live")).to_have_attribute("aria-live", "polite")
     expect(page.locator("#error")).to_have_attribute("role", "alert")
 

@@ -24,7 +24,7 @@ import pytest
 from playwright.sync_api import BrowserContext, Locator, Page, Request, expect
 
 import live_server
-from browser.ui_support import API_KEY, PageProblems, Server
+from browser.ui_support import API_KEY, PageProblems, Server, unlabelled_controls
 from live_server import stop_all, wait_ready
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -253,14 +253,7 @@ def test_a_job_is_followed_to_completed(
     shot(page, screenshots, "jobs-03-completed")
 
     # Labelled controls, and nothing wider than a phone: the table scrolls on its own.
-    unlabelled = page.evaluate(
-        """() => [...document.querySelectorAll('#jobs input, #jobs button, #jobs progress')]
-            .filter(e => !e.closest('[hidden]'))
-            .filter(e => !(e.labels && e.labels.length) && !e.getAttribute('aria-label')
-                         && !e.textContent.trim())
-            .map(e => e.outerHTML)"""
-    )
-    assert unlabelled == []
+    assert unlabelled_controls(page, "#jobs input, #jobs button, #jobs progress") == []
     page.set_viewport_size({"width": 360, "height": 900})
     assert page.evaluate("document.documentElement.scrollWidth <= window.innerWidth")
     wrap = page.locator("#jobs-table-wrap")

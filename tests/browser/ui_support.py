@@ -4,6 +4,7 @@ conftest import`` finds whichever conftest was imported first when suites run to
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from live_server import RunningServer
 
@@ -19,3 +20,16 @@ class PageProblems:
 
     def check(self) -> None:
         assert not self.errors, self.errors
+
+
+def unlabelled_controls(page: Any, selector: str) -> list[str]:
+    """The visible controls among ``selector`` that no label, aria-label or text names."""
+    found: list[str] = page.evaluate(
+        """(selector) => [...document.querySelectorAll(selector)]
+            .filter(e => !e.closest('[hidden]'))
+            .filter(e => !(e.labels && e.labels.length) && !e.getAttribute('aria-label')
+                         && !e.textContent.trim())
+            .map(e => e.outerHTML)""",
+        selector,
+    )
+    return found
