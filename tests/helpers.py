@@ -120,6 +120,14 @@ def members(shard: bytes) -> dict[str, bytes]:
         return {m.name: f.read() for m in tar if m.isfile() and (f := tar.extractfile(m))}
 
 
+def write_files(root: Path, files: dict[str, bytes]) -> Path:
+    """Put ``files`` (relative name -> bytes) under the folder ``root``; returns it."""
+    for name, data in files.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_bytes(data)
+    return root
+
+
 def batch_command(model: Path, images: str | Path, out: str | Path, *flags: str) -> list[str]:
     """``blipserve batch IMAGES -o OUT --model MODEL`` as a subprocess argv: short captions
     (4 tokens), no progress bar, plus ``flags``."""

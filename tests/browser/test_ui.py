@@ -20,7 +20,7 @@ from typing import Any
 import httpx
 from playwright.sync_api import BrowserContext, Page, Request, expect
 
-from browser.ui_support import API_KEY, PageProblems, Server, unlabelled_controls
+from browser.ui_support import API_KEY, PageProblems, open_ui, unlabelled_controls
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLES = ROOT / "examples"
@@ -35,14 +35,6 @@ SHOWN_CHARS = 40  # of a shortened base64 string (ui.js)
 
 def b64(path: Path) -> str:
     return base64.b64encode(path.read_bytes()).decode()
-
-
-def open_ui(context: BrowserContext, server: Server, width: int = 1280) -> Page:
-    page = context.new_page()
-    page.set_viewport_size({"width": width, "height": 900})
-    page.goto(f"{server.url}/ui")
-    expect(page.locator("#model-status")).to_contain_text("is ready")
-    return page
 
 
 def shot(page: Page, folder: Path, name: str) -> None:

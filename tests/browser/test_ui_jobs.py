@@ -24,7 +24,7 @@ import pytest
 from playwright.sync_api import BrowserContext, Locator, Page, Request, expect
 
 import live_server
-from browser.ui_support import API_KEY, PageProblems, Server, unlabelled_controls
+from browser.ui_support import API_KEY, PageProblems, Server, open_ui, unlabelled_controls
 from live_server import stop_all, wait_ready
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -116,14 +116,6 @@ def job_now(where: JobsServer, name: str) -> dict[str, Any]:
 
 def short(name: str) -> str:
     return name.removeprefix("batchjob-")[:8]
-
-
-def open_ui(context: BrowserContext, where: JobsServer, width: int = 1280) -> Page:
-    page = context.new_page()
-    page.set_viewport_size({"width": width, "height": 900})
-    page.goto(f"{where.url}/ui")
-    expect(page.locator("#model-status")).to_contain_text("is ready")
-    return page
 
 
 def give_key(page: Page) -> None:

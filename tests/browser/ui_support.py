@@ -6,6 +6,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from playwright.sync_api import BrowserContext, Page, expect
+
 from live_server import RunningServer
 
 API_KEY = "ui-test-key"
@@ -33,3 +35,12 @@ def unlabelled_controls(page: Any, selector: str) -> list[str]:
         selector,
     )
     return found
+
+
+def open_ui(context: BrowserContext, server: Any, width: int = 1280) -> Page:
+    """The /ui page of ``server`` (anything with a ``url``), once its model is ready."""
+    page = context.new_page()
+    page.set_viewport_size({"width": width, "height": 900})
+    page.goto(f"{server.url}/ui")
+    expect(page.locator("#model-status")).to_contain_text("is ready")
+    return page

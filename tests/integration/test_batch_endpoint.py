@@ -21,7 +21,15 @@ import httpx
 import pandas as pd
 import pytest
 
-from helpers import RAY_ENV, batch_command, client_base64, jpeg_bytes, photos, score_body
+from helpers import (
+    RAY_ENV,
+    batch_command,
+    client_base64,
+    jpeg_bytes,
+    photos,
+    score_body,
+    write_files,
+)
 from live_server import RunningServer
 from stores import Emulator
 
@@ -91,13 +99,6 @@ def catalog_tables() -> dict[str, bytes]:
     }
 
 
-def write(root: Path, files: dict[str, bytes]) -> Path:
-    for name, data in files.items():
-        (root / name).parent.mkdir(parents=True, exist_ok=True)
-        (root / name).write_bytes(data)
-    return root
-
-
 def reference(model: Path, inputs: Path, out: Path, env: dict[str, str] | None = None) -> bytes:
     """What ``blipserve batch`` writes for the same input."""
     done = subprocess.run(
@@ -132,7 +133,7 @@ def test_the_catalogs_flow_writes_what_blipserve_batch_writes(
     tiny_model_dir: dict[str, Path], tmp_path: Path, serve: Callable[..., RunningServer]
 ) -> None:
     model = tiny_model_dir["blip-caption"]
-    data = write(tmp_path / "data" / "in", catalog_tables()).parent
+    data = write_files(tmp_path / "data" / "in", catalog_tables()).parent
     expected = reference(model, data / "in", tmp_path / "reference" / "predictions.csv")
     server = serve(model, tmp_path / "jobs", str(data))
 
@@ -165,7 +166,7 @@ def test_the_catalogs_flow_writes_what_blipserve_batch_writes(
 def test_bad_bodies_are_4xx_naming_the_field(
     tiny_model_dir: dict[str, Path], tmp_path: Path, serve: Callable[..., RunningServer]
 ) -> None:
-    data = write(tmp_path / "data" / "in", catalog_tables()).parent
+    data = write_files(tmp_path / "data" / "in", catalog_tables()).parent
     server = serve(tiny_model_dir["blip-caption"], tmp_path / "jobs", str(data))
     folder = {"JobInputType": "UriFolder", "Uri": str(data / "in")}
     cases: list[tuple[Any, int, str]] = [
@@ -287,7 +288,9 @@ def test_the_catalogs_flow_on_object_storage(
     bucket = store.new_bucket()
     store.upload(f"{bucket}/in", tables)
     expected = reference(
-        model, write(tmp_path / "local" / "in", tables), tmp_path / "local" / "predictions.csv"
+        model,
+        write_files(tmp_path / "local" / "in", tables),
+        tmp_path / "local" / "predictions.csv",
     )
     for key, value in store.env.items():
         monkeypatch.setenv(key, value)
@@ -372,7 +375,7 @@ def test_jobs_on_a_ray_cluster_write_what_blipserve_batch_writes(
     for key, value in RAY_ENV.items():
         monkeypatch.setenv(key, value)
     model = tiny_model_dir["blip-caption"]
-    data = write(tmp_path / "data" / "in", catalog_tables()).parent
+    data = write_files(tmp_path / "data" / "in", catalog_tables()).parent
     expected = reference(model, data / "in", tmp_path / "reference" / "predictions.csv")
     server = serve(model, tmp_path / "jobs", str(data), flags=("--jobs-on-ray", "local"))
     answer = invoke(server, str(data / "in"), str(data / "out" / "predictions.csv"))
@@ -422,7 +425,7 @@ def test_summary_only_keeps_the_counts_and_writes_nothing_of_the_clients(
 ) -> None:
     """The catalog's output_action summary_only, and a folder input whose table links out
     of the allowed root (a failed row: nothing of it is read)."""
-    data = write(tmp_path / "data" / "in", catalog_tables()).parent
+    data = write_files(tmp_path / "data" / "in", catalog_tables()).parent
     outside = tmp_path / "private"
     outside.mkdir()
     (outside / "rows.csv").write_text("image\n/etc/hostname\n")

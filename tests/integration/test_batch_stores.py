@@ -33,6 +33,7 @@ from helpers import (
     jpeg_bytes,
     members,
     photos,
+    write_files,
 )
 from live_server import LAUNCHER
 from stores import Emulator
@@ -60,13 +61,6 @@ def upload(store: Emulator, url: str, files: dict[str, bytes]) -> None:
 
 def download(store: Emulator, url: str) -> bytes:
     return store.download(url)
-
-
-def write_local(root: Path, files: dict[str, bytes]) -> Path:
-    for name, data in files.items():
-        (root / name).parent.mkdir(parents=True, exist_ok=True)
-        (root / name).write_bytes(data)
-    return root
 
 
 def run(engine: Engine, store: Emulator | None = None, **kwargs: Any) -> Summary:
@@ -104,7 +98,7 @@ def test_catalog_layout_from_the_store_to_predictions_csv_in_the_store(
     }
     bucket = store.new_bucket()
     upload(store, f"{bucket}/inputs", tables)
-    local_inputs = write_local(tmp_path / "inputs", tables)
+    local_inputs = write_files(tmp_path / "inputs", tables)
     model = tiny_model_dir["blip-caption"]
 
     reference = tmp_path / "predictions.csv"
@@ -126,7 +120,7 @@ def test_every_format_and_sidecars_in_the_store(
     bucket = store.new_bucket()
     images = f"{bucket}/photos"
     upload(store, images, photo_files)
-    local_images = write_local(tmp_path / "photos", photo_files)
+    local_images = write_files(tmp_path / "photos", photo_files)
     run(engine, input=local_images, output=tmp_path / "ref.jsonl")
     want = [(r["id"], r["text"]) for r in jsonl((tmp_path / "ref.jsonl").read_bytes())]
     assert len(want) == len(photo_files)
