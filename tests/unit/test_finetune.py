@@ -59,6 +59,7 @@ def _cfg(init: str, data: Path, out: Path, **over: Any) -> FinetuneConfig:
     return FinetuneConfig(**values)
 
 
+@pytest.mark.heavy  # training
 def test_blip_trains_saves_and_reloads(scene_dir: Path, tmp_path: Path) -> None:
     out = finetune(_cfg("config:blip", scene_dir, tmp_path / "blip"))
     summary = json.loads((out / "finetune_summary.json").read_text())
@@ -73,6 +74,7 @@ def test_blip_trains_saves_and_reloads(scene_dir: Path, tmp_path: Path) -> None:
     assert isinstance(processor.decode(ids[0], skip_special_tokens=True), str)
 
 
+@pytest.mark.heavy  # training
 def test_blip2_trains_saves_and_reloads(scene_dir: Path, tmp_path: Path) -> None:
     out = finetune(_cfg("config:blip2", scene_dir, tmp_path / "blip2"))
     summary = json.loads((out / "finetune_summary.json").read_text())
@@ -93,6 +95,7 @@ def test_blip2_trains_saves_and_reloads(scene_dir: Path, tmp_path: Path) -> None
     assert caption.shape[0] == 1
 
 
+@pytest.mark.heavy  # training
 def test_freeze_language_model(scene_dir: Path, tmp_path: Path) -> None:
     cfg = _cfg("config:blip2", scene_dir, tmp_path / "b", eval_data="")
     bundle = make_bundle(cfg)
@@ -112,6 +115,7 @@ class Interrupted(Exception):
     pass
 
 
+@pytest.mark.heavy  # training
 def test_resume_continues_from_the_last_checkpoint(
     scene_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -154,6 +158,7 @@ def test_resume_continues_from_the_last_checkpoint(
         torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.heavy  # training
 def test_checkpoints_are_pruned(scene_dir: Path, tmp_path: Path) -> None:
     cfg = _cfg(
         "config:blip",
@@ -225,6 +230,7 @@ def test_metrics() -> None:
     assert 0.0 < partial < 1.0
 
 
+@pytest.mark.heavy  # training
 def test_resume_with_a_changed_recipe_warns(
     scene_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -420,6 +426,7 @@ def test_rows_sharing_an_image_share_its_features(scene_dir: Path) -> None:
             torch.testing.assert_close(grad_a, grad_b, rtol=1e-4, atol=1e-7)
 
 
+@pytest.mark.heavy  # training
 def test_blip2_trains_with_questions_per_image(tmp_path: Path) -> None:
     cfg = _cfg(
         "config:blip2",

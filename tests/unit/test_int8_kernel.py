@@ -13,6 +13,9 @@ from torch.nn import functional
 
 from blipserve.models import int8_kernel
 
+# compiles the C kernel: not in the fast tier
+pytestmark = pytest.mark.heavy
+
 CAN_BUILD = all(f in int8_kernel.cpu_flags() for f in int8_kernel._CPU_FLAGS) and bool(
     shutil.which("cc") or shutil.which("gcc")
 )

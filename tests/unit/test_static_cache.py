@@ -160,6 +160,7 @@ def _compile_on_cpu(model: torch.nn.Module, backend: Any) -> None:
             generation.compile_config = config
 
 
+@pytest.mark.heavy  # torch.compile
 @pytest.mark.parametrize("kind", sorted(PROMPTS))
 def test_the_decoding_step_is_one_graph(
     model_dir: dict[str, Path],
