@@ -24,13 +24,15 @@ from blipserve.config import ImageLimits
 from blipserve.images import decode_image
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT))  # testkit/, shared with the tests
+
+from testkit.models import random_vision_encoder  # noqa: E402
+from testkit.photos import photos  # noqa: E402
+
 SIZES = ((640, 480), (1024, 768), (2000, 1500), (4000, 3000))
 
 
 def main() -> None:
-    from helpers import photos, random_vision_encoder
-
     pictures = [p.convert("RGB") for p in photos().values()]
     for layout in ("blip2-opt-2.7b", "blip-image-captioning-base"):
         model, processor = random_vision_encoder(layout)

@@ -36,7 +36,7 @@ import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT))  # testkit/, shared with the tests
 sys.path.insert(0, str(ROOT / "bench"))
 
 MODES = ("torch-int8", "ov-bf16", "ov-int8-static", "ov-int8-dynamic", "ov-nncf-preset")
@@ -46,11 +46,12 @@ CALIBRATION = ("camera", "immunohistochemistry", "hubble_deep_field", "retina", 
 def calibration_pixels(processor: Any) -> list[np.ndarray]:
     """One-image batches of scikit-image photos that the evaluation set does not hold."""
     from PIL import Image
-    from skimage import data
+
+    from testkit.photos import photo
 
     out = []
     for name in CALIBRATION:
-        image = Image.fromarray(np.asarray(getattr(data, name)())).convert("RGB")
+        image = photo(name)
         for picture in (image, image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)):
             out.append(processor(images=picture, return_tensors="np")["pixel_values"])
     return out
@@ -114,7 +115,8 @@ def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
 def main() -> None:
     from common import machine_info
 
-    from helpers import photos, random_vision_encoder
+    from testkit.models import random_vision_encoder
+    from testkit.photos import photos
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--layout", default="blip-image-captioning-base")

@@ -15,6 +15,8 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from testkit.photos import photos as photos  # (the tests import it from here)
+
 
 def make_image(seed: int = 0, size: tuple[int, int] = (48, 40)) -> Image.Image:
     """A reproducible RGB image with some structure (random blocks)."""
@@ -33,21 +35,6 @@ def png_bytes(image: Image.Image) -> bytes:
 def b64_png(seed: int = 0, *, lines: bool = False) -> str:
     data = png_bytes(make_image(seed))
     return (base64.encodebytes(data) if lines else base64.b64encode(data)).decode()
-
-
-def photos() -> dict[str, Image.Image]:
-    """Ordinary photographs at their real sizes: scikit-image's and scikit-learn's samples."""
-    from skimage import data
-    from sklearn import datasets
-
-    return {
-        "astronaut": Image.fromarray(data.astronaut()),  # type: ignore[no-untyped-call]
-        "coffee": Image.fromarray(data.coffee()),  # type: ignore[no-untyped-call]
-        "chelsea": Image.fromarray(data.chelsea()),  # type: ignore[no-untyped-call]
-        "rocket": Image.fromarray(data.rocket()),  # type: ignore[no-untyped-call]
-        "china": Image.fromarray(datasets.load_sample_image("china.jpg")),
-        "flower": Image.fromarray(datasets.load_sample_image("flower.jpg")),
-    }
 
 
 def jpeg_bytes(image: Image.Image, quality: int = 90) -> bytes:
@@ -92,26 +79,6 @@ def img2dataset_shards(folder: Path, per_shard: int = 3) -> dict[str, dict[str, 
                 add(tar, "000019999.json", b'{"caption": "no image here"}')
                 samples["000019999"] = {"image": None, "shard": "00001.tar"}
     return samples
-
-
-def random_vision_encoder(layout: str) -> tuple[Any, Any]:
-    """A random-weight vision encoder shaped like ``layout``'s (tests/data/hf-layouts) and
-    its processor: BLIP's ViT whole; BLIP-2's ViT-g at its real width with 2 of its layers."""
-    import torch
-    from transformers import AutoConfig, AutoProcessor, Blip2VisionModel, BlipVisionModel
-
-    folder = Path(__file__).parent / "data" / "hf-layouts" / layout
-    config = AutoConfig.from_pretrained(folder).vision_config
-    torch.manual_seed(0)
-    if layout.startswith("blip2"):
-        config.num_hidden_layers = 2
-        # transformers initialises Blip2VisionConfig's weights with std 1e-10, so small that
-        # int8 weight scales (stored in float16) round to zero; real ViT-g weights are ~1e-2
-        config.initializer_range = 0.02
-        model: Any = Blip2VisionModel(config)
-    else:
-        model = BlipVisionModel(config)
-    return model.eval(), AutoProcessor.from_pretrained(folder)
 
 
 def members(shard: bytes) -> dict[str, bytes]:
@@ -164,14 +131,3 @@ def run_cli(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess
         env=env,
         timeout=120,
     )
-
-
-#: a local Ray cluster's environment in tests: offline and quiet (no usage stats, no
-#: dashboard, no token file in $HOME)
-RAY_ENV = {
-    "RAY_USAGE_STATS_ENABLED": "0",
-    "RAY_AUTH_MODE": "disabled",
-    "RAY_DISABLE_DOCKER_CPU_WARNING": "1",
-    "RAY_ENABLE_UV_RUN_RUNTIME_ENV": "0",
-    "HF_HUB_OFFLINE": "1",
-}

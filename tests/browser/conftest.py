@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import subprocess
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -17,9 +16,9 @@ from pathlib import Path
 import pytest
 from playwright.sync_api import Browser, BrowserContext, ConsoleMessage, expect, sync_playwright
 
-import live_server
 from browser.ui_support import API_KEY, PageProblems, Server
-from live_server import stop_all, wait_ready
+from testkit import live_server
+from testkit.live_server import Launched, stop_all, wait_ready
 
 CHROMIUM_ARGS = [
     "--headless",
@@ -42,9 +41,10 @@ def find_chromium() -> str | None:
     return None
 
 
-def launch(workdir: Path, *args: str) -> tuple[subprocess.Popen[bytes], Path]:
-    """Start the real ``blipserve serve ARGS`` on port 0; the process and its port file."""
-    return live_server.launch([sys.executable, "-m", "blipserve.cli"], workdir, *args)
+def launch(workdir: Path, *args: str) -> Launched:
+    """Start the real ``blipserve serve ARGS`` on port 0."""
+    command = live_server.serve_command([sys.executable, "-m", "blipserve.cli"], *args)
+    return live_server.launch(command, workdir)
 
 
 @pytest.fixture(scope="session")
@@ -58,7 +58,7 @@ def servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[[str]
         "demo-vqa": ["--model", "demo-vqa"],
         "demo-key": ["--model", "demo", "--api-key", API_KEY],
     }
-    starting: dict[str, tuple[subprocess.Popen[bytes], Path]] = {}
+    starting: dict[str, Launched] = {}
     running: dict[str, Server] = {}
 
     def get(name: str) -> Server:
@@ -66,11 +66,11 @@ def servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[[str]
             for each, args in configs.items():
                 starting[each] = launch(tmp_path_factory.mktemp(f"server-{each}"), *args)
         if name not in running:
-            running[name] = wait_ready(*starting[name])
+            running[name] = wait_ready(starting[name])
         return running[name]
 
     yield get
-    stop_all([proc for proc, _ in starting.values()])
+    stop_all(list(starting.values()))
 
 
 @pytest.fixture(scope="session")

@@ -23,9 +23,8 @@ import httpx
 import pytest
 from playwright.sync_api import BrowserContext, Locator, Page, Request, expect
 
-import live_server
 from browser.ui_support import API_KEY, PageProblems, Server, open_ui, unlabelled_controls
-from live_server import stop_all, wait_ready
+from testkit.live_server import Launched, launch, serve_command, stop_all, wait_ready
 
 ROOT = Path(__file__).resolve().parents[2]
 SCENES = sorted((ROOT / "examples").glob("scene-0*.png"))
@@ -50,7 +49,7 @@ def jobs_servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[
     """name -> a running server: ``jobs`` (needs API_KEY), ``fresh`` (no job yet, no
     key), ``off`` (no --jobs-dir).  The first use starts all three at once."""
     base = tmp_path_factory.mktemp("jobs-servers")
-    starting: dict[str, tuple[subprocess.Popen[bytes], Path]] = {}
+    starting: dict[str, Launched] = {}
     running: dict[str, JobsServer] = {}
 
     def args(name: str) -> list[str]:
@@ -68,13 +67,13 @@ def jobs_servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[
             for each in ("jobs", "fresh", "off"):
                 root(each).mkdir(parents=True)
                 command = [sys.executable, "-m", "blipserve.cli"]
-                starting[each] = live_server.launch(command, base / each, *args(each))
+                starting[each] = launch(serve_command(command, *args(each)), base / each)
         if name not in running:
-            running[name] = JobsServer(wait_ready(*starting[name]), root(name))
+            running[name] = JobsServer(wait_ready(starting[name]), root(name))
         return running[name]
 
     yield get
-    stop_all([proc for proc, _ in starting.values()])
+    stop_all(list(starting.values()))
 
 
 # -- helpers ---------------------------------------------------------------------------------

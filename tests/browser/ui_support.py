@@ -8,7 +8,7 @@ from typing import Any
 
 from playwright.sync_api import BrowserContext, Page, expect
 
-from live_server import RunningServer
+from testkit.live_server import RunningServer
 
 API_KEY = "ui-test-key"
 Server = RunningServer  # the name the browser tests use

@@ -27,7 +27,7 @@ from PIL import Image
 from blipserve.config import ImageLimits
 from blipserve.images import decode_image
 from helpers import b64_png, make_image
-from live_server import RunningServer
+from testkit.live_server import RunningServer
 
 
 def encode(image: Image.Image, fmt: str, **params: Any) -> bytes:

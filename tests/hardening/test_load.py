@@ -31,7 +31,8 @@ import httpx
 import pytest
 
 from helpers import make_image, png_bytes
-from live_server import RunningServer
+from testkit.live_server import RunningServer
+from testkit.stats import percentile
 
 CLIENTS = 16
 SHORT_S = 20.0
@@ -212,11 +213,6 @@ def settled(server: RunningServer, timeout: float = 10) -> Holdings:
     return last
 
 
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
-
-
 def report(name: str, seconds: float, tally: Tally) -> dict[str, Any]:
     every = [s for values in tally.latencies.values() for s in values]
     summary = {
@@ -229,9 +225,9 @@ def report(name: str, seconds: float, tally: Tally) -> dict[str, Any]:
         "latency_ms": {
             kind: {
                 "n": len(values),
-                "p50": round(1000 * percentile(values, 0.50)),
-                "p90": round(1000 * percentile(values, 0.90)),
-                "p99": round(1000 * percentile(values, 0.99)),
+                "p50": round(1000 * percentile(values, 50)),
+                "p90": round(1000 * percentile(values, 90)),
+                "p99": round(1000 * percentile(values, 99)),
                 "max": round(1000 * max(values)),
             }
             for kind, values in sorted({"all": every, **tally.latencies}.items())

@@ -37,7 +37,7 @@ from schemathesis.specs.openapi.checks import (
 )
 
 from helpers import b64_png
-from live_server import RunningServer
+from testkit.live_server import RunningServer
 
 KEY = "fuzz-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}

@@ -28,7 +28,7 @@ from blipserve.config import FetchConfig
 from blipserve.errors import UrlRefused
 from blipserve.fetch import SafeFetcher
 from helpers import make_image, png_bytes
-from live_server import RunningServer
+from testkit.live_server import RunningServer
 
 PNG = png_bytes(make_image(8))
 READ_TIMEOUT_S = 2.0

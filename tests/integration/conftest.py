@@ -10,9 +10,8 @@ from pathlib import Path
 import openai
 import pytest
 
-from live_server import LAUNCHER, OPENAI_KEY, RunningServer, openai_client_of, start_server
-
-__all__ = ["LAUNCHER", "RunningServer", "start_server"]
+from live_server import OPENAI_KEY, openai_client_of
+from testkit.live_server import RunningServer
 
 
 @pytest.fixture(scope="session")

@@ -22,7 +22,6 @@ import pandas as pd
 import pytest
 
 from helpers import (
-    RAY_ENV,
     batch_command,
     client_base64,
     jpeg_bytes,
@@ -30,8 +29,9 @@ from helpers import (
     score_body,
     write_files,
 )
-from live_server import RunningServer
 from stores import Emulator
+from testkit.env import RAY_ENV
+from testkit.live_server import RunningServer
 
 KEY = "batch-key"
 AUTH = {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"}

@@ -33,7 +33,6 @@ from blipserve.engine import Engine  # noqa: E402
 from blipserve.errors import InvalidInput, ModelLoadError  # noqa: E402
 from blipserve.params import GenerationParams  # noqa: E402
 from helpers import (  # noqa: E402
-    RAY_ENV,
     img2dataset_shards,
     jpeg_bytes,
     make_image,
@@ -41,6 +40,7 @@ from helpers import (  # noqa: E402
     photos,
 )
 from stores import Emulator  # noqa: E402
+from testkit.env import RAY_ENV  # noqa: E402
 
 PARAMS = GenerationParams(max_new_tokens=4)
 ENGINE = EngineConfig(max_batch_size=4, decode_workers=2)

@@ -24,7 +24,7 @@ import tritonclient.http as triton
 from tritonclient.utils import InferenceServerException
 
 from helpers import jpeg_bytes, photos
-from live_server import RunningServer
+from testkit.live_server import RunningServer
 
 KEY = "v2-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}

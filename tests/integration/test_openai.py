@@ -9,7 +9,7 @@ import openai
 import pytest
 
 from helpers import b64_png
-from live_server import RunningServer
+from testkit.live_server import RunningServer
 
 
 def image_part(seed: int = 0) -> Any:  # a content part, as the client types it

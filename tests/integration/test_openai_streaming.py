@@ -15,7 +15,8 @@ import pytest
 from openai.types.chat import ChatCompletionChunk
 
 from helpers import b64_png
-from live_server import OPENAI_KEY, RunningServer, openai_client_of
+from live_server import OPENAI_KEY, openai_client_of
+from testkit.live_server import RunningServer
 
 
 def messages(seed: int = 0, question: str | None = None) -> Any:

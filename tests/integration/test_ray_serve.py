@@ -25,8 +25,8 @@ import httpx
 import openai
 import pytest
 
-from helpers import RAY_ENV
-from live_server import RunningServer, launch, wait_ready
+from testkit.env import RAY_ENV
+from testkit.live_server import RunningServer, launch, serve_command, wait_ready
 
 ray = pytest.importorskip("ray")
 pytest.importorskip("ray.serve")
@@ -71,12 +71,14 @@ def replicas(cluster: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator
     with pytest.MonkeyPatch.context() as mp:
         for key, value in CLUSTER_ENV.items():
             mp.setenv(key, value)
-        proc, port_file = launch(
-            command,
+        launched = launch(
+            serve_command(
+                command,
+                *("--ray", "--ray-address", cluster, "--replicas", "2", "--model", "demo"),
+            ),
             tmp_path_factory.mktemp("ray-serve"),
-            *("--ray", "--ray-address", cluster, "--replicas", "2", "--model", "demo"),
         )
-    server = wait_ready(proc, port_file, timeout=240)
+    server = wait_ready(launched, timeout=240)
     yield server
     assert server.stop(signal.SIGTERM, timeout=120) == 0, server.output()[-3000:]
 

@@ -20,7 +20,7 @@ import httpx
 import pytest
 
 from helpers import b64_png, score_body
-from live_server import RunningServer
+from testkit.live_server import RunningServer
 
 KEY = "test-key-1"
 AUTH = {"Authorization": f"Bearer {KEY}"}

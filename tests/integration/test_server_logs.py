@@ -14,7 +14,7 @@ import httpx
 import pytest
 
 from helpers import b64_png, score_body
-from live_server import RunningServer
+from testkit.live_server import RunningServer
 
 
 @pytest.fixture(scope="module")

@@ -27,7 +27,8 @@ from blipserve.models.precision import (
     resolve_vision_backend,
     vision_precision,
 )
-from helpers import photos, random_vision_encoder
+from helpers import photos
+from testkit.models import random_vision_encoder
 
 ov = pytest.importorskip("openvino", reason="no OpenVINO wheel for this platform")
 
