@@ -13,12 +13,11 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from blipserve.batch.journal import JobJournal, Record, open_journal
+from blipserve.batch.journal import JobJournal, open_journal
 from blipserve.batch.options import BatchOptions, Summary, TooManyFailures
-from blipserve.batch.rows import InputRow
+from blipserve.batch.rows import InputRow, RowResult
 from blipserve.batch.shards import ShardOutput, check_text_from, is_pattern
 from blipserve.batch.sinks import (
-    caption_to_keep,
     infer_format,
     sidecar_path,
     sidecar_text,
@@ -185,9 +184,9 @@ class JobBook:
         done = self._open(preload=False)
         recorded: defaultdict[str, dict[str, str | None]] = defaultdict(dict)
         if done and self.journal:
-            for record in self.journal.records():
-                if record.get("source") and self._recorded(record["id"], done):
-                    recorded[record["source"]][record["id"]] = caption_to_keep(record)
+            for result in self.journal.records():
+                if result.source and self._recorded(result.id, done):
+                    recorded[result.source][result.id] = result.caption()
         out, overwrite = self.shards, self.options.overwrite
         work = []
         for name, where in shards:
@@ -199,7 +198,7 @@ class JobBook:
         return work
 
     def shard_read(self, name: str, rows: int, skipped: int, written: bool) -> None:
-        """A worker read the shard ``name`` to its end (its records came to :meth:`commit`):
+        """A worker read the shard ``name`` to its end (its results came to :meth:`commit`):
         ``rows`` rows, ``skipped`` of them recorded already; ``written``: its output shard."""
         self.summary.skipped += skipped
         if self._progress:
@@ -229,30 +228,30 @@ class JobBook:
             return self.journal is None
         return False
 
-    def commit(self, records: Sequence[Record]) -> None:
+    def commit(self, results: Sequence[RowResult]) -> None:
         """Record finished rows: journal (durably), sidecars, counts, progress.  Safe to
         call on another thread than :meth:`todo`'s (one commit at a time); once
         :attr:`stop` is set, :class:`~blipserve.errors.JobStopped` (after this commit)."""
         with self._books:
-            self._commit(records)
+            self._commit(results)
         if self.stop is not None and self.stop.is_set():
             raise JobStopped("the job was stopped; what is done is journaled")
 
-    def _commit(self, records: Sequence[Record]) -> None:
+    def _commit(self, results: Sequence[RowResult]) -> None:
         if self.journal:
-            self.journal.append(records)
+            self.journal.append(results)
         if self.shards:
-            self.shards.record(records)
+            self.shards.record(results)
             self.shards.flush()
-        for record in records:
-            self._write_sidecar(record)
-            if record["error"]:
+        for result in results:
+            self._write_sidecar(result)
+            if result.error:
                 self.summary.failed += 1
-                log.warning("%s: %s", record["id"], record["error"])
+                log.warning("%s: %s", result.id, result.error)
             else:
                 self.summary.done += 1
         if self._progress:
-            self._progress.update(len(records))
+            self._progress.update(len(results))
         limit, s = self.options.max_failures, self.summary
         # a percentage is judged early only against a known input size, else at the end
         judged = limit is not None and (limit.count is not None or self._total is not None)
@@ -267,22 +266,22 @@ class JobBook:
             "--retry-errors to redo the failed ones)"
         )
 
-    def _write_sidecar(self, record: Record) -> None:
-        if not self.options.sidecar or not record.get("path"):
+    def _write_sidecar(self, result: RowResult) -> None:
+        if not self.options.sidecar or not result.path:
             return
-        text = sidecar_text(record, self.options.sidecar_captions)
+        text = sidecar_text(result, self.options.sidecar_captions)
         if text is None:
             return
-        target = sidecar_path(self.options.locate(record["path"]), self.options.sidecar)
-        if not self.options.overwrite and self._has_sidecar(record, target):
+        target = sidecar_path(self.options.locate(result.path), self.options.sidecar)
+        if not self.options.overwrite and self._has_sidecar(result, target):
             return
         write_sidecar(target, text)
 
-    def _has_sidecar(self, record: Record, target: Location) -> bool:
+    def _has_sidecar(self, result: RowResult, target: Location) -> bool:
         """For an image in a folder the listing told; for a table's image file, ask."""
-        if record["path"] in self._kept_sidecars:
+        if result.path in self._kept_sidecars:
             return True
-        return bool(record.get("row")) and target.exists()
+        return bool(result.row) and target.exists()
 
     def close(self) -> None:
         if self._progress:
@@ -304,8 +303,8 @@ class JobBook:
                 several_texts=(self.options.params.num_return_sequences or 1) > 1,
                 capfilt=self.filter_source is not None,
             )
-            records = self.journal.records()
-            self.summary.written = write_output(self.format, self.output, records, columns)
+            results = self.journal.records()
+            self.summary.written = write_output(self.format, self.output, results, columns)
         self.summary.elapsed_s = time.monotonic() - self._started
         s, limit = self.summary, self.options.max_failures
         if limit and limit.exceeded(s.failed, s.done + s.failed):

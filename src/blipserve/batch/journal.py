@@ -13,6 +13,10 @@ hidden folder beside the output, next to ``signature.json``.  A part is there wh
 at all; a resumed job merges the parts it finds into one.  Either way a row may be
 recorded twice (a kill between a part's put and the old parts' removal): the last record
 of an id wins, so the output holds every input row exactly once.
+
+Rows are :class:`~blipserve.batch.rows.RowResult`\\ s; this module alone turns them into
+journal lines and back (:func:`result_line`, :func:`result_of_line`), in the same bytes
+as ever, so a journal written by any earlier version resumes.
 """
 
 from __future__ import annotations
@@ -21,13 +25,14 @@ import contextlib
 import json
 import os
 import uuid
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
+from blipserve.batch.rows import RowResult
 from blipserve.batch.storage import Location, OutputError
 
-Record = dict[str, Any]
+_Line = dict[str, Any]  # one journal line, as JSON: read and written here only
 
 
 class ForeignOutput(OutputError):
@@ -39,10 +44,10 @@ class JobJournal(Protocol):
     """What a job needs of its journal, on a local disk or in an object store."""
 
     def open(self, *, overwrite: bool) -> dict[str, bool]: ...
-    def append(self, records: Sequence[Record]) -> None: ...
+    def append(self, results: Sequence[RowResult]) -> None: ...
     def close(self) -> None: ...
     def merge(self) -> None: ...
-    def records(self) -> Iterator[Record]: ...
+    def records(self) -> Iterator[RowResult]: ...
 
 
 def open_journal(output: Location, signature: Mapping[str, Any]) -> JobJournal:
@@ -83,9 +88,9 @@ class Journal:
                 for line in f:
                     if not line.endswith(b"\n"):
                         break  # cut short by a kill: this row was not finished
-                    record = _load(line)
-                    if "id" in record:
-                        done[record["id"]] = not record.get("error")
+                    line_of = _load(line)
+                    if "id" in line_of:
+                        done[line_of["id"]] = not line_of.get("error")
                     good_bytes += len(line)
             with self.path.open("r+b") as f:
                 f.truncate(good_bytes)
@@ -103,12 +108,12 @@ class Journal:
         tmp.replace(self.path)
         self._file = self.path.open("ab")
 
-    def append(self, records: Sequence[Record]) -> None:
+    def append(self, results: Sequence[RowResult]) -> None:
         """Record finished rows durably (written and fsync-ed) before returning."""
-        if not records:
+        if not results:
             return
         try:
-            self._file.write(b"".join(_dump(r) for r in records))
+            self._file.write(b"".join(result_line(r) for r in results))
             self._file.flush()
             os.fsync(self._file.fileno())
         except OSError as exc:
@@ -127,18 +132,18 @@ class Journal:
     def merge(self) -> None:
         pass  # one file already
 
-    def records(self) -> Iterator[Record]:
+    def records(self) -> Iterator[RowResult]:
         """Every recorded row once (the last record of an id wins), in recording order."""
-        return _last_of_each(self._scan)
+        return map(_result, _last_of_each(self._scan))
 
-    def _scan(self) -> Iterator[Record]:
+    def _scan(self) -> Iterator[_Line]:
         with self.path.open("rb") as f:
             f.readline()  # signature
             for line in f:
                 if line.endswith(b"\n"):
-                    record = _load(line)
-                    if "id" in record:
-                        yield record
+                    found = _load(line)
+                    if "id" in found:
+                        yield found
 
 
 class PartsJournal:
@@ -167,21 +172,21 @@ class PartsJournal:
                 f"{self.where} belongs to a different job ({found}); rerun with "
                 "--overwrite to start over, or choose another --output"
             )
-        done = {r["id"]: not r.get("error") for r in self.records()}
+        done = {r["id"]: not r.get("error") for r in _last_of_each(self._scan)}
         self.merge()
         return done
 
-    def append(self, records: Sequence[Record]) -> None:
+    def append(self, results: Sequence[RowResult]) -> None:
         """Record finished rows durably: one object, put whole, before returning."""
-        if records:
-            self._put(b"".join(_dump(r) for r in records))
+        if results:
+            self._put(b"".join(result_line(r) for r in results))
 
     def close(self) -> None:
         pass
 
-    def records(self) -> Iterator[Record]:
+    def records(self) -> Iterator[RowResult]:
         """Every recorded row once (the last record of an id wins), in recording order."""
-        return _last_of_each(self._scan)
+        return map(_result, _last_of_each(self._scan))
 
     def _parts(self) -> list[Location]:
         try:
@@ -194,18 +199,18 @@ class PartsJournal:
             self._next = max(self._next, int(parts[-1].name.split("-")[1]) + 1)
         return parts
 
-    def _scan(self) -> Iterator[Record]:
+    def _scan(self) -> Iterator[_Line]:
         for part in self._parts():
             for line in part.read_bytes().splitlines(keepends=True):
-                record = _load(line)
-                if "id" in record and line.endswith(b"\n"):
-                    yield record
+                found = _load(line)
+                if "id" in found and line.endswith(b"\n"):
+                    yield found
 
     def merge(self) -> None:
         """Put the parts found into one (so listings stay short), then remove them."""
         old = self._parts()
         if len(old) > 1:
-            self._put(b"".join(_dump(r) for r in self.records()))
+            self._put(b"".join(_dump(line) for line in _last_of_each(self._scan)))
             for part in old:
                 part.remove()
 
@@ -215,21 +220,65 @@ class PartsJournal:
         self.where.child(name).write_bytes(data)
 
 
-def _last_of_each(scan: Any) -> Iterator[Record]:
-    """The records of ``scan()`` (called twice), each id once: its last record, in order."""
+def _last_of_each(scan: Callable[[], Iterator[_Line]]) -> Iterator[_Line]:
+    """The lines of ``scan()`` (called twice), each id once: its last line, in order."""
     last: dict[str, int] = {}
-    for n, record in enumerate(scan()):
-        last[record["id"]] = n
-    for n, record in enumerate(scan()):
-        if last[record["id"]] == n:
-            yield record
+    for n, line in enumerate(scan()):
+        last[line["id"]] = n
+    for n, line in enumerate(scan()):
+        if last[line["id"]] == n:
+            yield line
 
 
-def _dump(record: Mapping[str, Any]) -> bytes:
-    return (json.dumps(record, ensure_ascii=False) + "\n").encode()
+def result_line(result: RowResult) -> bytes:
+    """``result`` as a journal line: JSON, its keys in the order every version wrote them
+    (``texts`` and CapFilt's only where the row has them)."""
+    r = result
+    line: _Line = {"id": r.id, "text": r.text, "score": r.score, "error": r.error}
+    if r.texts is not None:
+        line["texts"] = list(r.texts)
+    line.update(source=r.source, row=r.row, path=r.path)
+    capfilt = {
+        "text_in": r.text_in,
+        "text_in_score": r.text_in_score,
+        "text_in_keep": r.text_in_keep,
+        "keep": r.keep,
+        "text_scores": list(r.text_scores) if r.text_scores is not None else None,
+    }
+    line.update((key, value) for key, value in capfilt.items() if value is not None)
+    return _dump(line)
 
 
-def _load(line: bytes) -> Record:
+def result_of_line(line: bytes | str) -> RowResult | None:
+    """The row's result a journal line holds (None: the signature's line, or no JSON)."""
+    found = _load(line)
+    return _result(found) if "id" in found else None
+
+
+def _result(line: _Line) -> RowResult:
+    texts, text_scores = line.get("texts"), line.get("text_scores")
+    return RowResult(
+        id=line["id"],
+        text=line.get("text") or "",
+        score=line.get("score"),
+        error=line.get("error") or "",
+        texts=tuple(texts) if texts is not None else None,
+        source=line.get("source"),
+        row=line.get("row"),
+        path=line.get("path"),
+        text_in=line.get("text_in"),
+        text_in_score=line.get("text_in_score"),
+        text_in_keep=line.get("text_in_keep"),
+        keep=line.get("keep"),
+        text_scores=tuple(text_scores) if text_scores is not None else None,
+    )
+
+
+def _dump(line: Mapping[str, Any]) -> bytes:
+    return (json.dumps(line, ensure_ascii=False) + "\n").encode()
+
+
+def _load(line: bytes | str) -> _Line:
     try:
         value = json.loads(line)
     except ValueError:
@@ -237,4 +286,12 @@ def _load(line: bytes) -> Record:
     return value if isinstance(value, dict) else {}
 
 
-__all__ = ["JobJournal", "Journal", "OutputError", "PartsJournal", "Record", "open_journal"]
+__all__ = [
+    "JobJournal",
+    "Journal",
+    "OutputError",
+    "PartsJournal",
+    "open_journal",
+    "result_line",
+    "result_of_line",
+]

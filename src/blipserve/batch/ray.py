@@ -15,7 +15,8 @@ put into the object store in Arrow blocks of a few chunks each (only one block i
 driver's memory at a time; the input is listed before the model starts, which for image
 paths is quick).
 Model actors (one :class:`~blipserve.engine.Engine` each, loaded once) turn batches of rows
-into journal records with the local job's own :func:`~blipserve.batch.runner.make_records`;
+into results with the local job's own :func:`~blipserve.batch.runner.make_records` (sent
+back as journal lines);
 the driver streams them back in input order into the journal, sidecars and counts, then
 writes the final output.  Actors read image files themselves: from an object store
 (``s3://``, ``az://``, ``gs://``, with the job's storage options) no shared filesystem is
@@ -37,8 +38,8 @@ from collections.abc import Iterable, Iterator
 from typing import Any
 
 from blipserve.batch.book import ShardWork
-from blipserve.batch.journal import Record
-from blipserve.batch.rows import InputRow
+from blipserve.batch.journal import result_line, result_of_line
+from blipserve.batch.rows import InputRow, RowResult
 from blipserve.batch.runner import (
     BatchOptions,
     JobBook,
@@ -48,7 +49,6 @@ from blipserve.batch.runner import (
     records_of,
 )
 from blipserve.batch.shards import write_shard
-from blipserve.batch.sinks import caption_to_keep
 from blipserve.batch.sources import ReadOptions, iter_shard
 from blipserve.batch.storage import StorageError
 from blipserve.config import Settings
@@ -104,8 +104,8 @@ def run_on_ray(
                 size = _rows(options)
                 rows = _chunks(book.todo(), BLOCK_CHUNKS * size)
                 refs = [ray.put(_table(chunk)) for chunk in rows]
-                for records in _results(ray, refs, size, actor, concurrency, num_gpus):
-                    book.commit(records)
+                for results in _results(ray, refs, size, actor, concurrency, num_gpus):
+                    book.commit(results)
     except ray.exceptions.RayError as exc:
         cause = _blipserve_cause(exc, ray.exceptions.RayError)
         if cause is None:
@@ -120,8 +120,8 @@ def run_on_ray(
 
 def _results(
     ray: Any, refs: list[Any], size: int, actor: dict[str, Any], concurrency: int, gpus: float
-) -> Iterator[list[Record]]:
-    """The records of the rows in ``refs`` (Arrow blocks), as they come, in input order."""
+) -> Iterator[list[RowResult]]:
+    """The results of the rows in ``refs`` (Arrow blocks), as they come, in input order."""
     if not refs:
         return
     dataset = ray.data.from_arrow_refs(refs).map_batches(
@@ -133,7 +133,7 @@ def _results(
         num_gpus=gpus,
     )
     for batch in dataset.iter_batches(batch_size=None, batch_format="pyarrow"):
-        yield [json.loads(line) for line in batch.column("record").to_pylist()]
+        yield [_result(line) for line in batch.column("record").to_pylist()]
 
 
 def _run_shards(
@@ -158,19 +158,20 @@ def _run_shards(
         num_gpus=gpus,
     )
     for batch in dataset.iter_batches(batch_size=None, batch_format="pyarrow"):
-        records: list[Record] = []
+        results: list[RowResult] = []
         for line in batch.column("record").to_pylist():
-            message = json.loads(line)
-            if "end_of_shard" not in message:
-                records.append(message)
+            result = result_of_line(line)
+            if result is not None:
+                results.append(result)
                 continue
-            book.commit(records)
-            records = []
+            message = json.loads(line)
+            book.commit(results)
+            results = []
             book.shard_read(
                 message["end_of_shard"], message["rows"], message["skipped"], message["written"]
             )
-        if records:
-            book.commit(records)
+        if results:
+            book.commit(results)
 
 
 @contextlib.contextmanager
@@ -205,7 +206,7 @@ class ModelActor:
 
 
 class RecordActor(ModelActor):
-    """Batches of input rows in, one JSON journal record per row out."""
+    """Batches of input rows in, each row's result out (a journal line, ``record``)."""
 
     @functools.cached_property
     def starter(self) -> RowStarter:
@@ -215,18 +216,18 @@ class RecordActor(ModelActor):
         rows = [_input_row(values) for values in batch.to_pylist()]
         try:
             chunk = [(row, self.starter.start(row)) for row in rows]
-            records = make_records(self.engine, chunk, self.options, self.filter_engine)
+            results = make_records(self.engine, chunk, self.options, self.filter_engine)
         except StorageError:
             raise  # the store is down: the job stops (and resumes), no row is failed for it
         except Exception as exc:  # a bug fails this batch's rows, never the job
             log.exception("a batch of %d rows failed", len(rows))
-            records = [_failed(row, f"{type(exc).__name__}: {exc}") for row in rows]
-        return {"record": [json.dumps(r, ensure_ascii=False) for r in records]}
+            results = [RowResult.failed(row, f"{type(exc).__name__}: {exc}") for row in rows]
+        return {"record": _lines(results)}
 
 
 class ShardActor(ModelActor):
     """A model actor for shards: each call reads one whole shard, captions the rows not
-    recorded already, yields their records a chunk at a time, writes the output shard
+    recorded already, yields their results a chunk at a time, writes the output shard
     (when the output is shards), then yields the shard's end: its row counts."""
 
     def __call__(self, batch: Any) -> Iterator[dict[str, list[str]]]:
@@ -248,9 +249,9 @@ class ShardActor(ModelActor):
                 else:
                     yield row
 
-        for records in records_of(self.engine, rows(), o, self.filter_engine):
-            captions.update((r["id"], caption_to_keep(r)) for r in records)
-            yield {"record": [json.dumps(r, ensure_ascii=False) for r in records]}
+        for results in records_of(self.engine, rows(), o, self.filter_engine):
+            captions.update((r.id, r.caption()) for r in results)
+            yield {"record": _lines(results)}
         if work.dest:
             write_shard(source, o.locate(work.dest), captions, o.caption_key)
         end = {"end_of_shard": work.name, **count, "written": bool(work.dest)}
@@ -291,17 +292,16 @@ def _input_row(values: dict[str, Any]) -> InputRow:
     return InputRow(**fields)
 
 
-def _failed(row: InputRow, error: str) -> Record:
-    path = row.path
-    return {
-        "id": row.id,
-        "text": "",
-        "score": None,
-        "error": error,
-        "source": row.source,
-        "row": row.row,
-        "path": path,
-    }
+def _lines(results: list[RowResult]) -> list[str]:
+    """Results as they travel from the actors: journal lines (the journal's encoding)."""
+    return [result_line(r).decode() for r in results]
+
+
+def _result(line: str) -> RowResult:
+    result = result_of_line(line)
+    if result is None:
+        raise ValueError(f"a model actor sent no row's result: {line[:200]!r}")
+    return result
 
 
 def _blipserve_cause(exc: BaseException, wrapper: type[BaseException]) -> BaseException | None:

@@ -15,18 +15,20 @@ import logging
 from collections import deque
 from collections.abc import Callable, Generator, Iterable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Generic, TypeVar
 
 from blipserve.batch.book import JobBook
-from blipserve.batch.journal import OutputError, Record
+from blipserve.batch.capfilt import capfilt
+from blipserve.batch.journal import OutputError
 from blipserve.batch.options import BatchOptions, Summary, TooManyFailures
-from blipserve.batch.rows import InputRow
+from blipserve.batch.rows import InputRow, RowResult
 from blipserve.batch.storage import Location, StorageError
 from blipserve.engine import Engine, PreparedRow
 from blipserve.errors import ImageError, InvalidInput, RowError, quote
-from blipserve.params import GenerationParams
-from blipserve.types import ModelInput, Prediction, RowInput
+from blipserve.types import RowInput
 
 log = logging.getLogger(__name__)
+Chunk = TypeVar("Chunk")
 
 
 class BatchJob(JobBook):
@@ -57,14 +59,14 @@ class BatchJob(JobBook):
                 ) as chunks,
                 CommitBehind(self.commit) as committer,
             ):
-                for records in chunks:
-                    committer.submit(records)
+                for results in chunks:
+                    committer.submit(results)
         finally:
             self.close()
         return self.finish()
 
 
-class CommitBehind:
+class CommitBehind(Generic[Chunk]):
     """Commits each chunk's records (``commit``: journal, fsync, sidecars, counts) on a
     thread of its own while the model runs the next chunk, one chunk behind at most.
 
@@ -80,22 +82,22 @@ class CommitBehind:
     whose records are then dropped as a killed job's would be (resume runs them again).
     """
 
-    def __init__(self, commit: Callable[[list[Record]], None]) -> None:
+    def __init__(self, commit: Callable[[Chunk], None]) -> None:
         self._commit = commit
         self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="blipserve-commit")
         self._pending: Future[None] | None = None
 
-    def submit(self, records: list[Record]) -> None:
-        """Commit ``records`` once the previous chunk's commit is done (raising its error)."""
+    def submit(self, chunk: Chunk) -> None:
+        """Commit ``chunk`` once the previous chunk's commit is done (raising its error)."""
         self._wait()
-        self._pending = self._writer.submit(self._commit, records)
+        self._pending = self._writer.submit(self._commit, chunk)
 
     def _wait(self) -> None:
         pending, self._pending = self._pending, None
         if pending is not None:
             pending.result()
 
-    def __enter__(self) -> CommitBehind:
+    def __enter__(self) -> CommitBehind[Chunk]:
         return self
 
     def __exit__(self, kind: type[BaseException] | None, *_: object) -> None:
@@ -113,8 +115,8 @@ def records_of(
     rows: Iterable[InputRow],
     options: BatchOptions,
     filter_engine: Engine | None = None,
-) -> Generator[list[Record], None, None]:
-    """The journal records of ``rows``, a chunk (``options.chunk_rows``) at a time.
+) -> Generator[list[RowResult], None, None]:
+    """The results of ``rows``, a chunk (``options.chunk_rows``) at a time.
 
     The next chunk's images are read and decoded while the model runs this one: at most
     two chunks are in flight.  Shared by the local job and the Ray actors that read shards.
@@ -201,10 +203,10 @@ def make_records(
     chunk: Sequence[tuple[InputRow, Future[PreparedRow] | None]],
     options: BatchOptions,
     filter_engine: Engine | None = None,
-) -> list[Record]:
-    """The journal records of rows started with :class:`RowStarter`; bad rows get errors.
+) -> list[RowResult]:
+    """The results of rows started with :class:`RowStarter`; bad rows get errors.
 
-    Shared by the local job and the Ray actors, so both write the same records.
+    Shared by the local job and the Ray actors, so both record the same results.
     """
     prepared: list[PreparedRow | RowError] = []
     for row, future in chunk:
@@ -221,79 +223,18 @@ def make_records(
             log.exception("decoding %s failed", row.id)
             prepared.append(RowError(0, f"{type(exc).__name__}: {quote(str(exc))}", row.id))
     outcomes = engine.run_prepared(prepared)
-    records = [_record(row, outcome) for (row, _), outcome in zip(chunk, outcomes, strict=True)]
+    results = [
+        RowResult.of(row, outcome) for (row, _), outcome in zip(chunk, outcomes, strict=True)
+    ]
     if filter_engine:
-        _capfilt(filter_engine, records, prepared, options.min_match)
-    return records
-
-
-def _record(row: InputRow, outcome: object) -> Record:
-    record: Record = {"id": row.id, "text": "", "score": None, "error": ""}
-    if isinstance(outcome, Prediction):
-        record["text"] = outcome.text
-        record["score"] = outcome.score
-        if outcome.texts is not None:
-            record["texts"] = list(outcome.texts)
-    elif isinstance(outcome, RowError):
-        record["error"] = outcome.reason
-    else:
-        record["error"] = getattr(outcome, "message", str(outcome))
-    record.update(source=row.source, row=row.row, path=row.path)
-    return record
-
-
-def _capfilt(
-    filter_engine: Engine,
-    records: list[Record],
-    prepared: list[PreparedRow | RowError],
-    min_match: float,
-) -> None:
-    """Score (image, caption) and (image, original text) with the matching model.
-
-    With several captions a row (``--num-return-sequences K``, sampled: the K-sample
-    recipe), each is scored: ``text`` becomes the best-matching one (``score``, ``keep``
-    its), ``texts`` those reaching ``min_match``, best first, and ``text_scores`` theirs.
-    """
-    adapter = filter_engine.adapter
-    pairs: list[PreparedRow] = []
-    targets: list[tuple[Record, str, str]] = []  # (record, column, the text scored)
-    for record, prep in zip(records, prepared, strict=True):
-        if record["error"] or not isinstance(prep, PreparedRow):
-            continue
-        captions = [("keep", text) for text in record.get("texts") or [record["text"]]]
-        for column, text in [*captions, ("text_in_keep", prep.item.text)]:
-            if not text:
-                continue
-            item = ModelInput(image=prep.item.image, text=text, params=GenerationParams())
-            pairs.append(PreparedRow(prep.row, item, adapter.batch_key(item)))
-            targets.append((record, column, text))
-        if prep.item.text:
-            record["text_in"] = prep.item.text
-    scored: dict[int, list[tuple[float, str]]] = {}  # id(record) -> its captions' scores
-    outcomes = filter_engine.run_prepared(pairs)
-    for (record, column, text), outcome in zip(targets, outcomes, strict=True):
-        if not isinstance(outcome, Prediction) or outcome.score is None:
-            record["error"] = f"matching failed: {getattr(outcome, 'message', outcome)}"
-        elif column == "keep":
-            scored.setdefault(id(record), []).append((outcome.score, text))
-        else:
-            record["text_in_score"] = outcome.score
-            record["text_in_keep"] = outcome.score >= min_match
-    for record in records:
-        ranked = sorted(scored.get(id(record), []), key=lambda pair: -pair[0])
-        if record["error"] or not ranked:
-            continue
-        record["score"], record["text"] = ranked[0]
-        record["keep"] = ranked[0][0] >= min_match
-        if "texts" in record:
-            kept = [(score, text) for score, text in ranked if score >= min_match]
-            record["texts"] = [text for _, text in kept]
-            record["text_scores"] = [score for score, _ in kept]
+        return capfilt(filter_engine, results, prepared, options.min_match)
+    return results
 
 
 __all__ = [
     "BatchJob",
     "BatchOptions",
+    "CommitBehind",
     "JobBook",
     "OutputError",
     "RowStarter",

@@ -26,8 +26,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from blipserve.batch.journal import Record
-from blipserve.batch.sinks import caption_to_keep
+from blipserve.batch.rows import RowResult
 from blipserve.batch.storage import Location
 from blipserve.errors import InvalidInput, quote
 
@@ -169,17 +168,17 @@ class ShardOutput:
     def is_written(self, name: str) -> bool:
         return self.folder.child(name).exists()
 
-    def preload(self, records: Iterable[Record]) -> None:
+    def preload(self, results: Iterable[RowResult]) -> None:
         """Captions of rows recorded by an earlier run, for shards still to write."""
         written: dict[str, bool] = {}
-        for record in records:
-            source = record.get("source")
+        for result in results:
+            source = result.source
             if not source:
                 continue
             if source not in written:
                 written[source] = self.is_written(source)
             if not written[source]:
-                self._captions[source][record["id"]] = caption_to_keep(record)
+                self._captions[source][result.id] = result.caption()
 
     def expect(self, source: str, recorded: bool) -> None:
         """A row of ``source`` was read (``recorded``: by an earlier run)."""
@@ -194,11 +193,12 @@ class ShardOutput:
             self._read.append(self._current)
             self._current = None
 
-    def record(self, records: Iterable[Record]) -> None:
-        for record in records:
-            source = record.get("source")
-            if isinstance(source, str) and source in self._expected:
-                self._captions[source][record["id"]] = caption_to_keep(record)
+    def record(self, results: Iterable[RowResult]) -> None:
+        """Rows finished (their captions held until their shard is written)."""
+        for result in results:
+            source = result.source
+            if source is not None and source in self._expected:
+                self._captions[source][result.id] = result.caption()
                 self._recorded[source] += 1
 
     def flush(self) -> None:

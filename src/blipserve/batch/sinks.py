@@ -5,7 +5,9 @@ Formats: ``jsonl``, ``csv``, ``parquet`` (id, text, score, error, plus ``texts``
 row asked for several, and the CapFilt columns), ``catalog`` (the catalog's
 ``predictions.csv``: no header; row, prediction, file name), and ``imagefolder`` (a Hugging
 Face ``metadata.jsonl``: file_name, text); these two, and shards, take the best text only.
-Sidecar caption files are written as rows finish, each atomically too.
+Sidecar caption files are written as rows finish, each atomically too.  Each output is
+written from :class:`~blipserve.batch.rows.RowResult`\\ s: this module alone turns them
+into columns.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import typing
 from collections.abc import Callable, Iterable, Iterator
 from typing import IO, Any
 
-from blipserve.batch.journal import Record
+from blipserve.batch.rows import RowResult
 from blipserve.batch.storage import Location
 from blipserve.config import OutputFormat
 from blipserve.errors import InvalidInput
@@ -61,35 +63,27 @@ def infer_format(output: Location, explicit: str | None) -> str:
     )
 
 
-def caption_to_keep(record: Record) -> str | None:
-    """The text a caption file or metadata row should get (CapFilt: only what passed)."""
-    if record.get("error"):
-        return None
-    if record.get("keep") is False:
-        return record["text_in"] if record.get("text_in_keep") else None
-    text = record.get("text")
-    return text if isinstance(text, str) else None
-
-
-def sidecar_text(record: Record, captions: str) -> str | None:
-    """A sidecar's content: :func:`caption_to_keep`, or with ``captions`` ``all`` every
-    text of the row, one a line, best first (unless CapFilt kept the original text)."""
-    text = caption_to_keep(record)
-    texts = record.get(TEXTS_COLUMN)
-    if captions == "all" and texts and text == record.get("text"):
-        return "\n".join(texts)
+def sidecar_text(result: RowResult, captions: str) -> str | None:
+    """A sidecar's content: :meth:`~blipserve.batch.rows.RowResult.caption`, or with
+    ``captions`` ``all`` every text of the row, one a line, best first (unless CapFilt kept
+    the original text)."""
+    text = result.caption()
+    if captions == "all" and result.texts and text == result.text:
+        return "\n".join(result.texts)
     return text
 
 
 def write_output(
     fmt: str,
     output: Location,
-    records: Iterable[Record],
+    results: Iterable[RowResult],
     columns: tuple[str, ...] = TABLE_COLUMNS,
 ) -> int:
     """Write the final output atomically; returns the number of rows written.  ``columns``:
     a table's (:func:`table_columns`)."""
-    writers: dict[str, Callable[[IO[bytes], Iterable[Record], Location, tuple[str, ...]], int]] = {
+    writers: dict[
+        str, Callable[[IO[bytes], Iterable[RowResult], Location, tuple[str, ...]], int]
+    ] = {
         "jsonl": _write_jsonl,
         "csv": _write_csv,
         "parquet": _write_parquet,
@@ -97,39 +91,60 @@ def write_output(
         "imagefolder": _write_imagefolder,
     }
     with output.writer() as f:
-        return writers[fmt](f, records, output, columns)
+        return writers[fmt](f, results, output, columns)
+
+
+def _columns(r: RowResult) -> dict[str, Any]:
+    """A result's value in each table column (None: it has none)."""
+    return {
+        "id": r.id,
+        "text": r.text,
+        "score": r.score,
+        "error": r.error,
+        TEXTS_COLUMN: list(r.texts) if r.texts is not None else None,
+        "keep": r.keep,
+        "text_in": r.text_in,
+        "text_in_score": r.text_in_score,
+        "text_in_keep": r.text_in_keep,
+        TEXT_SCORES_COLUMN: list(r.text_scores) if r.text_scores is not None else None,
+    }
 
 
 def _table_rows(
-    records: Iterable[Record], columns: tuple[str, ...], *, sparse: bool = False
+    results: Iterable[RowResult], columns: tuple[str, ...], *, sparse: bool = False
 ) -> Iterator[dict[str, Any]]:
-    """Each record's row; ``sparse``: past :data:`TABLE_COLUMNS`, only those it has."""
-    for r in records:
-        row = {k: r.get(k) for k in columns if not sparse or k in TABLE_COLUMNS or k in r}
+    """Each result's row; ``sparse``: past :data:`TABLE_COLUMNS`, only those it has."""
+    for r in results:
+        values = _columns(r)
+        row = {
+            k: values[k]
+            for k in columns
+            if not sparse or k in TABLE_COLUMNS or values[k] is not None
+        }
         row["text"] = row["text"] or ""
         row["error"] = row["error"] or ""
         yield row
 
 
 def _write_jsonl(
-    raw: IO[bytes], records: Iterable[Record], output: Location, columns: tuple[str, ...]
+    raw: IO[bytes], results: Iterable[RowResult], output: Location, columns: tuple[str, ...]
 ) -> int:
     n = 0
     with _text(raw) as f:
-        for row in _table_rows(records, columns, sparse=True):
+        for row in _table_rows(results, columns, sparse=True):
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
             n += 1
     return n
 
 
 def _write_csv(
-    raw: IO[bytes], records: Iterable[Record], output: Location, columns: tuple[str, ...]
+    raw: IO[bytes], results: Iterable[RowResult], output: Location, columns: tuple[str, ...]
 ) -> int:
     n = 0
     with _text(raw) as f:
         writer = csv.DictWriter(f, fieldnames=columns)
         writer.writeheader()
-        for row in _table_rows(records, columns):
+        for row in _table_rows(results, columns):
             if row.get(TEXTS_COLUMN) is not None:
                 row[TEXTS_COLUMN] = json.dumps(row[TEXTS_COLUMN], ensure_ascii=False)
             writer.writerow({k: "" if v is None else v for k, v in row.items()})
@@ -138,7 +153,7 @@ def _write_csv(
 
 
 def _write_parquet(
-    raw: IO[bytes], records: Iterable[Record], output: Location, columns: tuple[str, ...]
+    raw: IO[bytes], results: Iterable[RowResult], output: Location, columns: tuple[str, ...]
 ) -> int:
     try:
         import pyarrow as pa
@@ -147,7 +162,7 @@ def _write_parquet(
         raise InvalidInput(
             "writing Parquet needs pyarrow: pip install 'blipserve[parquet]'"
         ) from None
-    rows = list(_table_rows(records, columns))  # the text-only table is small
+    rows = list(_table_rows(results, columns))  # the text-only table is small
     # (typed: a column of a failed row alone, all nulls, would have no type of its own)
     types = {TEXTS_COLUMN: pa.list_(pa.string())}
     table = pa.table({c: pa.array([r[c] for r in rows], type=types.get(c)) for c in columns})
@@ -156,27 +171,27 @@ def _write_parquet(
 
 
 def _write_catalog(
-    raw: IO[bytes], records: Iterable[Record], output: Location, columns: tuple[str, ...]
+    raw: IO[bytes], results: Iterable[RowResult], output: Location, columns: tuple[str, ...]
 ) -> int:
     """predictions.csv as the catalog's batch endpoints write it: row, prediction, file."""
     n = 0
     with _text(raw) as f:
         writer = csv.writer(f)
-        for r in records:
-            writer.writerow([r.get("row") or "", caption_to_keep(r) or "", r.get("source") or ""])
+        for r in results:
+            writer.writerow([r.row or "", r.caption() or "", r.source or ""])
             n += 1
     return n
 
 
 def _write_imagefolder(
-    raw: IO[bytes], records: Iterable[Record], output: Location, columns: tuple[str, ...]
+    raw: IO[bytes], results: Iterable[RowResult], output: Location, columns: tuple[str, ...]
 ) -> int:
     root = f"{output.parent}/"
     n = 0
     with _text(raw) as f:
-        for r in records:
-            text = caption_to_keep(r)
-            image = r.get("path")
+        for r in results:
+            text = r.caption()
+            image = r.path
             if text is None or not image:
                 continue
             if not str(image).startswith(root):
