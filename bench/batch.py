@@ -59,10 +59,20 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # testkit/, shared with the tests
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/ is not a package
 
-from common import QUICK_BLIP, QUICK_BLIP2, build_random_model, machine_info, python_command
-from server import CACHE, background_cpu_busy
+from common import (
+    CACHE,
+    QUICK_BLIP,
+    QUICK_BLIP2,
+    background_cpu_busy,
+    build_random_model,
+    machine_info,
+    python_command,
+)
+
+from testkit.photos import photo
 
 LAYOUTS = {"blip-image-captioning-base": QUICK_BLIP, "blip2-opt-2.7b": QUICK_BLIP2}
 _DTYPES = {"float32", "bfloat16", "float16", "int8"}
@@ -72,8 +82,6 @@ PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "camera", "hubble_deep_fie
 def make_jpegs(folder: Path, count: int, size: tuple[int, int], quality: int = 92) -> list[Path]:
     """``count`` large JPEGs from scikit-image's photos, upscaled, with light noise (so the
     files are as big as real camera photos); cached by name."""
-    from skimage import data
-
     folder.mkdir(parents=True, exist_ok=True)
     paths = []
     rng = np.random.default_rng(0)
@@ -82,8 +90,8 @@ def make_jpegs(folder: Path, count: int, size: tuple[int, int], quality: int = 9
         paths.append(path)
         if path.exists():
             continue
-        photo = Image.fromarray(np.asarray(getattr(data, PHOTOS[i % len(PHOTOS)])())).convert("RGB")
-        big = np.asarray(photo.resize(size, Image.Resampling.BICUBIC), dtype=np.int16)
+        image = photo(PHOTOS[i % len(PHOTOS)])
+        big = np.asarray(image.resize(size, Image.Resampling.BICUBIC), dtype=np.int16)
         big = big + rng.integers(-6, 7, big.shape, dtype=np.int16)
         if i // len(PHOTOS) % 2:
             big = big[:, ::-1]

@@ -1,5 +1,7 @@
 """Helpers shared by the benchmarks: random-weight models shaped like the real checkpoints,
-machine information, percentiles, test photos, and real server processes on free ports.
+machine information and load, test photos, and the commands they run.  (What the tests use
+too -- server processes on free ports, percentiles, the photographs -- is in ``testkit/``,
+which every benchmark script puts on ``sys.path`` with ``bench/``.)
 
 Models are built from the published non-weight files in ``tests/data/hf-layouts`` (real
 config, tokenizer and processor settings) with random weights, so a benchmark runs the exact
@@ -10,31 +12,30 @@ parameters, 384 px) without downloading anything.
 from __future__ import annotations
 
 import base64
-import importlib
 import io
 import json
 import math
 import os
 import platform
 import shutil
-import signal
-import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import httpx
-import numpy as np
 from PIL import Image
 
+from testkit.models import LAYOUTS
+from testkit.photos import photo
+
 ROOT = Path(__file__).resolve().parent.parent
-LAYOUTS = ROOT / "tests" / "data" / "hf-layouts"
+
 SEED = 0
 SPEC_FILE = "bench-model.json"  # what a cached folder was built from
+CACHE = Path.home() / ".cache" / "blipserve-bench"  # random models and test JPEGs
+BACKGROUND_WARN = 0.10  # warn when other processes keep this share of the CPUs busy
 
 
 # -- models --------------------------------------------------------------------------------
@@ -177,7 +178,7 @@ def count_parameters(folder: Path) -> int:
     return total
 
 
-# -- machine and statistics ----------------------------------------------------------------
+# -- machine and load ----------------------------------------------------------------------
 
 
 def cpu_model() -> str:
@@ -218,16 +219,26 @@ def machine_info() -> dict[str, Any]:
     }
 
 
-def percentile(values: Sequence[float], p: float) -> float:
-    """The ``p``-th percentile (0-100) with linear interpolation (numpy's default); NaN
-    for no values."""
-    if not values:
+def background_cpu_busy(seconds: float = 1.0) -> float:
+    """Share (0-1) of all CPUs busy over ``seconds``, from /proc/stat (NaN if unreadable)."""
+
+    def snapshot() -> tuple[int, int]:
+        fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+        idle = fields[3] + (fields[4] if len(fields) > 4 else 0)
+        return sum(fields[:8]), idle
+
+    try:
+        total0, idle0 = snapshot()
+        time.sleep(seconds)
+        total1, idle1 = snapshot()
+    except (OSError, ValueError, IndexError):
         return math.nan
-    ordered = sorted(values)
-    rank = (len(ordered) - 1) * p / 100
-    low = math.floor(rank)
-    high = min(low + 1, len(ordered) - 1)
-    return ordered[low] + (ordered[high] - ordered[low]) * (rank - low)
+    total = total1 - total0
+    return (total - (idle1 - idle0)) / total if total else math.nan
+
+
+def log(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
 
 # -- test images ---------------------------------------------------------------------------
@@ -239,11 +250,9 @@ def sample_images(
     count: int = len(PHOTOS), size: tuple[int, int] = (640, 480), quality: int = 90
 ) -> list[str]:
     """``count`` scikit-image sample photos, resized to ``size``, as base64 JPEG text."""
-    data: Any = importlib.import_module("skimage.data")  # untyped library
     out = []
     for i in range(count):
-        photo = np.asarray(getattr(data, PHOTOS[i % len(PHOTOS)])())
-        image = Image.fromarray(photo).convert("RGB").resize(size, Image.Resampling.BICUBIC)
+        image = photo(PHOTOS[i % len(PHOTOS)]).resize(size, Image.Resampling.BICUBIC)
         if i >= len(PHOTOS):  # more images than photos: mirror, so every body differs
             image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
         buf = io.BytesIO()
@@ -252,74 +261,7 @@ def sample_images(
     return out
 
 
-# -- server processes ----------------------------------------------------------------------
-
-
-@dataclass
-class RunningServer:
-    """A server subprocess listening on ``url``; its output goes to ``log``."""
-
-    name: str
-    url: str
-    proc: subprocess.Popen[bytes]
-    log: Path
-    argv: list[str]
-
-    def output(self) -> str:
-        return self.log.read_text(errors="replace")
-
-    def stop(self, timeout: float = 60) -> int:
-        """SIGTERM (in-flight requests finish), then SIGKILL after ``timeout`` seconds."""
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        try:
-            return self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            return self.proc.wait(10)
-
-
-def start_server(
-    argv: Sequence[str],
-    workdir: Path,
-    *,
-    name: str = "server",
-    timeout: float = 600,
-    env: Mapping[str, str] | None = None,
-) -> RunningServer:
-    """Start ``argv`` plus ``--port 0 --port-file FILE``; return once ``GET /ready`` is 200.
-
-    Raises ``RuntimeError`` with the server's output if it exits or is not ready in time.
-    """
-    workdir.mkdir(parents=True, exist_ok=True)
-    port_file = workdir / f"{name}.port"
-    port_file.unlink(missing_ok=True)
-    log = workdir / f"{name}.log"
-    full = [*argv, "--port", "0", "--port-file", str(port_file)]
-    environ = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", **(env or {})}
-    with log.open("wb") as out:
-        proc = subprocess.Popen(full, stdout=out, stderr=subprocess.STDOUT, env=environ)
-    deadline = time.monotonic() + timeout
-    url = None
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(
-                f"{name} exited with {proc.returncode}:\n{log.read_text(errors='replace')}"
-            )
-        if url is None and port_file.exists():
-            url = f"http://127.0.0.1:{port_file.read_text().strip()}"
-        if url is not None:
-            try:
-                if httpx.get(f"{url}/ready", timeout=5).status_code == 200:
-                    return RunningServer(name, url, proc, log, full)
-            except httpx.TransportError:
-                pass
-        time.sleep(0.2)
-    proc.kill()
-    proc.wait(10)
-    raise RuntimeError(
-        f"{name} not ready after {timeout:.0f} s:\n{log.read_text(errors='replace')}"
-    )
+# -- commands ------------------------------------------------------------------------------
 
 
 def python_command(*args: str) -> list[str]:

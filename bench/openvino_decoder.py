@@ -44,6 +44,7 @@ import torch
 from torch import nn
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # testkit/, shared with the tests
 sys.path.insert(0, str(ROOT / "bench"))
 
 
@@ -330,7 +331,7 @@ def step_times(model: nn.Module, repeats: int) -> dict[str, list[float]]:
 
 def main() -> None:
     from common import machine_info
-    from speed import build
+    from speed_models import build
 
     from blipserve.models import optimize
     from blipserve.models.blip import BlipCaptionAdapter

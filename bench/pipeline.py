@@ -18,6 +18,8 @@ A/B variants, alternated run by run (``--repeats``), each against the default:
   a pipe) instead of on the decode threads.
 
     .venv/bin/python bench/pipeline.py --size 640x480 --images 1024 --repeats 3
+    .venv/bin/python bench/pipeline.py --images 16 --size 64x48 --repeats 1 --model-ms 5 \
+        --chunk 4 --models sleep --out /tmp/q.json                  # a smoke test, seconds
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ import json
 import multiprocessing
 import shutil
 import statistics
+import sys
 import tempfile
 import time
 from collections.abc import Callable, Hashable, Iterator, Sequence
@@ -36,6 +39,10 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # testkit/, shared with the tests
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/ is not a package
+
 from common import machine_info, sample_images
 
 from blipserve import images

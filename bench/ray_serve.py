@@ -35,27 +35,29 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # testkit/, shared with the tests
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/ is not a package
 
-from common import (  # bench/ is not a package: found through sys.path
+from common import (
+    CACHE,
+    QUICK_BLIP,
     ROOT,
     build_random_model,
     count_parameters,
+    log,
     machine_info,
     python_command,
     sample_images,
 )
-from server import CACHE, QUICK_OVERRIDES, ServerResult, bench_server, log, ratio, score_body
+from server_bench import ServerResult, bench_server
+from server_load import score_body
+from server_report import ratio
+
+from testkit.env import RAY_ENV as QUIET_RAY
 
 SETUPS = ("serve", "ray-1", "ray-2")
 #: what a cluster operator sets (docs/deploying.md); Ray quiet and offline
-RAY_ENV = {
-    "RAY_USAGE_STATS_ENABLED": "0",
-    "RAY_AUTH_MODE": "disabled",
-    "RAY_DISABLE_DOCKER_CPU_WARNING": "1",
-    "RAY_ENABLE_UV_RUN_RUNTIME_ENV": "0",
-    "RAY_DEDUP_LOGS": "0",
-}
+RAY_ENV = {**QUIET_RAY, "RAY_DEDUP_LOGS": "0"}
 
 
 def setup_flags(setup: str, cores: int) -> list[str]:
@@ -148,7 +150,7 @@ def markdown(report: dict[str, Any]) -> str:
 def main() -> None:
     args = parse_args()
     started = time.perf_counter()
-    overrides = QUICK_OVERRIDES if args.quick else None
+    overrides = QUICK_BLIP if args.quick else None
     dest = CACHE / (args.model_layout + ("-quick" if args.quick else ""))
     model = build_random_model(args.model_layout, dest, overrides=overrides).resolve()
     bodies = [score_body(b64, args.tokens) for b64 in sample_images(args.images)]
