@@ -144,6 +144,26 @@ def test_resume_after_a_cut_journal(engine: Engine, images: Path, tmp_path: Path
     )
 
 
+def test_a_stopped_job_ends_at_its_next_commit(
+    engine: Engine, images: Path, tmp_path: Path
+) -> None:
+    import threading
+
+    from blipserve.errors import JobStopped
+
+    stop = threading.Event()
+    stop.set()  # (a hosted job canceled before its first chunk was done)
+    out = tmp_path / "out.jsonl"
+    options = BatchOptions(input=images, output=out, params=PARAMS, progress=False, chunk_rows=3)
+    with pytest.raises(JobStopped):
+        BatchJob(engine, options, stop=stop).run()
+    assert not out.exists()
+    journal = tmp_path / ".out.jsonl.journal.jsonl"
+    assert journal.read_bytes().count(b"\n") == 1 + 3  # the signature, the first chunk
+    _, summary = run(engine, input=images, output=out)
+    assert (summary.skipped, summary.done + summary.failed) == (3, 5)
+
+
 def test_retry_errors_and_other_jobs_refused(engine: Engine, images: Path, tmp_path: Path) -> None:
     out = tmp_path / "out.jsonl"
     run(engine, input=images, output=out)

@@ -1,30 +1,22 @@
-"""The driver's side of a batch job, wherever its rows run (here, or on Ray): the journal,
-the rows still to do, sidecars, counts, progress, --max-failures and the final output."""
+"""The driver's side of a batch job, wherever its rows run (here, or on Ray): the rows
+still to do, and what becomes of each finished one, by the parts that keep it."""
 
 from __future__ import annotations
 
 import functools
 import logging
-import sys
 import threading
-import time
 from collections import defaultdict
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from blipserve.batch.journal import JobJournal, open_journal
-from blipserve.batch.options import BatchOptions, Summary, TooManyFailures
+from blipserve.batch.options import BatchOptions, Summary
+from blipserve.batch.progress import Progress
 from blipserve.batch.rows import InputRow, RowResult
 from blipserve.batch.shards import ShardOutput, check_text_from, is_pattern
-from blipserve.batch.sinks import (
-    infer_format,
-    sidecar_path,
-    sidecar_text,
-    table_columns,
-    write_output,
-    write_sidecar,
-)
+from blipserve.batch.sinks import Sidecars, TableOutput, infer_format, table_columns
 from blipserve.batch.sources import (
     ReadOptions,
     count_rows,
@@ -34,7 +26,6 @@ from blipserve.batch.sources import (
     shard_locations,
 )
 from blipserve.batch.storage import Location
-from blipserve.config import FailureLimit
 from blipserve.errors import InvalidInput, JobStopped
 
 log = logging.getLogger(__name__)
@@ -56,19 +47,40 @@ class ShardWork:
 class JobBook:
     """The driver's side of a batch job, wherever its rows run (here, or on Ray).
 
-    It opens the journal (so a job resumes, and local and Ray runs resume each other),
-    yields the rows still to do, records finished rows (journal, sidecars, counts) and
-    writes the final output.  ``model_source`` and ``filter_source`` identify the models.
+    It is made of parts, each kept by one object: the ``journal`` (rows recorded durably,
+    so a job resumes, and local and Ray runs resume each other), the ``progress`` (counts,
+    their display, ``--max-failures``), the ``shards`` (output shards, written as their
+    rows finish), the ``sidecars`` (caption files) and the ``table`` (the final output,
+    written from the journal).  The book yields the rows still to do (:meth:`todo`), hands
+    each finished row to the parts (:meth:`commit`) and ends the job (:meth:`finish`).
+    ``model_source`` and ``filter_source`` identify the models; once ``stop`` is set the
+    job stops at its next commit (a hosted job canceled, its server stopping).
+
+    Its use, as :class:`~blipserve.batch.runner.BatchJob` and Ray's driver make it::
+
+        book = JobBook(BatchOptions(input="photos/", output="out.csv"), "Salesforce/blip")
+        try:
+            for rows in chunks(book.todo()):
+                book.commit([RowResult.of(row, outcome) for row, outcome in run(rows)])
+        finally:
+            book.close()
+        summary = book.finish()
     """
 
     def __init__(
-        self, options: BatchOptions, model_source: str, filter_source: str | None = None
+        self,
+        options: BatchOptions,
+        model_source: str,
+        filter_source: str | None = None,
+        *,
+        stop: threading.Event | None = None,
     ) -> None:
         if options.output is None and options.sidecar is None:
             raise InvalidInput("nothing to write: give --output, --sidecar, or both")
         self.options = options
         self.model_source = model_source
         self.filter_source = filter_source
+        self.stop = stop
         self.input = options.locate(options.input)
         self.output = options.locate(options.output) if options.output is not None else None
         check_text_from(options.text_from)
@@ -77,32 +89,44 @@ class JobBook:
         if shards_in and options.sidecar:
             raise InvalidInput("--sidecar writes files next to images; shards have none")
         self.shards: ShardOutput | None = None
+        self.table: TableOutput | None = None
         if self.format == "webdataset" and self.output:
             if not shards_in:
                 raise InvalidInput("--format webdataset needs WebDataset shards as the input")
             self.shards = ShardOutput(self.output, self._shard_input, options.caption_key)
+        elif self.format and self.output:
+            several = (options.params.num_return_sequences or 1) > 1
+            columns = table_columns(several_texts=several, capfilt=filter_source is not None)
+            self.table = TableOutput(self.format, self.output, columns)
         self.journal: JobJournal | None = (
             open_journal(self.output, self.signature()) if self.output else None
         )
-        self.summary = Summary()
-        self._started = time.monotonic()
-        self._progress: _Progress | None = None
-        self._total: int | None = None  # the input's rows, where cheap to know
-        self._kept_sidecars: set[str] = set()  # images whose caption file was there already
+        self.sidecars: Sidecars | None = None
+        if options.sidecar:
+            self.sidecars = Sidecars(
+                options.sidecar,
+                options.sidecar_captions,
+                options.locate,
+                overwrite=options.overwrite,
+            )
+        self.progress = Progress(options.max_failures, options.progress, options.log_every_s)
         # commit() runs on a writer thread while todo() reads on the job's (CommitBehind):
         # the shards' state, the counts and the progress are changed under this lock
         self._books = threading.Lock()
-        # set: the job stops at its next commit (a hosted job canceled, its server stopping)
-        self.stop: threading.Event | None = None
+
+    @property
+    def summary(self) -> Summary:
+        """The job's counts so far."""
+        return self.progress.summary
 
     @property
     def total(self) -> int | None:
         """The input's rows, where cheap to know (once the job is open)."""
-        return self._total
+        return self.progress.total
 
     @property
     def elapsed_s(self) -> float:
-        return time.monotonic() - self._started
+        return self.progress.elapsed_s
 
     def _format(self, shards_in: bool) -> str | None:
         if self.output is None:
@@ -138,13 +162,11 @@ class JobBook:
     def _open(self, preload: bool = True) -> dict[str, bool]:
         """Open the journal (``{row id: succeeded}`` of rows recorded already) and progress;
         ``preload``: the recorded captions of output shards still to write, for :meth:`todo`."""
-        o = self.options
-        self._started = time.monotonic()
-        done = self.journal.open(overwrite=o.overwrite) if self.journal else {}
+        self.progress.start()
+        done = self.journal.open(overwrite=self.options.overwrite) if self.journal else {}
         if preload and self.shards and self.journal and done:
             self.shards.preload(self.journal.records())
-        self._total = count_rows(self.input)
-        self._progress = _Progress(self._total, o.progress, o.log_every_s, self.summary)
+        self.progress.open(count_rows(self.input))
         return done
 
     def todo(self) -> Iterator[InputRow]:
@@ -163,9 +185,7 @@ class JobBook:
                 if shards and row.source:
                     shards.expect(row.source, recorded=skip)
                 if skip:
-                    self.summary.skipped += 1
-                    if self._progress:
-                        self._progress.update(1)
+                    self.progress.skipped(1)
             if not skip:
                 yield row
         if shards:
@@ -200,9 +220,7 @@ class JobBook:
     def shard_read(self, name: str, rows: int, skipped: int, written: bool) -> None:
         """A worker read the shard ``name`` to its end (its results came to :meth:`commit`):
         ``rows`` rows, ``skipped`` of them recorded already; ``written``: its output shard."""
-        self.summary.skipped += skipped
-        if self._progress:
-            self._progress.update(skipped)
+        self.progress.skipped(skipped)
         if written and self.shards:
             log.info("wrote %s", self.shards.folder.child(name))
             self.shards.written += 1
@@ -221,131 +239,47 @@ class JobBook:
     def _skip(self, row: InputRow, done: dict[str, bool]) -> bool:
         if self._recorded(row.id, done):
             return True
-        o = self.options
-        if o.sidecar and row.path and row.has_sidecar and not o.overwrite:
+        if self.sidecars and row.path and row.has_sidecar and not self.options.overwrite:
             # An existing caption file is left alone (and is the record for sidecar-only jobs).
-            self._kept_sidecars.add(row.path)
+            self.sidecars.keep(row.path)
             return self.journal is None
         return False
 
     def commit(self, results: Sequence[RowResult]) -> None:
-        """Record finished rows: journal (durably), sidecars, counts, progress.  Safe to
-        call on another thread than :meth:`todo`'s (one commit at a time); once
+        """Record finished rows: journal (durably), output shards, sidecars, counts.  Safe
+        to call on another thread than :meth:`todo`'s (one commit at a time); once
         :attr:`stop` is set, :class:`~blipserve.errors.JobStopped` (after this commit)."""
         with self._books:
-            self._commit(results)
+            if self.journal:
+                self.journal.append(results)
+            if self.shards:
+                self.shards.record(results)
+                self.shards.flush()
+            if self.sidecars:
+                for result in results:
+                    self.sidecars.write(result)
+            self.progress.finished(results)
         if self.stop is not None and self.stop.is_set():
             raise JobStopped("the job was stopped; what is done is journaled")
 
-    def _commit(self, results: Sequence[RowResult]) -> None:
-        if self.journal:
-            self.journal.append(results)
-        if self.shards:
-            self.shards.record(results)
-            self.shards.flush()
-        for result in results:
-            self._write_sidecar(result)
-            if result.error:
-                self.summary.failed += 1
-                log.warning("%s: %s", result.id, result.error)
-            else:
-                self.summary.done += 1
-        if self._progress:
-            self._progress.update(len(results))
-        limit, s = self.options.max_failures, self.summary
-        # a percentage is judged early only against a known input size, else at the end
-        judged = limit is not None and (limit.count is not None or self._total is not None)
-        if limit and judged and limit.exceeded(s.failed, s.done + s.failed, self._total):
-            raise self._too_many(limit)
-
-    def _too_many(self, limit: FailureLimit) -> TooManyFailures:
-        s = self.summary
-        return TooManyFailures(
-            f"{s.failed} of {s.done + s.failed} rows failed, more than --max-failures {limit}; "
-            "the job stopped (finished rows are kept: fix the inputs and rerun, with "
-            "--retry-errors to redo the failed ones)"
-        )
-
-    def _write_sidecar(self, result: RowResult) -> None:
-        if not self.options.sidecar or not result.path:
-            return
-        text = sidecar_text(result, self.options.sidecar_captions)
-        if text is None:
-            return
-        target = sidecar_path(self.options.locate(result.path), self.options.sidecar)
-        if not self.options.overwrite and self._has_sidecar(result, target):
-            return
-        write_sidecar(target, text)
-
-    def _has_sidecar(self, result: RowResult, target: Location) -> bool:
-        """For an image in a folder the listing told; for a table's image file, ask."""
-        if result.path in self._kept_sidecars:
-            return True
-        return bool(result.row) and target.exists()
-
     def close(self) -> None:
-        if self._progress:
-            self._progress.close()
+        self.progress.close()
         if self.journal:
             self.journal.close()
 
     def finish(self) -> Summary:
         """After :meth:`close`: write the final output from the journal; then judge
         ``--max-failures`` over the whole run."""
+        written = None
         if self.journal:
             self.journal.merge()
         if self.shards:
             self.shards.end_of_input()
             self.shards.flush()
-            self.summary.written = self.shards.written
-        elif self.journal and self.format and self.output:
-            columns = table_columns(
-                several_texts=(self.options.params.num_return_sequences or 1) > 1,
-                capfilt=self.filter_source is not None,
-            )
-            results = self.journal.records()
-            self.summary.written = write_output(self.format, self.output, results, columns)
-        self.summary.elapsed_s = time.monotonic() - self._started
-        s, limit = self.summary, self.options.max_failures
-        if limit and limit.exceeded(s.failed, s.done + s.failed):
-            raise self._too_many(limit)
-        return self.summary
-
-
-class _Progress:
-    """A tqdm bar on a terminal; periodic log lines (rate, ETA) otherwise."""
-
-    def __init__(self, total: int | None, bar: bool | None, every_s: float, summary: Summary):
-        self.total = total
-        self.every_s = every_s
-        self.summary = summary
-        self.seen = 0
-        self.started = self.last_log = time.monotonic()
-        self.bar: Any = None
-        if bar if bar is not None else sys.stderr.isatty():
-            from tqdm import tqdm
-
-            self.bar = tqdm(total=total, unit="img", dynamic_ncols=True)
-
-    def update(self, n: int) -> None:
-        self.seen += n
-        if self.bar is not None:
-            self.bar.update(n)
-            self.bar.set_postfix(failed=self.summary.failed, refresh=False)
-            return
-        now = time.monotonic()
-        if now - self.last_log >= self.every_s:
-            self.last_log = now
-            rate = self.seen / (now - self.started)
-            eta = ""
-            if self.total and rate > 0:
-                eta = f", ETA {(self.total - self.seen) / rate:.0f} s"
-            of = f"/{self.total}" if self.total else ""
-            log.info("%d%s rows (%s; %.2f rows/s%s)", self.seen, of, self.summary.line(), rate, eta)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
+            written = self.shards.written
+        elif self.journal and self.table:
+            written = self.table.write(self.journal.records())
+        return self.progress.end(written)
 
 
 __all__ = ["JobBook", "ShardWork"]

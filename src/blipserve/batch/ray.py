@@ -88,8 +88,8 @@ def run_on_ray(
         options,
         resolve_source(settings.model.model),
         resolve_source(filter_model) if filter_model else None,
+        stop=stop,
     )
-    book.stop = stop
     connected_here = not ray.is_initialized()
     if connected_here:
         ray.init(address=settings.ray.ray_address, ignore_reinit_error=True)

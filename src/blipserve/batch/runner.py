@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import threading
 from collections import deque
-from collections.abc import Callable, Generator, Iterable, Sequence
+from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Generic, TypeVar
 
@@ -31,25 +32,34 @@ log = logging.getLogger(__name__)
 Chunk = TypeVar("Chunk")
 
 
-class BatchJob(JobBook):
-    """Run ``engine`` over every row of ``options.input``.
+class BatchJob:
+    """Run ``engine`` over every row of ``options.input``: the rows a chunk at a time
+    through the engine, and each chunk's results to the job's ``book`` (a
+    :class:`~blipserve.batch.book.JobBook`: the journal, the progress, the outputs).
 
     ``filter_engine`` (an image-text matching model) turns on CapFilt: each generated
     caption, and each row's original text, gets a match probability and is kept when it
-    reaches ``options.min_match``.
+    reaches ``options.min_match``.  Once ``stop`` is set, the job stops at its next commit
+    (:class:`~blipserve.errors.JobStopped`).  For example::
+
+        with Engine.from_settings(settings) as engine:
+            summary = BatchJob(engine, BatchOptions(input="photos/", output="out.csv")).run()
     """
 
     def __init__(
-        self, engine: Engine, options: BatchOptions, filter_engine: Engine | None = None
+        self,
+        engine: Engine,
+        options: BatchOptions,
+        filter_engine: Engine | None = None,
+        *,
+        stop: threading.Event | None = None,
     ) -> None:
         engine.check_params(options.params)  # before the job's output is touched
         self.engine = engine
         self.filter_engine = filter_engine
-        super().__init__(
-            options, engine.adapter.source, filter_engine.adapter.source if filter_engine else None
-        )
-
-    # -- the run ---------------------------------------------------------------------------
+        self.options = options
+        filter_source = filter_engine.adapter.source if filter_engine else None
+        self.book = JobBook(options, engine.adapter.source, filter_source, stop=stop)
 
     def run(self) -> Summary:
         try:
@@ -64,6 +74,20 @@ class BatchJob(JobBook):
         finally:
             self.close()
         return self.finish()
+
+    # -- the book's steps, as run() takes them (bench/pipeline.py takes them itself) ---------
+
+    def todo(self) -> Iterator[InputRow]:
+        return self.book.todo()
+
+    def commit(self, results: Sequence[RowResult]) -> None:
+        self.book.commit(results)
+
+    def close(self) -> None:
+        self.book.close()
+
+    def finish(self) -> Summary:
+        return self.book.finish()
 
 
 class CommitBehind(Generic[Chunk]):

@@ -5,9 +5,9 @@ Formats: ``jsonl``, ``csv``, ``parquet`` (id, text, score, error, plus ``texts``
 row asked for several, and the CapFilt columns), ``catalog`` (the catalog's
 ``predictions.csv``: no header; row, prediction, file name), and ``imagefolder`` (a Hugging
 Face ``metadata.jsonl``: file_name, text); these two, and shards, take the best text only.
-Sidecar caption files are written as rows finish, each atomically too.  Each output is
-written from :class:`~blipserve.batch.rows.RowResult`\\ s: this module alone turns them
-into columns.
+Sidecar caption files are written as rows finish (:class:`Sidecars`), each atomically
+too.  Each output is written from :class:`~blipserve.batch.rows.RowResult`\\ s: this module
+alone turns them into columns.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import json
 import os
 import typing
 from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 from typing import IO, Any
 
 from blipserve.batch.rows import RowResult
@@ -71,6 +72,20 @@ def sidecar_text(result: RowResult, captions: str) -> str | None:
     if captions == "all" and result.texts and text == result.text:
         return "\n".join(result.texts)
     return text
+
+
+@dataclass(frozen=True)
+class TableOutput:
+    """A job's final output (every format but shards), written from the journal at the
+    end: ``fmt`` to ``location``, with ``columns`` (:func:`table_columns`)."""
+
+    fmt: str
+    location: Location
+    columns: tuple[str, ...] = TABLE_COLUMNS
+
+    def write(self, results: Iterable[RowResult]) -> int:
+        """Write it atomically; returns the number of rows written."""
+        return write_output(self.fmt, self.location, results, self.columns)
 
 
 def write_output(
@@ -217,6 +232,41 @@ def sidecar_path(image: Location, suffix: str) -> Location:
 def write_sidecar(where: Location, text: str) -> None:
     """Write a caption file atomically (a kill never leaves half a caption)."""
     where.write_bytes((text + "\n").encode())
+
+
+class Sidecars:
+    """A job's caption files next to its images (``--sidecar SUFFIX``), written as rows
+    finish.  ``captions``: the best text or ``all``; ``locate``: an image's location (the
+    job's guard applies); ``overwrite``: replace caption files that are there already."""
+
+    def __init__(
+        self, suffix: str, captions: str, locate: Callable[[str], Location], *, overwrite: bool
+    ) -> None:
+        self.suffix, self.captions, self.overwrite = suffix, captions, overwrite
+        self._locate = locate
+        self._kept: set[str] = set()  # images whose caption file was there already
+
+    def keep(self, image: str) -> None:
+        """The listing showed ``image``'s caption file: it is left alone."""
+        self._kept.add(image)
+
+    def write(self, result: RowResult) -> None:
+        """``result``'s caption file, unless it has none (or one is there already)."""
+        if not result.path:
+            return
+        text = sidecar_text(result, self.captions)
+        if text is None:
+            return
+        target = sidecar_path(self._locate(result.path), self.suffix)
+        if not self.overwrite and self._there(result, target):
+            return
+        write_sidecar(target, text)
+
+    def _there(self, result: RowResult, target: Location) -> bool:
+        """For an image in a folder the listing told; for a table's image file, ask."""
+        if result.path in self._kept:
+            return True
+        return bool(result.row) and target.exists()
 
 
 def _text(raw: IO[bytes]) -> io.TextIOWrapper:

@@ -6,8 +6,8 @@ from __future__ import annotations
 import dataclasses
 import threading
 from collections.abc import Callable
-from typing import Any
 
+from blipserve.batch.book import JobBook
 from blipserve.batch.options import BatchOptions, Summary
 from blipserve.config import Settings
 from blipserve.engine import Engine
@@ -22,13 +22,12 @@ def on_engine(engine: Engine, queue: OnlineQueue) -> RunJob:
     from blipserve.batch.runner import BatchJob
 
     def run(
-        options: BatchOptions, stop: threading.Event, running: Callable[[Any], None]
+        options: BatchOptions, stop: threading.Event, running: Callable[[JobBook | None], None]
     ) -> Summary:
         shared = BehindRequests(engine, queue, stop)
         try:
-            job = BatchJob(shared, options)
-            job.stop = stop
-            running(job)
+            job = BatchJob(shared, options, stop=stop)
+            running(job.book)
             return job.run()
         finally:
             shared.close()
@@ -47,7 +46,7 @@ def on_ray(settings: Settings) -> RunJob:
     on_cluster = dataclasses.replace(settings, ray=ray)
 
     def run(
-        options: BatchOptions, stop: threading.Event, running: Callable[[Any], None]
+        options: BatchOptions, stop: threading.Event, running: Callable[[JobBook | None], None]
     ) -> Summary:
         running(None)  # (Ray's driver keeps the counts: the record has them at the end)
         return run_on_ray(options, on_cluster, stop)

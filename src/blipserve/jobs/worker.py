@@ -10,6 +10,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from blipserve.batch.book import JobBook
 from blipserve.batch.journal import ForeignOutput
 from blipserve.batch.options import BatchOptions, Summary, TooManyFailures
 from blipserve.batch.storage import StorageError
@@ -22,7 +23,7 @@ from blipserve.jobs.uris import AllowedRoots
 log = logging.getLogger(__name__)
 
 #: runs one job: (options, stop event, told the job's book once open) -> its summary
-RunJob = Callable[[BatchOptions, threading.Event, Callable[[Any], None]], Summary]
+RunJob = Callable[[BatchOptions, threading.Event, Callable[[JobBook | None], None]], Summary]
 RETRY_WAIT_S = 5.0
 # the server's batch options a hosted job takes (the rest are the job's own, or off: a
 # server's BLIPSERVE_SIDECAR or BLIPSERVE_FILTER_MODEL is not every client's job's)
@@ -80,7 +81,7 @@ class JobWorker:
         self.saved = self.renewed = time.monotonic()
         self._options, self._run_job, self._retries = options, run_job, retries
         self._save, self._finished = save, finished
-        self._book: Any = None
+        self._book: JobBook | None = None
         self.thread = threading.Thread(
             target=self._run, name=f"blipserve-job-{record.name[-8:]}", daemon=True
         )
@@ -157,7 +158,7 @@ class JobWorker:
             record.rows_per_s = round(s.images_per_s, 3)
             return
 
-    def _opened(self, book: Any) -> None:
+    def _opened(self, book: JobBook | None) -> None:
         self._book = book
         self.record.status = t.RUNNING
         self._write(self.record)
