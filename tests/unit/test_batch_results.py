@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from blipserve.batch.book import ShardEnd
 from blipserve.batch.journal import Journal, result_line, result_of_line
 from blipserve.batch.rows import InputRow, RowResult
 from blipserve.errors import InferenceError, RowError
@@ -111,6 +112,22 @@ def test_results_are_built_alike_from_any_outcome() -> None:
     )
     with pytest.raises(dataclasses.FrozenInstanceError):
         several.text = "changed"  # type: ignore[misc]
+
+
+def test_shard_messages_carry_the_end_of_a_shard_in_its_own_column() -> None:
+    pytest.importorskip("pyarrow")
+    from blipserve.batch.ray import shard_messages
+
+    results = [result_of_line(line) for line in OLD_LINES[-2:]]
+    table = shard_messages([r for r in results if r is not None])
+    assert table.column_names == ["record", "end_of_shard"]
+    assert table.column("end_of_shard").to_pylist() == [None, None]
+    assert [result_of_line(x) for x in table.column("record").to_pylist()] == results
+    end = shard_messages(end=ShardEnd("00001.tar", rows=4, skipped=1, written=True))
+    assert end.schema == table.schema  # every message alike, whatever it carries
+    assert end.column("record").to_pylist() == [None]
+    [fields] = end.column("end_of_shard").to_pylist()
+    assert ShardEnd(**fields) == ShardEnd("00001.tar", 4, 1, True)
 
 
 def _json(value: object) -> bytes:

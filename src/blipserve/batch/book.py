@@ -44,6 +44,17 @@ class ShardWork:
     recorded: dict[str, str | None]
 
 
+@dataclass(frozen=True)
+class ShardEnd:
+    """A worker read the shard ``name`` to its end (after sending its rows' results):
+    ``rows`` rows, ``skipped`` of them recorded already; ``written``: its output shard."""
+
+    name: str
+    rows: int
+    skipped: int
+    written: bool
+
+
 class JobBook:
     """The driver's side of a batch job, wherever its rows run (here, or on Ray).
 
@@ -217,12 +228,11 @@ class JobBook:
             work.append(ShardWork(name, str(where), dest, recorded.pop(name, {})))
         return work
 
-    def shard_read(self, name: str, rows: int, skipped: int, written: bool) -> None:
-        """A worker read the shard ``name`` to its end (its results came to :meth:`commit`):
-        ``rows`` rows, ``skipped`` of them recorded already; ``written``: its output shard."""
-        self.progress.skipped(skipped)
-        if written and self.shards:
-            log.info("wrote %s", self.shards.folder.child(name))
+    def shard_read(self, end: ShardEnd) -> None:
+        """A worker read a shard to its end (its rows' results came to :meth:`commit`)."""
+        self.progress.skipped(end.skipped)
+        if end.written and self.shards:
+            log.info("wrote %s", self.shards.folder.child(end.name))
             self.shards.written += 1
 
     def _written(self) -> frozenset[str]:
@@ -282,4 +292,4 @@ class JobBook:
         return self.progress.end(written)
 
 
-__all__ = ["JobBook", "ShardWork"]
+__all__ = ["JobBook", "ShardEnd", "ShardWork"]

@@ -4,7 +4,8 @@ WebDataset shards are split across the actors shard by shard: the driver lists t
 and, from the journal, the rows of each that are recorded already; an actor reads a whole
 shard itself (from an object store, with the job's storage options), skips those rows,
 sends back the others' records, writes the captioned output shard when the output is
-shards, and last sends how many rows the shard held.  The driver never reads a sample.
+shards, and last sends the shard's end (how many rows it held, in a column of its own
+beside the results: :func:`shard_messages`).  The driver never reads a sample.
 (An output shard written just before a kill, whose last records the driver had not yet
 journaled, counts as done on resume: the shard is the output, and it is whole.)
 
@@ -16,12 +17,11 @@ driver's memory at a time; the input is listed before the model starts, which fo
 paths is quick).
 Model actors (one :class:`~blipserve.engine.Engine` each, loaded once) turn batches of rows
 into results with the local job's own :func:`~blipserve.batch.runner.make_records` (sent
-back as journal lines);
-the driver streams them back in input order into the journal, sidecars and counts, then
-writes the final output.  Actors read image files themselves: from an object store
-(``s3://``, ``az://``, ``gs://``, with the job's storage options) no shared filesystem is
-needed; local paths must be readable where the actors run (one machine, or a shared
-filesystem).  blipserve must be installed where the actors run.
+back as journal lines); the driver streams them back in input order into the job's book
+(journal, sidecars, counts), then writes the final output.  Actors read image files
+themselves: from an object store (``s3://``, ``az://``, ``gs://``, with the job's storage
+options) no shared filesystem is needed; local paths must be readable where the actors run
+(one machine, or a shared filesystem).  blipserve must be installed where the actors run.
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ import warnings
 from collections.abc import Iterable, Iterator
 from typing import Any
 
-from blipserve.batch.book import ShardWork
+from blipserve.batch.book import ShardEnd, ShardWork
 from blipserve.batch.journal import result_line, result_of_line
 from blipserve.batch.rows import InputRow, RowResult
 from blipserve.batch.runner import (
@@ -145,7 +145,7 @@ def _run_shards(
     gpus: float,
 ) -> None:
     """Each shard in ``work`` read, captioned (and its output shard written) by one actor;
-    the records committed here in input order."""
+    the results committed here in input order, each shard's end told to ``book``."""
     if not work:
         return
     items = [{"work": json.dumps(dataclasses.asdict(w))} for w in work]
@@ -159,17 +159,15 @@ def _run_shards(
     )
     for batch in dataset.iter_batches(batch_size=None, batch_format="pyarrow"):
         results: list[RowResult] = []
-        for line in batch.column("record").to_pylist():
-            result = result_of_line(line)
-            if result is not None:
-                results.append(result)
+        lines = batch.column("record").to_pylist()
+        ends = batch.column("end_of_shard").to_pylist()
+        for line, end in zip(lines, ends, strict=True):
+            if end is None:
+                results.append(_result(line))
                 continue
-            message = json.loads(line)
             book.commit(results)
             results = []
-            book.shard_read(
-                message["end_of_shard"], message["rows"], message["skipped"], message["written"]
-            )
+            book.shard_read(ShardEnd(**end))
         if results:
             book.commit(results)
 
@@ -228,13 +226,14 @@ class RecordActor(ModelActor):
 class ShardActor(ModelActor):
     """A model actor for shards: each call reads one whole shard, captions the rows not
     recorded already, yields their results a chunk at a time, writes the output shard
-    (when the output is shards), then yields the shard's end: its row counts."""
+    (when the output is shards), then yields the shard's end: its row counts.  Each is an
+    Arrow table of :func:`shard_messages`' two columns."""
 
-    def __call__(self, batch: Any) -> Iterator[dict[str, list[str]]]:
+    def __call__(self, batch: Any) -> Iterator[Any]:
         for line in batch.column("work").to_pylist():
             yield from self._shard(ShardWork(**json.loads(line)))
 
-    def _shard(self, work: ShardWork) -> Iterator[dict[str, list[str]]]:
+    def _shard(self, work: ShardWork) -> Iterator[Any]:
         o = self.options
         count = {"rows": 0, "skipped": 0}
         captions = dict(work.recorded)
@@ -251,11 +250,12 @@ class ShardActor(ModelActor):
 
         for results in records_of(self.engine, rows(), o, self.filter_engine):
             captions.update((r.id, r.caption()) for r in results)
-            yield {"record": _lines(results)}
+            yield shard_messages(results)
         if work.dest:
             write_shard(source, o.locate(work.dest), captions, o.caption_key)
-        end = {"end_of_shard": work.name, **count, "written": bool(work.dest)}
-        yield {"record": [json.dumps(end)]}
+        yield shard_messages(
+            end=ShardEnd(work.name, count["rows"], count["skipped"], bool(work.dest))
+        )
 
 
 def _rows(options: BatchOptions) -> int:
@@ -302,6 +302,35 @@ def _result(line: str) -> RowResult:
     if result is None:
         raise ValueError(f"a model actor sent no row's result: {line[:200]!r}")
     return result
+
+
+def shard_messages(results: list[RowResult] | None = None, end: ShardEnd | None = None) -> Any:
+    """What a :class:`ShardActor` sends, as an Arrow table: ``results`` (their journal
+    lines, column ``record``), or a shard's ``end`` (column ``end_of_shard``); in each row
+    one of the two is null."""
+    import pyarrow as pa
+
+    lines: list[str | None] = list(_lines(results or []))
+    ends: list[dict[str, Any] | None] = [None] * len(lines)
+    if end is not None:
+        lines.append(None)
+        ends.append(dataclasses.asdict(end))
+    return pa.table({"record": lines, "end_of_shard": ends}, schema=_shard_schema())
+
+
+@functools.cache
+def _shard_schema() -> Any:
+    import pyarrow as pa
+
+    end = pa.struct(
+        [
+            ("name", pa.string()),
+            ("rows", pa.int64()),
+            ("skipped", pa.int64()),
+            ("written", pa.bool_()),
+        ]
+    )
+    return pa.schema([("record", pa.large_string()), ("end_of_shard", end)])
 
 
 def _blipserve_cause(exc: BaseException, wrapper: type[BaseException]) -> BaseException | None:
