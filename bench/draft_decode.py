@@ -8,17 +8,20 @@ absolute difference of the two 384x384 results (0-255 scale).  Upscaled photos a
 smooth, so a second variant adds sensor-like noise to give the JPEG real fine detail.
 
     .venv/bin/python bench/draft_decode.py [--repeat 5] [--size 4000x3000] [--processor]
+    .venv/bin/python bench/draft_decode.py --repeat 1 --size 640x480 --out /tmp/q.json  # smoke
 """
 
 from __future__ import annotations
 
 import argparse
 import functools
-import importlib
 import io
+import json
 import statistics
+import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -27,21 +30,16 @@ from PIL import Image
 from blipserve.config import ImageLimits
 from blipserve.images import decode_image
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # testkit/, shared with the tests
+
+from testkit.photos import photo
+
 TARGET = 384
+PHOTOS = ("astronaut", "chelsea", "coffee", "china.jpg", "flower.jpg")
 
 
 def sample_photos() -> dict[str, np.ndarray]:
-    # Untyped libraries: imported as Any.
-    data: Any = importlib.import_module("skimage.data")
-    load_sample_image: Any = importlib.import_module("sklearn.datasets").load_sample_image
-
-    return {
-        "astronaut": data.astronaut(),
-        "chelsea": data.chelsea(),
-        "coffee": data.coffee(),
-        "china": load_sample_image("china.jpg"),
-        "flower": load_sample_image("flower.jpg"),
-    }
+    return {name.removesuffix(".jpg"): np.asarray(photo(name)) for name in PHOTOS}
 
 
 def make_jpeg(photo: np.ndarray, size: tuple[int, int], noise: float, seed: int = 0) -> bytes:
@@ -87,6 +85,7 @@ def main() -> None:
     parser.add_argument(
         "--processor", action="store_true", help="also compare BLIP processor outputs"
     )
+    parser.add_argument("--out", type=Path, help="also write the rows as JSON here")
     args = parser.parse_args()
     width, height = (int(v) for v in args.size.lower().split("x"))
     full_limits, draft_limits = ImageLimits(draft_decode=False), ImageLimits(draft_decode=True)
@@ -98,9 +97,10 @@ def main() -> None:
         f"{args.repeat}\n{header}"
     )
     ratios, mads = [], []
-    for name, photo in sample_photos().items():
+    rows: list[dict[str, Any]] = []
+    for name, picture in sample_photos().items():
         for noise in (0.0, 8.0):
-            data = make_jpeg(photo, (width, height), noise)
+            data = make_jpeg(picture, (width, height), noise)
             full = model_input(data, full_limits)
             draft = model_input(data, draft_limits)
             drafted = decode_image(data, draft_limits, target_size=TARGET).size
@@ -117,13 +117,34 @@ def main() -> None:
                 f"{t_full / t_draft:>7.1f}x{f'{drafted[0]}x{drafted[1]}':>11}"
                 f"{diff.mean():>7.2f}{int(diff.max()):>5}"
             )
+            row = {
+                "photo": label,
+                "jpeg_bytes": len(data),
+                "full_ms": t_full * 1000,
+                "draft_ms": t_draft * 1000,
+                "drafted": list(drafted),
+                "mean_abs_difference": float(diff.mean()),
+                "max_abs_difference": int(diff.max()),
+            }
             if args.processor:
-                line += f"{processor_difference(full, draft):>10.4f}"
+                row["processor_mean_abs_difference"] = processor_difference(full, draft)
+                line += f"{row['processor_mean_abs_difference']:>10.4f}"
+            rows.append(row)
             print(line)
     print(
         f"mean speedup {statistics.mean(ratios):.1f}x, mean |pixel difference| "
         f"{statistics.mean(mads):.2f} / 255"
     )
+    if args.out:
+        report = {
+            "jpeg_size": [width, height],
+            "target": TARGET,
+            "repeat": args.repeat,
+            "rows": rows,
+            "mean_speedup": statistics.mean(ratios),
+            "mean_abs_difference": statistics.mean(mads),
+        }
+        args.out.write_text(json.dumps(report, indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ the rest in float32).  ms per image for 20 tokens (``min_new_tokens = max_new_to
 batch 1 and 8, passes interleaved, medians.
 
     .venv/bin/python bench/openvino_decoder.py --out bench/results/openvino-decoder.json
+    .venv/bin/python bench/openvino_decoder.py --quick --repeats 1 --tokens 4   # tiny model
 
 ``--steps``: instead, one decoding step alone (one row, 10 tokens already cached, no
 ``generate`` around it), the OpenVINO step model's ``infer`` with each weight compression
@@ -232,7 +233,8 @@ def on_openvino(decoder: nn.Module, cross: Any, step: Any, int8: bool) -> nn.Mod
 
 
 def generate(decoder: nn.Module, rows: int, tokens: int, beams: int = 1) -> torch.Tensor:
-    image = torch.randn(rows, 577, 768, generator=torch.Generator().manual_seed(1))
+    width = cast(Any, decoder).config.encoder_hidden_size  # the vision encoder's: 768
+    image = torch.randn(rows, 577, width, generator=torch.Generator().manual_seed(1))
     ids = torch.tensor([[30522, 1037, 3861, 1997]] * rows)  # [DEC] a picture of
     with torch.inference_mode():
         return cast(
@@ -262,7 +264,9 @@ def step_times(model: nn.Module, repeats: int) -> dict[str, list[float]]:
 
     decoder: Any = model.text_decoder
     _, step = convert(decoder, decoder.config)
-    n, heads, head_dim, seen = 12, 12, 64, 10
+    config = decoder.config  # BLIP-base's: 12 layers of 12 heads of 64, images of 768
+    n, heads, seen = config.num_hidden_layers, config.num_attention_heads, 10
+    head_dim, width = config.hidden_size // heads, config.encoder_hidden_size
 
     def compiled(m: Any, dynamic: int, precision: str = "f32") -> Any:
         settings = {
@@ -295,7 +299,7 @@ def step_times(model: nn.Module, repeats: int) -> dict[str, list[float]]:
     speedups = BlipCaptionAdapter.speedups(resolve_precision("int8", cpu), cpu)
     optimize.prepare(int8_model, speedups)
     ours: Any = int8_model.text_decoder
-    image = torch.randn(1, 577, 768)
+    image = torch.randn(1, 577, width)
     image_mask = torch.ones(1, 577, dtype=torch.long)
     times: dict[str, list[float]] = {k: [] for k in [*requests, "torch-int8"]}
     with torch.inference_mode():
@@ -342,9 +346,10 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=20)
     parser.add_argument("--steps", action="store_true", help="one decoding step alone")
     parser.add_argument("--out", type=Path)
+    parser.add_argument("--quick", action="store_true", help="a tiny model of the same layout")
     args = parser.parse_args()
 
-    model, _ = build("blip-image-captioning-base", False, torch.device("cpu"))
+    model, _ = build("blip-image-captioning-base", args.quick, torch.device("cpu"))
     if args.steps:
         steps = step_times(model, args.repeats)
         step_medians = {k: statistics.median(v) for k, v in steps.items()}

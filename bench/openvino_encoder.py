@@ -17,6 +17,7 @@ twelve photographs outside the evaluation set).  The cache is a fresh
 temporary folder, so ``ready in`` includes conversion and quantization.
 
     .venv/bin/python bench/openvino_encoder.py --out bench/results/openvino-encoder-2.json
+    .venv/bin/python bench/openvino_encoder.py --quick --modes torch-int8 ov-bf16 --repeats 1
 """
 
 from __future__ import annotations
@@ -41,6 +42,13 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 MODES = ("torch-int8", "ov-bf16", "ov-int8-static", "ov-int8-dynamic", "ov-nncf-preset")
 CALIBRATION = ("camera", "immunohistochemistry", "hubble_deep_field", "retina", "coins", "moon")
+#: --quick: the encoder at its real input size, shrunk to a tiny network
+QUICK_VISION = {
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 2,
+}
 
 
 def calibration_pixels(processor: Any) -> list[np.ndarray]:
@@ -123,10 +131,11 @@ def main() -> None:
     parser.add_argument("--modes", nargs="+", default=list(MODES))
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out", type=Path)
+    parser.add_argument("--quick", action="store_true", help="a tiny encoder of the same layout")
     args = parser.parse_args()
     os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="bench-openvino-")
 
-    vision, processor = random_vision_encoder(args.layout)
+    vision, processor = random_vision_encoder(args.layout, QUICK_VISION if args.quick else None)
     side = processor.image_processor.size["height"]
     pictures = [p.convert("RGB") for p in photos().values()][:8]
     pixels = processor(images=pictures, return_tensors="pt")["pixel_values"]  # (6, 3, S, S)

@@ -66,7 +66,7 @@ def main() -> None:
         "CPU with OpenVINO); default: auto on GPU; int8, int8+ov, bfloat16+ov on CPU",
     )
     parser.add_argument("--models", nargs="+", help="default: BLIP-base, and BLIP-2 on GPU")
-    parser.add_argument("--guard-scenes", type=int, help="default 300 GPU, 200 CPU")
+    parser.add_argument("--guard-scenes", type=int, help="default 300 GPU, 200 CPU; quick 40")
     parser.add_argument(
         "--static-cache",
         action="store_true",
@@ -96,7 +96,7 @@ def main() -> None:
     args.modes = args.modes or (["auto"] if gpu else ["int8", "int8+ov", "bfloat16+ov"])
     args.min_images = args.min_images or (16 if gpu else 8)
     args.baseline_images = args.baseline_images or (32 if gpu else 8)
-    args.guard_scenes = args.guard_scenes or (300 if gpu else 200)
+    args.guard_scenes = args.guard_scenes or (40 if args.quick else 300 if gpu else 200)
     report: dict[str, Any] = {
         "machine": machine_info(),
         "tokens": args.tokens,
@@ -128,7 +128,7 @@ def main() -> None:
     try:
         if args.no_guard:
             raise RuntimeError("skipped (--no-guard)")
-        report["quality_guard"] = quality_guard(device, 40 if args.quick else args.guard_scenes)
+        report["quality_guard"] = quality_guard(device, args.guard_scenes)
         log(f"quality guard: {report['quality_guard']}")
     except Exception as exc:
         log(f"quality guard failed: {exc!r}")
@@ -139,8 +139,7 @@ def main() -> None:
         # (demo-vqa's under the key that results files before BLIP's static cache used)
         key = "static_cache_guard" + ("" if demo == "demo-vqa" else f"_{demo}")
         try:
-            scenes_n = 40 if args.quick else args.guard_scenes
-            report[key] = static_cache_guard(device, scenes_n, "bfloat16", demo)
+            report[key] = static_cache_guard(device, args.guard_scenes, "bfloat16", demo)
         except Exception as exc:
             log(f"static cache guard ({demo}) failed: {exc!r}")
             report[key] = {"error": repr(exc)}
