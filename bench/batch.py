@@ -250,10 +250,10 @@ def where_time_goes(
     from blipserve.config import EngineConfig, ImageLimits, ModelConfig
     from blipserve.engine import default_batch_size
     from blipserve.images import load_image
-    from blipserve.models import load_model
+    from blipserve.models import build_model
 
     model_config = ModelConfig(model=str(model_dir), device=device, dtype=dtype)  # type: ignore[arg-type]
-    adapter: Any = load_model(model_config)
+    adapter: Any = build_model(model_config)
     batch = EngineConfig().max_batch_size or default_batch_size(adapter.device)
     sample = paths[:batch]
     limits = ImageLimits()

@@ -68,10 +68,15 @@ class StandIn:
     dtype = torch.float32
     source = "stand-in"
     vision_backend = "torch"
+    static_cache = False
+    build = ()
     default_max_new_tokens = 20
 
     def __init__(self, seconds: float, how: str) -> None:
         self.seconds, self.how, self.busy = seconds, how, 0.0
+
+    def check_row(self, item: ModelInput) -> None:
+        pass
 
     def batch_key(self, item: ModelInput) -> Hashable:
         return ()

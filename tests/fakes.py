@@ -22,6 +22,7 @@ from blipserve.config import EngineConfig, ModelConfig, ServerConfig, Settings
 from blipserve.engine import Engine
 from blipserve.errors import InferenceError, InvalidInput
 from blipserve.models.base import TextRole
+from blipserve.models.optimize import BuildStep
 from blipserve.params import GenerationParams
 from blipserve.server.app import ServerState, create_app
 from blipserve.types import ModelInput, Prediction
@@ -47,6 +48,8 @@ class EchoAdapter:
     dtype = torch.float32
     source = "echo"
     vision_backend = "torch"
+    static_cache = False
+    build: tuple[BuildStep, ...] = (BuildStep("echo", "python"),)
 
     def __init__(self) -> None:
         self.batches: list[list[str | None]] = []
@@ -63,6 +66,9 @@ class EchoAdapter:
     def texts(self) -> list[str | None]:
         """Every row the model has run, in order."""
         return [text for batch in self.batches for text in batch]
+
+    def check_row(self, item: ModelInput) -> None:
+        self.check_params(item.params)
 
     def batch_key(self, item: ModelInput) -> Hashable:
         return item.text == "boom"  # a failing row gets a batch of its own

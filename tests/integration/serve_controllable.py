@@ -27,8 +27,12 @@ ARCHITECTURE = "ControllableBlipForConditionalGeneration"
 class ControllableAdapter(BlipCaptionAdapter):
     kind = "controllable-blip"
 
+    def check_row(self, item: ModelInput) -> None:
+        if not _controlled(item):
+            super().check_row(item)
+
     def batch_key(self, item: ModelInput) -> Hashable:
-        if item.text and (item.text.startswith("sleep:") or item.text == "boom"):
+        if _controlled(item):
             return (item.text,)  # a batch of its own
         return super().batch_key(item)
 
@@ -44,3 +48,7 @@ class ControllableAdapter(BlipCaptionAdapter):
 
 if __name__ == "__main__":
     sys.exit(main(sys.argv[1:]))
+
+
+def _controlled(item: ModelInput) -> bool:
+    return bool(item.text and (item.text.startswith("sleep:") or item.text == "boom"))

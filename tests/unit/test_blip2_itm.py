@@ -1,7 +1,7 @@
 """BLIP-2's image-text matching on a tiny random model (ViT, Q-Former with BERT's tokens).
 
 Built from transformers' configuration classes and saved with ``save_pretrained``
-(tests/tiny_models.py), loaded by ``load_model`` as any folder or hub id is; served as
+(tests/tiny_models.py), loaded by ``build_model`` as any folder or hub id is; served as
 BLIP's ITM model is: a match probability per row, through the engine, ``/score`` and
 CapFilt's filter engine.
 """
@@ -22,7 +22,7 @@ from blipserve.batch.runner import BatchJob, BatchOptions
 from blipserve.config import EngineConfig, ModelConfig, ServerConfig, Settings
 from blipserve.engine import Engine
 from blipserve.errors import InvalidInput
-from blipserve.models import load_model
+from blipserve.models import build_model
 from blipserve.models.base import HFAdapter
 from blipserve.models.blip2_itm import Blip2MatchAdapter
 from blipserve.params import GenerationParams
@@ -42,7 +42,7 @@ def folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def adapter(folder: Path) -> Blip2MatchAdapter:
     """Loaded as ``blipserve serve --model FOLDER`` loads it (dtype auto)."""
-    loaded = load_model(ModelConfig(model=str(folder)))
+    loaded = build_model(ModelConfig(model=str(folder)))
     assert isinstance(loaded, Blip2MatchAdapter)
     return loaded
 
@@ -86,9 +86,9 @@ def test_scores_with_or_without_image_tokens(adapter: Blip2MatchAdapter) -> None
 def test_rows_refused_one_by_one(adapter: Blip2MatchAdapter) -> None:
     image = make_image(0)
     with pytest.raises(InvalidInput, match="at most 64"):
-        adapter.batch_key(ModelInput(image, "word " * 80, PARAMS))
+        adapter.check_row(ModelInput(image, "word " * 80, PARAMS))
     with pytest.raises(InvalidInput, match="num_return_sequences"):
-        adapter.batch_key(ModelInput(image, "a dog", GenerationParams(num_return_sequences=2)))
+        adapter.check_row(ModelInput(image, "a dog", GenerationParams(num_return_sequences=2)))
 
 
 def test_batched_equals_one_by_one_on_photographs(adapter: Blip2MatchAdapter) -> None:

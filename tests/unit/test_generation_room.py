@@ -39,6 +39,7 @@ def engines(tiny_model_dir: dict[str, Path]) -> dict[str, Engine]:
 
 def key(engine: Engine, text: str | None, **params: int) -> object:
     item = ModelInput(Image.new("RGB", (8, 8)), text, GenerationParams(**params))
+    engine.adapter.check_row(item)
     return engine.adapter.batch_key(item)
 
 

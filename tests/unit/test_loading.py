@@ -10,7 +10,7 @@ import torch
 
 from blipserve.config import Int8Kernel, ModelConfig
 from blipserve.errors import ModelLoadError
-from blipserve.models import ADAPTERS, int8_kernel, int8_linear, load_model
+from blipserve.models import ADAPTERS, build_model, int8_kernel, int8_linear
 from blipserve.models.precision import cpu_has_native_bf16, resolve_precision
 
 EXPECTED_KIND = {
@@ -24,7 +24,7 @@ EXPECTED_KIND = {
 
 @pytest.mark.parametrize("kind", sorted(EXPECTED_KIND))
 def test_architecture_maps_to_adapter(tiny_model_dir: dict[str, Path], kind: str) -> None:
-    adapter = load_model(ModelConfig(model=str(tiny_model_dir[kind])))
+    adapter = build_model(ModelConfig(model=str(tiny_model_dir[kind])))
     assert adapter.kind == EXPECTED_KIND[kind]
     assert adapter.image_size == 32
     assert adapter.device == torch.device("cpu")
@@ -49,12 +49,12 @@ def test_registry_covers_the_published_architectures() -> None:
 
 
 def test_float32_on_request(tiny_model_dir: dict[str, Path]) -> None:
-    adapter = load_model(ModelConfig(model=str(tiny_model_dir["blip-caption"]), dtype="float32"))
+    adapter = build_model(ModelConfig(model=str(tiny_model_dir["blip-caption"]), dtype="float32"))
     assert next(adapter.model.parameters()).dtype == torch.float32
 
 
 def test_bfloat16_weights(tiny_model_dir: dict[str, Path]) -> None:
-    adapter = load_model(ModelConfig(model=str(tiny_model_dir["blip-caption"]), dtype="bfloat16"))
+    adapter = build_model(ModelConfig(model=str(tiny_model_dir["blip-caption"]), dtype="bfloat16"))
     assert adapter.dtype == torch.bfloat16
     assert next(adapter.model.parameters()).dtype == torch.bfloat16
 
@@ -62,9 +62,9 @@ def test_bfloat16_weights(tiny_model_dir: dict[str, Path]) -> None:
 def test_int8_on_request(tiny_model_dir: dict[str, Path]) -> None:
     if int8_linear.int8_available() is not None:
         with pytest.raises(ModelLoadError, match="int8 is not available"):
-            load_model(ModelConfig(model=str(tiny_model_dir["blip-caption"]), dtype="int8"))
+            build_model(ModelConfig(model=str(tiny_model_dir["blip-caption"]), dtype="int8"))
         return
-    adapter = load_model(ModelConfig(model=str(tiny_model_dir["blip-caption"]), dtype="int8"))
+    adapter = build_model(ModelConfig(model=str(tiny_model_dir["blip-caption"]), dtype="int8"))
     assert adapter.precision.int8
     assert any(isinstance(m, int8_linear.Int8Linear) for m in adapter.model.modules())
 
@@ -74,7 +74,7 @@ def test_int8_kernel_on_request(tiny_model_dir: dict[str, Path], kernel: Int8Ker
     if int8_linear.int8_available() is not None:
         pytest.skip(str(int8_linear.int8_available()))
     cfg = ModelConfig(model=str(tiny_model_dir["blip-caption"]), dtype="int8", int8_kernel=kernel)
-    adapter = load_model(cfg)
+    adapter = build_model(cfg)
     ours = kernel == "auto" and int8_kernel.load() is not None
     assert adapter.precision.int8_kernel == ("blipserve" if ours else "fbgemm")
     layers = [m for m in adapter.model.modules() if isinstance(m, int8_linear.Int8Linear)]
@@ -92,24 +92,24 @@ def test_unknown_architecture(tmp_path: Path) -> None:
 
     BertConfig(architectures=["BertForMaskedLM"]).save_pretrained(tmp_path)
     with pytest.raises(ModelLoadError) as info:
-        load_model(ModelConfig(model=str(tmp_path)))
+        build_model(ModelConfig(model=str(tmp_path)))
     assert "BertForMaskedLM, which blipserve does not serve" in info.value.message
     assert "BlipForConditionalGeneration" in info.value.message
 
 
 def test_folder_without_config(tmp_path: Path) -> None:
     with pytest.raises(ModelLoadError, match=r"has no config\.json"):
-        load_model(ModelConfig(model=str(tmp_path)))
+        build_model(ModelConfig(model=str(tmp_path)))
 
 
 def test_missing_folder() -> None:
     with pytest.raises(ModelLoadError, match="no such folder"):
-        load_model(ModelConfig(model="./no/such/model/folder"))
+        build_model(ModelConfig(model="./no/such/model/folder"))
 
 
 def test_unreachable_hub_id_offline() -> None:
     with pytest.raises(ModelLoadError) as info:
-        load_model(ModelConfig(model="Salesforce/blipserve-no-such-model"))
+        build_model(ModelConfig(model="Salesforce/blipserve-no-such-model"))
     message = info.value.message
     assert "'Salesforce/blipserve-no-such-model' is not a local folder" in message
     assert "HF_HUB_OFFLINE" in message
@@ -122,10 +122,10 @@ def test_folder_with_missing_weights(tiny_model_dir: dict[str, Path], tmp_path: 
         if not f.name.endswith(".safetensors"):
             (tmp_path / f.name).write_bytes(f.read_bytes())
     with pytest.raises(ModelLoadError, match="could not be loaded as blip-caption"):
-        load_model(ModelConfig(model=str(tmp_path)))
+        build_model(ModelConfig(model=str(tmp_path)))
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU message")
 def test_cuda_requested_without_gpu(tiny_model_dir: dict[str, Path]) -> None:
     with pytest.raises(ModelLoadError, match="no CUDA GPU"):
-        load_model(ModelConfig(model=str(tiny_model_dir["blip-caption"]), device="cuda"))
+        build_model(ModelConfig(model=str(tiny_model_dir["blip-caption"]), device="cuda"))

@@ -20,7 +20,7 @@ import torch
 from blipserve.config import ModelConfig
 from blipserve.engine import default_model_workers
 from blipserve.errors import ModelLoadError
-from blipserve.models import load_model
+from blipserve.models import build_model
 from blipserve.models.precision import (
     Precision,
     cpu_has_native_bf16,
@@ -31,6 +31,9 @@ from helpers import photos
 from testkit.models import random_vision_encoder
 
 ov = pytest.importorskip("openvino", reason="no OpenVINO wheel for this platform")
+
+# converts models to OpenVINO and quantizes them: not in the fast tier
+pytestmark = pytest.mark.heavy
 
 from blipserve.models import openvino_vision  # noqa: E402
 
@@ -173,13 +176,13 @@ def test_auto_falls_back_to_torch_when_the_encoder_does_not_convert(
     monkeypatch.setattr(ov, "convert_model", fail)
     cfg = ModelConfig(model=str(tiny_model_dir["blip-caption"]), device="cpu", dtype="int8")
     with caplog.at_level(logging.WARNING, logger="blipserve"):
-        adapter = load_model(cfg)
+        adapter = build_model(cfg)
     assert adapter.vision_backend == "torch"
     assert "vision encoder stays on torch: OpenVINO could not convert" in caplog.text
     assert "aten::something_new" in caplog.text
     assert "more detail" not in caplog.text
     with pytest.raises(ModelLoadError, match="OpenVINO could not convert the vision encoder"):
-        load_model(dataclasses.replace(cfg, backend="openvino"))
+        build_model(dataclasses.replace(cfg, backend="openvino"))
 
 
 @pytest.mark.parametrize("kind", ["blip-caption", "blip-vqa", "blip-itm", "blip2-opt", "blip2-t5"])
@@ -197,7 +200,7 @@ def test_adapters_run_on_it(tiny_model_dir: dict[str, Path], kind: str) -> None:
     said = {}
     for backend in ("torch", "openvino"):
         cfg = ModelConfig(model=str(tiny_model_dir[kind]), device="cpu", dtype="float32")
-        adapter = load_model(dataclasses.replace(cfg, backend=backend))
+        adapter = build_model(dataclasses.replace(cfg, backend=backend))
         said[backend] = [(p.text, p.score) for p in adapter.predict(items)]
         if backend == "openvino":
             vision = adapter.model.vision_model
@@ -217,12 +220,12 @@ def test_each_family_names_its_int8_recipe(tiny_model_dir: dict[str, Path]) -> N
     the adapters for the measurements)."""
     pytest.importorskip("nncf", reason="no NNCF here")
     for kind in ("blip-caption", "blip-vqa", "blip-itm"):
-        adapter = load_model(ModelConfig(model=str(tiny_model_dir[kind]), device="cpu"))
+        adapter = build_model(ModelConfig(model=str(tiny_model_dir[kind]), device="cpu"))
         assert adapter.vision_backend == "openvino"
         assert adapter.model.vision_model.precision == "int8-static"
     cfg = ModelConfig(model=str(tiny_model_dir["blip2-opt"]), device="cpu")
-    assert load_model(cfg).vision_backend == "torch"
-    adapter = load_model(dataclasses.replace(cfg, backend="openvino"))
+    assert build_model(cfg).vision_backend == "torch"
+    adapter = build_model(dataclasses.replace(cfg, backend="openvino"))
     assert adapter.model.vision_model.precision == "int8-dynamic"
 
 

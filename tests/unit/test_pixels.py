@@ -5,6 +5,7 @@ model's captions unchanged on 640x480 JPEGs."""
 from __future__ import annotations
 
 import base64
+import dataclasses
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -116,13 +117,24 @@ def test_demo_captions_unchanged_on_640x480_jpegs(demos: dict[str, Engine]) -> N
     assert right >= 0.9  # (the scenes survive the round trip: the comparison means something)
 
 
-def test_device_resize_is_refused_where_the_processor_does_more(
-    demos: dict[str, Engine], monkeypatch: pytest.MonkeyPatch
-) -> None:
-    adapter = demos["device"].adapter
-    assert isinstance(adapter, HFAdapter)
-    monkeypatch.setattr(adapter.processor.image_processor, "resample", 1)  # Lanczos
-    adapter.resize_on_device(required=False)  # auto: the processor stays
-    assert adapter.device_pixels is None
+def test_device_resize_is_refused_where_the_processor_does_more(tmp_path: Path) -> None:
+    from transformers import AutoProcessor, BlipForConditionalGeneration
+
+    from blipserve.models import build_model, builtin_path
+
+    demo = builtin_path("demo")
+    processor = AutoProcessor.from_pretrained(demo)
+    processor.image_processor.resample = 1  # Lanczos: more than DevicePixels does
+    model = BlipForConditionalGeneration.from_pretrained(demo)
+    spec = ModelConfig(model="demo", device="cpu", dtype="float32", image_resize="device")
     with pytest.raises(ModelLoadError, match="--image-resize processor"):
-        adapter.resize_on_device(required=True)
+        build_model(spec, pretrained=(model, processor))
+    # auto (on a GPU): the processor stays, and the build says why
+    from blipserve.models import build
+    from blipserve.models.optimize import BuildStep
+
+    steps: list[BuildStep] = []
+    auto = dataclasses.replace(spec, image_resize="auto")
+    assert build._device_pixels(auto, processor, torch.device("cuda"), steps) is None
+    assert not steps[0].applied
+    assert "does more than a fixed-size bilinear or bicubic resize" in steps[0].why

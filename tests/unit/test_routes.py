@@ -82,7 +82,12 @@ def test_health_routes_are_open(app: FastAPI) -> None:
     assert (live.status_code, live.text) == (200, "Healthy")
     ready = open_client.get("/ready")
     assert ready.status_code == 200
-    assert ready.json() == {"status": "ready", "model": MODEL, "kind": "echo"}
+    assert ready.json() == {
+        "status": "ready",
+        "model": MODEL,
+        "kind": "echo",
+        "build": [{"step": "echo", "runs_on": "python", "applied": True}],
+    }
 
 
 def test_not_ready_until_loaded(make_app: ServerFactory) -> None:

@@ -17,6 +17,7 @@ import torch
 
 from blipserve.config import EngineConfig, ModelConfig
 from blipserve.engine import Engine
+from blipserve.models import build_model
 from blipserve.models.static_cache import cache_length, padded_rows
 from blipserve.params import GenerationParams
 from blipserve.types import ModelInput, Prediction, RowInput
@@ -93,9 +94,8 @@ def _engines(path: Path) -> tuple[Engine, Engine]:
     """The model at ``path`` in two engines: the second decodes with a static cache."""
     config = EngineConfig(max_batch_size=8)
     model = ModelConfig(model=str(path), device="cpu", dtype="float32")
-    dynamic, static = Engine.load(model, config=config), Engine.load(model, config=config)
-    static.adapter.use_static_cache(str(path))  # type: ignore[attr-defined]
-    return dynamic, static
+    adapter = build_model(model)
+    return Engine(adapter, config=config), Engine(adapter.with_static_cache(), config=config)
 
 
 @pytest.mark.parametrize("kind", sorted(PROMPTS))

@@ -27,8 +27,7 @@ def capfilt(
     recipe), each is scored: ``text`` becomes the best-matching one (``score``, ``keep``
     its), ``texts`` those reaching ``min_match``, best first, and ``text_scores`` theirs.
     """
-    adapter = filter_engine.adapter
-    pairs: list[PreparedRow] = []
+    pairs: list[PreparedRow | RowError] = []
     targets: list[tuple[_Match, bool, str]] = []  # (its row's scores, a caption?, the text)
     matches: dict[int, _Match] = {}  # a result's index -> its scores
     for n, (result, prep) in enumerate(zip(results, prepared, strict=True)):
@@ -40,7 +39,10 @@ def capfilt(
             if not text:
                 continue
             item = ModelInput(image=prep.item.image, text=text, params=GenerationParams())
-            pairs.append(PreparedRow(prep.row, item, adapter.batch_key(item)))
+            try:  # (a caption too long for the matching model fails its match, not all)
+                pairs.append(filter_engine.admit(prep.row, item))
+            except RowError as exc:
+                pairs.append(exc)
             targets.append((match, is_caption, text))
         if prep.item.text:
             match.text_in = prep.item.text

@@ -31,7 +31,7 @@ from blipserve.engine.run import (
 )
 from blipserve.engine.trace import RequestTrace
 from blipserve.errors import InvalidInput, InvalidRequest, RowError
-from blipserve.models import load_model
+from blipserve.models import build_model
 from blipserve.models.base import Adapter
 from blipserve.params import GenerationParams
 from blipserve.types import ModelInput, Outcome, Prediction, RowInput
@@ -85,7 +85,7 @@ class Engine:
         limits: ImageLimits | None = None,
         fetch: FetchConfig | None = None,
     ) -> Engine:
-        return cls(load_model(model), config=config, limits=limits, fetch=fetch)
+        return cls(build_model(model), config=config, limits=limits, fetch=fetch)
 
     @classmethod
     def from_settings(cls, settings: Settings, *, model: str | None = None) -> Engine:
@@ -110,7 +110,7 @@ class Engine:
         text = "what is this?" if self.adapter.text_required else None
         row = RowInput(0, image, text)
         sizes, params = [1], GenerationParams(max_new_tokens=2)
-        if getattr(self.adapter, "static_cache", False):
+        if self.adapter.static_cache:
             sizes, params = _powers_of_two_to(self.max_batch_size), GenerationParams()
         for size in sizes:
             started = time.perf_counter()
@@ -152,6 +152,11 @@ class Engine:
     ) -> PreparedRow:
         """Stage 1: fetch and decode the row's image, check its text (or raise RowError)."""
         return self.preparer.prepare(row, params, allow_paths=allow_paths, trace=trace)
+
+    def admit(self, row: RowInput, item: ModelInput) -> PreparedRow:
+        """Stage 1 for a row decoded already (CapFilt's caption pairs): the model's check
+        of it, and its batch key (or raise RowError)."""
+        return self.preparer.admit(row, item)
 
     def prepare_all(
         self, rows: Iterable[RowInput], params: GenerationParams, *, allow_paths: bool = False

@@ -74,8 +74,7 @@ class RowPreparer:
                 target_size=self.adapter.image_size,
                 allow_paths=allow_paths,
             )
-            item = ModelInput(image=image, text=row.text, params=params)
-            return PreparedRow(row, item, self.adapter.batch_key(item))
+            return self.admit(row, ModelInput(image=image, text=row.text, params=params))
         except RowError:
             raise
         except InvalidInput as exc:
@@ -84,6 +83,15 @@ class RowPreparer:
             if trace is not None:
                 fetched = fetcher.ended_ns if isinstance(fetcher, _TimedFetcher) else None
                 trace.record("decode", fetched or started_ns, time.time_ns(), row=row.position)
+
+    def admit(self, row: RowInput, item: ModelInput) -> PreparedRow:
+        """``item`` (``row``, decoded) checked by the model (``Adapter.check_row``) and keyed
+        for batching; a row the model cannot take raises its :class:`RowError`."""
+        try:
+            self.adapter.check_row(item)
+        except InvalidInput as exc:
+            raise RowError(row.position, exc.message, row.index) from exc
+        return PreparedRow(row, item, self.adapter.batch_key(item))
 
     def prepare_all(
         self, rows: Iterable[RowInput], params: GenerationParams, *, allow_paths: bool = False

@@ -9,23 +9,20 @@ policy: :mod:`blipserve.models.precision`.
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Hashable, Sequence
-from typing import Any, ClassVar, Literal, Protocol
+from typing import Any, ClassVar, Literal, Protocol, Self
 
 import torch
 
-from blipserve.errors import InvalidInput, ModelLoadError
-from blipserve.models import openvino_vision, optimize
+from blipserve.errors import InvalidInput
+from blipserve.models import optimize
 from blipserve.models.openvino_vision import OpenVinoVision
-from blipserve.models.optimize import Speedup
+from blipserve.models.optimize import BuildStep, Speedup
 from blipserve.models.pixels import DevicePixels, image_side
-from blipserve.models.precision import Precision, vision_precision
+from blipserve.models.precision import Precision
 from blipserve.models.streaming import RowStreamer
 from blipserve.params import GenerationParams
 from blipserve.types import ModelInput, Prediction
-
-log = logging.getLogger(__name__)
 
 TextRole = Literal["prefix", "question", "match", "prompt"]
 
@@ -47,9 +44,20 @@ class Adapter(Protocol):
     source: str
     #: who runs the vision encoder: ``torch`` or ``openvino`` (which uses every core per call)
     vision_backend: str
+    #: decodes with a static KV cache (``--cuda-graphs``): batches padded to set sizes
+    static_cache: bool
+    #: the steps that built the model, in order (:func:`~blipserve.models.build_model`)
+    build: tuple[BuildStep, ...]
+
+    def check_row(self, item: ModelInput) -> None:
+        """Raise :class:`~blipserve.errors.InvalidInput` naming what this model cannot take
+        in the row (a text too long, no room left to generate, parameters it cannot
+        honour): the row's 400, before it joins a batch it would fail."""
+        ...
 
     def batch_key(self, item: ModelInput) -> Hashable:
-        """Rows with equal keys may share one ``predict`` call with identical results."""
+        """Rows with equal keys may share one ``predict`` call with identical results (of
+        rows :meth:`check_row` passed)."""
         ...
 
     def predict(self, items: Sequence[ModelInput]) -> list[Prediction]:
@@ -94,8 +102,6 @@ class HFAdapter:
     #: whether ``--backend auto`` puts an int8 model's encoder on OpenVINO: where that
     #: recipe measured faster than torch's int8 encoder
     openvino_when_auto: ClassVar[bool] = True
-    #: decode with a static KV cache (``--cuda-graphs``; set by :meth:`use_static_cache`)
-    static_cache: bool = False
 
     def __init__(
         self,
@@ -103,7 +109,14 @@ class HFAdapter:
         processor: Any,
         device: torch.device,
         precision: Precision,
+        *,
+        source: str = "",
+        static_cache: bool = False,
+        device_pixels: DevicePixels | None = None,
+        build: tuple[BuildStep, ...] = (),
     ):
+        """Made once by :func:`~blipserve.models.build_model`, which applies the build's
+        steps to ``model`` first; nothing changes it afterwards."""
         self.model = model
         self.processor = processor
         self.tokenizer = processor.tokenizer
@@ -111,48 +124,36 @@ class HFAdapter:
         self.precision = precision
         self.dtype = precision.dtype  # of the pixel values (and the model's float weights)
         self.image_size = image_side(processor)
-        self.device_pixels: DevicePixels | None = None  # (resize_on_device)
-        self.source = str(getattr(model, "name_or_path", "") or self.kind)
+        self.static_cache = static_cache
+        self.device_pixels = device_pixels  # (None: the image processor, on the CPU)
+        self.build = build
+        self.source = source or str(getattr(model, "name_or_path", "") or self.kind)
         vision = getattr(model, "vision_model", None)
         self.vision_backend = "openvino" if isinstance(vision, OpenVinoVision) else "torch"
 
-    @classmethod
-    def load(
-        cls,
-        source: str,
-        *,
-        device: torch.device,
-        precision: Precision,
-        revision: str | None,
-        vision: str = "torch",
-        fallback: bool = False,
-    ) -> HFAdapter:
-        """``vision``: who runs the vision encoder (``torch`` or ``openvino``); ``fallback``:
-        torch's encoder, with a warning, if OpenVINO cannot take this one (``--backend
-        auto``), instead of failing."""
-        from transformers import AutoProcessor
+    def with_static_cache(self, on: bool = True) -> Self:
+        """This adapter's model decoding with (or without) a static KV cache: a second
+        adapter sharing the model (tests and benchmarks compare the two on a CPU, where
+        ``--cuda-graphs`` is refused)."""
+        return type(self)(
+            self.model,
+            self.processor,
+            self.device,
+            self.precision,
+            source=self.source,
+            static_cache=on,
+            device_pixels=self.device_pixels,
+            build=self.build,
+        )
 
-        processor = AutoProcessor.from_pretrained(source, revision=revision)
-        model = cls.model_class.from_pretrained(source, revision=revision, dtype=precision.dtype)
-        model.to(device).eval()
-        if vision == "openvino":  # converted from the float weights, before anything else
-            try:
-                openvino_vision.use_openvino_vision(
-                    model,
-                    processor.image_processor,
-                    image_side(processor),
-                    precision.dtype,
-                    vision_precision(precision, cls.vision_int8),
-                )
-            except ModelLoadError as exc:
-                if not fallback:
-                    raise
-                log.warning("vision encoder stays on torch: %s", exc)
-                model.vision_model.to(precision.dtype)  # (converted from a float32 copy)
-        optimize.prepare(model, cls.speedups(precision, device))
-        adapter = cls(model, processor, device, precision)
-        adapter.source = source
-        return adapter
+    @classmethod
+    def static_cache_refusal(cls, config: Any) -> str | None:
+        """Why a model of this family (its ``config``) cannot decode with a static KV cache
+        (``--cuda-graphs``); None: it can."""
+        return (
+            f"{cls.kind} does not support it; it applies to BLIP captioning models and "
+            "BLIP-2 / InstructBLIP models whose language model is decoder-only (OPT, Vicuna)"
+        )
 
     @classmethod
     def speedups(cls, precision: Precision, device: torch.device) -> list[Speedup]:
@@ -182,31 +183,11 @@ class HFAdapter:
         """
         return question
 
+    def check_row(self, item: ModelInput) -> None:
+        self.check_params(item.params)
+
     def batch_key(self, item: ModelInput) -> Hashable:
         raise NotImplementedError
-
-    def use_static_cache(self, name: str) -> None:
-        """Decode with a static KV cache (``--cuda-graphs``), where the family supports it."""
-        raise ModelLoadError(
-            f"--cuda-graphs: model {name!r} ({self.kind}) does not support it; it applies to "
-            "BLIP captioning models and BLIP-2 / InstructBLIP models whose language model is "
-            "decoder-only (OPT, Vicuna)"
-        )
-
-    def resize_on_device(self, *, required: bool) -> None:
-        """Resize and normalise images with torch on the model's device (on a GPU, only
-        8-bit pixels cross to it) instead of with the image processor on the CPU; where
-        the processor does something else, it stays (or, ``required``, refuse)."""
-        self.device_pixels = DevicePixels.of(self.processor.image_processor, self.device)
-        if self.device_pixels is None:
-            what = type(self.processor.image_processor).__name__
-            if required:
-                raise ModelLoadError(
-                    f"--image-resize device: {self.source}'s image processor ({what}) does "
-                    "more than a fixed-size bilinear or bicubic resize and normalisation; use "
-                    "--image-resize processor"
-                )
-            log.info("images stay with %s on the CPU", what)
 
     def count_tokens(self, text: str | None) -> int:
         """Tokens the language model sees for ``text`` (usage reporting)."""

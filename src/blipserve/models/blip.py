@@ -87,11 +87,13 @@ class _BlipText(HFAdapter):
         """Positions the text decoder's prompt takes, given the row's text length in tokens."""
         return 1  # [BOS] / [DEC]
 
-    def batch_key(self, item: ModelInput) -> Hashable:
+    def check_row(self, item: ModelInput) -> None:
         n = self.token_length(item.text)
         self.check_room(self.prompt_positions(n), item.params)
         self.check_params(item.params)
-        return (item.params, n)
+
+    def batch_key(self, item: ModelInput) -> Hashable:
+        return (item.params, self.token_length(item.text))
 
     def encode_text(self, items: Sequence[ModelInput]) -> dict[str, torch.Tensor]:
         texts = [item.text or "" for item in items]
@@ -113,8 +115,9 @@ class BlipCaptionAdapter(_BlipText):
     def prompt_positions(self, text_tokens: int) -> int:
         return max(1, text_tokens - 1)  # the prefix is the prompt; generate drops its [SEP]
 
-    def use_static_cache(self, name: str) -> None:
-        self.static_cache = True
+    @classmethod
+    def static_cache_refusal(cls, config: Any) -> str | None:
+        return None
 
     def predict(self, items: Sequence[ModelInput]) -> list[Prediction]:
         n, k = len(items), texts_per_row(items)
@@ -175,12 +178,13 @@ class BlipMatchAdapter(_BlipText):
     text_role = "match"
     text_required = True
 
-    def batch_key(self, item: ModelInput) -> Hashable:
-        # The text encoder masks padding, and generation settings do not apply; the text
-        # must still fit its positions.
+    def check_row(self, item: ModelInput) -> None:
+        # Generation settings do not apply; the text must still fit its positions.
         self.token_length(item.text)
         self.check_params(item.params)
-        return ()
+
+    def batch_key(self, item: ModelInput) -> Hashable:
+        return ()  # the text encoder masks padding
 
     def check_params(self, params: GenerationParams) -> None:
         one_score_per_row(params)

@@ -62,14 +62,16 @@ class Blip2Adapter(HFAdapter):
     def decoder_only(self) -> bool:
         return bool(self.model.config.use_decoder_only_language_model)
 
-    def batch_key(self, item: ModelInput) -> Hashable:
-        # Prompts of any length share a batch: padding is masked (left padding for
-        # decoder-only LMs, whose OPT positions follow the attention mask).
+    def check_row(self, item: ModelInput) -> None:
         if self.decoder_only:
             text_ids = self.tokenizer(item.text or "")["input_ids"]  # as encode_prompts does
             prompt = self.model.config.num_query_tokens + len(text_ids)
             self.check_room(prompt, item.params)
         self.check_params(item.params)
+
+    def batch_key(self, item: ModelInput) -> Hashable:
+        # Prompts of any length share a batch: padding is masked (left padding for
+        # decoder-only LMs, whose OPT positions follow the attention mask).
         return (item.params,)
 
     def position_limit(self) -> int | None:
@@ -100,10 +102,11 @@ class Blip2Adapter(HFAdapter):
             mask[i, span] = 1
         return ids.to(self.device), mask.to(self.device)  # (B, Q + T) each
 
-    def use_static_cache(self, name: str) -> None:
-        if not self.decoder_only:
-            super().use_static_cache(name)
-        self.static_cache = True
+    @classmethod
+    def static_cache_refusal(cls, config: Any) -> str | None:
+        if config.use_decoder_only_language_model:
+            return None
+        return super().static_cache_refusal(config)
 
     def instructed(self, item: ModelInput) -> ModelInput:
         """``item`` as the model reads it (a family may fill in a default prompt)."""

@@ -8,6 +8,7 @@ the match probability, ``blipserve match`` and CapFilt's ``--filter-model`` use 
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Hashable, Sequence
 
 import torch
@@ -49,16 +50,18 @@ class Blip2MatchAdapter(HFAdapter):
         if precision.int8:
             vision = optimize.int8_layers(precision)[0]  # (then every Linear: not here)
             own = precision.int8_kernel == "blipserve"
-            qformer = Speedup("int8 Q-Former linears", lambda model: _int8_qformer(model, own))
+            int8 = functools.partial(_int8_qformer, kernel=own)
+            qformer = Speedup("int8 Q-Former linears", int8, optimize.int8_runs_on(precision))
             steps += [vision, qformer]
         return steps
 
-    def batch_key(self, item: ModelInput) -> Hashable:
-        # The Q-Former masks the text's padding, and generation settings do not apply; the
-        # text must still fit its positions.
+    def check_row(self, item: ModelInput) -> None:
+        # Generation settings do not apply; the text must still fit its positions.
         self.token_length(item.text)
         self.check_params(item.params)
-        return ()
+
+    def batch_key(self, item: ModelInput) -> Hashable:
+        return ()  # the Q-Former masks the text's padding
 
     def position_limit(self) -> int | None:
         return int(self.model.config.qformer_config.max_position_embeddings)

@@ -12,7 +12,7 @@ prompt.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Hashable, Sequence
+from collections.abc import Sequence
 
 import torch
 from transformers import InstructBlipForConditionalGeneration
@@ -72,8 +72,8 @@ class InstructBlipAdapter(Blip2Adapter):
             return item
         return dataclasses.replace(item, text=CAPTION_INSTRUCTION)
 
-    def batch_key(self, item: ModelInput) -> Hashable:
-        return super().batch_key(self.instructed(item))
+    def check_row(self, item: ModelInput) -> None:
+        super().check_row(self.instructed(item))
 
     def count_tokens(self, text: str | None) -> int:
         # A caption's prompt is the caption instruction, which the model reads too.

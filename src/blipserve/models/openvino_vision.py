@@ -53,6 +53,15 @@ log = logging.getLogger(__name__)
 INSTALL_HINT = "pip install 'blipserve[openvino]'"
 
 
+def version() -> str:
+    """OpenVINO's version, for reports ("not installed" without it)."""
+    try:
+        import openvino as ov
+    except ImportError:
+        return "not installed"
+    return str(ov.get_version())
+
+
 def unavailable(device: torch.device) -> str | None:
     """Why the OpenVINO vision encoder cannot run here (None: it can)."""
     if device.type != "cpu":
@@ -317,4 +326,5 @@ __all__ = [
     "int8_unavailable",
     "unavailable",
     "use_openvino_vision",
+    "version",
 ]

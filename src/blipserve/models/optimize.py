@@ -1,12 +1,14 @@
 """The speed options a loaded model can get, and :func:`prepare`, which applies them.
 
 Each model family's adapter declares which options its model gets, in which order, for a
-precision and device (``HFAdapter.speedups``); :func:`prepare` applies that list.  The
+precision and device (``HFAdapter.speedups``); :func:`prepare` applies that list, each
+option only where its check passes, and reports what it did (:class:`BuildStep`).  The
 options themselves, each measured in ``bench/speed.py``:
 
 * :data:`KEEP_FREED_MEMORY` — glibc keeps freed blocks for reuse (:func:`keep_freed_memory`);
 * :data:`LEAN_TEXT_LAYERS` — BLIP's text layers with fused projections and a quarter of the
-  module calls (:mod:`blipserve.models.lean_text`);
+  module calls (:mod:`blipserve.models.lean_text`), after proving on the live model that
+  they compute what transformers' layers compute (:mod:`~blipserve.models.lean_text_check`);
 * :func:`vision_attention` — BLIP's vision attention through SDPA, or with its products in
   bfloat16 (:mod:`blipserve.models.vision_encoder`);
 * :func:`int8_layers` — ``nn.Linear`` layers in int8 (:mod:`blipserve.models.int8_linear`),
@@ -25,6 +27,7 @@ from torch import nn
 
 from blipserve.models.int8_linear import quantize_linears
 from blipserve.models.lean_text import lean_text_layers, quantize_image_keys_values
+from blipserve.models.lean_text_check import lean_text_refusal
 from blipserve.models.precision import Precision
 from blipserve.models.vision_encoder import set_vision_attention, split_vision_batches
 
@@ -32,22 +35,55 @@ log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
+class BuildStep:
+    """What one step of building a model did: its name, what runs it (the kernel or runtime)
+    and, when it was skipped, why.  Reported in ``/ready``, the load log and bench results."""
+
+    name: str
+    runs_on: str
+    applied: bool = True
+    why: str = ""
+
+    def as_dict(self) -> dict[str, object]:
+        out: dict[str, object] = {"step": self.name, "runs_on": self.runs_on}
+        out["applied"] = self.applied
+        if self.why:
+            out["why"] = self.why
+        return out
+
+
+@dataclass(frozen=True)
 class Speedup:
-    """One speed option: its name (for logs and tests) and the change it makes to a model,
-    in place."""
+    """One speed option: its name, what runs it, the change it makes to a model (in place)
+    and ``refusal``, its precondition: why it cannot apply to a model (None: it can).  A
+    refused option is skipped, the model keeps transformers' own code, and the build says
+    so; an option that cannot be skipped is not an option but a requirement (those raise
+    :class:`~blipserve.errors.ModelLoadError` while loading)."""
 
     name: str
     apply: Callable[[nn.Module], object]
+    runs_on: str = "torch"
+    refusal: Callable[[nn.Module], str | None] | None = None
 
 
-def prepare(model: nn.Module, speedups: Iterable[Speedup]) -> None:
+def prepare(model: nn.Module, speedups: Iterable[Speedup]) -> list[BuildStep]:
     """Apply ``speedups`` (an adapter's ``speedups(precision, device)``) to ``model``, in
-    order."""
-    applied = []
+    order, each where its precondition holds; what was done, step by step."""
+    done: list[BuildStep] = []
+    applied: set[str] = set()
     for speedup in speedups:
+        why = speedup.refusal(model) if speedup.refusal else None
+        if why is None and speedup.name in NEEDS and NEEDS[speedup.name] not in applied:
+            why = f"needs {NEEDS[speedup.name]}, which was skipped"
+        if why is not None:
+            log.warning("%s: skipped (%s)", speedup.name, why)
+            done.append(BuildStep(speedup.name, speedup.runs_on, applied=False, why=why))
+            continue
         speedup.apply(model)
-        applied.append(speedup.name)
+        applied.add(speedup.name)
+        done.append(BuildStep(speedup.name, speedup.runs_on))
     log.debug("speedups applied: %s", ", ".join(applied) or "none")
+    return done
 
 
 _M_TRIM_THRESHOLD = -1  # glibc's mallopt parameters (malloc.h)
@@ -78,20 +114,27 @@ def keep_freed_memory() -> bool:
     return bool(ok)
 
 
-#: (for models on a CPU; the model itself is left as it is)
-KEEP_FREED_MEMORY = Speedup("keep freed memory", lambda model: keep_freed_memory())
+def _not_glibc(model: nn.Module) -> str | None:
+    return None if keep_freed_memory() else "not glibc (no mallopt)"
+
+
+#: (for models on a CPU; the model itself is left as it is: the refusal sets it, once)
+KEEP_FREED_MEMORY = Speedup("keep freed memory", lambda model: None, "glibc", _not_glibc)
 
 #: Before any int8 option: its fused Linear layers are then quantized like any other.
 #: BLIP-base int8, one image, 20 tokens: generate 613 vs 662 ms with transformers' layers
 #: (medians of 7 interleaved runs); batch 8: no difference (3.43 vs 3.42 s).  Not measured
 #: on a GPU yet, where per-call overhead matters at least as much.
-LEAN_TEXT_LAYERS = Speedup("lean text layers", lean_text_layers)
+LEAN_TEXT_LAYERS = Speedup("lean text layers", lean_text_layers, "torch", lean_text_refusal)
 
 
 def vision_attention(how: str) -> Speedup:
     """BLIP's vision attention run ``how``: ``sdpa`` or ``bf16``
     (:func:`~blipserve.models.vision_encoder.set_vision_attention`)."""
-    return Speedup(f"{how} vision attention", functools.partial(set_vision_attention, how=how))
+    runs_on = "torch SDPA" if how == "sdpa" else "torch, bfloat16 products"
+    return Speedup(
+        f"{how} vision attention", functools.partial(set_vision_attention, how=how), runs_on
+    )
 
 
 def int8_layers(precision: Precision, *, image_keys_values: bool = False) -> list[Speedup]:
@@ -102,13 +145,28 @@ def int8_layers(precision: Precision, *, image_keys_values: bool = False) -> lis
     (:func:`~blipserve.models.lean_text.quantize_image_keys_values`).
     """
     own = precision.int8_kernel == "blipserve"  # (else fbgemm)
+    kernel = int8_runs_on(precision)
     vision = functools.partial(_int8_vision, kernel=own)
-    steps = [Speedup("int8 vision encoder, one image per call", vision)]
+    steps = [Speedup(INT8_VISION, vision, kernel)]
     if image_keys_values:
         keys_values = functools.partial(quantize_image_keys_values, kernel=own)
-        steps.append(Speedup("int8 image keys and values", keys_values))
-    steps.append(Speedup("int8 linears", functools.partial(quantize_linears, kernel=own)))
+        steps.append(Speedup(INT8_IMAGE_KEYS_VALUES, keys_values, kernel))
+    linears = functools.partial(quantize_linears, kernel=own)
+    steps.append(Speedup("int8 linears", linears, kernel))
     return steps
+
+
+def int8_runs_on(precision: Precision) -> str:
+    """Whose kernel computes ``precision``'s int8 matmuls, in words."""
+    if precision.int8_kernel == "blipserve":
+        return "blipserve's int8 kernel (AVX-512 VNNI)"
+    return "torch's fbgemm int8 kernel"
+
+
+INT8_VISION = "int8 vision encoder, one image per call"
+INT8_IMAGE_KEYS_VALUES = "int8 image keys and values"
+#: a step -> the step it builds on (skipped when that one was)
+NEEDS = {INT8_IMAGE_KEYS_VALUES: LEAN_TEXT_LAYERS.name}
 
 
 def _int8_vision(model: nn.Module, kernel: bool) -> None:

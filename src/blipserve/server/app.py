@@ -231,8 +231,16 @@ def create_app(
         responses={503: ERROR_RESPONSES[503]},
     )
     async def readiness() -> JSONResponse:
-        kind = state.ready_engine().engine.adapter.kind
-        return JSONResponse({"status": "ready", "model": state.settings.model.model, "kind": kind})
+        adapter = state.ready_engine().engine.adapter
+        return JSONResponse(
+            {
+                "status": "ready",
+                "model": state.settings.model.model,
+                "kind": adapter.kind,
+                # how the model was built: each step, what runs it, and any skipped, why
+                "build": [step.as_dict() for step in adapter.build],
+            }
+        )
 
     @app.post(
         "/score",

@@ -1,0 +1,140 @@
+"""build_model: the declared steps of a build, applied in order and reported; the lean BLIP
+text layers proven on the live model against transformers' own, or left out."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from blipserve.config import ModelConfig
+from blipserve.engine import Engine
+from blipserve.models import build_model, lean_text
+from blipserve.models.base import HFAdapter
+from blipserve.models.lean_text_check import LAYER_PARAMETERS, lean_text_refusal
+from blipserve.types import Prediction, RowInput
+from helpers import client_base64, jpeg_bytes, photos
+
+
+def _built(folder: Path, **spec: Any) -> HFAdapter:
+    adapter = build_model(ModelConfig(model=str(folder), device="cpu", **spec))
+    assert isinstance(adapter, HFAdapter)
+    return adapter
+
+
+def _steps(adapter: HFAdapter) -> list[tuple[str, bool]]:
+    return [(step.name, step.applied) for step in adapter.build]
+
+
+def test_int8_steps_in_order_with_their_kernels(tiny_model_dir: Mapping[str, Path]) -> None:
+    adapter = _built(tiny_model_dir["blip-caption"], dtype="int8", backend="torch")
+    names = [name for name, applied in _steps(adapter) if applied]
+    assert names[:2] == ["keep freed memory", "lean text layers"]
+    assert names[-3:] == [
+        "int8 vision encoder, one image per call",
+        "int8 image keys and values",
+        "int8 linears",
+    ]
+    kernels = {step.runs_on for step in adapter.build if step.name.startswith("int8")}
+    assert len(kernels) == 1
+    assert kernels <= {"blipserve's int8 kernel (AVX-512 VNNI)", "torch's fbgemm int8 kernel"}
+    assert adapter.build[0].runs_on == "glibc"
+
+
+@pytest.mark.parametrize("kind", ["blip-caption", "blip-vqa", "blip-itm"])
+def test_the_lean_layers_compute_what_transformers_layers_compute(
+    tiny_model_dir: Mapping[str, Path], kind: str
+) -> None:
+    # Fails when a transformers release changes BlipTextLayer's signature, its cache or its
+    # arithmetic: then every build would fall back (below), and this says so first.
+    import inspect
+
+    from transformers.models.blip.modeling_blip_text import BlipTextLayer
+
+    assert tuple(inspect.signature(BlipTextLayer.forward).parameters) == LAYER_PARAMETERS
+    from transformers import AutoConfig
+
+    from blipserve.models.build import family_of
+
+    folder = tiny_model_dir[kind]
+    family = family_of(kind, AutoConfig.from_pretrained(folder))
+    assert lean_text_refusal(family.model_class.from_pretrained(folder)) is None
+    assert ("lean text layers", True) in _steps(_built(folder, dtype="float32"))
+
+
+@pytest.fixture
+def rows() -> list[RowInput]:
+    images = list(photos().values())[:3]
+    return [RowInput(i, client_base64(jpeg_bytes(image))) for i, image in enumerate(images)]
+
+
+def test_a_lean_layer_that_computes_otherwise_is_left_out(
+    tiny_model_dir: Mapping[str, Path],
+    rows: list[RowInput],
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    folder = tiny_model_dir["blip-caption"]
+    with Engine(_built(folder, dtype="float32")) as engine:
+        want = engine.predict(rows)
+    attend = lean_text._attend
+
+    def maskless(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Any) -> torch.Tensor:
+        return attend(q, k, v, None)  # a causal decoder that sees the future
+
+    monkeypatch.setattr(lean_text, "_attend", maskless)
+    with caplog.at_level(logging.WARNING, logger="blipserve.models.optimize"):
+        adapter = _built(folder, dtype="int8", backend="torch")
+    lean = next(step for step in adapter.build if step.name == "lean text layers")
+    assert not lean.applied
+    assert "differs from transformers'" in lean.why
+    assert "lean text layers: skipped (step 0: lean layer differs" in caplog.text
+    keys_values = next(s for s in adapter.build if s.name == "int8 image keys and values")
+    assert not keys_values.applied
+    assert keys_values.why == "needs lean text layers, which was skipped"
+    # transformers' layers serve instead, and say what they said before
+    float32 = _built(folder, dtype="float32")
+    assert ("lean text layers", False) in _steps(float32)
+    with Engine(float32) as engine:
+        got = engine.predict(rows)
+    assert all(isinstance(p, Prediction) for p in got)
+    assert got == want
+
+
+def test_a_changed_layer_signature_is_refused(
+    tiny_model_dir: Mapping[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from transformers.models.blip.modeling_blip_text import BlipTextLayer
+
+    forward = BlipTextLayer.forward
+
+    def renamed(self: Any, hidden_states: Any, past_key_values: Any = None, **kwargs: Any) -> Any:
+        return forward(self, hidden_states, **kwargs)
+
+    monkeypatch.setattr(BlipTextLayer, "forward", renamed)
+    adapter = _built(tiny_model_dir["blip-caption"], dtype="float32")
+    lean = next(step for step in adapter.build if step.name == "lean text layers")
+    assert not lean.applied
+    assert "BlipTextLayer.forward takes" in lean.why
+
+
+def test_the_build_is_logged_step_by_step(
+    tiny_model_dir: Mapping[str, Path], caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level(logging.INFO, logger="blipserve.models.build"):
+        _built(tiny_model_dir["blip2-opt"], dtype="float32")
+    assert "build step: keep freed memory on glibc" in caplog.text
+
+
+def test_a_static_cache_is_a_second_adapter_over_the_same_model(
+    tiny_model_dir: Mapping[str, Path],
+) -> None:
+    adapter = _built(tiny_model_dir["blip-caption"], dtype="float32")
+    static = adapter.with_static_cache()
+    assert (adapter.static_cache, static.static_cache) == (False, True)
+    assert static.model is adapter.model
+    assert static.build == adapter.build
