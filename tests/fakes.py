@@ -21,8 +21,8 @@ from fastapi import FastAPI
 from blipserve.config import EngineConfig, ModelConfig, ServerConfig, Settings
 from blipserve.engine import Engine
 from blipserve.errors import InferenceError, InvalidInput
-from blipserve.models.base import TextRole
 from blipserve.models.optimize import BuildStep
+from blipserve.models.protocol import TextRole
 from blipserve.params import GenerationParams
 from blipserve.server.app import ServerState, create_app
 from blipserve.types import ModelInput, Prediction

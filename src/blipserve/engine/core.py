@@ -32,7 +32,7 @@ from blipserve.engine.run import (
 from blipserve.engine.trace import RequestTrace
 from blipserve.errors import InvalidInput, InvalidRequest, RowError
 from blipserve.models import build_model
-from blipserve.models.base import Adapter
+from blipserve.models.protocol import Adapter
 from blipserve.params import GenerationParams
 from blipserve.types import ModelInput, Outcome, Prediction, RowInput
 

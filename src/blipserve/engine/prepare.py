@@ -17,7 +17,7 @@ from blipserve.engine.trace import RequestTrace
 from blipserve.errors import InvalidInput, RowError
 from blipserve.fetch import SafeFetcher
 from blipserve.images import Fetcher, load_image
-from blipserve.models.base import Adapter
+from blipserve.models.protocol import Adapter
 from blipserve.params import GenerationParams
 from blipserve.types import ModelInput, RowInput
 

@@ -24,7 +24,7 @@ from blipserve.engine.batch_size import BatchSizer, SentOnce, release_memory
 from blipserve.engine.offline_plan import plan_batches
 from blipserve.engine.prepare import PreparedRow
 from blipserve.errors import BlipserveError, InferenceError, RowError
-from blipserve.models.base import Adapter
+from blipserve.models.protocol import Adapter
 from blipserve.types import ModelInput, Outcome, Prediction
 
 log = logging.getLogger(__name__)

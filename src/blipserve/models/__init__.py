@@ -4,8 +4,8 @@
 from __future__ import annotations
 
 from blipserve.models import blip, blip2, blip2_itm, instructblip  # noqa: F401  (registers the adapters)
-from blipserve.models.base import Adapter
 from blipserve.models.build import build_model
+from blipserve.models.protocol import Adapter
 from blipserve.models.registry import ADAPTERS
 from blipserve.models.source import BUILTIN_MODELS, builtin_path, resolve_source
 from blipserve.types import ModelInput

@@ -1,16 +1,20 @@
-"""The adapter protocol every model family implements, and what they share.
+"""What the adapters of transformers' BLIP families share (:class:`HFAdapter`).
 
-An adapter is deliberately small (cf. LitServe's ``LitAPI``): it says what it does with a
-row's text, how rows may be grouped into one batch, and turns a batch of decoded rows into
-predictions.  Loading lives here once; each family's adapter says how it prompts and
-which speed options its model gets (:mod:`blipserve.models.optimize`).  Device and dtype
-policy: :mod:`blipserve.models.precision`.
+An adapter (:class:`~blipserve.models.protocol.Adapter`, cf. LitServe's ``LitAPI``) says
+what it does with a row's text, which rows it refuses (``check_row``), how rows may be
+grouped into one batch, and turns a batch of decoded rows into predictions.  The sequence
+of a generating ``predict`` is written once here; a family supplies its rows as the model
+reads them (``model_row``), its ``generate`` inputs (``model_inputs``), its static cache
+arguments, its prompts and which speed options its model gets (``speedups``).  Building
+a model: :mod:`blipserve.models.build`; device and dtype policy:
+:mod:`blipserve.models.precision`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Hashable, Sequence
-from typing import Any, ClassVar, Literal, Protocol, Self
+from dataclasses import dataclass
+from typing import Any, ClassVar, Self
 
 import torch
 
@@ -20,69 +24,11 @@ from blipserve.models.openvino_vision import OpenVinoVision
 from blipserve.models.optimize import BuildStep, Speedup
 from blipserve.models.pixels import DevicePixels, image_side
 from blipserve.models.precision import Precision
+from blipserve.models.protocol import TextRole
+from blipserve.models.static_cache import padded_rows
 from blipserve.models.streaming import RowStreamer
 from blipserve.params import GenerationParams
 from blipserve.types import ModelInput, Prediction
-
-TextRole = Literal["prefix", "question", "match", "prompt"]
-
-
-class Adapter(Protocol):
-    """What the engine needs from a model family."""
-
-    #: short name for messages and metrics, e.g. ``"blip-caption"``
-    kind: ClassVar[str]
-    #: what the row's ``text`` means to this model
-    text_role: ClassVar[TextRole]
-    #: whether a row without text is refused (VQA needs a question, ITM a caption)
-    text_required: ClassVar[bool]
-    #: side length the model's processor resizes images to (for draft decoding)
-    image_size: int
-    device: torch.device
-    dtype: torch.dtype
-    #: where the model was loaded from (folder or hub id)
-    source: str
-    #: who runs the vision encoder: ``torch`` or ``openvino`` (which uses every core per call)
-    vision_backend: str
-    #: decodes with a static KV cache (``--cuda-graphs``): batches padded to set sizes
-    static_cache: bool
-    #: the steps that built the model, in order (:func:`~blipserve.models.build_model`)
-    build: tuple[BuildStep, ...]
-
-    def check_row(self, item: ModelInput) -> None:
-        """Raise :class:`~blipserve.errors.InvalidInput` naming what this model cannot take
-        in the row (a text too long, no room left to generate, parameters it cannot
-        honour): the row's 400, before it joins a batch it would fail."""
-        ...
-
-    def batch_key(self, item: ModelInput) -> Hashable:
-        """Rows with equal keys may share one ``predict`` call with identical results (of
-        rows :meth:`check_row` passed)."""
-        ...
-
-    def predict(self, items: Sequence[ModelInput]) -> list[Prediction]:
-        """Run one batch (already grouped by ``batch_key``); one prediction per item."""
-        ...
-
-    def check_params(self, params: GenerationParams) -> None:
-        """Raise :class:`~blipserve.errors.InvalidInput` for parameters this model cannot
-        honour whatever the row (several texts from a model that decodes greedily by
-        default): what :class:`GenerationParams` cannot tell without the model."""
-        ...
-
-    def count_tokens(self, text: str | None) -> int: ...
-
-    def question_prompt(self, question: str) -> str:
-        """A bare question as this family takes questions (``blipserve ask``)."""
-        ...
-
-    def chat_prompt(self, question: str | None, history: Sequence[tuple[str, str]]) -> str | None:
-        """The text for a chat's last ``question`` after its (question, answer) ``history``
-        (``None``: a plain caption)."""
-        ...
-
-    @property
-    def default_max_new_tokens(self) -> int: ...
 
 
 class HFAdapter:
@@ -199,8 +145,41 @@ class HFAdapter:
         config = self.model.generation_config
         return int(config.max_new_tokens or 20)
 
-    def predict(self, items: Sequence[ModelInput]) -> list[Prediction]:
+    #: the generated text starts with the row's text (BLIP's caption prefix): a stream
+    #: sends it with the first token after it
+    echoes_prompt: ClassVar[bool] = False
+
+    def model_row(self, item: ModelInput) -> ModelInput:
+        """``item`` as the model reads it (a family may fill in a default prompt)."""
+        return item
+
+    def model_inputs(self, items: Sequence[ModelInput]) -> GenerateInputs:
+        """The family's ``generate`` inputs for a batch of rows (pixels and prompt)."""
         raise NotImplementedError
+
+    def static_cache_inputs(
+        self, inputs: GenerateInputs, params: GenerationParams
+    ) -> dict[str, Any]:
+        """``generate``'s arguments for a static KV cache over ``inputs`` (``--cuda-graphs``;
+        only families whose :meth:`static_cache_refusal` is None are asked)."""
+        raise NotImplementedError
+
+    def predict(self, items: Sequence[ModelInput]) -> list[Prediction]:
+        """One batch through ``generate``, in the order every generating family needs: the
+        rows as the model reads them; their streams (before padding, which no client
+        reads); the static cache's padding rows (``--cuda-graphs``: a few batch sizes,
+        each compiled once); the family's inputs; generation; the padding rows' texts
+        dropped; the prompt cut off and the rest decoded, ``k`` texts a row."""
+        items = [self.model_row(item) for item in items]
+        n, k, params = len(items), texts_per_row(items), items[0].params
+        streaming = self.streaming(items, prompt_in_text=self.echoes_prompt)
+        if self.static_cache:
+            items = padded_rows(items)  # (the copies' texts dropped below)
+        inputs = self.model_inputs(items)
+        cache = self.static_cache_inputs(inputs, params) if self.static_cache else {}
+        out = self.generate(params, **inputs.tensors, **streaming, **cache)
+        out = out[: n * k, inputs.prompt_columns :]  # (n * k, L - prompt columns)
+        return self.decode(out, new_from=inputs.new_from, per_row=k)
 
     def position_limit(self) -> int | None:
         """Positions the generating model's learned position embeddings cover (None: any)."""
@@ -349,6 +328,20 @@ class HFAdapter:
         if per_row == 1:
             return each
         return [Prediction.best_first(each[i : i + per_row]) for i in range(0, len(each), per_row)]
+
+
+@dataclass(frozen=True)
+class GenerateInputs:
+    """A batch's ``generate`` inputs, as a family makes them: ``tensors`` (pixel values,
+    token ids, masks, any family's own); ``prompt_columns``, the leading columns of
+    ``generate``'s output that echo the prompt and are cut before decoding (decoder-only
+    language models return prompt + continuation); ``new_from``, where generated tokens
+    start in what is left (after a decoder start token, or BLIP's caption prefix, which the
+    caption keeps)."""
+
+    tensors: dict[str, torch.Tensor]
+    prompt_columns: int = 0
+    new_from: int = 0
 
 
 def texts_per_row(items: Sequence[ModelInput]) -> int:

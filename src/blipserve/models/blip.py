@@ -14,12 +14,12 @@ from transformers import (
 
 from blipserve.errors import InvalidInput
 from blipserve.models import optimize
-from blipserve.models.base import HFAdapter, texts_per_row
+from blipserve.models.base import GenerateInputs, HFAdapter
 from blipserve.models.matching import one_score_per_row
 from blipserve.models.optimize import Speedup
 from blipserve.models.precision import Precision, cpu_has_native_bf16
 from blipserve.models.registry import register
-from blipserve.models.static_cache import blip_text_cache, cache_length, padded_rows
+from blipserve.models.static_cache import blip_text_cache, cache_length
 from blipserve.params import GenerationParams
 from blipserve.types import ModelInput, Prediction
 
@@ -111,6 +111,7 @@ class BlipCaptionAdapter(_BlipText):
     model_class = BlipForConditionalGeneration
     kind = "blip-caption"
     text_role = "prefix"
+    echoes_prompt = True  # the caption includes its prefix
 
     def prompt_positions(self, text_tokens: int) -> int:
         return max(1, text_tokens - 1)  # the prefix is the prompt; generate drops its [SEP]
@@ -119,33 +120,26 @@ class BlipCaptionAdapter(_BlipText):
     def static_cache_refusal(cls, config: Any) -> str | None:
         return None
 
-    def predict(self, items: Sequence[ModelInput]) -> list[Prediction]:
-        n, k = len(items), texts_per_row(items)
-        # The caption includes its prefix: a stream sends it with the first word after it.
-        streaming = self.streaming(items, prompt_in_text=True)  # (not the padding rows)
-        if self.static_cache:
-            items = padded_rows(items)  # (the copies' texts dropped below)
+    def model_inputs(self, items: Sequence[ModelInput]) -> GenerateInputs:
         pixel_values = self.pixel_values(items)  # (B, 3, S, S)
-        params = items[0].params
         text = {} if items[0].text is None else self.encode_text(items)
-        # generate's prompt: [DEC], or the prefix without its final [SEP], which it drops
+        # generate's prompt: [DEC], or the prefix without its final [SEP], which it drops;
+        # the caption includes the prefix, so its new tokens start after it
         prompt_len = text["input_ids"].shape[1] - 1 if text else 1
-        cache = self.static_kv_cache(prompt_len, params, pixel_values) if self.static_cache else {}
-        out = self.generate(params, pixel_values=pixel_values, **text, **streaming, **cache)
-        return self.decode(out[: n * k], new_from=prompt_len, per_row=k)
+        return GenerateInputs({"pixel_values": pixel_values, **text}, new_from=prompt_len)
 
-    def static_kv_cache(
-        self, prompt_len: int, params: GenerationParams, pixel_values: torch.Tensor
+    def static_cache_inputs(
+        self, inputs: GenerateInputs, params: GenerationParams
     ) -> dict[str, Any]:
         """``generate``'s static cache for ``--cuda-graphs`` (:func:`blip_text_cache`): the
         prompt and new tokens rounded up (:func:`cache_length`), and the image's tokens
         (from the pixels' size: a processor may resize to another size than the config's)."""
         new = params.max_new_tokens or self.default_max_new_tokens
         patch = self.model.config.vision_config.patch_size
-        height, width = pixel_values.shape[-2:]
+        height, width = inputs.tensors["pixel_values"].shape[-2:]
         image_tokens = (height // patch) * (width // patch) + 1  # patches + [CLS]
         cache = blip_text_cache(
-            self.model.config.text_config, cache_length(prompt_len, new), image_tokens
+            self.model.config.text_config, cache_length(inputs.new_from, new), image_tokens
         )
         return {"cache": cache}
 
@@ -159,14 +153,10 @@ class BlipVqaAdapter(_BlipText):
     text_role = "question"
     text_required = True
 
-    def predict(self, items: Sequence[ModelInput]) -> list[Prediction]:
+    def model_inputs(self, items: Sequence[ModelInput]) -> GenerateInputs:
         pixel_values = self.pixel_values(items)  # (B, 3, S, S)
-        text = self.encode_text(items)
-        out = self.generate(
-            items[0].params, pixel_values=pixel_values, **text, **self.streaming(items)
-        )
-        # the answer starts after [BOS]
-        return self.decode(out, new_from=1, per_row=texts_per_row(items))
+        tensors = {"pixel_values": pixel_values, **self.encode_text(items)}
+        return GenerateInputs(tensors, new_from=1)  # the answer starts after [BOS]
 
 
 @register("BlipForImageTextRetrieval")

@@ -14,10 +14,11 @@ from typing import Any
 import torch
 from transformers import Blip2ForConditionalGeneration
 
-from blipserve.models.base import HFAdapter, texts_per_row
+from blipserve.models.base import GenerateInputs, HFAdapter
 from blipserve.models.registry import register
-from blipserve.models.static_cache import cache_length, padded_rows
-from blipserve.types import ModelInput, Prediction
+from blipserve.models.static_cache import cache_length
+from blipserve.params import GenerationParams
+from blipserve.types import ModelInput
 
 
 @register("Blip2ForConditionalGeneration")
@@ -108,44 +109,32 @@ class Blip2Adapter(HFAdapter):
             return None
         return super().static_cache_refusal(config)
 
-    def instructed(self, item: ModelInput) -> ModelInput:
-        """``item`` as the model reads it (a family may fill in a default prompt)."""
-        return item
-
     def extra_inputs(self, items: Sequence[ModelInput]) -> dict[str, torch.Tensor]:
         """Model inputs beyond the pixels and the prompt (a family's own, e.g. InstructBLIP's
         Q-Former instruction)."""
         return {}
 
-    def predict(self, items: Sequence[ModelInput]) -> list[Prediction]:
-        items = [self.instructed(item) for item in items]
-        n = len(items)
-        streaming = self.streaming(items)  # (not the padding rows below)
-        if self.static_cache:
-            items = padded_rows(items)  # (the copies' texts dropped below)
+    def model_inputs(self, items: Sequence[ModelInput]) -> GenerateInputs:
         pixel_values = self.pixel_values(items)  # (B, 3, S, S)
         input_ids, attention_mask = self.encode_prompts(items)
-        params, k = items[0].params, texts_per_row(items)
-        cache: dict[str, Any] = {}
-        if self.static_cache:
-            # (transformers keeps the longest length seen so far: warm-up's should hold)
-            new = params.max_new_tokens or self.default_max_new_tokens
-            positions = cache_length(input_ids.shape[1], new)
-            cache = {"cache_implementation": "static", "max_cache_len": positions}
-        out = self.generate(
-            params,
-            **streaming,
-            pixel_values=pixel_values,
-            input_ids=input_ids,
-            attention_mask=attention_mask,
+        tensors = {
+            "pixel_values": pixel_values,
+            "input_ids": input_ids,
+            "attention_mask": attention_mask,
             **self.extra_inputs(items),
-            **cache,
-        )
-        out = out[: n * k]  # (n * k, L): the padding rows' texts dropped
+        }
         if self.decoder_only:
             # Decoder-only generate returns prompt + continuation; keep the continuation.
-            return self.decode(out[:, input_ids.shape[1] :], per_row=k)
-        return self.decode(out, new_from=1, per_row=k)  # after T5's decoder start token
+            return GenerateInputs(tensors, prompt_columns=input_ids.shape[1])
+        return GenerateInputs(tensors, new_from=1)  # after T5's decoder start token
+
+    def static_cache_inputs(
+        self, inputs: GenerateInputs, params: GenerationParams
+    ) -> dict[str, Any]:
+        # (transformers keeps the longest length seen so far: warm-up's should hold)
+        new = params.max_new_tokens or self.default_max_new_tokens
+        positions = cache_length(inputs.tensors["input_ids"].shape[1], new)
+        return {"cache_implementation": "static", "max_cache_len": positions}
 
 
 #: a text that holds "Answer:" is a full prompt already, used as it is

@@ -66,14 +66,14 @@ class InstructBlipAdapter(Blip2Adapter):
             return super().chat_prompt(question, history)
         return question
 
-    def instructed(self, item: ModelInput) -> ModelInput:
+    def model_row(self, item: ModelInput) -> ModelInput:
         """``item`` with its instruction: the caption instruction when it has no text."""
         if item.text:
             return item
         return dataclasses.replace(item, text=CAPTION_INSTRUCTION)
 
     def check_row(self, item: ModelInput) -> None:
-        super().check_row(self.instructed(item))
+        super().check_row(self.model_row(item))
 
     def count_tokens(self, text: str | None) -> int:
         # A caption's prompt is the caption instruction, which the model reads too.

@@ -53,7 +53,7 @@ from blipserve.server.openapi import (
 from blipserve.server.tracing import traced
 
 if TYPE_CHECKING:
-    from blipserve.models.base import Adapter
+    from blipserve.models.protocol import Adapter
     from blipserve.server.app import ServerState
 
 log = logging.getLogger(__name__)
