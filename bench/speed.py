@@ -85,9 +85,6 @@ def main() -> None:
 
     import torch
 
-    from blipserve.models.blip import BlipCaptionAdapter
-    from blipserve.models.blip2 import Blip2Adapter
-
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     gpu = device.type == "cuda"
     layouts = ["blip-image-captioning-base", "blip2-opt-2.7b"]
@@ -117,10 +114,9 @@ def main() -> None:
         if args.out:
             args.out.write_text(json.dumps(report, indent=2) + "\n")
 
-    adapters = {"blip-image-captioning-base": BlipCaptionAdapter, "blip2-opt-2.7b": Blip2Adapter}
     for layout in args.models:
         try:
-            report["models"].append(bench_model(layout, adapters[layout], args, device))
+            report["models"].append(bench_model(layout, args, device))
         except Exception as exc:  # keep what was measured for the other model
             log(f"{layout} failed: {exc!r}")
             report["models"].append({"layout": layout, "error": repr(exc)})

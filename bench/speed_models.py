@@ -13,6 +13,7 @@ from common import QUICK_BLIP, QUICK_BLIP2, SEED, _merge
 from testkit.models import LAYOUTS
 
 if TYPE_CHECKING:
+    from blipserve.config import ModelConfig
     from blipserve.models.base import HFAdapter
 
 
@@ -51,50 +52,42 @@ def build(layout: str, quick: bool, device: Any) -> tuple[Any, Any]:
     return model.to(device=device, dtype=torch.float32).eval(), processor
 
 
-def make_adapter(
-    adapter_cls: type[HFAdapter], model: Any, processor: Any, device: Any, mode: str, copy: bool
-) -> Any:
-    """``model`` (float32) prepared as ``mode`` (``auto``, a dtype or ``int8``, as blipserve
-    loads it; ``-eager`` / ``-sdpa`` / ``-bf16`` force BLIP's vision attention one way;
-    ``+ov``: the vision encoder on OpenVINO, as ``--backend openvino`` loads it); on a
-    ``copy`` of it, or converting ``model`` itself.
-    """
-    import copy as copying
-
-    from blipserve.models import openvino_vision, optimize, vision_encoder
-    from blipserve.models.pixels import image_side
-    from blipserve.models.precision import resolve_precision, vision_precision
+def mode_spec(layout: str, mode: str, device: Any) -> ModelConfig:
+    """The model spec of a benchmark ``mode``: ``auto``, a dtype or ``int8`` (as blipserve
+    picks and loads it, the vision encoder on torch), then optionally ``-eager`` /
+    ``-sdpa`` / ``-bf16`` (``--vision-attention``: BLIP's one way) or ``-fbgemm``
+    (``--int8-kernel fbgemm``), then optionally ``+ov`` (``--backend openvino``)."""
+    from blipserve.config import ModelConfig
 
     mode, ov, _ = mode.partition("+ov")
     name, _, variant = mode.partition("-")
-    # -fbgemm: int8 layers on torch's fbgemm kernel rather than blipserve's
-    precision = resolve_precision(name, device, "fbgemm" if variant == "fbgemm" else "auto")
-    if copy:
-        model = copying.deepcopy(model)
-    model.to(precision.dtype)
-    if ov:  # converted from the float weights first, as blipserve loads it
-        size = image_side(processor)
-        mode = vision_precision(precision, adapter_cls.vision_int8)
-        openvino_vision.use_openvino_vision(
-            model, processor.image_processor, size, precision.dtype, mode
-        )
-    optimize.prepare(model, adapter_cls.speedups(precision, device))
-    if variant and variant != "fbgemm":  # -eager / -sdpa / -bf16: BLIP's vision attention
-        vision_encoder.set_vision_attention(model, variant)
-    return adapter_cls(model, processor, device, precision)
+    return ModelConfig(
+        model=layout,
+        device=device.type,
+        dtype=name,  # type: ignore[arg-type]
+        int8_kernel="fbgemm" if variant == "fbgemm" else "auto",
+        backend="openvino" if ov else "torch",
+        vision_attention=variant if variant and variant != "fbgemm" else "auto",  # type: ignore[arg-type]
+    )
 
 
-def decodes_statically(adapter: Any, layout: str) -> bool:
-    """Whether ``adapter``'s family decodes with a static cache (``--cuda-graphs``); left
-    off either way (the benchmark switches it per pass)."""
-    from blipserve.errors import ModelLoadError
+def make_adapter(
+    layout: str, model: Any, processor: Any, device: Any, mode: str, copy: bool
+) -> HFAdapter:
+    """``model`` (float32) built as ``mode`` (:func:`mode_spec`) by blipserve's
+    ``build_model``, exactly as a server loads it; on a ``copy`` of it, or converting
+    ``model`` itself."""
+    import copy as copying
 
-    try:
-        adapter.use_static_cache(layout)
-    except ModelLoadError:
-        return False
-    adapter.static_cache = False
-    return True
+    from blipserve.models import build_model
+
+    spec = mode_spec(layout, mode, device)
+    return build_model(spec, pretrained=(copying.deepcopy(model) if copy else model, processor))
+
+
+def decodes_statically(adapter: HFAdapter) -> bool:
+    """Whether ``adapter``'s family decodes with a static cache (``--cuda-graphs``)."""
+    return adapter.static_cache_refusal(adapter.model.config) is None
 
 
 def weight_bytes(model: Any) -> int:

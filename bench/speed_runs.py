@@ -27,7 +27,7 @@ from speed_models import (
 from testkit.stats import percentile
 
 if TYPE_CHECKING:
-    from blipserve.models.base import HFAdapter
+    pass
 
 
 def matmul_rate(dtype: Any, n: int, reps: int = 10) -> float:
@@ -160,9 +160,7 @@ def summarise(runs: list[dict[str, Any]], latency: str) -> dict[str, Any]:
     }
 
 
-def bench_model(
-    layout: str, adapter_cls: type[HFAdapter], args: argparse.Namespace, device: Any
-) -> dict[str, Any]:
+def bench_model(layout: str, args: argparse.Namespace, device: Any) -> dict[str, Any]:
     import torch
 
     log(f"{layout}: building random weights on {device}")
@@ -196,7 +194,7 @@ def bench_model(
     base_modes = list(dict.fromkeys(mode.partition(":w")[0] for mode in args.modes))
     prepared = {
         base: make_adapter(
-            adapter_cls,
+            layout,
             model,
             processor,
             device,
@@ -250,7 +248,8 @@ def bench_model(
     adapter = adapters[args.modes[-1]]
     model = adapter.model
     out["dtype"] = out["blipserve"][-1]["dtype"]
-    if args.static_cache and decodes_statically(adapter, layout):
+    if args.static_cache and decodes_statically(adapter):
+        statically = adapter.with_static_cache()  # (the same model, a static cache)
         # --cuda-graphs: a static KV cache, which makes generate compile the text decoder's
         # step on CUDA (transformers' auto-compile: torch.compile mode reduce-overhead).
         eager = {r["batch"]: r["texts"] for r in out["blipserve"] if r["dtype"] == out["dtype"]}
@@ -258,18 +257,15 @@ def bench_model(
         for batch in args.static_batches:
             rows = jpegs[: rows_for(batch)]
             t = time.perf_counter()
-            adapter.static_cache = True
-            first = engine_run(adapter, rows, args.tokens, batch, 8)  # compiles this size
+            first = engine_run(statically, rows, args.tokens, batch, 8)  # compiles this size
             compile_s = time.perf_counter() - t
             # Eager and compiled back to back, --repeats times (at least 3): a pass of 16
             # images lasts a fraction of a second on a GPU, so single passes of each
             # disagree by 2x between runs; the gain is the median of each pair's ratio.
             pairs = []
             for _ in range(max(3, args.repeats)):
-                adapter.static_cache = False
                 e = engine_run(adapter, rows, args.tokens, batch, 8)
-                adapter.static_cache = True
-                pairs.append((e, engine_run(adapter, rows, args.tokens, batch, 8)))
+                pairs.append((e, engine_run(statically, rows, args.tokens, batch, 8)))
             r = summarise([s for _, s in pairs], "single_latency_p50_s")
             r.update(batch=batch, texts=first["texts"], wall_with_compile_s=compile_s)
             r["eager_images_per_s_runs"] = [e["images_per_s"] for e, _ in pairs]
@@ -289,7 +285,7 @@ def bench_model(
                 f"{r['gain']:.2f}x eager's {r['eager_images_per_s']:.2f} (median of "
                 f"{len(pairs)} pairs; {compile_s:.0f} s with compilation)"
             )
-        adapter.static_cache = False
+        del statically
     for results in (out["blipserve"], out.get("blipserve_static_cache", [])):
         for result in results:
             result.pop("texts", None)

@@ -13,6 +13,7 @@ import torch
 
 from blipserve.config import ModelConfig
 from blipserve.engine import Engine
+from blipserve.errors import ModelLoadError
 from blipserve.models import build_model, lean_text
 from blipserve.models.base import HFAdapter
 from blipserve.models.lean_text_check import LAYER_PARAMETERS, lean_text_refusal
@@ -138,3 +139,14 @@ def test_a_static_cache_is_a_second_adapter_over_the_same_model(
     assert (adapter.static_cache, static.static_cache) == (False, True)
     assert static.model is adapter.model
     assert static.build == adapter.build
+
+
+def test_vision_attention_is_a_spec_option_of_blip_models(
+    tiny_model_dir: Mapping[str, Path],
+) -> None:
+    eager = _built(tiny_model_dir["blip-caption"], dtype="float32", vision_attention="eager")
+    assert not any("vision attention" in name for name, _ in _steps(eager))
+    bf16 = _built(tiny_model_dir["blip-caption"], dtype="float32", vision_attention="bf16")
+    assert ("bf16 vision attention", True) in _steps(bf16)
+    with pytest.raises(ModelLoadError, match=r"--vision-attention: .* BLIP models' vision"):
+        _built(tiny_model_dir["blip2-opt"], dtype="float32", vision_attention="sdpa")

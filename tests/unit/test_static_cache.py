@@ -84,8 +84,10 @@ def as_on_a_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
     for cls in set(ADAPTERS.values()):
         options = cls.speedups.__func__  # type: ignore[attr-defined]
 
-        def on_a_gpu(c: Any, precision: Any, device: Any, options: Any = options) -> Any:
-            return options(c, precision, torch.device("cuda"))
+        def on_a_gpu(
+            c: Any, precision: Any, device: Any, attention: str = "auto", options: Any = options
+        ) -> Any:
+            return options(c, precision, torch.device("cuda"), attention)
 
         monkeypatch.setattr(cls, "speedups", classmethod(on_a_gpu))
 

@@ -12,6 +12,7 @@ DType = Literal["auto", "float32", "bfloat16", "float16", "int8"]
 Int8Kernel = Literal["auto", "fbgemm"]
 Backend = Literal["auto", "torch", "openvino"]
 ImageResize = Literal["auto", "processor", "device"]
+VisionAttention = Literal["auto", "eager", "sdpa", "bf16"]
 
 
 @dataclass(frozen=True)
@@ -102,6 +103,13 @@ class ModelConfig:
         "activations would leave memory for (which sizes are fastest on a GPU is not "
         "measured yet). torch's vision encoder only, not in int8 (which encodes one image "
         "per call already).",
+    )
+    vision_attention: VisionAttention = option(
+        "auto",
+        "How BLIP's vision encoder computes attention: auto (what measured fastest for the "
+        "device and dtype: SDPA in float32 and on GPUs, bf16 products in int8 on CPUs with "
+        "native bf16), eager (transformers' code), sdpa (torch's fused kernel) or bf16 "
+        "(its products in bfloat16). BLIP models only; for comparing them (bench/speed.py).",
     )
     cuda_graphs: bool = option(
         False,

@@ -48,6 +48,8 @@ class HFAdapter:
     #: whether ``--backend auto`` puts an int8 model's encoder on OpenVINO: where that
     #: recipe measured faster than torch's int8 encoder
     openvino_when_auto: ClassVar[bool] = True
+    #: whether ``--vision-attention`` applies (BLIP's vision encoder; BLIP-2's has SDPA)
+    vision_attentions: ClassVar[bool] = False
 
     def __init__(
         self,
@@ -102,9 +104,13 @@ class HFAdapter:
         )
 
     @classmethod
-    def speedups(cls, precision: Precision, device: torch.device) -> list[Speedup]:
+    def speedups(
+        cls, precision: Precision, device: torch.device, attention: str = "auto"
+    ) -> list[Speedup]:
         """The speed options this family's model gets in ``precision`` on ``device``, in the
-        order :func:`~blipserve.models.optimize.prepare` applies them.
+        order :func:`~blipserve.models.optimize.prepare` applies them (``attention``: how
+        the vision encoder computes attention, where :attr:`vision_attentions` says the
+        family has a choice).
 
         By default what helps any model: the allocator's setting on a CPU, and in int8 every
         Linear layer (the vision encoder's one image per call).

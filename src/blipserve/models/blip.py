@@ -54,14 +54,20 @@ class _BlipText(HFAdapter):
     builds is all ones).  Equal lengths need no padding, so batched == one-by-one.
     """
 
+    vision_attentions = True
+
     @classmethod
-    def speedups(cls, precision: Precision, device: torch.device) -> list[Speedup]:
-        """On a CPU, lean text layers; the vision attention :func:`_vision_attention` picks;
-        in int8 every Linear, the image's keys and values one image per call."""
+    def speedups(
+        cls, precision: Precision, device: torch.device, attention: str = "auto"
+    ) -> list[Speedup]:
+        """On a CPU, lean text layers; the vision attention :func:`_vision_attention` picks
+        (or ``attention``, ``--vision-attention``); in int8 every Linear, the image's keys
+        and values one image per call."""
         steps = []
         if device.type == "cpu":
             steps += [optimize.KEEP_FREED_MEMORY, optimize.LEAN_TEXT_LAYERS]
-        attention = _vision_attention(precision, device)
+        if attention == "auto":
+            attention = _vision_attention(precision, device)
         if attention != "eager":
             steps.append(optimize.vision_attention(attention))
         if precision.int8:

@@ -41,7 +41,9 @@ class Blip2MatchAdapter(HFAdapter):
     openvino_when_auto = False
 
     @classmethod
-    def speedups(cls, precision: Precision, device: torch.device) -> list[Speedup]:
+    def speedups(
+        cls, precision: Precision, device: torch.device, attention: str = "auto"
+    ) -> list[Speedup]:
         """HFAdapter's, except that in int8 only the vision encoder's and the Q-Former's
         Linear layers go int8: the model casts the Q-Former's output to its ITM head's
         weight dtype, which an int8 layer reports as int8 (the head has 2 outputs; the

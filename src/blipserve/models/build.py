@@ -128,7 +128,13 @@ def _build(
     steps: list[BuildStep] = []
     if vision == "openvino":  # converted from the float weights, before anything else
         steps.append(_openvino_vision(spec, family, model, processor, precision))
-    steps += optimize.prepare(model, family.speedups(precision, device))
+    if spec.vision_attention != "auto" and not family.vision_attentions:
+        raise ModelLoadError(
+            f"--vision-attention: model {spec.model!r} ({family.kind}): it applies to BLIP "
+            "models' vision encoder"
+        )
+    speedups = family.speedups(precision, device, spec.vision_attention)
+    steps += optimize.prepare(model, speedups)
     if spec.vision_batch_size:
         steps.append(_split_vision(spec, model, steps, precision))
     if spec.cuda_graphs:
