@@ -346,3 +346,15 @@ def test_a_job_takes_only_the_servers_settings_meant_for_every_job(
     options = job_options(server, record, AllowedRoots((str(folders["data"]),)))
     assert (options.sidecar, options.filter_model, options.overwrite) == (None, None, False)
     assert options.chunk_rows == 5
+
+
+def test_the_job_log_level_sets_the_jobs_loggers(
+    folders: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import logging
+
+    for name in ("blipserve.batch", "blipserve.jobs"):  # (restored after the test)
+        monkeypatch.setattr(logging.getLogger(name), "level", logging.getLogger(name).level)
+    JobHost(settings(folders, job_log_level="warning"))
+    for name in ("blipserve.batch", "blipserve.jobs"):
+        assert logging.getLogger(name).level == logging.WARNING

@@ -62,6 +62,9 @@ class JobHost:
         self._run_job: RunJob | None = None
         self._thread: threading.Thread | None = None
         self._refreshed = 0.0
+        # the catalog's logging_level: the jobs' own lines (progress, failed rows, ends)
+        for name in ("blipserve.batch", "blipserve.jobs"):
+            logging.getLogger(name).setLevel(cfg.job_log_level.upper())
         self.refresh()
 
     # -- what the routes call (blocking: from a worker thread) -------------------------------
