@@ -147,13 +147,22 @@ def variant(name: str) -> Iterator[None]:
         yield
 
 
-def run_job(folder: Path, seconds: float, how: str, chunk: int) -> tuple[float, float]:
-    """One job over ``folder``: (images/s, share of the time the model was busy)."""
+def run_job(
+    folder: Path, seconds: float, how: str, chunk: int, store: Any = None
+) -> tuple[float, float]:
+    """One job over ``folder``: (images/s, share of the time the model was busy); its
+    output and journal in a temporary folder, or in a fresh container of ``store`` (an
+    object-store emulator on loopback: each journal commit is a PUT)."""
     model = StandIn(seconds, how)
     config = EngineConfig(max_batch_size=chunk, model_workers=1)
     with tempfile.TemporaryDirectory() as out, Engine(model, config=config) as engine:  # type: ignore[arg-type]
+        where = f"{store.new_bucket()}/out.csv" if store else Path(out) / "out.csv"
         options = BatchOptions(
-            input=folder, output=Path(out) / "out.csv", progress=False, chunk_rows=chunk
+            input=folder,
+            output=where,
+            progress=False,
+            chunk_rows=chunk,
+            storage_options=store.storage_options if store else {},
         )
         start = time.perf_counter()
         summary = BatchJob(engine, options).run()
@@ -171,9 +180,21 @@ def main() -> None:
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS[1:]), choices=VARIANTS)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out", type=Path)
+    parser.add_argument(
+        "--store",
+        choices=("azure", "s3"),
+        help="output and journal in this object-store emulator (Azurite, moto), on loopback",
+    )
     args = parser.parse_args()
     width, height = map(int, args.size.split("x"))
     folder = Path(tempfile.mkdtemp(prefix="blipserve-pipeline-"))
+    store = None
+    if args.store:
+        sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+        import stores  # the tests' emulators (Azurite, moto's S3 server)
+
+        (folder / "store").mkdir()
+        store = stores.start_emulator(args.store, folder / "store")
     try:
         import base64
 
@@ -187,7 +208,9 @@ def main() -> None:
             for _ in range(args.repeats):  # alternating, run by run
                 for name in runs:
                     with variant(name):
-                        runs[name].append(run_job(folder, args.model_ms / 1000, how, args.chunk))
+                        runs[name].append(
+                            run_job(folder, args.model_ms / 1000, how, args.chunk, store)
+                        )
             for name, got in runs.items():
                 rates = [r for r, _ in got]
                 result = {
@@ -206,6 +229,8 @@ def main() -> None:
         if args.out:
             args.out.write_text(json.dumps(report, indent=2) + "\n")
     finally:
+        if store is not None:
+            store.stop()
         shutil.rmtree(folder, ignore_errors=True)
 
 
