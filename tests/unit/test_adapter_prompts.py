@@ -5,6 +5,8 @@ The prompt methods belong to the adapter class, not to a loaded model: no model 
 
 from __future__ import annotations
 
+from typing import Any, cast
+
 import pytest
 
 from blipserve.contracts.openai import parse_chat_request
@@ -74,3 +76,18 @@ def test_question_prompt_wraps_bare_questions_for_blip2(
     question: str, adapter: type[HFAdapter], expected: str
 ) -> None:
     assert adapter.question_prompt(question) == expected
+
+
+def test_every_entry_point_prompts_through_one_stage() -> None:
+    # /score and batch jobs send the text as it is; `ask` a question in the family's
+    # template; the chat route the last question after its history (engine/prompt.py)
+    from blipserve.engine import prompt_of
+    from blipserve.models.blip2 import Blip2Adapter
+
+    adapter = cast(Any, Blip2Adapter)  # (the prompts are the family's, no model needed)
+    assert prompt_of(adapter, "what is it?") == "what is it?"
+    assert prompt_of(adapter, None, "question") is None
+    assert prompt_of(adapter, "what is it?", "question") == "Question: what is it? Answer:"
+    assert prompt_of(adapter, "and now?", "chat", [("what?", "a cat")]) == (
+        "Question: what? Answer: a cat. Question: and now? Answer:"
+    )

@@ -49,7 +49,7 @@ def run(args: argparse.Namespace, out: TextIO) -> int:
     # Imported here so that `blipserve --help` answers without loading torch.
     from transformers.utils import logging as hf_logging
 
-    from blipserve.engine import Engine
+    from blipserve.engine import Engine, prompt_of
 
     hf_logging.disable_progress_bar()
     if not args.verbose:
@@ -65,12 +65,12 @@ def run(args: argparse.Namespace, out: TextIO) -> int:
             print(json.dumps(encode_response(engine.score(request))), file=out)
             return 0
         if args.command == "caption":
-            rows = [RowInput(i, image, args.prompt) for i, image in enumerate(args.images)]
-        elif args.command == "ask":
-            # As on the chat route: the adapter puts the question in its family's prompt.
-            rows = [RowInput(0, args.image, engine.adapter.question_prompt(args.question))]
+            prompt, images = prompt_of(engine.adapter, args.prompt), args.images
+        elif args.command == "ask":  # in the family's question template, as chats are
+            prompt, images = prompt_of(engine.adapter, args.question, "question"), [args.image]
         else:
-            rows = [RowInput(0, args.image, args.text)]
+            prompt, images = prompt_of(engine.adapter, args.text), [args.image]
+        rows = [RowInput(i, image, prompt) for i, image in enumerate(images)]
         outcomes = engine.predict(rows, params, allow_paths=True)
     failed = 0
     for row, outcome in zip(rows, outcomes, strict=True):

@@ -1,5 +1,7 @@
 """The request path, one stage a module, shared by every entry point:
 
+0. :mod:`~blipserve.engine.prompt` — the text each row gives the model, from the client's
+   text, question or conversation;
 1. :mod:`~blipserve.engine.prepare` — fetch and decode each row's image, check its text
    (a bad row becomes its own error);
 2. group rows into batches of compatible rows: :mod:`~blipserve.engine.offline_plan` for
@@ -16,6 +18,7 @@ for the server.
 
 from blipserve.engine.core import Engine
 from blipserve.engine.prepare import PreparedRow
+from blipserve.engine.prompt import PromptForm, prompt_of
 from blipserve.engine.results import good_rows_or_raise, predictions_or_raise
 from blipserve.engine.run import (
     default_batch_size,
@@ -26,9 +29,11 @@ from blipserve.engine.run import (
 __all__ = [
     "Engine",
     "PreparedRow",
+    "PromptForm",
     "default_batch_size",
     "default_decode_workers",
     "default_model_workers",
     "good_rows_or_raise",
     "predictions_or_raise",
+    "prompt_of",
 ]

@@ -24,7 +24,7 @@ from blipserve import ui
 from blipserve.config import ServerConfig, Settings
 from blipserve.contracts import openai as openai_contract
 from blipserve.contracts.catalog import encode_response, parse_request
-from blipserve.engine import Engine
+from blipserve.engine import Engine, prompt_of
 from blipserve.engine.online import OnlineEngine
 from blipserve.engine.online_queue import BehindPolicy
 from blipserve.errors import (
@@ -273,7 +273,7 @@ def create_app(
         req = openai_contract.parse_chat_request(await read_json_body(request, cfg.max_body_bytes))
         online = state.ready_engine()
         adapter = online.engine.adapter
-        prompt = adapter.chat_prompt(req.question, req.history)
+        prompt = prompt_of(adapter, req.question, "chat", req.history)
         if req.stream:
             return await stream_chat(request, online, req, prompt, until)
         try:
