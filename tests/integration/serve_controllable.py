@@ -23,6 +23,11 @@ from blipserve.types import ModelInput, Prediction
 ARCHITECTURE = "ControllableBlipForConditionalGeneration"
 
 
+def _controlled(item: ModelInput) -> bool:
+    """A row the tests control: ``sleep:S`` (the model sleeps S seconds) or ``boom``."""
+    return bool(item.text and (item.text.startswith("sleep:") or item.text == "boom"))
+
+
 @register(ARCHITECTURE)
 class ControllableAdapter(BlipCaptionAdapter):
     kind = "controllable-blip"
@@ -48,7 +53,3 @@ class ControllableAdapter(BlipCaptionAdapter):
 
 if __name__ == "__main__":
     sys.exit(main(sys.argv[1:]))
-
-
-def _controlled(item: ModelInput) -> bool:
-    return bool(item.text and (item.text.startswith("sleep:") or item.text == "boom"))
