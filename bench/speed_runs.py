@@ -206,6 +206,8 @@ def bench_model(layout: str, args: argparse.Namespace, device: Any) -> dict[str,
     adapters = {mode: prepared[mode.partition(":w")[0]] for mode in args.modes}
     gc.collect()
     out["weights_gib"] = {m: weight_bytes(a.model) / 2**30 for m, a in prepared.items()}
+    # how build_model built each mode: its steps, what runs each, any left out and why
+    out["build"] = {m: [step.as_dict() for step in a.build] for m, a in prepared.items()}
     # (on a CPU: the float32 model the baseline uses is still resident unless the last mode
     # converted it in place, i.e. --repeats 1)
     out["memory_after_prepare"] = resident_gib()

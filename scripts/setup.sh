@@ -14,7 +14,7 @@ stamp=.venv/.blipserve-setup
 want="$(cat pyproject.toml constraints.txt scripts/setup.sh | sha256sum | cut -c1-16)-$EXTRAS"
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   .venv/bin/python -m pip install --quiet --upgrade pip
-  .venv/bin/python -m pip install --quiet "torch==2.13.0"
+  .venv/bin/python -m pip install --quiet -c constraints.txt "torch==2.13.0"
   .venv/bin/python -m pip install --quiet -c constraints.txt -e ".[$EXTRAS]"
   echo "$want" > "$stamp"
 fi

@@ -94,6 +94,12 @@ def test_speed(tmp_path: Path) -> None:
     for r in runs.values():
         positive(r["images_per_s"], r["single_latency_p50_s"], r["ratio"], r["latency_ratio"])
     positive(*model["weights_gib"].values())
+    # each mode as build_model built it: int8's layers on an int8 kernel
+    int8_steps = {step["step"]: step for step in model["build"]["int8"]}
+    assert int8_steps["int8 linears"]["applied"], int8_steps
+    assert "int8 kernel" in int8_steps["int8 linears"]["runs_on"]
+    if ov:
+        assert model["build"]["bfloat16+ov"][0]["step"] == "vision encoder on OpenVINO"
     # the quality guard: the demo model per dtype on held-out scenes, against float32
     guard = report["quality_guard"]
     assert guard["scenes"] == 2, guard

@@ -93,7 +93,7 @@ def test_a_lean_layer_that_computes_otherwise_is_left_out(
     lean = next(step for step in adapter.build if step.name == "lean text layers")
     assert not lean.applied
     assert "differs from transformers'" in lean.why
-    assert "lean text layers: skipped (step 0: lean layer differs" in caplog.text
+    assert "lean text layers: skipped (prompt: lean layer differs" in caplog.text
     keys_values = next(s for s in adapter.build if s.name == "int8 image keys and values")
     assert not keys_values.applied
     assert keys_values.why == "needs lean text layers, which was skipped"
@@ -104,6 +104,33 @@ def test_a_lean_layer_that_computes_otherwise_is_left_out(
         got = engine.predict(rows)
     assert all(isinstance(p, Prediction) for p in got)
     assert got == want
+
+
+def test_an_uncached_call_that_computes_otherwise_is_caught(
+    tiny_model_dir: Mapping[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # the ITM head and VQA's question encoder call the layers without a cache
+    layer = lean_text._lean_text_layer
+
+    def blind_without_cache(module: Any, hidden: Any, image: Any = None, *a: Any, **k: Any) -> Any:
+        return layer(module, hidden, image if k.get("cache") is not None else None, *a, **k)
+
+    monkeypatch.setattr(lean_text, "_lean_text_layer", blind_without_cache)
+    itm = _built(tiny_model_dir["blip-itm"], dtype="float32")
+    lean = next(step for step in itm.build if step.name == "lean text layers")
+    assert not lean.applied
+    assert lean.why.startswith("uncached text: lean layer differs"), lean.why
+
+
+def test_the_check_leaves_torch_s_random_state_as_it_was(
+    tiny_model_dir: Mapping[str, Path],
+) -> None:
+    from transformers import BlipForConditionalGeneration
+
+    model = BlipForConditionalGeneration.from_pretrained(tiny_model_dir["blip-caption"])
+    before = torch.get_rng_state()
+    assert lean_text_refusal(model) is None
+    assert torch.equal(torch.get_rng_state(), before)
 
 
 def test_a_changed_layer_signature_is_refused(
@@ -150,3 +177,12 @@ def test_vision_attention_is_a_spec_option_of_blip_models(
     assert ("bf16 vision attention", True) in _steps(bf16)
     with pytest.raises(ModelLoadError, match=r"--vision-attention: .* BLIP models' vision"):
         _built(tiny_model_dir["blip2-opt"], dtype="float32", vision_attention="sdpa")
+
+
+def test_a_static_cache_is_refused_where_the_family_has_none(
+    tiny_model_dir: Mapping[str, Path],
+) -> None:
+    vqa = _built(tiny_model_dir["blip-vqa"], dtype="float32")
+    with pytest.raises(ModelLoadError, match=r"a static KV cache: .* does not support it"):
+        vqa.with_static_cache()
+    assert vqa.with_static_cache(False).static_cache is False

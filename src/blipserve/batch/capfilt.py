@@ -49,7 +49,8 @@ def capfilt(
     outcomes = filter_engine.run_prepared(pairs)
     for (match, is_caption, text), outcome in zip(targets, outcomes, strict=True):
         if not isinstance(outcome, Prediction) or outcome.score is None:
-            match.error = f"matching failed: {getattr(outcome, 'message', outcome)}"
+            why = outcome.reason if isinstance(outcome, RowError) else outcome
+            match.error = f"matching failed: {getattr(why, 'message', why)}"
         elif is_caption:
             match.captions.append((outcome.score, text))
         else:

@@ -18,7 +18,7 @@ from typing import Any, ClassVar, Self
 
 import torch
 
-from blipserve.errors import InvalidInput
+from blipserve.errors import InvalidInput, ModelLoadError
 from blipserve.models import optimize
 from blipserve.models.openvino_vision import OpenVinoVision
 from blipserve.models.optimize import BuildStep, Speedup
@@ -83,6 +83,9 @@ class HFAdapter:
         """This adapter's model decoding with (or without) a static KV cache: a second
         adapter sharing the model (tests and benchmarks compare the two on a CPU, where
         ``--cuda-graphs`` is refused)."""
+        why = self.static_cache_refusal(self.model.config) if on else None
+        if why:
+            raise ModelLoadError(f"a static KV cache: model {self.source!r}: {why}")
         return type(self)(
             self.model,
             self.processor,
