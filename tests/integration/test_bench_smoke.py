@@ -251,3 +251,16 @@ def test_draft_guard(tmp_path: Path) -> None:
     for row in report["rows"]:
         assert 0.9 < row["worst_cosine"] <= 1.0 + 1e-9, row
         positive(row["draft_decode_ms"], row["full_decode_ms"])
+
+
+def test_decode_step(tmp_path: Path) -> None:
+    report = run_bench(tmp_path, "decode_step.py", "--quick", "--repeats", "1", "--rows", "1", "2")
+    positive(report["bandwidth_gb_s"], report["decoder_weight_bytes"], report["weights_read_ms"])
+    results = {(r["variant"], r["rows"]): r for r in report["results"]}
+    variants = list(report["build"])
+    assert set(results) == {(v, n) for v in variants for n in (1, 2)}
+    for r in results.values():
+        assert len(r["step_ms_runs"]) == 1
+        assert math.isfinite(r["step_ms"])  # (a difference of two timings: may be noise)
+    left_out = {s["step"]: s for s in report["build"][variants[1]]}["bf16 image keys and values"]
+    assert (left_out["applied"], left_out["why"]) == (False, "--disable-speedup")

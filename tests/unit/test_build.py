@@ -17,6 +17,7 @@ from blipserve.errors import ModelLoadError
 from blipserve.models import build_model, lean_text
 from blipserve.models.base import HFAdapter
 from blipserve.models.lean_text_check import LAYER_PARAMETERS, lean_text_refusal
+from blipserve.models.precision import cpu_has_native_bf16
 from blipserve.types import Prediction, RowInput
 from helpers import client_base64, jpeg_bytes, photos
 
@@ -35,11 +36,13 @@ def test_int8_steps_in_order_with_their_kernels(tiny_model_dir: Mapping[str, Pat
     adapter = _built(tiny_model_dir["blip-caption"], dtype="int8", backend="torch")
     names = [name for name, applied in _steps(adapter) if applied]
     assert names[:2] == ["keep freed memory", "lean text layers"]
-    assert names[-3:] == [
-        "int8 vision encoder, one image per call",
+    int8 = names.index("int8 vision encoder (one image a call)")
+    assert names[int8 : int8 + 3] == [
+        "int8 vision encoder (one image a call)",
         "int8 image keys and values",
         "int8 linears",
     ]
+    assert ("bf16 image keys and values" in names) == cpu_has_native_bf16()
     kernels = {step.runs_on for step in adapter.build if step.name.startswith("int8")}
     assert len(kernels) == 1
     assert kernels <= {"blipserve's int8 kernel (AVX-512 VNNI)", "torch's fbgemm int8 kernel"}
@@ -186,3 +189,39 @@ def test_a_static_cache_is_refused_where_the_family_has_none(
     with pytest.raises(ModelLoadError, match=r"a static KV cache: .* does not support it"):
         vqa.with_static_cache()
     assert vqa.with_static_cache(False).static_cache is False
+
+
+def test_image_keys_values_in_bf16_stay_close_to_float32(
+    tiny_model_dir: Mapping[str, Path],
+) -> None:
+    # the int8 mode's step on CPUs with native bf16, here on any CPU: a decoding step's
+    # hidden states within bfloat16's rounding of float32's, batched as one by one
+    from transformers import BlipForConditionalGeneration
+
+    folder = tiny_model_dir["blip-caption"]
+    f32 = BlipForConditionalGeneration.from_pretrained(folder).eval()
+    lean_text.lean_text_layers(f32)
+    bf16 = BlipForConditionalGeneration.from_pretrained(folder).eval()
+    lean_text.lean_text_layers(bf16)
+    assert lean_text.keep_image_keys_values_in(bf16) == f32.config.text_config.num_hidden_layers
+    pixels = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        want = f32.generate(
+            pixel_values=pixels, max_new_tokens=6, output_logits=True, return_dict_in_generate=True
+        )
+        got = bf16.generate(
+            pixel_values=pixels, max_new_tokens=6, output_logits=True, return_dict_in_generate=True
+        )
+        alone = bf16.generate(pixel_values=pixels[1:2], max_new_tokens=6)
+    first = (want.logits[0], got.logits[0])  # (3, V) the first step's, from the same prompt
+    torch.testing.assert_close(first[1], first[0], rtol=2e-2, atol=2e-2)
+    assert torch.equal(alone[0], got.sequences[1, : alone.shape[1]])
+
+
+def test_a_speedup_can_be_left_out_by_name(tiny_model_dir: Mapping[str, Path]) -> None:
+    folder = tiny_model_dir["blip-caption"]
+    adapter = _built(folder, dtype="float32", disable_speedup=("lean text layers",))
+    lean = next(step for step in adapter.build if step.name == "lean text layers")
+    assert (lean.applied, lean.why) == (False, "--disable-speedup")
+    with pytest.raises(ModelLoadError, match=r"no speed option named 'warp drive' here"):
+        _built(folder, dtype="float32", disable_speedup=("warp drive",))

@@ -283,7 +283,7 @@ def test_int8_vision_layers_take_one_scale_per_image(
 CPU, CUDA = torch.device("cpu"), torch.device("cuda")
 INT8 = Precision(torch.float32, int8=True)
 F32, BF16 = Precision(torch.float32), Precision(torch.bfloat16)
-INT8_STEPS = ["int8 vision encoder, one image per call", "int8 linears"]
+INT8_STEPS = ["int8 vision encoder (one image a call)", "int8 linears"]
 BLIP_INT8_STEPS = [INT8_STEPS[0], "int8 image keys and values", INT8_STEPS[1]]
 BLIP_CPU_STEPS = ["keep freed memory", "lean text layers"]
 
@@ -296,7 +296,12 @@ BLIP_CPU_STEPS = ["keep freed memory", "lean text layers"]
             INT8,
             CPU,
             True,
-            [*BLIP_CPU_STEPS, "bf16 vision attention", *BLIP_INT8_STEPS],
+            [
+                *BLIP_CPU_STEPS,
+                "bf16 vision attention",
+                *BLIP_INT8_STEPS,
+                "bf16 image keys and values",
+            ],
         ),
         (
             BlipVqaAdapter,

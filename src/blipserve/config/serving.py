@@ -111,6 +111,14 @@ class ModelConfig:
         "native bf16), eager (transformers' code), sdpa (torch's fused kernel) or bf16 "
         "(its products in bfloat16). BLIP models only; for comparing them (bench/speed.py).",
     )
+    disable_speedup: tuple[str, ...] = option(
+        (),
+        "Leave out a speed option the model would get, by the name /ready's build reports "
+        "(e.g. 'bf16 image keys and values'); repeatable. For diagnosis and side-by-side "
+        "measurements: the model then runs transformers' own code for that part.",
+        metavar="NAME",
+        repeatable=True,
+    )
     cuda_graphs: bool = option(
         False,
         "BLIP captioning, and BLIP-2 or InstructBLIP with a decoder-only LM (OPT, Vicuna), "

@@ -72,6 +72,8 @@ class _BlipText(HFAdapter):
             steps.append(optimize.vision_attention(attention))
         if precision.int8:
             steps += optimize.int8_layers(precision, image_keys_values=True)
+            if device.type == "cpu" and cpu_has_native_bf16():
+                steps.append(optimize.BF16_IMAGE_KEYS_VALUES)
         return steps
 
     def token_length(self, text: str | None) -> int:

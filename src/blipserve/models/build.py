@@ -134,7 +134,14 @@ def _build(
             "models' vision encoder"
         )
     speedups = family.speedups(precision, device, spec.vision_attention)
-    steps += optimize.prepare(model, speedups)
+    unknown = set(spec.disable_speedup) - {s.name for s in speedups}
+    if unknown:
+        raise ModelLoadError(
+            f"--disable-speedup: model {spec.model!r} ({family.kind}) gets no speed option "
+            f"named {', '.join(sorted(map(repr, unknown)))} here; it gets: "
+            f"{', '.join(repr(s.name) for s in speedups) or 'none'}"
+        )
+    steps += optimize.prepare(model, speedups, spec.disable_speedup)
     if spec.vision_batch_size:
         steps.append(_split_vision(spec, model, steps, precision))
     if spec.cuda_graphs:

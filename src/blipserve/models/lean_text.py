@@ -47,6 +47,16 @@ def _attend(
     return ctx.transpose(1, 2).flatten(2)
 
 
+def _attend_narrow(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None
+) -> torch.Tensor:
+    """Attention to keys and values held in ``k``'s dtype (bfloat16): SDPA in that dtype,
+    the context back in ``q``'s; returns (B, T, H * hd)."""
+    low = None if mask is None else mask.to(k.dtype)
+    ctx = functional.scaled_dot_product_attention(q.to(k.dtype), k, v, attn_mask=low)
+    return ctx.to(q.dtype).transpose(1, 2).flatten(2)  # (B, T, H * hd)
+
+
 def _add_norm(out: Any, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
     """BlipTextSelfOutput / BlipTextOutput at inference: LayerNorm(dense(x) + residual)."""
     norm = out.LayerNorm
@@ -100,7 +110,10 @@ def _lean_text_layer(
                 k, v = _store(stored, idx, k, v)
                 if encdec:
                     cache.is_updated[idx] = True
-        x = _attend(q, k, v, encoder_attention_mask)
+        if k.dtype == q.dtype:
+            x = _attend(q, k, v, encoder_attention_mask)
+        else:  # the image's keys and values kept in a narrower dtype (keep_image_keys_values_in)
+            x = _attend_narrow(q, k, v, encoder_attention_mask)
         hidden = _add_norm(layer.crossattention.output, x, hidden)
     inner = layer.intermediate.intermediate_act_fn(layer.intermediate.dense(hidden))
     return _add_norm(layer.output, inner, hidden)
@@ -119,7 +132,8 @@ def _image_keys_values(
     """
     b, n, _ = states.shape
     width = cross.kv.out_features // 2
-    keys = states.new_empty(b, width // head_dim, n, head_dim)
+    dtype = getattr(cross, "kv_dtype", states.dtype)  # (keep_image_keys_values_in)
+    keys = states.new_empty(b, width // head_dim, n, head_dim, dtype=dtype)
     values = torch.empty_like(keys)
     rows = getattr(cross, "kv_rows", b)
     for i in range(0, b, rows):
@@ -195,5 +209,26 @@ def quantize_image_keys_values(model: nn.Module, kernel: bool = True) -> int:
         if type(kv) is nn.Linear and hasattr(module, "layer_idx"):
             module.kv = Int8Linear(kv, per_row=False, kernel=kernel)
             module.__dict__["kv_rows"] = 1  # (a plain attribute, not a submodule)
+            count += 1
+    return count
+
+
+def keep_image_keys_values_in(model: nn.Module, dtype: torch.dtype = torch.bfloat16) -> int:
+    """In each lean BLIP text layer (:func:`lean_text_layers`), keep the cross-attention's
+    keys and values of the image in ``dtype`` and attend to them with SDPA in it; returns
+    how many layers.
+
+    A decoding step reads every layer's image keys and values: at 8 rows, 12 layers x 2 x
+    (8 x 577 x 768) float32 values, 340 MB a step against the 123 MB of BLIP-base's int8
+    weights, so the two products with them took about half of a step (15.7 of 32.5 ms,
+    torch's profiler).  In bfloat16 (int8 mode, CPUs with native bf16) a step at 8 rows
+    took 24.5 instead of 33.4 ms, at 1 row 11.1 instead of 12.5 (medians of 5 interleaved
+    pairs, 1 vs 20 tokens through the engine); the demo model's captions stay float32's
+    for 99.0% of 200 held-out scenes, as without it.
+    """
+    count = 0
+    for module in model.modules():
+        if isinstance(getattr(module, "kv", None), nn.Module) and hasattr(module, "layer_idx"):
+            module.__dict__["kv_dtype"] = dtype  # (a plain attribute, read per call)
             count += 1
     return count

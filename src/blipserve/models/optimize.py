@@ -26,7 +26,11 @@ from dataclasses import dataclass
 from torch import nn
 
 from blipserve.models.int8_linear import quantize_linears
-from blipserve.models.lean_text import lean_text_layers, quantize_image_keys_values
+from blipserve.models.lean_text import (
+    keep_image_keys_values_in,
+    lean_text_layers,
+    quantize_image_keys_values,
+)
 from blipserve.models.lean_text_check import lean_text_refusal
 from blipserve.models.precision import Precision
 from blipserve.models.vision_encoder import set_vision_attention, split_vision_batches
@@ -60,18 +64,25 @@ class Speedup:
     so; an option that cannot be skipped is not an option but a requirement (those raise
     :class:`~blipserve.errors.ModelLoadError` while loading)."""
 
-    name: str
+    name: str  # (no commas: --disable-speedup's variable takes a comma-separated list)
     apply: Callable[[nn.Module], object]
     runs_on: str = "torch"
     refusal: Callable[[nn.Module], str | None] | None = None
 
 
-def prepare(model: nn.Module, speedups: Iterable[Speedup]) -> list[BuildStep]:
+def prepare(
+    model: nn.Module, speedups: Iterable[Speedup], disabled: Iterable[str] = ()
+) -> list[BuildStep]:
     """Apply ``speedups`` (an adapter's ``speedups(precision, device)``) to ``model``, in
-    order, each where its precondition holds; what was done, step by step."""
+    order, each where its precondition holds and not ``disabled`` (``--disable-speedup``);
+    what was done, step by step."""
     done: list[BuildStep] = []
     applied: set[str] = set()
+    off = set(disabled)
     for speedup in speedups:
+        if speedup.name in off:
+            done.append(BuildStep(speedup.name, speedup.runs_on, False, "--disable-speedup"))
+            continue
         why = speedup.refusal(model) if speedup.refusal else None
         if why is None and speedup.name in NEEDS and NEEDS[speedup.name] not in applied:
             why = f"needs {NEEDS[speedup.name]}, which was skipped"
@@ -163,10 +174,18 @@ def int8_runs_on(precision: Precision) -> str:
     return "torch's fbgemm int8 kernel"
 
 
-INT8_VISION = "int8 vision encoder, one image per call"
+#: after LEAN_TEXT_LAYERS, in int8 on CPUs with native bf16 (keep_image_keys_values_in)
+BF16_IMAGE_KEYS_VALUES = Speedup(
+    "bf16 image keys and values", keep_image_keys_values_in, "torch SDPA, bfloat16"
+)
+
+INT8_VISION = "int8 vision encoder (one image a call)"
 INT8_IMAGE_KEYS_VALUES = "int8 image keys and values"
 #: a step -> the step it builds on (skipped when that one was)
-NEEDS = {INT8_IMAGE_KEYS_VALUES: LEAN_TEXT_LAYERS.name}
+NEEDS = {
+    INT8_IMAGE_KEYS_VALUES: LEAN_TEXT_LAYERS.name,
+    BF16_IMAGE_KEYS_VALUES.name: LEAN_TEXT_LAYERS.name,
+}
 
 
 def _int8_vision(model: nn.Module, kernel: bool) -> None:
