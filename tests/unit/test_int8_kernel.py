@@ -46,7 +46,11 @@ def reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) 
 
 
 @needs_kernel
-@pytest.mark.parametrize(("rows", "k", "n"), [(1, 768, 768), (3, 70, 37), (9, 96, 40), (20, 8, 1)])
+@pytest.mark.parametrize(
+    ("rows", "k", "n"),
+    # (1040 and 2063 outputs: packed in several slices of outputs, the last one partial)
+    [(1, 768, 768), (3, 70, 37), (9, 96, 40), (20, 8, 1), (2, 40, 1040), (3, 70, 2063)],
+)
 @pytest.mark.parametrize("with_bias", [True, False])
 def test_matches_its_definition(rows: int, k: int, n: int, with_bias: bool) -> None:
     kernel = int8_kernel.load()
@@ -63,6 +67,20 @@ def test_matches_its_definition(rows: int, k: int, n: int, with_bias: bool) -> N
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * float(want.abs().max()))
     float_error = (got - functional.linear(x, weight, bias)).norm() / want.norm()
     assert float_error < 0.02
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_packing_a_half_precision_weight_is_packing_its_float32_copy(dtype: torch.dtype) -> None:
+    # (how int8 models load: quantized from the checkpoint's own dtype, models/weights.py)
+    kernel = int8_kernel.load()
+    assert kernel is not None
+    g = torch.Generator().manual_seed(3)
+    weight = torch.randn(1100, 72, generator=g).to(dtype)
+    x = torch.randn(5, 72, generator=g)
+    half, full = kernel.pack(weight, None), kernel.pack(weight.float(), None)
+    assert torch.equal(half.weight, full.weight)
+    assert torch.equal(half(x), full(x))
 
 
 @needs_kernel

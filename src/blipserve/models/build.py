@@ -6,11 +6,13 @@ The build is a list of declared steps applied here, in this order, each with its
 precondition, and each reported (:class:`~blipserve.models.optimize.BuildStep`: what it is,
 the kernel or runtime that runs it, whether it was applied and if not why):
 
-1. load the weights and processor (``from_pretrained``), or take a float32 model already
-   built (``pretrained``: the benchmarks' random-weight models of real sizes);
+1. load the weights and processor (``from_pretrained``; for int8 in the checkpoint's own
+   dtype, :mod:`~blipserve.models.weights`), or take a float32 model already built
+   (``pretrained``: the benchmarks' random-weight models of real sizes);
 2. the vision encoder on OpenVINO (``--backend``), converted from the float weights;
 3. the family's speed options (``speedups``: glibc's allocator, lean text layers, vision
-   attention, int8 layers), each where its check passes;
+   attention, int8 layers), each where its check passes; in int8, what was not quantized
+   then copied out of the checkpoint's file in float32;
 4. the vision encoder split into calls of at most ``--vision-batch-size`` images;
 5. decoding with a static KV cache (``--cuda-graphs``), where the family supports it;
 6. images resized on the model's device (``--image-resize``).
@@ -31,6 +33,7 @@ from blipserve.config import ModelConfig
 from blipserve.errors import ModelLoadError
 from blipserve.models import openvino_vision, optimize
 from blipserve.models.base import HFAdapter
+from blipserve.models.memory import release_freed_memory
 from blipserve.models.optimize import BuildStep
 from blipserve.models.pixels import DevicePixels, image_side
 from blipserve.models.precision import (
@@ -43,6 +46,7 @@ from blipserve.models.precision import (
 from blipserve.models.registry import ADAPTERS
 from blipserve.models.source import first_line, load_config, resolve_source
 from blipserve.models.vision_encoder import split_vision_batches
+from blipserve.models.weights import load_dtype, own_weights
 
 log = logging.getLogger(__name__)
 
@@ -111,7 +115,8 @@ def _from_pretrained(
     from transformers import AutoProcessor
 
     processor = AutoProcessor.from_pretrained(source, revision=revision)
-    model = family.model_class.from_pretrained(source, revision=revision, dtype=precision.dtype)
+    dtype = load_dtype(precision)  # (int8: the checkpoint's own; see models/weights.py)
+    model = family.model_class.from_pretrained(source, revision=revision, dtype=dtype)
     return model.to(device).eval(), processor
 
 
@@ -142,6 +147,10 @@ def _build(
             f"{', '.join(repr(s.name) for s in speedups) or 'none'}"
         )
     steps += optimize.prepare(model, speedups, spec.disable_speedup)
+    if precision.int8:  # what was not quantized: out of the checkpoint, in float32
+        copied = own_weights(model, precision.dtype)
+        log.info("weights kept in %s: %.2f GiB", precision, copied / 2**30)
+        release_freed_memory()
     if spec.vision_batch_size:
         steps.append(_split_vision(spec, model, steps, precision))
     if spec.cuda_graphs:

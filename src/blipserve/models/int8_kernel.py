@@ -41,6 +41,7 @@ SOURCE = Path(__file__).with_name("int8_kernel.c")
 _CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512_vnni")
 _CFLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni", "-mfma", "-fPIC"]
 _BLOCK = 16  # outputs per block (int8_kernel.c)
+_PACK_ROWS = 64 * _BLOCK  # outputs quantized at a time while packing
 
 _P, _I = ctypes.c_void_p, ctypes.c_int64
 
@@ -115,17 +116,30 @@ class PackedLinear:
     """A Linear's weights in the kernel's layout, and its forward (float32 out)."""
 
     def __init__(self, fn: Any, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
-        w = weight.detach().float()  # (N, K)
-        n, k = w.shape
+        n, k = weight.shape  # (N, K), in any float dtype
         kp, np_ = -(-k // 4) * 4, -(-n // _BLOCK) * _BLOCK
-        scale = w.abs().amax(dim=1).clamp(min=1e-12) / 127  # (N,) one per output
-        q = torch.round(w / scale[:, None]).clamp_(-127, 127).to(torch.int8)
-        q = functional.pad(q, (0, kp - k, 0, np_ - n))  # (Np, Kp), zeros past the edges
-        # (Np/16, Kp/4, 16, 4): a 64-byte group is 4 inputs of 16 outputs (one VPDPBUSD)
-        self.weight = q.view(np_ // _BLOCK, _BLOCK, kp // 4, 4).permute(0, 2, 1, 3).contiguous()
+        # (Np/16, Kp/4, 16, 4): a 64-byte group is 4 inputs of 16 outputs (one VPDPBUSD);
+        # zeros past the edges
+        self.weight = torch.zeros(np_ // _BLOCK, kp // 4, _BLOCK, 4, dtype=torch.int8)
+        self.scale = torch.zeros(np_)  # (Np,) one per output
         # The codes' zero point (128) times each output's weight sum, taken off the sums.
-        self.zero_sums = (q.to(torch.int32).sum(dim=1) * 128).to(torch.int32)  # (Np,)
-        self.scale = functional.pad(scale, (0, np_ - n)).contiguous()  # (Np,)
+        self.zero_sums = torch.zeros(np_, dtype=torch.int32)  # (Np,)
+        # Quantized a slice of outputs at a time, straight into the blocked layout: a
+        # layer's float copies then stay a slice's size (an LM head's whole float32
+        # weight and its temporaries were ~2 GB for OPT-2.7b's; models/weights.py)
+        for start in range(0, n, _PACK_ROWS):
+            w = weight[start : start + _PACK_ROWS].detach().float()  # (rows, K)
+            rows = w.shape[0]
+            scale = w.abs().amax(dim=1).clamp(min=1e-12) / 127  # (rows,)
+            q = torch.round(w / scale[:, None]).clamp_(-127, 127).to(torch.int8)
+            del w
+            padded = -(-rows // _BLOCK) * _BLOCK
+            q = functional.pad(q, (0, kp - k, 0, padded - rows))  # (padded, Kp)
+            first = start // _BLOCK  # (_PACK_ROWS is a multiple of _BLOCK)
+            blocks = q.view(padded // _BLOCK, _BLOCK, kp // 4, 4).permute(0, 2, 1, 3)
+            self.weight[first : first + padded // _BLOCK] = blocks
+            self.zero_sums[start : start + padded] = q.sum(dim=1, dtype=torch.int32) * 128
+            self.scale[start : start + rows] = scale
         self.bias = None if bias is None else functional.pad(bias.detach().float(), (0, np_ - n))
         self.in_features, self.out_features, self._kp = k, n, kp
         self._fn = fn

@@ -24,6 +24,7 @@ from torch import nn
 from torch.nn import functional
 
 from blipserve.models import int8_kernel
+from blipserve.models.memory import release_freed_memory
 
 
 def _has_vnni() -> bool:
@@ -95,7 +96,7 @@ class Int8Linear(nn.Module):
         super().__init__()
         self.in_features = linear.in_features
         self.out_features = linear.out_features
-        weight = linear.weight.detach().float()
+        weight = linear.weight.detach()  # (in the checkpoint's dtype: models/weights.py)
         bias = None if linear.bias is None else linear.bias.detach().float()
         # For model code that inspects a layer's weight (T5 skips a dtype cast when it is
         # int8): the right shape and dtype, no data (one byte, expanded).
@@ -108,6 +109,7 @@ class Int8Linear(nn.Module):
         if self._kernel is not None:
             self.register_buffer("bias", None, persistent=False)  # (the kernel holds it)
             return
+        weight = weight.float()
         if per_row:
             # (out, in + 2): zero weights for the two constant columns
             weight = functional.pad(weight, (0, 2))
@@ -179,4 +181,7 @@ def quantize_linears(model: nn.Module, per_row: bool = True, kernel: bool = True
     ]
     for parent, name, child in targets:
         setattr(parent, name, Int8Linear(child, per_row=per_row, kernel=kernel))
+        # the layer's float copies, freed: handed back now, not kept (fragmented between
+        # the int8 weights) by the allocator (models/memory.py)
+        release_freed_memory()
     return len(targets)

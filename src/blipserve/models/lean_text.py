@@ -199,7 +199,7 @@ def quantize_image_keys_values(model: nn.Module, kernel: bool = True) -> int:
     rows at batch 8), where per-row scaling's extra passes over 14 MB tensors cost a third
     of the int8 matmul.  BLIP-base, batch 8, against separate per-row key and value
     layers (medians of 7 interleaved runs): first step 374 vs 483 ms, 20 tokens 1062 vs
-    1168 ms; with :func:`~blipserve.models.optimize.keep_freed_memory` 20 tokens 1162 vs
+    1168 ms; with :func:`~blipserve.models.memory.keep_freed_memory` 20 tokens 1162 vs
     1280 ms (another, slower hour).  The demo model's captions stay those of float32 (100%
     of 200 held-out scenes).
     """

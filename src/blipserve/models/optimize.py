@@ -5,7 +5,8 @@ precision and device (``HFAdapter.speedups``); :func:`prepare` applies that list
 option only where its check passes, and reports what it did (:class:`BuildStep`).  The
 options themselves, each measured in ``bench/speed.py``:
 
-* :data:`KEEP_FREED_MEMORY` — glibc keeps freed blocks for reuse (:func:`keep_freed_memory`);
+* :data:`KEEP_FREED_MEMORY` — glibc keeps freed blocks for reuse
+  (:func:`~blipserve.models.memory.keep_freed_memory`);
 * :data:`LEAN_TEXT_LAYERS` — BLIP's text layers with fused projections and a quarter of the
   module calls (:mod:`blipserve.models.lean_text`), after proving on the live model that
   they compute what transformers' layers compute (:mod:`~blipserve.models.lean_text_check`);
@@ -17,7 +18,6 @@ options themselves, each measured in ``bench/speed.py``:
 
 from __future__ import annotations
 
-import ctypes
 import functools
 import logging
 from collections.abc import Callable, Iterable
@@ -32,6 +32,7 @@ from blipserve.models.lean_text import (
     quantize_image_keys_values,
 )
 from blipserve.models.lean_text_check import lean_text_refusal
+from blipserve.models.memory import keep_freed_memory
 from blipserve.models.precision import Precision
 from blipserve.models.vision_encoder import set_vision_attention, split_vision_batches
 
@@ -95,34 +96,6 @@ def prepare(
         done.append(BuildStep(speedup.name, speedup.runs_on))
     log.debug("speedups applied: %s", ", ".join(applied) or "none")
     return done
-
-
-_M_TRIM_THRESHOLD = -1  # glibc's mallopt parameters (malloc.h)
-_M_MMAP_THRESHOLD = -3
-
-
-@functools.cache
-def keep_freed_memory() -> bool:
-    """Have glibc keep freed blocks of up to 32 MiB for reuse instead of handing them back
-    to the kernel; whether it could (False off glibc).  Process-wide, set once.
-
-    Inference allocates and frees the same large tensors over and over (a BLIP-base layer's
-    activations for one image are 2-8 MB; a batch's image keys and values 14 MB per layer),
-    and by default glibc maps blocks that large afresh each time: every 4 KiB page then
-    costs a page fault on first touch, which on this VM came to ~1 ms per 14 MB tensor.
-    Measured on BLIP-base int8, batch 8, in two alternations of fresh processes: vision
-    encoder 2.09-2.12 vs 2.25-2.28 s, first decoding step 297-307 vs 430-440 ms, 20 tokens
-    975-984 vs 1070-1166 ms.  The price: the process keeps its peak memory instead of
-    shrinking after a burst.
-    """
-    try:
-        mallopt = ctypes.CDLL(None).mallopt
-    except (AttributeError, OSError):
-        return False
-    mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
-    # 32 MiB is glibc's largest mmap threshold on 64-bit systems.
-    ok = mallopt(_M_MMAP_THRESHOLD, 32 * 1024 * 1024) and mallopt(_M_TRIM_THRESHOLD, 1 << 30)
-    return bool(ok)
 
 
 def _not_glibc(model: nn.Module) -> str | None:

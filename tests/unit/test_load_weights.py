@@ -1,0 +1,115 @@
+"""Loading for int8 (models/weights.py): the weights read in the checkpoint's own dtype,
+quantized from there, what stays copied out in float32.  The same model as loading the
+checkpoint in float32 first, without holding it in float32, and the file let go."""
+
+from __future__ import annotations
+
+import gc
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+
+from blipserve.config import ModelConfig
+from blipserve.engine import Engine
+from blipserve.models import build_model
+from blipserve.models.base import HFAdapter
+from blipserve.models.int8_linear import Int8Linear
+from blipserve.models.weights import own_weights
+from blipserve.types import RowInput
+from helpers import client_base64, jpeg_bytes, photos
+
+
+def _copy_in(folder: Path, dest: Path, dtype: torch.dtype) -> tuple[Path, Any]:
+    """``folder``'s model saved again with its weights in ``dtype`` (as half-precision
+    copies of the hub's float32 checkpoints are)."""
+    from transformers import AutoConfig, AutoProcessor
+
+    from blipserve.models.build import family_of
+
+    cls = family_of(str(folder), AutoConfig.from_pretrained(folder)).model_class
+    cls.from_pretrained(folder).to(dtype).save_pretrained(dest)
+    AutoProcessor.from_pretrained(folder).save_pretrained(dest)
+    assert any(dest.glob("*.safetensors"))
+    return dest, cls
+
+
+def _int8(folder: Path, pretrained: tuple[object, object] | None = None) -> HFAdapter:
+    spec = ModelConfig(model=str(folder), device="cpu", dtype="int8", backend="torch")
+    adapter = build_model(spec, pretrained=pretrained)
+    assert isinstance(adapter, HFAdapter)
+    return adapter
+
+
+def _mapped(folder: Path) -> list[str]:
+    gc.collect()
+    maps = Path("/proc/self/maps").read_text()
+    return [line for line in maps.splitlines() if str(folder) in line]
+
+
+@pytest.mark.parametrize(
+    ("kind", "dtype"), [("blip-caption", torch.bfloat16), ("blip2-opt", torch.float16)]
+)
+def test_int8_from_a_half_precision_checkpoint_is_int8_from_its_float32_copy(
+    tiny_model_dir: Mapping[str, Path], tmp_path: Path, kind: str, dtype: torch.dtype
+) -> None:
+    from transformers import AutoProcessor
+
+    folder, cls = _copy_in(tiny_model_dir[kind], tmp_path / "half", dtype)
+    direct = _int8(folder)
+    floats = {t.dtype for t in direct.model.state_dict().values() if t.is_floating_point()}
+    assert floats == {torch.float32}
+    assert any(isinstance(m, Int8Linear) for m in direct.model.modules())
+    # as blipserve loaded int8 before: the whole checkpoint in float32, then quantized
+    float32 = cls.from_pretrained(folder, dtype=torch.float32).eval()
+    before = _int8(folder, pretrained=(float32, AutoProcessor.from_pretrained(folder)))
+    want, got = before.model.state_dict(), direct.model.state_dict()
+    assert want.keys() == got.keys()
+    assert all(torch.equal(want[key], got[key]) for key in want)
+    images = list(photos().values())[:3]
+    rows = [RowInput(i, client_base64(jpeg_bytes(image))) for i, image in enumerate(images)]
+    with Engine(before) as engine:
+        expected = engine.predict(rows)
+    with Engine(direct) as engine:
+        assert engine.predict(rows) == expected
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="reads /proc/self/maps")
+def test_an_int8_build_lets_the_checkpoint_file_go(
+    tiny_model_dir: Mapping[str, Path], tmp_path: Path
+) -> None:
+    # float32 on disk: loaded as views of the file, which the weights that stay (the
+    # embeddings, the norms) kept mapped, with every page read while quantizing
+    folder, cls = _copy_in(tiny_model_dir["blip2-opt"], tmp_path / "f32", torch.float32)
+    held = cls.from_pretrained(folder, dtype="auto")
+    assert _mapped(folder), "transformers no longer maps checkpoints: revisit models/weights.py"
+    del held
+    assert not _mapped(folder)
+    adapter = _int8(folder)
+    assert not _mapped(folder)
+    assert any(isinstance(m, Int8Linear) for m in adapter.model.modules())
+
+
+def test_own_weights_copies_every_tensor_once_and_keeps_ties() -> None:
+    model = nn.Sequential(nn.Embedding(10, 4), nn.Linear(4, 10), nn.BatchNorm1d(10))
+    model[1].weight = model[0].weight  # tied, as an LM head and its embeddings are
+    model.half()
+    model[1].bias.requires_grad_(False)
+    old = {name: t.data_ptr() for name, t in model.state_dict(keep_vars=True).items()}
+    copied = own_weights(model, torch.float32)
+    state = model.state_dict(keep_vars=True)
+    assert model[1].weight is model[0].weight
+    assert isinstance(model[0].weight, nn.Parameter)
+    assert not model[1].bias.requires_grad
+    assert model[0].weight.requires_grad
+    for name, tensor in state.items():
+        if tensor.is_floating_point():
+            assert tensor.dtype == torch.float32, name
+            assert tensor.data_ptr() != old[name], name
+        else:  # (BatchNorm's step counter)
+            assert tensor.dtype == torch.long
+            assert tensor.data_ptr() == old[name]
+    assert copied == 4 * (10 * 4 + 10 + 10 * 4)  # the tied weight once; bias, BN's 4 rows
