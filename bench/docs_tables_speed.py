@@ -43,7 +43,38 @@ def cpu_blip_base(results: Path) -> str:
             f"int8) and {guard['int8']['same_as_float32']:.1%} (torch int8)."
         )
     columns = ["blipserve", "batch", "images/s", "x the loop", "one image", "x lower"]
-    return table(intro, columns, rows, after)
+    return table(intro, columns, rows, after) + stage_table(model)
+
+
+STAGES = {
+    "pixels_ms": "pixels",
+    "vision_ms": "vision",
+    "first_step_ms": "first step",
+    "steps_ms": "later steps",
+    "generate_overhead_ms": "`generate` itself",
+    "predict_other_ms": "rest of `predict`",
+    "engine_ms": "engine",
+    "wall_ms": "total",
+}
+
+
+def stage_table(model: dict[str, object]) -> str:
+    """Where the time went, ms per image by stage (bench/stages.py), where measured."""
+    runs = [r for r in model["blipserve"] if "stages" in r]  # type: ignore[attr-defined]
+    if not runs:
+        return ""
+    rows = [
+        f"| {r['dtype']} | {r['batch']} | "
+        + " | ".join(f"{r['stages'][key]:.0f}" for key in STAGES)
+        + " |"
+        for r in runs
+    ]
+    intro = (
+        "\n\nWhere the time went (`bench/stages.py`: ms per image in the measured passes, "
+        "medians; JPEG decoding, on the decode workers beside the model, "
+        f"{model['image_decoding_ms']:.0f} ms an image alone):"
+    )
+    return table(intro, ["mode", "batch", *STAGES.values()], rows, left=1)
 
 
 @renderer("cpu-blip2")
@@ -184,3 +215,50 @@ def gpu_cuda_graphs(results: Path) -> str:
         "first call",
     ]
     return table(intro, columns, rows, after, left=0)
+
+
+@renderer("cpu-load-memory")
+def cpu_load_memory(results: Path) -> str:
+    reports = [load(results, f"load-memory-blip2-{d}.json") for d in ("f32", "f16")]
+    first = reports[0]
+    intro = (
+        "`python bench/load_memory.py --folder DIR --stored float32|float16 --modes ... "
+        f"--baseline-src OLD/src --repeats {first['results']['this int8']['runs']}` "
+        f"({cpu_machine(first)}; `bench/results/load-memory-blip2-f32.json`, `-f16.json`): "
+        "full-size BLIP-2 OPT-2.7b (random weights) saved by `save_pretrained`, built by "
+        "`build_model` in fresh processes, this release against the one before it "
+        "alternately; medians (the first load of each mode, which converts the vision "
+        "encoder for OpenVINO, apart). Anonymous memory is what the process holds itself; "
+        "resident adds the checkpoint's file pages read through its memory map (page cache)."
+    )
+    names = {"baseline": "before", "this": "now"}
+    rows = []
+    for report in reports:
+        stored = report["checkpoint"]["stored"]
+        size = report["checkpoint"]["safetensors_gib"]
+        for key, r in report["results"].items():
+            tree, mode = key.split(" ", 1)
+            rows.append(
+                f"| {stored} ({size:.1f} GiB) | {mode} | {names[tree]} | "
+                f"{r['load_s']['median']:.0f} s | {r['weights_gib']['median']:.2f} GiB | "
+                f"{_gib_range(r['peak_anon_gib'])} ({r['peak_anon_per_weights']:.2f}x) | "
+                f"{_gib_range(r['peak_rss_gib'])} | {_gib_range(r['end_rss_gib'])} |"
+            )
+    columns = [
+        "checkpoint",
+        "mode",
+        "blipserve",
+        "load",
+        "weights",
+        "peak anonymous (x weights)",
+        "peak resident",
+        "resident after",
+    ]
+    return table(intro, columns, rows, left=3)
+
+
+def _gib_range(figure: dict[str, float]) -> str:
+    """A median in GiB, with the range of the runs where they differ."""
+    low, high = f"{figure['min']:.1f}", f"{figure['max']:.1f}"
+    spread = "" if low == high else f" ({low}-{high})"
+    return f"{figure['median']:.1f} GiB{spread}"

@@ -113,6 +113,8 @@ def child(folder: str, mode: str) -> dict[str, Any]:
         "end_rss_gib": end["VmRSS"],
         "end_file_gib": end["RssFile"],
         "before_anon_gib": before["RssAnon"],
+        # whether the checkpoint's files are still mapped into the process after the build
+        "checkpoint_mapped": folder in Path("/proc/self/maps").read_text(),
         "build": [step.as_dict() for step in adapter.build],
     }
 
@@ -136,9 +138,10 @@ def summary(runs: list[dict[str, Any]]) -> dict[str, Any]:
     """Medians and ranges of each figure over ``runs``."""
     out: dict[str, Any] = {"runs": len(runs)}
     for key, value in runs[0].items():
-        if isinstance(value, float):
+        if isinstance(value, float) and not isinstance(value, bool):
             values = [r[key] for r in runs]
             out[key] = {"median": statistics.median(values), "min": min(values), "max": max(values)}
+    out["checkpoint_mapped_runs"] = sum(r["checkpoint_mapped"] for r in runs)
     out["peak_anon_per_weights"] = statistics.median(
         r["peak_anon_gib"] / r["weights_gib"] for r in runs
     )

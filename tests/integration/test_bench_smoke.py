@@ -94,6 +94,14 @@ def test_speed(tmp_path: Path) -> None:
     for r in runs.values():
         positive(r["images_per_s"], r["single_latency_p50_s"], r["ratio"], r["latency_ratio"])
     positive(*model["weights_gib"].values())
+    positive(model["image_decoding_ms"])
+    # where the time went, stage by stage: 4 tokens are a first step and 3 more a caption
+    for r in runs.values():
+        stages = r["stages"]
+        positive(stages["vision_ms"], stages["first_step_ms"], stages["steps_ms"])
+        positive(stages["pixels_ms"], stages["wall_ms"])
+        assert stages["steps_count"] == 3 * stages["generate_calls"] > 0, stages
+        assert math.isfinite(stages["generate_overhead_ms"] + stages["engine_ms"]), stages
     # each mode as build_model built it: int8's layers on an int8 kernel
     int8_steps = {step["step"]: step for step in model["build"]["int8"]}
     assert int8_steps["int8 linears"]["applied"], int8_steps
@@ -264,3 +272,23 @@ def test_decode_step(tmp_path: Path) -> None:
         assert math.isfinite(r["step_ms"])  # (a difference of two timings: may be noise)
     left_out = {s["step"]: s for s in report["build"][variants[1]]}["bf16 image keys and values"]
     assert (left_out["applied"], left_out["why"]) == (False, "--disable-speedup")
+
+
+def test_load_memory(tmp_path: Path) -> None:
+    folder = tmp_path / "checkpoint"
+    report = run_bench(
+        tmp_path,
+        "load_memory.py",
+        *("--folder", str(folder), "--layout", "blip-image-captioning-base", "--layers", "1,1"),
+        *("--modes", "int8", "--repeats", "1"),
+    )
+    assert (folder / "config.json").exists()
+    positive(report["checkpoint"]["safetensors_gib"])
+    assert set(report["first_loads"]) == {"this int8"}
+    result = report["results"]["this int8"]
+    assert result["runs"] == 1
+    for key in ("load_s", "weights_gib", "peak_anon_gib", "peak_rss_gib", "end_rss_gib"):
+        positive(result[key]["median"])
+    # the build let the checkpoint's file go
+    assert result["checkpoint_mapped_runs"] == 0
+    assert not report["first_loads"]["this int8"]["checkpoint_mapped"]

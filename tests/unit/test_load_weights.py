@@ -44,8 +44,9 @@ def _int8(folder: Path, pretrained: tuple[object, object] | None = None) -> HFAd
     return adapter
 
 
-def _mapped(folder: Path) -> list[str]:
-    gc.collect()
+def _mapped(folder: Path, collect: bool = True) -> list[str]:
+    if collect:
+        gc.collect()
     maps = Path("/proc/self/maps").read_text()
     return [line for line in maps.splitlines() if str(folder) in line]
 
@@ -78,18 +79,20 @@ def test_int8_from_a_half_precision_checkpoint_is_int8_from_its_float32_copy(
 
 
 @pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="reads /proc/self/maps")
+@pytest.mark.parametrize("kind", ["blip-caption", "blip2-opt"])
 def test_an_int8_build_lets_the_checkpoint_file_go(
-    tiny_model_dir: Mapping[str, Path], tmp_path: Path
+    tiny_model_dir: Mapping[str, Path], tmp_path: Path, kind: str
 ) -> None:
     # float32 on disk: loaded as views of the file, which the weights that stay (the
     # embeddings, the norms) kept mapped, with every page read while quantizing
-    folder, cls = _copy_in(tiny_model_dir["blip2-opt"], tmp_path / "f32", torch.float32)
+    folder, cls = _copy_in(tiny_model_dir[kind], tmp_path / "f32", torch.float32)
     held = cls.from_pretrained(folder, dtype="auto")
     assert _mapped(folder), "transformers no longer maps checkpoints: revisit models/weights.py"
     del held
     assert not _mapped(folder)
     adapter = _int8(folder)
-    assert not _mapped(folder)
+    # let go by the build itself (BLIP's replaced layers sit in reference cycles)
+    assert not _mapped(folder, collect=False)
     assert any(isinstance(m, Int8Linear) for m in adapter.model.modules())
 
 

@@ -24,6 +24,7 @@ fails the build with a :class:`~blipserve.errors.ModelLoadError` when it cannot 
 
 from __future__ import annotations
 
+import gc
 import logging
 from typing import Any
 
@@ -150,6 +151,7 @@ def _build(
     if precision.int8:  # what was not quantized: out of the checkpoint, in float32
         copied = own_weights(model, precision.dtype)
         log.info("weights kept in %s: %.2f GiB", precision, copied / 2**30)
+        gc.collect()  # (replaced layers in reference cycles still hold views of the file)
         release_freed_memory()
     if spec.vision_batch_size:
         steps.append(_split_vision(spec, model, steps, precision))
