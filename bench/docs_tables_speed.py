@@ -65,16 +65,19 @@ def stage_table(model: dict[str, object]) -> str:
         return ""
     rows = [
         f"| {r['dtype']} | {r['batch']} | "
-        + " | ".join(f"{r['stages'][key]:.0f}" for key in STAGES)
-        + " |"
+        + " | ".join(
+            "-" if r["stages"][key] is None else f"{r['stages'][key]:.0f}" for key in STAGES
+        )
+        + f" | {r['stages']['model_threads']} |"
         for r in runs
     ]
     intro = (
         "\n\nWhere the time went (`bench/stages.py`: ms per image in the measured passes, "
-        "medians; JPEG decoding, on the decode workers beside the model, "
+        "medians; with two model threads, calls overlap and the figures are thread time; "
+        "JPEG decoding, on the decode workers beside the model, "
         f"{model['image_decoding_ms']:.0f} ms an image alone):"
     )
-    return table(intro, ["mode", "batch", *STAGES.values()], rows, left=1)
+    return table(intro, ["mode", "batch", *STAGES.values(), "model threads"], rows, left=1)
 
 
 @renderer("cpu-blip2")

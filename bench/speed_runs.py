@@ -166,7 +166,10 @@ def summarise(runs: list[dict[str, Any]], latency: str) -> dict[str, Any]:
     }
     if all("stages" in r for r in runs):
         out["stages"] = {
-            key: statistics.median(r["stages"][key] for r in runs) for key in runs[0]["stages"]
+            key: None
+            if any(r["stages"][key] is None for r in runs)
+            else statistics.median(r["stages"][key] for r in runs)
+            for key in runs[0]["stages"]
         }
     return out
 

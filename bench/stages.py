@@ -15,9 +15,15 @@ taken off again on exit):
   stopping criteria, cache bookkeeping, Python);
 * ``predict_other``: the rest of ``predict`` (tokenizing prompts, decoding texts);
 * ``engine``: the pass's wall time outside ``predict`` (queueing, the decode workers' JPEG
-  decoding not hidden behind the model, results).
+  decoding not hidden behind the model, results); ``None`` where several model workers
+  ran ``predict`` at once (``model_threads``): the stages are then thread time, and add up
+  to more than the wall time.
 
 Each figure is milliseconds per image of the pass (sums over calls, divided by its images).
+For generating families on a CPU: on a GPU the hooks do not synchronise, so a stage's
+kernels may be counted in the next one; an encoder-decoder language model's encoder (T5)
+and BLIP VQA's question encoder run inside ``generate`` outside any hook, so they count as
+``generate``'s own; matching heads never call ``generate``.
 JPEG decoding runs on the engine's decode workers beside the model; its cost alone is timed
 apart (:func:`decode_ms`).  The clock's own cost: two ``perf_counter`` calls per module call.
 """
@@ -41,10 +47,21 @@ class StageClock:
         self.adapter = adapter
         self.seconds: dict[str, float] = defaultdict(float)
         self.counts: dict[str, int] = defaultdict(int)
+        self.overlap: dict[str, int] = defaultdict(int)  # most calls of a stage at once
+        self._running: dict[str, int] = defaultdict(int)
+        self._lock = threading.Lock()
         self._local = threading.local()  # per model thread: the decoder's calls this generate
         self._stack = ExitStack()
 
     def __enter__(self) -> StageClock:
+        try:
+            self._install()
+        except BaseException:
+            self._stack.close()  # (what was installed already comes off again)
+            raise
+        return self
+
+    def _install(self) -> None:
         model = self.adapter.model
         self._wrap(self.adapter, "predict", "predict")
         self._wrap(self.adapter, "pixel_values", "pixels")
@@ -56,7 +73,6 @@ class StageClock:
         decoder = next((getattr(model, n) for n in _DECODERS if hasattr(model, n)), None)
         if decoder is not None:
             self._hook(decoder, self._decoder_stage)
-        return self
 
     def __exit__(self, *exc: object) -> None:
         self._stack.close()
@@ -77,12 +93,17 @@ class StageClock:
         def timed(*args: Any, **kwargs: Any) -> Any:
             if on_start is not None:
                 on_start()
+            with self._lock:
+                self._running[stage] += 1
+                self.overlap[stage] = max(self.overlap[stage], self._running[stage])
             start = time.perf_counter()
             try:
                 return original(*args, **kwargs)
             finally:
-                self.seconds[stage] += time.perf_counter() - start
-                self.counts[stage] += 1
+                with self._lock:
+                    self._running[stage] -= 1
+                    self.seconds[stage] += time.perf_counter() - start
+                    self.counts[stage] += 1
 
         owned = name in vars(owner)
         setattr(owner, name, timed)  # (an instance attribute, over the class's method)
@@ -97,8 +118,9 @@ class StageClock:
             starts.stage, starts.t = stage_of(), time.perf_counter()
 
         def after(_module: Any, _args: Any, _out: Any) -> None:
-            self.seconds[starts.stage] += time.perf_counter() - starts.t
-            self.counts[starts.stage] += 1
+            with self._lock:
+                self.seconds[starts.stage] += time.perf_counter() - starts.t
+                self.counts[starts.stage] += 1
 
         for handle in (
             module.register_forward_pre_hook(before),
@@ -106,7 +128,7 @@ class StageClock:
         ):
             self._stack.callback(handle.remove)
 
-    def report(self, images: int, wall_s: float) -> dict[str, float]:
+    def report(self, images: int, wall_s: float) -> dict[str, float | None]:
         """Milliseconds per image of each stage, for a pass of ``images`` in ``wall_s``."""
         s = self.seconds
         inner = s["vision"] + s["qformer"] + s["first_step"] + s["steps"]
@@ -118,10 +140,16 @@ class StageClock:
             "steps": s["steps"],
             "generate_overhead": s["generate"] - inner,
             "predict_other": s["predict"] - s["generate"] - s["pixels"],
-            "engine": wall_s - s["predict"],
         }
-        out = {f"{k}_ms": 1000 * v / images for k, v in parts.items() if k != "qformer" or v}
+        out: dict[str, float | None] = {
+            f"{k}_ms": 1000 * v / images for k, v in parts.items() if k != "qformer" or v
+        }
+        # With several model workers their calls overlap: the stages are then thread time
+        # (they add up to more than the wall time) and the engine's share is not defined.
+        threads = self.overlap["predict"]
+        out["engine_ms"] = 1000 * (wall_s - s["predict"]) / images if threads <= 1 else None
         out["wall_ms"] = 1000 * wall_s / images
+        out["model_threads"] = threads
         out["steps_count"] = self.counts["steps"]
         out["generate_calls"] = self.counts["generate"]
         return out

@@ -101,7 +101,10 @@ def test_speed(tmp_path: Path) -> None:
         positive(stages["vision_ms"], stages["first_step_ms"], stages["steps_ms"])
         positive(stages["pixels_ms"], stages["wall_ms"])
         assert stages["steps_count"] == 3 * stages["generate_calls"] > 0, stages
-        assert math.isfinite(stages["generate_overhead_ms"] + stages["engine_ms"]), stages
+        assert math.isfinite(stages["generate_overhead_ms"]), stages
+        assert stages["model_threads"] >= 1
+        if stages["model_threads"] == 1:  # (else the stages are overlapping thread time)
+            assert math.isfinite(stages["engine_ms"]), stages
     # each mode as build_model built it: int8's layers on an int8 kernel
     int8_steps = {step["step"]: step for step in model["build"]["int8"]}
     assert int8_steps["int8 linears"]["applied"], int8_steps

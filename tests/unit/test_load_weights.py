@@ -7,18 +7,20 @@ from __future__ import annotations
 import gc
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import pytest
 import torch
 from torch import nn
+from transformers import Blip2ForConditionalGeneration
 
 from blipserve.config import ModelConfig
 from blipserve.engine import Engine
 from blipserve.models import build_model
 from blipserve.models.base import HFAdapter
 from blipserve.models.int8_linear import Int8Linear
-from blipserve.models.weights import own_weights
+from blipserve.models.precision import Precision
+from blipserve.models.weights import load_dtype, own_weights, stored_dtypes
 from blipserve.types import RowInput
 from helpers import client_base64, jpeg_bytes, photos
 
@@ -37,8 +39,14 @@ def _copy_in(folder: Path, dest: Path, dtype: torch.dtype) -> tuple[Path, Any]:
     return dest, cls
 
 
-def _int8(folder: Path, pretrained: tuple[object, object] | None = None) -> HFAdapter:
-    spec = ModelConfig(model=str(folder), device="cpu", dtype="int8", backend="torch")
+def _int8(
+    folder: Path,
+    pretrained: tuple[object, object] | None = None,
+    kernel: Literal["auto", "fbgemm"] = "auto",
+) -> HFAdapter:
+    spec = ModelConfig(
+        model=str(folder), device="cpu", dtype="int8", backend="torch", int8_kernel=kernel
+    )
     adapter = build_model(spec, pretrained=pretrained)
     assert isinstance(adapter, HFAdapter)
     return adapter
@@ -70,6 +78,15 @@ def test_int8_from_a_half_precision_checkpoint_is_int8_from_its_float32_copy(
     want, got = before.model.state_dict(), direct.model.state_dict()
     assert want.keys() == got.keys()
     assert all(torch.equal(want[key], got[key]) for key in want)
+    # and the int8 layers' packed weights, which are not in a state dict
+    packs = dict(_packs(before.model))
+    assert packs
+    assert packs.keys() == dict(_packs(direct.model)).keys()
+    for name, pack in _packs(direct.model):
+        assert all(torch.equal(a, b) for a, b in zip(pack, packs[name], strict=True)), name
+    # the configuration says what the model computes in, whatever the file held
+    configs = [m.config for m in direct.model.modules() if hasattr(m, "config")]
+    assert {c.dtype for c in configs} == {torch.float32}
     images = list(photos().values())[:3]
     rows = [RowInput(i, client_base64(jpeg_bytes(image))) for i, image in enumerate(images)]
     with Engine(before) as engine:
@@ -78,10 +95,30 @@ def test_int8_from_a_half_precision_checkpoint_is_int8_from_its_float32_copy(
         assert engine.predict(rows) == expected
 
 
+def _packs(model: nn.Module) -> list[tuple[str, list[torch.Tensor]]]:
+    """Each int8 layer's packed weights (blipserve's kernel's, or fbgemm's unpacked)."""
+    out = []
+    for name, module in model.named_modules():
+        if isinstance(module, Int8Linear):
+            if module._kernel is not None:
+                k = module._kernel
+                tensors = [k.weight, k.scale, k.zero_sums, *([] if k.bias is None else [k.bias])]
+            else:
+                weight, bias = torch.ops.quantized.linear_unpack(module._packed)
+                tensors = [weight.int_repr(), weight.q_per_channel_scales()]
+                tensors += [] if bias is None else [bias]
+            out.append((name, tensors))
+    return out
+
+
 @pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="reads /proc/self/maps")
-@pytest.mark.parametrize("kind", ["blip-caption", "blip2-opt"])
+@pytest.mark.parametrize(
+    ("kind", "kernel"),
+    # (fbgemm: its packed layers keep the bias they are given, once a view of the file)
+    [("blip-caption", "auto"), ("blip2-opt", "auto"), ("blip2-opt", "fbgemm")],
+)
 def test_an_int8_build_lets_the_checkpoint_file_go(
-    tiny_model_dir: Mapping[str, Path], tmp_path: Path, kind: str
+    tiny_model_dir: Mapping[str, Path], tmp_path: Path, kind: str, kernel: Literal["auto", "fbgemm"]
 ) -> None:
     # float32 on disk: loaded as views of the file, which the weights that stay (the
     # embeddings, the norms) kept mapped, with every page read while quantizing
@@ -90,7 +127,7 @@ def test_an_int8_build_lets_the_checkpoint_file_go(
     assert _mapped(folder), "transformers no longer maps checkpoints: revisit models/weights.py"
     del held
     assert not _mapped(folder)
-    adapter = _int8(folder)
+    adapter = _int8(folder, kernel=kernel)
     # let go by the build itself (BLIP's replaced layers sit in reference cycles)
     assert not _mapped(folder, collect=False)
     assert any(isinstance(m, Int8Linear) for m in adapter.model.modules())
@@ -116,3 +153,27 @@ def test_own_weights_copies_every_tensor_once_and_keeps_ties() -> None:
             assert tensor.dtype == torch.long
             assert tensor.data_ptr() == old[name]
     assert copied == 4 * (10 * 4 + 10 + 10 * 4)  # the tied weight once; bias, BN's 4 rows
+
+
+def test_a_checkpoint_of_mixed_dtypes_loads_in_float32(
+    tiny_model_dir: Mapping[str, Path], tmp_path: Path
+) -> None:
+    from transformers import AutoProcessor
+
+    folder = tiny_model_dir["blip2-opt"]
+    model = Blip2ForConditionalGeneration.from_pretrained(folder).to(torch.bfloat16)
+    model.qformer.float()  # (kept wider than the rest: rounding it to bfloat16 would lose)
+    model.save_pretrained(tmp_path / "mixed")
+    AutoProcessor.from_pretrained(folder).save_pretrained(tmp_path / "mixed")
+    int8 = Precision(torch.float32, int8=True)
+    assert stored_dtypes(str(tmp_path / "mixed")) == {torch.bfloat16, torch.float32}
+    assert load_dtype(int8, str(tmp_path / "mixed")) == torch.float32
+    half, _ = _copy_in(folder, tmp_path / "half", torch.float16)
+    assert load_dtype(int8, str(half)) == torch.float16
+    assert load_dtype(Precision(torch.bfloat16), str(half)) == torch.bfloat16
+    # not on disk here (a hub id not in the cache): float32, as before
+    assert stored_dtypes("nobody/nothing") == set()
+    assert load_dtype(int8, "nobody/nothing") == torch.float32
+    # the mixed one builds, its Q-Former's float32 weights quantized as they were stored
+    adapter = _int8(tmp_path / "mixed")
+    assert any(isinstance(m, Int8Linear) for m in adapter.model.qformer.modules())

@@ -47,7 +47,7 @@ from blipserve.models.precision import (
 from blipserve.models.registry import ADAPTERS
 from blipserve.models.source import first_line, load_config, resolve_source
 from blipserve.models.vision_encoder import split_vision_batches
-from blipserve.models.weights import load_dtype, own_weights
+from blipserve.models.weights import load_dtype, own_weights, settle_config_dtype
 
 log = logging.getLogger(__name__)
 
@@ -116,8 +116,10 @@ def _from_pretrained(
     from transformers import AutoProcessor
 
     processor = AutoProcessor.from_pretrained(source, revision=revision)
-    dtype = load_dtype(precision)  # (int8: the checkpoint's own; see models/weights.py)
+    dtype = load_dtype(precision, source, revision)  # (int8: the file's; models/weights.py)
     model = family.model_class.from_pretrained(source, revision=revision, dtype=dtype)
+    if dtype != precision.dtype:
+        settle_config_dtype(model, precision.dtype)
     return model.to(device).eval(), processor
 
 

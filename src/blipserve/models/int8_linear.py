@@ -97,7 +97,9 @@ class Int8Linear(nn.Module):
         self.in_features = linear.in_features
         self.out_features = linear.out_features
         weight = linear.weight.detach()  # (in the checkpoint's dtype: models/weights.py)
-        bias = None if linear.bias is None else linear.bias.detach().float()
+        # (a copy: fbgemm's packed layer keeps the bias tensor it is given, which here may be
+        # a view of the checkpoint's file; models/weights.py)
+        bias = None if linear.bias is None else linear.bias.detach().to(torch.float32, copy=True)
         # For model code that inspects a layer's weight (T5 skips a dtype cast when it is
         # int8): the right shape and dtype, no data (one byte, expanded).
         self.weight = torch.zeros((), dtype=torch.int8).expand(self.out_features, self.in_features)
@@ -174,14 +176,16 @@ def quantize_linears(model: nn.Module, per_row: bool = True, kernel: bool = True
     embeddings) simply stop being tied: the embedding keeps its float copy.
     """
     targets = [
-        (parent, name, child)
+        (parent, name)
         for parent in model.modules()
         for name, child in parent.named_children()
         if type(child) is nn.Linear
     ]
-    for parent, name, child in targets:
-        setattr(parent, name, Int8Linear(child, per_row=per_row, kernel=kernel))
-        # the layer's float copies, freed: handed back now, not kept (fragmented between
-        # the int8 weights) by the allocator (models/memory.py)
+    count = len(targets)
+    while targets:
+        parent, name = targets.pop()
+        setattr(parent, name, Int8Linear(getattr(parent, name), per_row=per_row, kernel=kernel))
+        # the float layer and its copies, freed: handed back now, not kept (fragmented
+        # between the int8 weights) by the allocator (models/memory.py)
         release_freed_memory()
-    return len(targets)
+    return count
