@@ -20,6 +20,7 @@ import argparse
 import re
 import sys
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/ is not a package
 
@@ -34,9 +35,11 @@ BLOCK = re.compile(r"(<!-- results: ([\w-]+) -->\n)(.*?)(<!-- /results -->)", re
 
 @renderer("headline")
 def headline(results: Path) -> str:
-    cpu = speed_model(load(results, "speed-cpu-openvino-int8.json"), "blip-image-captioning-base")
+    cpu_report = load(results, "speed-cpu-openvino-int8.json")
+    cpu = speed_model(cpu_report, "blip-image-captioning-base")
     best = max(cpu["blipserve"], key=lambda r: r["ratio"])
-    blip2 = speed_model(load(results, "speed-cpu-blip2.json"), "blip2-opt-2.7b")
+    blip2_report = load(results, "speed-cpu-blip2.json")
+    blip2 = speed_model(blip2_report, "blip2-opt-2.7b")
     blip2_best = max(blip2["blipserve"], key=lambda r: r["ratio"])
     batch = load(results, "batch-cpu-openvino.json")
     server = load(results, "server-cpu-openvino.json")
@@ -44,12 +47,16 @@ def headline(results: Path) -> str:
     base, ours = server_levels(server, "baseline")[top], server_levels(server, "blipserve")[top]
     graphs = speed_model(load(results, "gpu-h200-cuda-graphs-paired.json"), "blip2-opt-2.7b")
     fastest = max(graphs["blipserve_static_cache"], key=lambda r: r["images_per_s"])
+    def on(report: dict[str, Any]) -> str:  # (the files were measured on different CPUs)
+        return report["machine"]["cpu"].replace("(R)", "").replace(" Processor", "").strip()
+
     return (
         f"Against the catalog's per-image float32 loop on a 2-core CPU: BLIP-base "
-        f"{best['ratio']:.1f}x the images/s at batch {best['batch']} and BLIP-2 OPT-2.7b "
-        f"{blip2_best['ratio']:.1f}x at batch {blip2_best['batch']}; `blipserve batch` "
-        f"{batch['ratio']:.1f}x; the server "
-        f"{ours['images_per_s'] / base['images_per_s']:.1f}x at {top} clients. On one H200, "
+        f"{best['ratio']:.1f}x the images/s at batch {best['batch']} ({on(cpu_report)}) and "
+        f"BLIP-2 OPT-2.7b {blip2_best['ratio']:.1f}x at batch {blip2_best['batch']} "
+        f"({on(blip2_report)}); `blipserve batch` {batch['ratio']:.1f}x ({on(batch)}); the "
+        f"server {ours['images_per_s'] / base['images_per_s']:.1f}x at {top} clients "
+        f"({on(server)}; each ratio from one run on one machine). On one H200, "
         f"BLIP-2 OPT-2.7b {fastest['images_per_s']:.0f} images/s at batch {fastest['batch']}. "
         "How, and every table: [docs/performance.md](docs/performance.md)."
     )
