@@ -47,6 +47,7 @@ def headline(results: Path) -> str:
     base, ours = server_levels(server, "baseline")[top], server_levels(server, "blipserve")[top]
     graphs = speed_model(load(results, "gpu-h200-cuda-graphs-paired.json"), "blip2-opt-2.7b")
     fastest = max(graphs["blipserve_static_cache"], key=lambda r: r["images_per_s"])
+
     def on(report: dict[str, Any]) -> str:  # (the files were measured on different CPUs)
         return report["machine"]["cpu"].replace("(R)", "").replace(" Processor", "").strip()
 
