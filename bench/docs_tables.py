@@ -49,7 +49,8 @@ def headline(results: Path) -> str:
     fastest = max(graphs["blipserve_static_cache"], key=lambda r: r["images_per_s"])
 
     def on(report: dict[str, Any]) -> str:  # (the files were measured on different CPUs)
-        return report["machine"]["cpu"].replace("(R)", "").replace(" Processor", "").strip()
+        name: str = report["machine"]["cpu"]
+        return name.replace("(R)", "").replace(" Processor", "").strip()
 
     return (
         f"Against the catalog's per-image float32 loop on a 2-core CPU: BLIP-base "
