@@ -83,6 +83,11 @@ def bench_server(
             )
             result.levels.append(level)
             batch = f", mean batch {level.mean_batch_size:.1f}" if level.mean_batch_size else ""
+            if level.stages:
+                batch += (
+                    f", model {level.stages['model_s_per_image'] * 1000:.0f} ms an image, "
+                    f"queue {level.stages['queue_wait_s_per_row'] * 1000:.0f} ms a row"
+                )
             log(
                 f"{name}: {clients:>2} clients: {level.requests} answers in "
                 f"{level.window_s:.1f} s, {level.images_per_s:.3f} img/s, p50 "

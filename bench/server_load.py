@@ -45,6 +45,9 @@ class LevelResult:
     first_error: str | None
     mean_batch_size: float | None
     level_wall_s: float
+    # where a request's time went inside the server, from its /metrics over the level
+    # (warm-up and drain included; None where the server has no blipserve /metrics)
+    stages: dict[str, float] | None = None
 
 
 def score_body(image_b64: str, tokens: int) -> bytes:
@@ -69,18 +72,57 @@ def check_answer(response: httpx.Response) -> str | None:
     return f"unexpected answer: {response.text[:300]}"
 
 
-def metrics_batches(url: str) -> tuple[float, float] | None:
-    """(sum, count) of blipserve's batch-size histogram; None where there is no /metrics."""
+#: blipserve's histograms whose sums and counts make a level's stages (server/metrics.py)
+_HISTOGRAMS = ("batch_size", "queue_wait_seconds", "decode_seconds", "model_seconds")
+_SERIES = re.compile(
+    r"^blipserve_(?P<name>\w+?)_(?P<part>sum|count|total)"
+    r"(?:\{(?P<labels>[^}]*)\})? (?P<value>\S+)$",
+    re.M,
+)
+
+
+def metrics_snapshot(url: str) -> dict[str, float] | None:
+    """Sums and counts of blipserve's histograms (``NAME_sum``, ``NAME_count``, the
+    ``/score`` route's ``request_seconds``) and its images counter, from ``url``'s
+    ``/metrics``; None where there is no such page."""
     try:
         response = httpx.get(f"{url}/metrics", timeout=10)
     except httpx.HTTPError:
         return None
     if response.status_code != 200:
         return None
-    values = dict(re.findall(r"^blipserve_batch_size_(sum|count) (\S+)$", response.text, re.M))
-    if "sum" not in values or "count" not in values:
-        return None
-    return float(values["sum"]), float(values["count"])
+    out: dict[str, float] = {}
+    for m in _SERIES.finditer(response.text):
+        name, part, labels = m["name"], m["part"], m["labels"] or ""
+        if name in _HISTOGRAMS and not labels:
+            out[f"{name}_{part}"] = float(m["value"])
+        elif name == "request_seconds" and 'route="/score"' in labels:
+            out[f"request_seconds_{part}"] = float(m["value"])
+        elif name == "images" and part == "total":
+            out["images"] = float(m["value"])
+    return out if "batch_size_sum" in out and "batch_size_count" in out else None
+
+
+def level_stages(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
+    """Per-request stages inside the server between two :func:`metrics_snapshot` s: seconds
+    per model batch and per image (model-thread time: with several model workers batches
+    overlap), a row's wait for its batch, a request's image decoding, and the server's
+    whole-request time (the client's latency less it is HTTP and the client itself)."""
+
+    def mean(name: str) -> float:
+        count = after.get(f"{name}_count", 0.0) - before.get(f"{name}_count", 0.0)
+        total = after.get(f"{name}_sum", 0.0) - before.get(f"{name}_sum", 0.0)
+        return total / count if count > 0 else math.nan
+
+    images = after.get("images", 0.0) - before.get("images", 0.0)
+    model = after.get("model_seconds_sum", 0.0) - before.get("model_seconds_sum", 0.0)
+    return {
+        "model_s_per_batch": mean("model_seconds"),
+        "model_s_per_image": model / images if images > 0 else math.nan,
+        "queue_wait_s_per_row": mean("queue_wait_seconds"),
+        "decode_s_per_request": mean("decode_seconds"),
+        "server_request_s": mean("request_seconds"),
+    }
 
 
 def run_level(
@@ -117,7 +159,7 @@ def run_level(
                     first_end.setdefault(i, end)
                     cond.notify_all()
 
-    before = metrics_batches(url)
+    before = metrics_snapshot(url)
     level_start = time.perf_counter()
     threads = [
         threading.Thread(target=client, args=(i,), name=f"client-{i}", daemon=True)
@@ -148,16 +190,19 @@ def run_level(
         for t in threads:  # drain: let the requests in flight finish
             t.join()
     level_wall = time.perf_counter() - level_start
-    after = metrics_batches(url)
+    after = metrics_snapshot(url)
 
     window = max(t_stop - t_warm, 1e-9)
     answered = [s for s in samples if s.ok and t_warm < s.end <= t_stop]
     latencies = [s.end - s.start for s in samples if s.ok and t_warm <= s.start < t_stop]
     errors = [s for s in samples if not s.ok]
     mean = statistics.fmean(latencies) if latencies else math.nan
-    batch = None
-    if before and after and after[1] > before[1]:
-        batch = (after[0] - before[0]) / (after[1] - before[1])
+    batch = stages = None
+    if before and after and after["batch_size_count"] > before["batch_size_count"]:
+        batch = (after["batch_size_sum"] - before["batch_size_sum"]) / (
+            after["batch_size_count"] - before["batch_size_count"]
+        )
+        stages = level_stages(before, after)
     return LevelResult(
         clients=clients,
         window_s=window,
@@ -173,4 +218,5 @@ def run_level(
         first_error=errors[0].error if errors else None,
         mean_batch_size=batch,
         level_wall_s=level_wall,
+        stages=stages,
     )

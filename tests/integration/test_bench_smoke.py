@@ -139,6 +139,14 @@ def test_server(tmp_path: Path) -> None:
             positive(level["requests"], level["images_per_s"], level["p50_s"], level["p95_s"])
     assert report["servers"][0]["dtype"] == "float32"
     positive(report["servers"][1]["levels"][0]["mean_batch_size"])
+    # where blipserve's requests spent their time, from its /metrics (the baseline has none)
+    assert all(level["stages"] is None for level in report["servers"][0]["levels"])
+    for level in report["servers"][1]["levels"]:
+        stages = level["stages"]
+        positive(stages["model_s_per_batch"], stages["model_s_per_image"])
+        positive(stages["decode_s_per_request"], stages["server_request_s"])
+        assert stages["queue_wait_s_per_row"] >= 0
+        assert stages["server_request_s"] <= level["level_wall_s"]
     assert [r["clients"] for r in report["comparison"]] == [1, 2]
     for row in report["comparison"]:
         positive(row["throughput_ratio"], row["p50_latency_ratio"])
