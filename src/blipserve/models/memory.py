@@ -12,6 +12,18 @@ _M_MMAP_THRESHOLD = -3
 
 
 @functools.cache
+def _glibc() -> ctypes.CDLL | None:
+    """This process's C library where it is glibc (has mallopt and malloc_trim), else None."""
+    try:
+        libc = ctypes.CDLL(None)
+        libc.mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
+        libc.malloc_trim.argtypes = [ctypes.c_size_t]
+    except (AttributeError, OSError):
+        return None
+    return libc
+
+
+@functools.cache
 def keep_freed_memory() -> bool:
     """Have glibc keep freed blocks of up to 32 MiB for reuse instead of handing them back
     to the kernel; whether it could (False off glibc).  Process-wide, set once.
@@ -25,13 +37,13 @@ def keep_freed_memory() -> bool:
     975-984 vs 1070-1166 ms.  The price: the process keeps its peak memory instead of
     shrinking after a burst.
     """
-    try:
-        mallopt = ctypes.CDLL(None).mallopt
-    except (AttributeError, OSError):
+    libc = _glibc()
+    if libc is None:
         return False
-    mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
     # 32 MiB is glibc's largest mmap threshold on 64-bit systems.
-    ok = mallopt(_M_MMAP_THRESHOLD, 32 * 1024 * 1024) and mallopt(_M_TRIM_THRESHOLD, 1 << 30)
+    ok = libc.mallopt(_M_MMAP_THRESHOLD, 32 * 1024 * 1024) and libc.mallopt(
+        _M_TRIM_THRESHOLD, 1 << 30
+    )
     return bool(ok)
 
 
@@ -45,9 +57,5 @@ def release_freed_memory() -> bool:
     BLIP-2 in int8 (1.55 GiB of weights, ``bench/load_memory.py``): anonymous memory
     peaked at 2.8 GiB without it, at 1.9 GiB (where it ends) with it after every layer.
     """
-    try:
-        malloc_trim = ctypes.CDLL(None).malloc_trim
-    except (AttributeError, OSError):
-        return False
-    malloc_trim.argtypes = [ctypes.c_size_t]
-    return bool(malloc_trim(0))
+    libc = _glibc()
+    return libc is not None and bool(libc.malloc_trim(0))
