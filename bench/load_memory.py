@@ -34,22 +34,14 @@ import time
 from pathlib import Path
 from typing import Any
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # testkit/
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from speed_models import memory_gib, weight_bytes
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))  # testkit/
-sys.path.insert(0, str(ROOT / "bench"))
 
 _FIELDS = ("VmHWM", "VmRSS", "RssAnon", "RssFile")
-
-
-def status() -> dict[str, float]:
-    """This process's memory from /proc/self/status, GiB."""
-    out: dict[str, float] = {}
-    with open("/proc/self/status", encoding="ascii") as f:
-        for line in f:
-            key, _, value = line.partition(":")
-            if key in _FIELDS:
-                out[key] = int(value.split()[0]) / 2**20
-    return out
 
 
 def make_checkpoint(folder: Path, layout: str, stored: str, layers: str | None) -> None:
@@ -83,14 +75,13 @@ def child(folder: str, mode: str) -> dict[str, Any]:
 
     def sample() -> None:
         while not done.is_set():
-            for key, value in status().items():
+            for key, value in memory_gib(*_FIELDS).items():
                 peaks[key] = max(peaks.get(key, 0.0), value)
             time.sleep(0.01)
 
-    before = status()
+    before = memory_gib(*_FIELDS)
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
-    from speed_models import weight_bytes
 
     from blipserve.config import ModelConfig
     from blipserve.models import build_model
@@ -103,7 +94,7 @@ def child(folder: str, mode: str) -> dict[str, Any]:
     seconds = time.perf_counter() - start
     done.set()
     sampler.join()
-    end = status()
+    end = memory_gib(*_FIELDS)
     return {
         "load_s": seconds,
         "weights_gib": weight_bytes(adapter.model) / 2**30,

@@ -103,25 +103,28 @@ def metrics_snapshot(url: str) -> dict[str, float] | None:
     return out if "batch_size_sum" in out and "batch_size_count" in out else None
 
 
+def histogram_mean(before: dict[str, float], after: dict[str, float], name: str) -> float:
+    """The mean observation of blipserve's histogram ``name`` between two
+    :func:`metrics_snapshot` s (NaN where it observed nothing)."""
+    count = after.get(f"{name}_count", 0.0) - before.get(f"{name}_count", 0.0)
+    total = after.get(f"{name}_sum", 0.0) - before.get(f"{name}_sum", 0.0)
+    return total / count if count > 0 else math.nan
+
+
 def level_stages(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
     """Per-request stages inside the server between two :func:`metrics_snapshot` s: seconds
     per model batch and per image (model-thread time: with several model workers batches
     overlap), a row's wait for its batch, a request's image decoding, and the server's
     whole-request time (the client's latency less it is HTTP and the client itself)."""
 
-    def mean(name: str) -> float:
-        count = after.get(f"{name}_count", 0.0) - before.get(f"{name}_count", 0.0)
-        total = after.get(f"{name}_sum", 0.0) - before.get(f"{name}_sum", 0.0)
-        return total / count if count > 0 else math.nan
-
     images = after.get("images", 0.0) - before.get("images", 0.0)
     model = after.get("model_seconds_sum", 0.0) - before.get("model_seconds_sum", 0.0)
     return {
-        "model_s_per_batch": mean("model_seconds"),
+        "model_s_per_batch": histogram_mean(before, after, "model_seconds"),
         "model_s_per_image": model / images if images > 0 else math.nan,
-        "queue_wait_s_per_row": mean("queue_wait_seconds"),
-        "decode_s_per_request": mean("decode_seconds"),
-        "server_request_s": mean("request_seconds"),
+        "queue_wait_s_per_row": histogram_mean(before, after, "queue_wait_seconds"),
+        "decode_s_per_request": histogram_mean(before, after, "decode_seconds"),
+        "server_request_s": histogram_mean(before, after, "request_seconds"),
     }
 
 
@@ -199,9 +202,7 @@ def run_level(
     mean = statistics.fmean(latencies) if latencies else math.nan
     batch = stages = None
     if before and after and after["batch_size_count"] > before["batch_size_count"]:
-        batch = (after["batch_size_sum"] - before["batch_size_sum"]) / (
-            after["batch_size_count"] - before["batch_size_count"]
-        )
+        batch = histogram_mean(before, after, "batch_size")
         stages = level_stages(before, after)
     return LevelResult(
         clients=clients,

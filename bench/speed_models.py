@@ -102,17 +102,22 @@ def weight_bytes(model: Any) -> int:
     return total
 
 
-def resident_gib() -> dict[str, float]:
-    """This process's resident memory now and its peak so far (Linux; empty elsewhere)."""
+def memory_gib(*fields: str) -> dict[str, float]:
+    """``fields`` of this process's /proc/self/status (``VmRSS``, ``VmHWM``, ``RssAnon``,
+    ``RssFile``, ...), in GiB (Linux; empty elsewhere)."""
     out: dict[str, float] = {}
     try:
         with open("/proc/self/status", encoding="ascii") as f:
             for line in f:
                 key, _, value = line.partition(":")
-                if key in ("VmRSS", "VmHWM"):  # kB
-                    out["rss_gib" if key == "VmRSS" else "peak_rss_gib"] = (
-                        int(value.split()[0]) / 2**20
-                    )
+                if key in fields:  # kB
+                    out[key] = int(value.split()[0]) / 2**20
     except OSError:
         pass
     return out
+
+
+def resident_gib() -> dict[str, float]:
+    """This process's resident memory now and its peak so far (Linux; empty elsewhere)."""
+    names = {"VmRSS": "rss_gib", "VmHWM": "peak_rss_gib"}
+    return {names[key]: value for key, value in memory_gib(*names).items()}
