@@ -4,7 +4,7 @@ text layers proven on the live model against transformers' own, or left out."""
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +17,7 @@ from blipserve.errors import ModelLoadError
 from blipserve.models import build_model, lean_text
 from blipserve.models.base import HFAdapter
 from blipserve.models.lean_text_check import LAYER_PARAMETERS, lean_text_refusal
-from blipserve.models.precision import cpu_has_native_bf16
+from blipserve.models.precision import cpu_has_amx, cpu_has_native_bf16
 from blipserve.types import Prediction, RowInput
 from helpers import client_base64, jpeg_bytes, photos
 
@@ -37,13 +37,17 @@ def test_int8_steps_in_order_with_their_kernels(tiny_model_dir: Mapping[str, Pat
     names = [name for name, applied in _steps(adapter) if applied]
     assert names[:2] == ["keep freed memory", "lean text layers"]
     int8 = names.index("int8 vision encoder (one image a call)")
+    # the image's keys and values: projected in bf16 where AMX runs it, else in int8
+    keys_values = "AMX image keys and values" if cpu_has_amx() else "int8 image keys and values"
     assert names[int8 : int8 + 3] == [
         "int8 vision encoder (one image a call)",
-        "int8 image keys and values",
+        keys_values,
         "int8 linears",
     ]
     assert ("bf16 image keys and values" in names) == cpu_has_native_bf16()
-    kernels = {step.runs_on for step in adapter.build if step.name.startswith("int8")}
+    kernels = {
+        step.runs_on for step in adapter.build if step.name.startswith("int8") and step.applied
+    }
     assert len(kernels) == 1
     assert kernels <= {"blipserve's int8 kernel (AVX-512 VNNI)", "torch's fbgemm int8 kernel"}
     assert adapter.build[0].runs_on == "glibc"
@@ -191,11 +195,15 @@ def test_a_static_cache_is_refused_where_the_family_has_none(
     assert vqa.with_static_cache(False).static_cache is False
 
 
+@pytest.mark.parametrize(
+    "narrow", [lean_text.keep_image_keys_values_in, lean_text.project_image_keys_values_in_bf16]
+)
 def test_image_keys_values_in_bf16_stay_close_to_float32(
-    tiny_model_dir: Mapping[str, Path],
+    tiny_model_dir: Mapping[str, Path], narrow: Callable[[Any], int]
 ) -> None:
-    # the int8 mode's step on CPUs with native bf16, here on any CPU: a decoding step's
-    # hidden states within bfloat16's rounding of float32's, batched as one by one
+    # the int8 mode's steps on CPUs with native bf16 (kept in bf16) and with AMX (projected
+    # in bf16 too), here on any CPU: a decoding step's hidden states within bfloat16's
+    # rounding of float32's, batched as one by one
     from transformers import BlipForConditionalGeneration
 
     folder = tiny_model_dir["blip-caption"]
@@ -203,7 +211,7 @@ def test_image_keys_values_in_bf16_stay_close_to_float32(
     lean_text.lean_text_layers(f32)
     bf16 = BlipForConditionalGeneration.from_pretrained(folder).eval()
     lean_text.lean_text_layers(bf16)
-    assert lean_text.keep_image_keys_values_in(bf16) == f32.config.text_config.num_hidden_layers
+    assert narrow(bf16) == f32.config.text_config.num_hidden_layers
     pixels = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     with torch.inference_mode():
         want = f32.generate(
@@ -225,3 +233,29 @@ def test_a_speedup_can_be_left_out_by_name(tiny_model_dir: Mapping[str, Path]) -
     assert (lean.applied, lean.why) == (False, "--disable-speedup")
     with pytest.raises(ModelLoadError, match=r"no speed option named 'warp drive' here"):
         _built(folder, dtype="float32", disable_speedup=("warp drive",))
+
+
+def test_amx_image_keys_values_replace_the_int8_ones_and_stay_bf16(
+    tiny_model_dir: Mapping[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # as on a CPU with AMX (bf16 runs on any CPU, slowly): the projections stay in bf16
+    # through the build (its last step copies what was not quantized into float32), the
+    # int8 step says why it was skipped, and leaving the AMX step out brings it back
+    from blipserve.models import blip
+
+    monkeypatch.setattr(blip, "cpu_has_amx", lambda: True)
+    folder = tiny_model_dir["blip-caption"]
+    adapter = _built(folder, dtype="int8", backend="torch")
+    steps = {step.name: step for step in adapter.build}
+    assert steps["AMX image keys and values"].applied
+    int8 = steps["int8 image keys and values"]
+    assert (int8.applied, int8.why) == (False, "replaced by AMX image keys and values")
+    layers = adapter.model.text_decoder.bert.encoder.layer
+    assert all(type(layer.crossattention.self.kv) is lean_text.Bf16Linear for layer in layers)
+    assert {layer.crossattention.self.kv.weight.dtype for layer in layers} == {torch.bfloat16}
+    without = _built(
+        folder, dtype="int8", backend="torch", disable_speedup=("AMX image keys and values",)
+    )
+    assert next(s for s in without.build if s.name == "int8 image keys and values").applied
+    kv = without.model.text_decoder.bert.encoder.layer[0].crossattention.self.kv
+    assert type(kv).__name__ == "Int8Linear"

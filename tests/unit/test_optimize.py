@@ -244,7 +244,7 @@ def test_cpu_models_get_lean_text_layers(demo_caption: tuple[Any, Any]) -> None:
 
 @needs_int8
 def test_int8_vision_layers_take_one_scale_per_image(
-    demo_caption: tuple[Any, Any], backend: str
+    demo_caption: tuple[Any, Any], backend: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The vision encoder runs one image per call, so with fbgemm its layers use the
     whole-input scale (no per-row passes) and an image's features still do not depend on
@@ -255,6 +255,7 @@ def test_int8_vision_layers_take_one_scale_per_image(
 
     processor, model = demo_caption
     model = copy.deepcopy(model)
+    monkeypatch.setattr(blip, "cpu_has_amx", lambda: False)  # (the image's keys in int8)
     kernel = "blipserve" if backend == "kernel" else "fbgemm"
     precision = Precision(torch.float32, True, kernel)
     optimize.prepare(model, BlipCaptionAdapter.speedups(precision, torch.device("cpu")))
@@ -278,6 +279,34 @@ def test_int8_vision_layers_take_one_scale_per_image(
         one = model.generate(pixel_values=pixels[2:3], max_new_tokens=12)  # (1, L <= 13)
     assert torch.equal(one[0], captions[2, : one.shape[1]])  # (the batch pads after EOS)
     assert (captions[2, one.shape[1] :] == processor.tokenizer.pad_token_id).all()
+
+
+def test_amx_image_keys_values_do_not_depend_on_their_batch(
+    demo_caption: tuple[Any, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """In bf16 (AMX), an image's keys and values are projected one image per call, so
+    they do not depend on the batch; nor, then, do the captions."""
+    from blipserve.finetune import scenes
+
+    processor, model = demo_caption
+    model = copy.deepcopy(model)
+    monkeypatch.setattr(blip, "cpu_has_amx", lambda: True)
+    optimize.prepare(model, BlipCaptionAdapter.speedups(INT8, CPU))
+    cross = model.text_decoder.bert.encoder.layer[0].crossattention.self
+    assert type(cross.kv) is lean_text.Bf16Linear
+    images = [scenes.scene_at(scenes.HELDOUT_SEED, i).image for i in range(4)]
+    pixels = processor(images=images, return_tensors="pt")["pixel_values"]
+    with torch.inference_mode():
+        states = model.vision_model(pixel_values=pixels).last_hidden_state  # (4, N, E)
+        head_dim = cross.attention_head_size
+        keys, values = lean_text._image_keys_values(cross, states, head_dim)
+        key, value = lean_text._image_keys_values(cross, states[2:3], head_dim)
+        captions = model.generate(pixel_values=pixels, max_new_tokens=12)
+        one = model.generate(pixel_values=pixels[2:3], max_new_tokens=12)  # (1, L <= 13)
+    assert keys.dtype == torch.bfloat16
+    assert torch.equal(keys[2:3], key)
+    assert torch.equal(values[2:3], value)
+    assert torch.equal(one[0], captions[2, : one.shape[1]])
 
 
 CPU, CUDA = torch.device("cpu"), torch.device("cuda")
@@ -328,4 +357,27 @@ def test_each_family_declares_its_speedups(
     expected: list[str],
 ) -> None:
     monkeypatch.setattr(blip, "cpu_has_native_bf16", lambda: native_bf16)
+    monkeypatch.setattr(blip, "cpu_has_amx", lambda: False)
     assert [s.name for s in adapter.speedups(precision, device)] == expected
+
+
+def test_blip_int8_on_amx_projects_the_image_keys_values_in_bf16(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(blip, "cpu_has_native_bf16", lambda: True)
+    monkeypatch.setattr(blip, "cpu_has_amx", lambda: True)
+    names = [s.name for s in BlipCaptionAdapter.speedups(INT8, CPU)]
+    assert (
+        names
+        == [
+            *BLIP_CPU_STEPS,
+            "bf16 vision attention",
+            INT8_STEPS[0],
+            "AMX image keys and values",  # (the int8 step after it is then skipped as replaced)
+            *BLIP_INT8_STEPS[1:],
+            "bf16 image keys and values",
+        ]
+    )
+    # the projections on the tiles where the CPU has them; never on a GPU
+    cuda = [s.name for s in BlipCaptionAdapter.speedups(INT8, CUDA)]
+    assert "AMX image keys and values" not in cuda

@@ -13,7 +13,9 @@ options themselves, each measured in ``bench/speed.py``:
 * :func:`vision_attention` — BLIP's vision attention through SDPA, or with its products in
   bfloat16 (:mod:`blipserve.models.vision_encoder`);
 * :func:`int8_layers` — ``nn.Linear`` layers in int8 (:mod:`blipserve.models.int8_linear`),
-  the vision encoder's run one image per call.
+  the vision encoder's run one image per call; on CPUs with AMX, BLIP's projections of the
+  image tokens to the cross-attention's keys and values in bfloat16 instead
+  (:data:`AMX_IMAGE_KEYS_VALUES`).
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from blipserve.models.int8_linear import quantize_linears
 from blipserve.models.lean_text import (
     keep_image_keys_values_in,
     lean_text_layers,
+    project_image_keys_values_in_bf16,
     quantize_image_keys_values,
 )
 from blipserve.models.lean_text_check import lean_text_refusal
@@ -84,6 +87,10 @@ def prepare(
         if speedup.name in off:
             done.append(BuildStep(speedup.name, speedup.runs_on, False, "--disable-speedup"))
             continue
+        if REPLACED_BY.get(speedup.name) in applied:  # (a faster way did its work)
+            why = f"replaced by {REPLACED_BY[speedup.name]}"
+            done.append(BuildStep(speedup.name, speedup.runs_on, applied=False, why=why))
+            continue
         why = speedup.refusal(model) if speedup.refusal else None
         if why is None and speedup.name in NEEDS and NEEDS[speedup.name] not in applied:
             why = f"needs {NEEDS[speedup.name]}, which was skipped"
@@ -121,17 +128,23 @@ def vision_attention(how: str) -> Speedup:
     )
 
 
-def int8_layers(precision: Precision, *, image_keys_values: bool = False) -> list[Speedup]:
+def int8_layers(
+    precision: Precision, *, image_keys_values: bool = False, amx: bool = False
+) -> list[Speedup]:
     """Every ``nn.Linear`` in int8, on ``precision``'s kernel (blipserve's or fbgemm's).
 
     ``image_keys_values``: first the cross-attention keys and values of the image in lean
     BLIP text layers, with one scale per image
-    (:func:`~blipserve.models.lean_text.quantize_image_keys_values`).
+    (:func:`~blipserve.models.lean_text.quantize_image_keys_values`), or, with ``amx``,
+    in bfloat16 on AMX (:data:`AMX_IMAGE_KEYS_VALUES`; the int8 step is then skipped as
+    replaced, and applies again where that one is disabled).
     """
     own = precision.int8_kernel == "blipserve"  # (else fbgemm)
     kernel = int8_runs_on(precision)
     vision = functools.partial(_int8_vision, kernel=own)
     steps = [Speedup(INT8_VISION, vision, kernel)]
+    if image_keys_values and amx:
+        steps.append(AMX_IMAGE_KEYS_VALUES)
     if image_keys_values:
         keys_values = functools.partial(quantize_image_keys_values, kernel=own)
         steps.append(Speedup(INT8_IMAGE_KEYS_VALUES, keys_values, kernel))
@@ -152,13 +165,21 @@ BF16_IMAGE_KEYS_VALUES = Speedup(
     "bf16 image keys and values", keep_image_keys_values_in, "torch SDPA, bfloat16"
 )
 
+#: before the int8 steps, on CPUs with AMX (project_image_keys_values_in_bf16)
+AMX_IMAGE_KEYS_VALUES = Speedup(
+    "AMX image keys and values", project_image_keys_values_in_bf16, "torch bf16 matmul (AMX)"
+)
+
 INT8_VISION = "int8 vision encoder (one image a call)"
 INT8_IMAGE_KEYS_VALUES = "int8 image keys and values"
 #: a step -> the step it builds on (skipped when that one was)
 NEEDS = {
     INT8_IMAGE_KEYS_VALUES: LEAN_TEXT_LAYERS.name,
     BF16_IMAGE_KEYS_VALUES.name: LEAN_TEXT_LAYERS.name,
+    AMX_IMAGE_KEYS_VALUES.name: LEAN_TEXT_LAYERS.name,
 }
+#: a step -> the step that does its work another way where it applied (skipped then)
+REPLACED_BY = {INT8_IMAGE_KEYS_VALUES: AMX_IMAGE_KEYS_VALUES.name}
 
 
 def _int8_vision(model: nn.Module, kernel: bool) -> None:

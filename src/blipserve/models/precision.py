@@ -35,6 +35,18 @@ def cpu_has_native_bf16() -> bool:
         return False
 
 
+def cpu_has_amx() -> bool:
+    """Whether this CPU has AMX tiles that this process may use (Intel Sapphire Rapids and
+    later), where oneDNN runs torch's bfloat16 matmuls on them: about 1 TMAC/s on 2 cores
+    for a (4616, 768) x (768, 1536) product, against 0.15 for float32 and ~0.25 for
+    blipserve's int8 kernel (AVX-512 VNNI) on the same Xeon."""
+    try:
+        # Asks Linux for the tile state (arch_prctl), as oneDNN does; False where refused.
+        return bool(torch._C._cpu._init_amx())
+    except (AttributeError, RuntimeError):
+        return False
+
+
 @dataclass(frozen=True)
 class Precision:
     """How a model computes: its float dtype, and whether its Linear layers run in int8

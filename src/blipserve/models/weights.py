@@ -114,12 +114,16 @@ def own_weights(model: nn.Module, dtype: torch.dtype) -> int:
     tensor is the most this adds), so that none is a view of a memory-mapped checkpoint
     any longer; returns how many bytes were copied.
 
-    Tensors shared between modules (tied weights) stay shared: each is copied once.
+    Tensors shared between modules (tied weights) stay shared: each is copied once.  A
+    module that says ``keeps_dtype = True`` (one a speed option made in a narrower dtype
+    on purpose, in memory of its own) is left as it is.
     """
     # Where each tensor is held, grouped by tensor (ids taken while the modules hold them
     # all); then each group is copied once and the old tensor let go before the next.
     places: dict[int, list[tuple[dict[str, Any], str]]] = {}
     for module in model.modules():
+        if getattr(module, "keeps_dtype", False):
+            continue
         for table in (module._parameters, module._buffers):
             for name, tensor in table.items():
                 if tensor is None or tensor.device.type != "cpu":
