@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # testkit/
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import machine_info, sample_images
-from speed_models import build, log
+from speed_models import build, left_out, log
 
 LAYOUT = "blip-image-captioning-base"
 BF16_KV = "bf16 image keys and values"
@@ -38,8 +38,7 @@ BF16_KV = "bf16 image keys and values"
 
 def variant_spec(variant: str) -> dict[str, Any]:
     """``int8`` or ``int8 -"NAME"`` (NAME left out) -> ModelConfig fields."""
-    dtype, _, rest = variant.partition(" -")
-    off = tuple(name.strip('"') for name in rest.split(" -")) if rest else ()
+    dtype, off = left_out(variant)
     return {"dtype": dtype, "disable_speedup": off}
 
 

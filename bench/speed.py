@@ -63,7 +63,9 @@ def main() -> None:
         "CPU has native bf16), int8-fbgemm for int8 on torch's kernel instead of blipserve's, "
         "and with :wN for N model workers (int8:w1), +ov for the vision encoder on OpenVINO "
         "(int8+ov: the decoder in int8, the encoder in OpenVINO's bf16, what auto loads on a "
-        "CPU with OpenVINO); default: auto on GPU; int8, int8+ov, bfloat16+ov on CPU",
+        "CPU with OpenVINO), and then optionally speed options left out by name, "
+        "'int8+ov -\"AMX image keys and values\"' (--disable-speedup); "
+        "default: auto on GPU; int8, int8+ov, bfloat16+ov on CPU",
     )
     parser.add_argument("--models", nargs="+", help="default: BLIP-base, and BLIP-2 on GPU")
     parser.add_argument("--guard-scenes", type=int, help="default 300 GPU, 200 CPU; quick 40")

@@ -52,13 +52,22 @@ def build(layout: str, quick: bool, device: Any) -> tuple[Any, Any]:
     return model.to(device=device, dtype=torch.float32).eval(), processor
 
 
+def left_out(mode: str) -> tuple[str, tuple[str, ...]]:
+    """``MODE -"NAME" -"OTHER"`` -> ``(MODE, ("NAME", "OTHER"))``: the speed options a
+    mode leaves out by name (``--disable-speedup``)."""
+    mode, _, rest = mode.partition(" -")
+    return mode, tuple(name.strip('"') for name in rest.split(" -")) if rest else ()
+
+
 def mode_spec(layout: str, mode: str, device: Any) -> ModelConfig:
     """The model spec of a benchmark ``mode``: ``auto``, a dtype or ``int8`` (as blipserve
     picks and loads it, the vision encoder on torch), then optionally ``-eager`` /
     ``-sdpa`` / ``-bf16`` (``--vision-attention``: BLIP's one way) or ``-fbgemm``
-    (``--int8-kernel fbgemm``), then optionally ``+ov`` (``--backend openvino``)."""
+    (``--int8-kernel fbgemm``), then optionally ``+ov`` (``--backend openvino``), then
+    optionally speed options left out by name (:func:`left_out`)."""
     from blipserve.config import ModelConfig
 
+    mode, off = left_out(mode)
     mode, ov, _ = mode.partition("+ov")
     name, _, variant = mode.partition("-")
     return ModelConfig(
@@ -68,6 +77,7 @@ def mode_spec(layout: str, mode: str, device: Any) -> ModelConfig:
         int8_kernel="fbgemm" if variant == "fbgemm" else "auto",
         backend="openvino" if ov else "torch",
         vision_attention=variant if variant and variant != "fbgemm" else "auto",  # type: ignore[arg-type]
+        disable_speedup=off,
     )
 
 
