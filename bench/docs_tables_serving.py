@@ -5,6 +5,7 @@ bench/jobs_online.py's /score latency beside a hosted batch job."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from docs_tables_base import cpu_machine, load, renderer, server_levels, table
 
@@ -61,6 +62,34 @@ def cpu_server(results: Path) -> str:
         "ratio",
         "p50 latency baseline / blipserve",
         "mean batch",
+    ]
+    return table(intro, columns, rows, left=0) + server_stages(ours, r["levels"])
+
+
+def server_stages(levels: dict[int, Any], clients: list[int]) -> str:
+    """Where blipserve's requests spent their time at each level (its /metrics over the
+    level: ``server_load.level_stages``), for results that carry it."""
+    rows = []
+    for n in clients:
+        s = levels[n].get("stages")
+        if s:
+            keys = ("server_request_s", "decode_s_per_request", "queue_wait_s_per_row")
+            keys += ("model_s_per_batch", "model_s_per_image")
+            rows.append(f"| {n} |" + "".join(f" {s[k] * 1000:.0f} |" for k in keys))
+    if not rows:
+        return ""
+    intro = (
+        "\n\nWhere blipserve's requests spent their time (ms; means from its `/metrics` over "
+        "each level): a request in the server, its image's decoding, a row's wait for its "
+        "batch, the model's call for a batch and per image:"
+    )
+    columns = [
+        "clients",
+        "request",
+        "decoding",
+        "wait for a batch",
+        "model a batch",
+        "model an image",
     ]
     return table(intro, columns, rows, left=0)
 
