@@ -73,8 +73,13 @@ def server_stages(levels: dict[int, Any], clients: list[int]) -> str:
     for n in clients:
         s = levels[n].get("stages")
         if s:
-            keys = ("server_request_s", "decode_s_per_request", "queue_wait_s_per_row")
-            keys += ("model_s_per_batch", "model_s_per_image")
+            keys = (
+                "server_request_s",
+                "decode_s_per_request",
+                "queue_wait_s_per_row",
+                "model_s_per_batch",
+                "model_s_per_image",
+            )
             rows.append(f"| {n} |" + "".join(f" {s[k] * 1000:.0f} |" for k in keys))
     if not rows:
         return ""

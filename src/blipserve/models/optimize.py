@@ -88,8 +88,8 @@ def prepare(
             done.append(BuildStep(speedup.name, speedup.runs_on, False, "--disable-speedup"))
             continue
         if REPLACED_BY.get(speedup.name) in applied:  # (a faster way did its work)
-            why = f"replaced by {REPLACED_BY[speedup.name]}"
-            done.append(BuildStep(speedup.name, speedup.runs_on, applied=False, why=why))
+            replaced = f"replaced by {REPLACED_BY[speedup.name]}"
+            done.append(BuildStep(speedup.name, speedup.runs_on, applied=False, why=replaced))
             continue
         why = speedup.refusal(model) if speedup.refusal else None
         if why is None and speedup.name in NEEDS and NEEDS[speedup.name] not in applied:
