@@ -10,8 +10,8 @@ import torch
 
 from blipserve.config import Int8Kernel, ModelConfig
 from blipserve.errors import ModelLoadError
-from blipserve.models import ADAPTERS, build_model, int8_kernel, int8_linear
-from blipserve.models.precision import cpu_has_native_bf16, resolve_precision
+from blipserve.models import ADAPTERS, build_model, int8_kernel, int8_linear, lean_text
+from blipserve.models.precision import cpu_has_amx, cpu_has_native_bf16, resolve_precision
 
 EXPECTED_KIND = {
     "blip-caption": "blip-caption",
@@ -34,7 +34,9 @@ def test_architecture_maps_to_adapter(tiny_model_dir: dict[str, Path], kind: str
         assert str(adapter.precision) == "int8"
         assert adapter.dtype == torch.float32
         linears = [m for m in adapter.model.modules() if isinstance(m, torch.nn.Linear)]
-        assert linears == []  # every one is an Int8Linear
+        # every one is an Int8Linear, but for BLIP's image key/value projections on AMX
+        assert all(isinstance(m, lean_text.Bf16Linear) for m in linears)
+        assert bool(linears) == (cpu_has_amx() and adapter.kind.startswith("blip-"))
     else:
         assert adapter.dtype == (torch.bfloat16 if cpu_has_native_bf16() else torch.float32)
     assert next(adapter.model.parameters()).dtype == adapter.dtype
