@@ -4,6 +4,7 @@ bench/jobs_online.py's /score latency beside a hosted batch job."""
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -80,7 +81,8 @@ def server_stages(levels: dict[int, Any], clients: list[int]) -> str:
                 "model_s_per_batch",
                 "model_s_per_image",
             )
-            rows.append(f"| {n} |" + "".join(f" {s[k] * 1000:.0f} |" for k in keys))
+            cells = (s.get(k, math.nan) * 1000 for k in keys)  # (NaN: none in the level)
+            rows.append(f"| {n} |" + "".join(f" {c:.0f} |" if c == c else " - |" for c in cells))
     if not rows:
         return ""
     intro = (

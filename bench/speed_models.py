@@ -4,6 +4,7 @@ the encoder on OpenVINO), as blipserve loads them; their memory."""
 
 from __future__ import annotations
 
+import re
 import sys
 import time
 from typing import TYPE_CHECKING, Any
@@ -50,6 +51,15 @@ def build(layout: str, quick: bool, device: Any) -> tuple[Any, Any]:
     with torch.device(device):
         model = model_cls(config)
     return model.to(device=device, dtype=torch.float32).eval(), processor
+
+
+def model_workers(mode: str) -> tuple[str, int]:
+    """``int8:w1`` or ``int8+ov:w1 -"NAME"`` -> the mode without its ``:wN`` and N (0: the
+    engine's own choice of model workers)."""
+    match = re.search(r":w(\d+)", mode)
+    if match is None:
+        return mode, 0
+    return mode[: match.start()] + mode[match.end() :], int(match[1])
 
 
 def left_out(mode: str) -> tuple[str, tuple[str, ...]]:

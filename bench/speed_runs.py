@@ -19,6 +19,7 @@ from speed_models import (
     decodes_statically,
     log,
     make_adapter,
+    model_workers,
     resident_gib,
     sync,
     weight_bytes,
@@ -207,9 +208,9 @@ def bench_model(layout: str, args: argparse.Namespace, device: Any) -> dict[str,
     # machine's speed drifts by 10-20% over minutes).  Each works on its own copy of the
     # float32 model, which the baseline keeps using; with one pass the last mode converts
     # the model itself (on a GPU, no float32 copy is then left taking memory).
-    # A mode may end in ":wN": the engine with N model workers (default: its own choice),
-    # on the same adapter as the mode without it.
-    base_modes = list(dict.fromkeys(mode.partition(":w")[0] for mode in args.modes))
+    # A mode may hold ":wN": the engine with N model workers (default: its own choice),
+    # on the same adapter as the mode without it (speed_models.model_workers).
+    base_modes = list(dict.fromkeys(model_workers(mode)[0] for mode in args.modes))
     prepared = {
         base: make_adapter(
             layout,
@@ -221,7 +222,7 @@ def bench_model(layout: str, args: argparse.Namespace, device: Any) -> dict[str,
         )
         for base in base_modes
     }
-    adapters = {mode: prepared[mode.partition(":w")[0]] for mode in args.modes}
+    adapters = {mode: prepared[model_workers(mode)[0]] for mode in args.modes}
     gc.collect()
     out["weights_gib"] = {m: weight_bytes(a.model) / 2**30 for m, a in prepared.items()}
     # how build_model built each mode: its steps, what runs each, any left out and why
@@ -242,7 +243,7 @@ def bench_model(layout: str, args: argparse.Namespace, device: Any) -> dict[str,
             log(f"{layout}: pass {rep + 1}: baseline {bases[-1]['images_per_s']:.2f} images/s")
         for mode, adapter in adapters.items():
             for batch in args.batches:
-                workers = int(mode.partition(":w")[2] or 0)
+                workers = model_workers(mode)[1]
                 r = engine_run(adapter, jpegs[: rows_for(batch)], args.tokens, batch, 8, workers)
                 runs[(mode, batch)].append(r)
                 log(

@@ -243,6 +243,7 @@ def test_amx_image_keys_values_replace_the_int8_ones_and_stay_bf16(
     # int8 step says why it was skipped, and leaving the AMX step out brings it back
     from blipserve.models import blip
 
+    monkeypatch.setattr(blip, "cpu_has_native_bf16", lambda: True)  # (AMX has it)
     monkeypatch.setattr(blip, "cpu_has_amx", lambda: True)
     folder = tiny_model_dir["blip-caption"]
     adapter = _built(folder, dtype="int8", backend="torch")
@@ -259,3 +260,14 @@ def test_amx_image_keys_values_replace_the_int8_ones_and_stay_bf16(
     assert next(s for s in without.build if s.name == "int8 image keys and values").applied
     kv = without.model.text_decoder.bert.encoder.layer[0].crossattention.self.kv
     assert type(kv).__name__ == "Int8Linear"
+    # where the keys and values are kept stays the bf16 step's to say: left out, float32
+    kept = _built(
+        folder, dtype="int8", backend="torch", disable_speedup=("bf16 image keys and values",)
+    )
+    for model, dtype in ((adapter.model, torch.bfloat16), (kept.model, torch.float32)):
+        cross = model.text_decoder.bert.encoder.layer[0].crossattention.self
+        assert type(cross.kv) is lean_text.Bf16Linear
+        states = torch.randn(2, 5, cross.kv.in_features)
+        with torch.inference_mode():
+            keys, values = lean_text._image_keys_values(cross, states, cross.attention_head_size)
+        assert (keys.dtype, values.dtype) == (dtype, dtype)

@@ -281,6 +281,7 @@ def test_int8_vision_layers_take_one_scale_per_image(
     assert (captions[2, one.shape[1] :] == processor.tokenizer.pad_token_id).all()
 
 
+@needs_int8
 def test_amx_image_keys_values_do_not_depend_on_their_batch(
     demo_caption: tuple[Any, Any], monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -290,6 +291,7 @@ def test_amx_image_keys_values_do_not_depend_on_their_batch(
 
     processor, model = demo_caption
     model = copy.deepcopy(model)
+    monkeypatch.setattr(blip, "cpu_has_native_bf16", lambda: True)  # (AMX has it)
     monkeypatch.setattr(blip, "cpu_has_amx", lambda: True)
     optimize.prepare(model, BlipCaptionAdapter.speedups(INT8, CPU))
     cross = model.text_decoder.bert.encoder.layer[0].crossattention.self

@@ -227,9 +227,9 @@ class Bf16Linear(nn.Linear):
 def project_image_keys_values_in_bf16(model: nn.Module) -> int:
     """In each lean BLIP text layer (:func:`lean_text_layers`), the cross-attention's fused
     key/value Linear in bfloat16, run one image per call (so that an image's keys never
-    depend on its batch: oneDNN may block a product differently by its row count), its
-    keys and values kept in bfloat16 (as :func:`keep_image_keys_values_in`); returns how
-    many layers.
+    depend on its batch: oneDNN may block a product differently by its row count); returns
+    how many layers.  Where its keys and values are then kept is
+    :func:`keep_image_keys_values_in`'s to say (without it, in the model's dtype).
 
     For CPUs with AMX (:func:`~blipserve.models.precision.cpu_has_amx`), where oneDNN runs
     this product on the tiles: the first decoding step of a batch of 8 images projects
@@ -247,8 +247,7 @@ def project_image_keys_values_in_bf16(model: nn.Module) -> int:
                 narrow.weight.copy_(kv.weight)
                 narrow.bias.copy_(kv.bias)
             module.kv = narrow
-            module.__dict__["kv_rows"] = 1  # (plain attributes, read per call)
-            module.__dict__["kv_dtype"] = torch.bfloat16
+            module.__dict__["kv_rows"] = 1  # (a plain attribute, read per call)
             count += 1
     return count
 
