@@ -67,6 +67,16 @@ def cpu_server(results: Path) -> str:
     return table(intro, columns, rows, left=0) + server_stages(ours, r["levels"])
 
 
+#: server_load.level_stages' keys, in the stage table's column order
+SERVER_STAGES = (
+    "server_request_s",
+    "decode_s_per_request",
+    "queue_wait_s_per_row",
+    "model_s_per_batch",
+    "model_s_per_image",
+)
+
+
 def server_stages(levels: dict[int, Any], clients: list[int]) -> str:
     """Where blipserve's requests spent their time at each level (its /metrics over the
     level: ``server_load.level_stages``), for results that carry it."""
@@ -74,14 +84,7 @@ def server_stages(levels: dict[int, Any], clients: list[int]) -> str:
     for n in clients:
         s = levels[n].get("stages")
         if s:
-            keys = (
-                "server_request_s",
-                "decode_s_per_request",
-                "queue_wait_s_per_row",
-                "model_s_per_batch",
-                "model_s_per_image",
-            )
-            cells = (s.get(k, math.nan) * 1000 for k in keys)  # (NaN: none in the level)
+            cells = (s.get(k, math.nan) * 1000 for k in SERVER_STAGES)  # (NaN: none seen)
             rows.append(f"| {n} |" + "".join(f" {c:.0f} |" if c == c else " - |" for c in cells))
     if not rows:
         return ""

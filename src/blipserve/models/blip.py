@@ -71,10 +71,11 @@ class _BlipText(HFAdapter):
         if attention != "eager":
             steps.append(optimize.vision_attention(attention))
         if precision.int8:
+            bf16 = device.type == "cpu" and cpu_has_native_bf16()
             # (AMX's bf16 tiles, where oneDNN also runs bf16 natively)
-            amx = device.type == "cpu" and cpu_has_native_bf16() and cpu_has_amx()
+            amx = bf16 and cpu_has_amx()
             steps += optimize.int8_layers(precision, image_keys_values=True, amx=amx)
-            if device.type == "cpu" and cpu_has_native_bf16():
+            if bf16:
                 steps.append(optimize.BF16_IMAGE_KEYS_VALUES)
         return steps
 

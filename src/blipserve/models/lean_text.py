@@ -203,14 +203,21 @@ def quantize_image_keys_values(model: nn.Module, kernel: bool = True) -> int:
     1280 ms (another, slower hour).  The demo model's captions stay those of float32 (100%
     of 200 held-out scenes).
     """
-    count = 0
-    for module in model.modules():
-        kv = getattr(module, "kv", None)
-        if type(kv) is nn.Linear and hasattr(module, "layer_idx"):
-            module.kv = Int8Linear(kv, per_row=False, kernel=kernel)
-            module.__dict__["kv_rows"] = 1  # (a plain attribute, not a submodule)
-            count += 1
-    return count
+    layers = _float_image_key_value_layers(model)
+    for module, kv in layers:
+        module.kv = Int8Linear(kv, per_row=False, kernel=kernel)
+        module.__dict__["kv_rows"] = 1  # (a plain attribute, not a submodule)
+    return len(layers)
+
+
+def _float_image_key_value_layers(model: nn.Module) -> list[tuple[nn.Module, nn.Linear]]:
+    """The cross-attentions of ``model``'s lean BLIP text layers whose fused key/value
+    Linear (:func:`lean_text_layers`) is still a plain float ``nn.Linear``, each with it."""
+    return [
+        (module, kv)
+        for module in model.modules()
+        if type(kv := getattr(module, "kv", None)) is nn.Linear and hasattr(module, "layer_idx")
+    ]
 
 
 class Bf16Linear(nn.Linear):
@@ -233,23 +240,21 @@ def project_image_keys_values_in_bf16(model: nn.Module) -> int:
 
     For CPUs with AMX (:func:`~blipserve.models.precision.cpu_has_amx`), where oneDNN runs
     this product on the tiles: the first decoding step of a batch of 8 images projects
-    8 x 577 image tokens in each of 12 layers (65 G multiply-adds in BLIP-base), which
-    took about 260 ms on blipserve's int8 kernel and takes about 70 in bfloat16.  Before
+    8 x 577 image tokens in each of 12 layers (65 G multiply-adds in BLIP-base).  With it
+    that step took 18 instead of 31 ms an image (BLIP-base, int8 with OpenVINO's encoder,
+    medians of 3 interleaved passes of ``bench/speed.py``).  Before
     :func:`quantize_image_keys_values`, which then leaves these layers alone.
     """
-    count = 0
-    for module in model.modules():
-        kv = getattr(module, "kv", None)
-        if type(kv) is nn.Linear and hasattr(module, "layer_idx"):
-            shape = (kv.in_features, kv.out_features)
-            narrow = Bf16Linear(*shape, device=kv.weight.device, dtype=torch.bfloat16)
-            with torch.no_grad():
-                narrow.weight.copy_(kv.weight)
-                narrow.bias.copy_(kv.bias)
-            module.kv = narrow
-            module.__dict__["kv_rows"] = 1  # (a plain attribute, read per call)
-            count += 1
-    return count
+    layers = _float_image_key_value_layers(model)
+    for module, kv in layers:
+        shape = (kv.in_features, kv.out_features)
+        narrow = Bf16Linear(*shape, device=kv.weight.device, dtype=torch.bfloat16)
+        with torch.no_grad():
+            narrow.weight.copy_(kv.weight)
+            narrow.bias.copy_(kv.bias)
+        module.kv = narrow
+        module.__dict__["kv_rows"] = 1  # (a plain attribute, read per call)
+    return len(layers)
 
 
 def keep_image_keys_values_in(model: nn.Module, dtype: torch.dtype = torch.bfloat16) -> int:
