@@ -98,9 +98,13 @@ class JobHost:
             )
 
     def get(self, name: str) -> JobRecord:
-        """The job now: live counts where it runs here, else its record in the table."""
+        """The job now: live counts where it runs here, else its record in the table.
+
+        A worker that has ended is read from the table too: its end shows once it is saved
+        there (``_finished``), so that no server reports it before another can."""
         with self._lock:
-            if (worker := self._running.get(name)) is not None:
+            worker = self._running.get(name)
+            if worker is not None and not worker.record.finished:
                 worker.counts()
                 return dataclasses.replace(worker.record)
         record = self.table.load(name) if _safe_name(name) else None
