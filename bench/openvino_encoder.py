@@ -8,13 +8,14 @@ minutes), medians over the passes; and each mode's worst photo's feature cosine 
 hidden state) against transformers' float32.
 
 Modes (``--modes``): ``torch-int8`` (blipserve's int8 linears, as ``--dtype int8`` loads
-them on torch), and on OpenVINO as ``--backend openvino`` loads them: ``ov-f32``,
-``ov-bf16``, ``ov-int8-static`` (NNCF int8 of weights and activations with blipserve's
-recipe and generated calibration: ``openvino_int8.quantize``), ``ov-int8-dynamic``
-(int8 weights, activations quantized per token at run time); for comparison,
-``ov-nncf-preset`` (NNCF's transformer preset as it comes, SmoothQuant on, calibrated on
-twelve photographs outside the evaluation set).  The cache is a fresh
-temporary folder, so ``ready in`` includes conversion and quantization.
+them on torch without AMX), ``torch-bf16`` (the encoder's weights in bfloat16 on torch, one
+image per call, as ``--dtype int8`` loads them where the CPU has AMX), and on OpenVINO as
+``--backend openvino`` loads them: ``ov-f32``, ``ov-bf16``, ``ov-int8-static`` (NNCF int8
+of weights and activations with blipserve's recipe and generated calibration:
+``openvino_int8.quantize``), ``ov-int8-dynamic`` (int8 weights, activations quantized per
+token at run time); for comparison, ``ov-nncf-preset`` (NNCF's transformer preset as it
+comes, SmoothQuant on, calibrated on twelve photographs outside the evaluation set).  The
+cache is a fresh temporary folder, so ``ready in`` includes conversion and quantization.
 
     .venv/bin/python bench/openvino_encoder.py --out bench/results/openvino-encoder-2.json
     .venv/bin/python bench/openvino_encoder.py --quick --modes torch-int8 ov-bf16 --repeats 1
@@ -40,7 +41,14 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # testkit/, shared with the tests
 sys.path.insert(0, str(ROOT / "bench"))
 
-MODES = ("torch-int8", "ov-bf16", "ov-int8-static", "ov-int8-dynamic", "ov-nncf-preset")
+MODES = (
+    "torch-int8",
+    "torch-bf16",
+    "ov-bf16",
+    "ov-int8-static",
+    "ov-int8-dynamic",
+    "ov-nncf-preset",
+)
 CALIBRATION = ("camera", "immunohistochemistry", "hubble_deep_field", "retina", "coins", "moon")
 #: --quick: the encoder at its real input size, shrunk to a tiny network
 QUICK_VISION = {
@@ -99,18 +107,31 @@ def openvino_mode(mode: str, vision: Any, side: int, processor: Any) -> Any:
 
 
 def torch_int8(vision: Any) -> Any:
+    """blipserve's int8 encoder as ``--dtype int8`` builds it where the CPU lacks AMX."""
     from blipserve.models import optimize
-    from blipserve.models.blip import BlipCaptionAdapter
     from blipserve.models.precision import resolve_precision
 
-    model = copy.deepcopy(vision)
-    cpu = torch.device("cpu")
-    optimize.prepare(model, BlipCaptionAdapter.speedups(resolve_precision("int8", cpu), cpu))
+    holder = torch.nn.Module()
+    holder.vision_model = copy.deepcopy(vision)
+    optimize.prepare(holder, optimize.int8_vision(resolve_precision("int8", torch.device("cpu"))))
+    return _last_hidden_state(holder.vision_model)
 
+
+def torch_bf16(vision: Any) -> Any:
+    """The encoder as ``--dtype int8`` builds it where the CPU has AMX (bf16 weights)."""
+    from blipserve.models.vision_encoder import vision_in_bf16
+
+    holder = torch.nn.Module()
+    holder.vision_model = copy.deepcopy(vision)
+    vision_in_bf16(holder)
+    return _last_hidden_state(holder.vision_model)
+
+
+def _last_hidden_state(model: Any) -> Any:
     def run(pixels: torch.Tensor) -> torch.Tensor:
-        # one image per call, as the engine runs it under int8 (split_vision_batches)
-        with torch.inference_mode():
-            return torch.cat([model(pixel_values=p[None]).last_hidden_state for p in pixels])
+        with torch.inference_mode():  # (each build runs one image per call itself)
+            out: torch.Tensor = model(pixel_values=pixels).last_hidden_state
+        return out
 
     return run
 
@@ -142,9 +163,10 @@ def main() -> None:
     pixels = torch.cat([pixels, pixels.flip(-1)])[:8]  # (8, 3, S, S)
     with torch.inference_mode():
         reference = [vision(pixel_values=p[None]).last_hidden_state for p in pixels]
+    on_torch = {"torch-int8": torch_int8, "torch-bf16": torch_bf16}
     runners = {
-        mode: torch_int8(vision)
-        if mode == "torch-int8"
+        mode: on_torch[mode](vision)
+        if mode in on_torch
         else openvino_mode(mode, vision, side, processor)
         for mode in args.modes
     }

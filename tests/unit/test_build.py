@@ -10,15 +10,17 @@ from typing import Any
 
 import pytest
 import torch
+from torch.nn import functional
 
 from blipserve.config import ModelConfig
 from blipserve.engine import Engine
 from blipserve.errors import ModelLoadError
-from blipserve.models import build_model, lean_text
+from blipserve.models import build_model, lean_text, openvino_vision
 from blipserve.models.base import HFAdapter
 from blipserve.models.lean_text_check import LAYER_PARAMETERS, lean_text_refusal
-from blipserve.models.precision import cpu_has_amx, cpu_has_native_bf16
-from blipserve.types import Prediction, RowInput
+from blipserve.models.precision import amx_bf16, cpu_has_native_bf16
+from blipserve.params import GenerationParams
+from blipserve.types import ModelInput, Prediction, RowInput
 from helpers import client_base64, jpeg_bytes, photos
 
 
@@ -36,12 +38,13 @@ def test_int8_steps_in_order_with_their_kernels(tiny_model_dir: Mapping[str, Pat
     adapter = _built(tiny_model_dir["blip-caption"], dtype="int8", backend="torch")
     names = [name for name, applied in _steps(adapter) if applied]
     assert names[:2] == ["keep freed memory", "lean text layers"]
-    int8 = names.index("int8 vision encoder (one image a call)")
-    # the image's keys and values: projected in bf16 where AMX runs it, else in int8
-    keys_values = "AMX image keys and values" if cpu_has_amx() else "int8 image keys and values"
-    assert names[int8 : int8 + 3] == [
-        "int8 vision encoder (one image a call)",
-        keys_values,
+    # the vision encoder and the image's keys and values: in bf16 where AMX runs it, else
+    # in int8
+    amx = "AMX" if amx_bf16(torch.device("cpu")) else "int8"
+    vision = names.index(f"{amx} vision encoder (one image a call)")
+    assert names[vision : vision + 3] == [
+        f"{amx} vision encoder (one image a call)",
+        f"{amx} image keys and values",
         "int8 linears",
     ]
     assert ("bf16 image keys and values" in names) == cpu_has_native_bf16()
@@ -244,7 +247,7 @@ def test_amx_image_keys_values_replace_the_int8_ones_and_stay_bf16(
     from blipserve.models import blip
 
     monkeypatch.setattr(blip, "cpu_has_native_bf16", lambda: True)  # (AMX has it)
-    monkeypatch.setattr(blip, "cpu_has_amx", lambda: True)
+    monkeypatch.setattr(blip, "amx_bf16", lambda device: True)
     folder = tiny_model_dir["blip-caption"]
     adapter = _built(folder, dtype="int8", backend="torch")
     steps = {step.name: step for step in adapter.build}
@@ -271,3 +274,53 @@ def test_amx_image_keys_values_replace_the_int8_ones_and_stay_bf16(
         with torch.inference_mode():
             keys, values = lean_text._image_keys_values(cross, states, cross.attention_head_size)
         assert (keys.dtype, values.dtype) == (dtype, dtype)
+
+
+def test_amx_vision_encoder_runs_in_bf16_one_image_a_call(
+    tiny_model_dir: Mapping[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # as on a CPU with AMX (bf16 runs on any CPU, slowly): the vision encoder's weights stay
+    # in bf16 through the build (not quantized, not copied back to float32), it answers in
+    # float32 close to float32's, an image's features do not depend on its batch, and
+    # leaving the step out brings the int8 encoder back
+    from blipserve.models import base
+
+    monkeypatch.setattr(base, "amx_bf16", lambda device: True)
+    folder = tiny_model_dir["blip2-opt"]
+    adapter = _built(folder, dtype="int8", backend="torch")
+    steps = {step.name: step for step in adapter.build}
+    amx = "AMX vision encoder (one image a call)"
+    assert steps[amx].applied
+    int8 = steps["int8 vision encoder (one image a call)"]
+    assert (int8.applied, int8.why) == (False, f"replaced by {amx}")
+    vision = adapter.model.vision_model
+    assert {p.dtype for p in vision.parameters()} == {torch.bfloat16}
+    assert any(type(m) is torch.nn.Linear for m in vision.modules())
+    items = [ModelInput(image, None, GenerationParams()) for image in list(photos().values())[:3]]
+    pixels = adapter.pixel_values(items)  # (3, 3, S, S) float32
+    reference = _built(folder, dtype="float32").model.vision_model
+    with torch.inference_mode():
+        batched = vision(pixel_values=pixels).last_hidden_state
+        alone = [vision(pixel_values=p[None]).last_hidden_state for p in pixels]
+        want = reference(pixel_values=pixels).last_hidden_state
+    assert batched.dtype == torch.float32
+    assert torch.equal(batched, torch.cat(alone))
+    cosine = functional.cosine_similarity(batched.flatten(1), want.flatten(1))
+    assert float(cosine.min()) > 0.999
+    assert not torch.equal(batched, want)  # (bf16's rounding: computed, not copied)
+    without = _built(folder, dtype="int8", backend="torch", disable_speedup=(amx,))
+    assert next(s for s in without.build if s.name == int8.name).applied
+    layer = without.model.vision_model.encoder.layers[0].mlp.fc1
+    assert type(layer).__name__ == "Int8Linear"
+
+
+def test_vision_steps_are_skipped_where_openvino_runs_the_encoder(
+    tiny_model_dir: Mapping[str, Path],
+) -> None:
+    if (why := openvino_vision.unavailable(torch.device("cpu"))) is not None:
+        pytest.skip(why)
+    adapter = _built(tiny_model_dir["blip-caption"], dtype="int8", backend="openvino")
+    vision_steps = [s for s in adapter.build if "vision" in s.name and "OpenVINO" not in s.name]
+    assert vision_steps  # (the attention and int8 or AMX encoder steps)
+    for step in vision_steps:
+        assert (step.applied, step.why) == (False, "the vision encoder runs on OpenVINO")

@@ -11,7 +11,7 @@ import torch
 from blipserve.config import Int8Kernel, ModelConfig
 from blipserve.errors import ModelLoadError
 from blipserve.models import ADAPTERS, build_model, int8_kernel, int8_linear, lean_text
-from blipserve.models.precision import cpu_has_amx, cpu_has_native_bf16, resolve_precision
+from blipserve.models.precision import amx_bf16, cpu_has_native_bf16, resolve_precision
 
 EXPECTED_KIND = {
     "blip-caption": "blip-caption",
@@ -33,13 +33,22 @@ def test_architecture_maps_to_adapter(tiny_model_dir: dict[str, Path], kind: str
     if int8_linear.int8_available() is None:
         assert str(adapter.precision) == "int8"
         assert adapter.dtype == torch.float32
+        # every Linear is an Int8Linear, but on AMX the vision encoder's where torch runs it
+        # and BLIP's image key/value projections: those stay in bfloat16
+        amx = amx_bf16(torch.device("cpu"))
+        vision = adapter.model.vision_model
+        on_torch = any(True for _ in vision.parameters())
+        in_vision = [m for m in vision.modules() if isinstance(m, torch.nn.Linear)]
+        assert bool(in_vision) == (amx and on_torch)
         linears = [m for m in adapter.model.modules() if isinstance(m, torch.nn.Linear)]
-        # every one is an Int8Linear, but for BLIP's image key/value projections on AMX
-        assert all(isinstance(m, lean_text.Bf16Linear) for m in linears)
-        assert bool(linears) == (cpu_has_amx() and adapter.kind.startswith("blip-"))
+        assert all(m.weight.dtype == torch.bfloat16 for m in linears)
+        image_keys = [m for m in linears if isinstance(m, lean_text.Bf16Linear)]
+        assert bool(image_keys) == (amx and adapter.kind.startswith("blip-"))
+        assert len(linears) == len(in_vision) + len(image_keys)
     else:
         assert adapter.dtype == (torch.bfloat16 if cpu_has_native_bf16() else torch.float32)
-    assert next(adapter.model.parameters()).dtype == adapter.dtype
+    rest = (p for name, p in adapter.model.named_parameters() if "vision_model" not in name)
+    assert next(rest).dtype == adapter.dtype
     assert not adapter.model.training
 
 

@@ -11,7 +11,15 @@ import torch
 from torch import nn
 from transformers import BlipVisionConfig, BlipVisionModel
 
-from blipserve.models import blip, int8_kernel, int8_linear, lean_text, optimize, vision_encoder
+from blipserve.models import (
+    base,
+    blip,
+    int8_kernel,
+    int8_linear,
+    lean_text,
+    optimize,
+    vision_encoder,
+)
 from blipserve.models.base import HFAdapter
 from blipserve.models.blip import BlipCaptionAdapter, BlipMatchAdapter, BlipVqaAdapter
 from blipserve.models.blip2 import Blip2Adapter
@@ -255,7 +263,7 @@ def test_int8_vision_layers_take_one_scale_per_image(
 
     processor, model = demo_caption
     model = copy.deepcopy(model)
-    monkeypatch.setattr(blip, "cpu_has_amx", lambda: False)  # (the image's keys in int8)
+    monkeypatch.setattr(blip, "amx_bf16", lambda device: False)  # (the image's keys in int8)
     kernel = "blipserve" if backend == "kernel" else "fbgemm"
     precision = Precision(torch.float32, True, kernel)
     optimize.prepare(model, BlipCaptionAdapter.speedups(precision, torch.device("cpu")))
@@ -292,7 +300,7 @@ def test_amx_image_keys_values_do_not_depend_on_their_batch(
     processor, model = demo_caption
     model = copy.deepcopy(model)
     monkeypatch.setattr(blip, "cpu_has_native_bf16", lambda: True)  # (AMX has it)
-    monkeypatch.setattr(blip, "cpu_has_amx", lambda: True)
+    monkeypatch.setattr(blip, "amx_bf16", lambda device: True)
     optimize.prepare(model, BlipCaptionAdapter.speedups(INT8, CPU))
     cross = model.text_decoder.bert.encoder.layer[0].crossattention.self
     assert type(cross.kv) is lean_text.Bf16Linear
@@ -315,6 +323,7 @@ CPU, CUDA = torch.device("cpu"), torch.device("cuda")
 INT8 = Precision(torch.float32, int8=True)
 F32, BF16 = Precision(torch.float32), Precision(torch.bfloat16)
 INT8_STEPS = ["int8 vision encoder (one image a call)", "int8 linears"]
+AMX_VISION = "AMX vision encoder (one image a call)"
 BLIP_INT8_STEPS = [INT8_STEPS[0], "int8 image keys and values", INT8_STEPS[1]]
 BLIP_CPU_STEPS = ["keep freed memory", "lean text layers"]
 
@@ -359,7 +368,8 @@ def test_each_family_declares_its_speedups(
     expected: list[str],
 ) -> None:
     monkeypatch.setattr(blip, "cpu_has_native_bf16", lambda: native_bf16)
-    monkeypatch.setattr(blip, "cpu_has_amx", lambda: False)
+    for module in (base, blip):
+        monkeypatch.setattr(module, "amx_bf16", lambda device: False)
     assert [s.name for s in adapter.speedups(precision, device)] == expected
 
 
@@ -367,19 +377,22 @@ def test_blip_int8_on_amx_projects_the_image_keys_values_in_bf16(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setattr(blip, "cpu_has_native_bf16", lambda: True)
-    monkeypatch.setattr(blip, "cpu_has_amx", lambda: True)
+    monkeypatch.setattr(blip, "amx_bf16", lambda device: True)
+    monkeypatch.setattr(base, "amx_bf16", lambda device: True)
     names = [s.name for s in BlipCaptionAdapter.speedups(INT8, CPU)]
-    assert (
-        names
-        == [
-            *BLIP_CPU_STEPS,
-            "bf16 vision attention",
-            INT8_STEPS[0],
-            "AMX image keys and values",  # (the int8 step after it is then skipped as replaced)
-            *BLIP_INT8_STEPS[1:],
-            "bf16 image keys and values",
-        ]
-    )
-    # the projections on the tiles where the CPU has them; never on a GPU
+    # (each int8 step right after an AMX one is then skipped as replaced)
+    assert names == [
+        *BLIP_CPU_STEPS,
+        "bf16 vision attention",
+        AMX_VISION,
+        INT8_STEPS[0],
+        "AMX image keys and values",
+        *BLIP_INT8_STEPS[1:],
+        "bf16 image keys and values",
+    ]
+    blip2 = [s.name for s in Blip2Adapter.speedups(INT8, CPU)]
+    assert blip2 == ["keep freed memory", AMX_VISION, *INT8_STEPS]
+    # on the tiles where the CPU has them; never on a GPU (amx_bf16 is False there)
+    monkeypatch.undo()
     cuda = [s.name for s in BlipCaptionAdapter.speedups(INT8, CUDA)]
-    assert "AMX image keys and values" not in cuda
+    assert not [name for name in cuda if "AMX" in name]

@@ -23,7 +23,7 @@ from blipserve.models import optimize
 from blipserve.models.openvino_vision import OpenVinoVision
 from blipserve.models.optimize import BuildStep, Speedup
 from blipserve.models.pixels import DevicePixels, image_side
-from blipserve.models.precision import Precision
+from blipserve.models.precision import Precision, amx_bf16
 from blipserve.models.protocol import TextRole
 from blipserve.models.static_cache import padded_rows
 from blipserve.models.streaming import RowStreamer
@@ -116,11 +116,12 @@ class HFAdapter:
         family has a choice).
 
         By default what helps any model: the allocator's setting on a CPU, and in int8 every
-        Linear layer (the vision encoder's one image per call).
+        Linear layer (the vision encoder's one image per call; on CPUs with AMX the vision
+        encoder in bfloat16 instead).
         """
         steps = [optimize.KEEP_FREED_MEMORY] if device.type == "cpu" else []
         if precision.int8:
-            steps += optimize.int8_layers(precision)
+            steps += optimize.int8_layers(precision, amx=amx_bf16(device))
         return steps
 
     @classmethod

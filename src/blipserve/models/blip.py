@@ -17,7 +17,7 @@ from blipserve.models import optimize
 from blipserve.models.base import GenerateInputs, HFAdapter
 from blipserve.models.matching import one_score_per_row
 from blipserve.models.optimize import Speedup
-from blipserve.models.precision import Precision, cpu_has_amx, cpu_has_native_bf16
+from blipserve.models.precision import Precision, amx_bf16, cpu_has_native_bf16
 from blipserve.models.registry import register
 from blipserve.models.static_cache import blip_text_cache, cache_length
 from blipserve.params import GenerationParams
@@ -71,11 +71,9 @@ class _BlipText(HFAdapter):
         if attention != "eager":
             steps.append(optimize.vision_attention(attention))
         if precision.int8:
-            bf16 = device.type == "cpu" and cpu_has_native_bf16()
-            # (AMX's bf16 tiles, where oneDNN also runs bf16 natively)
-            amx = bf16 and cpu_has_amx()
+            amx = amx_bf16(device)  # (AMX's bf16 tiles, where oneDNN runs bf16 natively)
             steps += optimize.int8_layers(precision, image_keys_values=True, amx=amx)
-            if bf16:
+            if device.type == "cpu" and cpu_has_native_bf16():
                 steps.append(optimize.BF16_IMAGE_KEYS_VALUES)
         return steps
 

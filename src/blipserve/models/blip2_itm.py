@@ -21,7 +21,7 @@ from blipserve.models.base import HFAdapter
 from blipserve.models.int8_linear import quantize_linears
 from blipserve.models.matching import one_score_per_row
 from blipserve.models.optimize import Speedup
-from blipserve.models.precision import Precision
+from blipserve.models.precision import Precision, amx_bf16
 from blipserve.models.registry import register
 from blipserve.params import GenerationParams
 from blipserve.types import ModelInput, Prediction
@@ -50,11 +50,11 @@ class Blip2MatchAdapter(HFAdapter):
         projections serve only the contrastive scores, not used here)."""
         steps = [optimize.KEEP_FREED_MEMORY] if device.type == "cpu" else []
         if precision.int8:
-            vision = optimize.int8_layers(precision)[0]  # (then every Linear: not here)
+            vision = optimize.int8_vision(precision, amx_bf16(device))  # (no int8 linears)
             own = precision.int8_kernel == "blipserve"
             int8 = functools.partial(_int8_qformer, kernel=own)
             qformer = Speedup("int8 Q-Former linears", int8, optimize.int8_runs_on(precision))
-            steps += [vision, qformer]
+            steps += [*vision, qformer]
         return steps
 
     def check_row(self, item: ModelInput) -> None:

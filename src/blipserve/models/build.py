@@ -134,8 +134,10 @@ def _build(
     vision: str,
 ) -> HFAdapter:
     steps: list[BuildStep] = []
+    elsewhere = None  # what runs the vision encoder if not torch
     if vision == "openvino":  # converted from the float weights, before anything else
         steps.append(_openvino_vision(spec, family, model, processor, precision))
+        elsewhere = "OpenVINO" if steps[-1].applied else None
     if spec.vision_attention != "auto" and not family.vision_attentions:
         raise ModelLoadError(
             f"--vision-attention: model {spec.model!r} ({family.kind}): it applies to BLIP "
@@ -149,7 +151,7 @@ def _build(
             f"named {', '.join(sorted(map(repr, unknown)))} here; it gets: "
             f"{', '.join(repr(s.name) for s in speedups) or 'none'}"
         )
-    steps += optimize.prepare(model, speedups, spec.disable_speedup)
+    steps += optimize.prepare(model, speedups, spec.disable_speedup, elsewhere)
     if precision.int8:  # what was not quantized: out of the checkpoint, in float32
         copied = own_weights(model, precision.dtype)
         log.info("weights kept in %s: %.2f GiB", precision, copied / 2**30)

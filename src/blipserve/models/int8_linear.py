@@ -171,6 +171,8 @@ def int8_available(kernel: bool = True) -> str | None:
 
 def quantize_linears(model: nn.Module, per_row: bool = True, kernel: bool = True) -> int:
     """Replace every ``nn.Linear`` in ``model`` by an :class:`Int8Linear`; returns how many.
+    A layer that says ``keeps_dtype = True`` (a speed option made it narrower on purpose:
+    :func:`~blipserve.models.vision_encoder.vision_in_bf16`) stays as it is.
 
     One-way (the float weights are dropped).  Tied weights (an LM head sharing the word
     embeddings) simply stop being tied: the embedding keeps its float copy.
@@ -179,7 +181,7 @@ def quantize_linears(model: nn.Module, per_row: bool = True, kernel: bool = True
         (parent, name)
         for parent in model.modules()
         for name, child in parent.named_children()
-        if type(child) is nn.Linear
+        if type(child) is nn.Linear and not getattr(child, "keeps_dtype", False)
     ]
     count = len(targets)
     while targets:

@@ -13,9 +13,12 @@ options themselves, each measured in ``bench/speed.py``:
 * :func:`vision_attention` — BLIP's vision attention through SDPA, or with its products in
   bfloat16 (:mod:`blipserve.models.vision_encoder`);
 * :func:`int8_layers` — ``nn.Linear`` layers in int8 (:mod:`blipserve.models.int8_linear`),
-  the vision encoder's run one image per call; on CPUs with AMX, BLIP's projections of the
-  image tokens to the cross-attention's keys and values in bfloat16 instead
-  (:data:`AMX_IMAGE_KEYS_VALUES`).
+  the vision encoder's run one image per call; on CPUs with AMX, the vision encoder
+  (:data:`AMX_VISION`) and BLIP's projections of the image tokens to the cross-attention's
+  keys and values (:data:`AMX_IMAGE_KEYS_VALUES`) in bfloat16 instead.
+
+Steps that change the vision encoder on torch (``Speedup.torch_vision``) are skipped, and
+reported so, where OpenVINO runs it.
 """
 
 from __future__ import annotations
@@ -37,7 +40,11 @@ from blipserve.models.lean_text import (
 from blipserve.models.lean_text_check import lean_text_refusal
 from blipserve.models.memory import keep_freed_memory
 from blipserve.models.precision import Precision
-from blipserve.models.vision_encoder import set_vision_attention, split_vision_batches
+from blipserve.models.vision_encoder import (
+    set_vision_attention,
+    split_vision_batches,
+    vision_in_bf16,
+)
 
 log = logging.getLogger(__name__)
 
@@ -72,20 +79,29 @@ class Speedup:
     apply: Callable[[nn.Module], object]
     runs_on: str = "torch"
     refusal: Callable[[nn.Module], str | None] | None = None
+    torch_vision: bool = False  # it changes the vision encoder on torch
 
 
 def prepare(
-    model: nn.Module, speedups: Iterable[Speedup], disabled: Iterable[str] = ()
+    model: nn.Module,
+    speedups: Iterable[Speedup],
+    disabled: Iterable[str] = (),
+    vision_elsewhere: str | None = None,
 ) -> list[BuildStep]:
     """Apply ``speedups`` (an adapter's ``speedups(precision, device)``) to ``model``, in
     order, each where its precondition holds and not ``disabled`` (``--disable-speedup``);
-    what was done, step by step."""
+    what was done, step by step.  ``vision_elsewhere``: what runs the vision encoder
+    instead of torch (the steps for torch's are then skipped)."""
     done: list[BuildStep] = []
     applied: set[str] = set()
     off = set(disabled)
     for speedup in speedups:
         if speedup.name in off:
             done.append(BuildStep(speedup.name, speedup.runs_on, False, "--disable-speedup"))
+            continue
+        if speedup.torch_vision and vision_elsewhere:
+            elsewhere = f"the vision encoder runs on {vision_elsewhere}"
+            done.append(BuildStep(speedup.name, speedup.runs_on, applied=False, why=elsewhere))
             continue
         if REPLACED_BY.get(speedup.name) in applied:  # (a faster way did its work)
             replaced = f"replaced by {REPLACED_BY[speedup.name]}"
@@ -123,9 +139,22 @@ def vision_attention(how: str) -> Speedup:
     """BLIP's vision attention run ``how``: ``sdpa`` or ``bf16``
     (:func:`~blipserve.models.vision_encoder.set_vision_attention`)."""
     runs_on = "torch SDPA" if how == "sdpa" else "torch, bfloat16 products"
-    return Speedup(
-        f"{how} vision attention", functools.partial(set_vision_attention, how=how), runs_on
-    )
+    attention = functools.partial(set_vision_attention, how=how)
+    return Speedup(f"{how} vision attention", attention, runs_on, torch_vision=True)
+
+
+def _torch_vision(model: nn.Module) -> nn.Module | None:
+    """``model``'s vision encoder where torch runs it (None: it has none, or OpenVINO runs
+    it: an encoder without parameters)."""
+    vision = getattr(model, "vision_model", None)
+    if not isinstance(vision, nn.Module) or not any(True for _ in vision.parameters()):
+        return None
+    return vision
+
+
+def _amx_vision(model: nn.Module) -> None:
+    if _torch_vision(model) is not None:
+        vision_in_bf16(model)
 
 
 def int8_layers(
@@ -133,16 +162,15 @@ def int8_layers(
 ) -> list[Speedup]:
     """Every ``nn.Linear`` in int8, on ``precision``'s kernel (blipserve's or fbgemm's).
 
-    ``image_keys_values``: first the cross-attention keys and values of the image in lean
-    BLIP text layers, with one scale per image
-    (:func:`~blipserve.models.lean_text.quantize_image_keys_values`), or, with ``amx``,
-    in bfloat16 on AMX (:data:`AMX_IMAGE_KEYS_VALUES`; the int8 step is then skipped as
-    replaced, and applies again where that one is disabled).
+    First the vision encoder's (:func:`int8_vision`).  ``image_keys_values``: then the
+    cross-attention keys and values of the image in lean BLIP text layers, with one scale
+    per image (:func:`~blipserve.models.lean_text.quantize_image_keys_values`), or, with
+    ``amx``, in bfloat16 on AMX (:data:`AMX_IMAGE_KEYS_VALUES`; the int8 step is then
+    skipped as replaced, and applies again where that one is disabled).
     """
     own = precision.int8_kernel == "blipserve"  # (else fbgemm)
     kernel = int8_runs_on(precision)
-    vision = functools.partial(_int8_vision, kernel=own)
-    steps = [Speedup(INT8_VISION, vision, kernel)]
+    steps = int8_vision(precision, amx)
     if image_keys_values and amx:
         steps.append(AMX_IMAGE_KEYS_VALUES)
     if image_keys_values:
@@ -151,6 +179,15 @@ def int8_layers(
     linears = functools.partial(quantize_linears, kernel=own)
     steps.append(Speedup("int8 linears", linears, kernel))
     return steps
+
+
+def int8_vision(precision: Precision, amx: bool = False) -> list[Speedup]:
+    """The vision encoder's Linear layers in int8, one image per call; with ``amx`` first
+    the whole encoder in bfloat16 (:data:`AMX_VISION`; the int8 step is then skipped as
+    replaced, and applies again where that one is disabled)."""
+    vision = functools.partial(_int8_vision, kernel=precision.int8_kernel == "blipserve")
+    int8 = Speedup(INT8_VISION, vision, int8_runs_on(precision), torch_vision=True)
+    return [AMX_VISION, int8] if amx else [int8]
 
 
 def int8_runs_on(precision: Precision) -> str:
@@ -170,6 +207,14 @@ AMX_IMAGE_KEYS_VALUES = Speedup(
     "AMX image keys and values", project_image_keys_values_in_bf16, "torch bf16 matmul (AMX)"
 )
 
+#: before the int8 vision step, on CPUs with AMX (vision_in_bf16)
+AMX_VISION = Speedup(
+    "AMX vision encoder (one image a call)",
+    _amx_vision,
+    "torch bf16 matmul (AMX)",
+    torch_vision=True,
+)
+
 INT8_VISION = "int8 vision encoder (one image a call)"
 INT8_IMAGE_KEYS_VALUES = "int8 image keys and values"
 #: a step -> the step it builds on (skipped when that one was)
@@ -179,15 +224,18 @@ NEEDS = {
     AMX_IMAGE_KEYS_VALUES.name: LEAN_TEXT_LAYERS.name,
 }
 #: a step -> the step that does its work another way where it applied (skipped then)
-REPLACED_BY = {INT8_IMAGE_KEYS_VALUES: AMX_IMAGE_KEYS_VALUES.name}
+REPLACED_BY = {
+    INT8_IMAGE_KEYS_VALUES: AMX_IMAGE_KEYS_VALUES.name,
+    INT8_VISION: AMX_VISION.name,
+}
 
 
 def _int8_vision(model: nn.Module, kernel: bool) -> None:
     """The vision encoder one image per call, its Linear layers in int8 with one activation
     scale per image (per call); nothing for an encoder that runs on OpenVINO."""
-    vision = getattr(model, "vision_model", None)
-    if not isinstance(vision, nn.Module) or not any(True for _ in vision.parameters()):
-        return  # (a vision encoder without parameters runs on OpenVINO)
+    vision = _torch_vision(model)
+    if vision is None:
+        return
     # Measured on BLIP-base, batch 8: 272 ms per image one at a time vs 330-390 in one call
     # (the float32 activations of 8 images stream through memory) ...
     split_vision_batches(model, rows=1)

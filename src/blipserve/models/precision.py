@@ -47,6 +47,12 @@ def cpu_has_amx() -> bool:
         return False
 
 
+def amx_bf16(device: torch.device) -> bool:
+    """Whether ``device`` is a CPU that runs bfloat16 natively and on AMX tiles (where the
+    int8 mode keeps the products with many rows in bfloat16)."""
+    return device.type == "cpu" and cpu_has_native_bf16() and cpu_has_amx()
+
+
 @dataclass(frozen=True)
 class Precision:
     """How a model computes: its float dtype, and whether its Linear layers run in int8
