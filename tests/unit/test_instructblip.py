@@ -22,6 +22,7 @@ from blipserve.engine import Engine
 from blipserve.models import build_model, int8_linear
 from blipserve.models.base import HFAdapter
 from blipserve.models.instructblip import CAPTION_INSTRUCTION, InstructBlipAdapter
+from blipserve.models.precision import amx_bf16
 from blipserve.params import GenerationParams
 from blipserve.server.app import ServerState, create_app
 from blipserve.types import ModelInput, Prediction, RowInput
@@ -107,10 +108,14 @@ def test_loads_through_the_registry_in_the_default_dtype(
     assert adapter.image_size == 32
     assert not adapter.model.training
     # dtype auto on a CPU: int8 (every Linear layer: vision, Q-Former, LLaMA / T5) where
-    # torch has the int8 kernels, HFAdapter's default speedups
+    # torch has the int8 kernels, HFAdapter's default speedups; on CPUs with AMX the vision
+    # encoder's stay in bf16
     if int8_linear.int8_available() is None:
         assert str(adapter.precision) == "int8"
-        assert [m for m in adapter.model.modules() if isinstance(m, torch.nn.Linear)] == []
+        vision = [m for m in adapter.model.vision_model.modules() if type(m) is torch.nn.Linear]
+        assert bool(vision) == amx_bf16(torch.device("cpu"))
+        linears = [m for m in adapter.model.modules() if isinstance(m, torch.nn.Linear)]
+        assert len(linears) == len(vision)
     item = ModelInput(make_image(0), None, PARAMS)
     [out] = adapter.predict([item])
     assert out.text
