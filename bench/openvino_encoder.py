@@ -109,11 +109,9 @@ def openvino_mode(mode: str, vision: Any, side: int, processor: Any) -> Any:
 def torch_int8(vision: Any) -> Any:
     """blipserve's int8 encoder as ``--dtype int8`` builds it where the CPU lacks AMX."""
     from blipserve.models import optimize
-    from blipserve.models.precision import resolve_precision
 
-    holder = torch.nn.Module()
-    holder.vision_model = copy.deepcopy(vision)
-    optimize.prepare(holder, optimize.int8_vision(resolve_precision("int8", torch.device("cpu"))))
+    holder, int8 = _engine_attention(vision)
+    optimize.prepare(holder, optimize.int8_vision(int8))
     return _last_hidden_state(holder.vision_model)
 
 
@@ -121,10 +119,26 @@ def torch_bf16(vision: Any) -> Any:
     """The encoder as ``--dtype int8`` builds it where the CPU has AMX (bf16 weights)."""
     from blipserve.models.vision_encoder import vision_in_bf16
 
+    holder, int8 = _engine_attention(vision)
+    vision_in_bf16(holder, int8.dtype)
+    return _last_hidden_state(holder.vision_model)
+
+
+def _engine_attention(vision: Any) -> tuple[torch.nn.Module, Any]:
+    """A copy of ``vision`` in a holder (as ``model.vision_model``), its attention as the
+    int8 mode's (BLIP's: bf16 products where the CPU has bf16), and that precision."""
+    from blipserve.models import optimize
+    from blipserve.models.blip import _vision_attention
+    from blipserve.models.precision import resolve_precision
+
+    cpu = torch.device("cpu")
+    int8 = resolve_precision("int8", cpu)
     holder = torch.nn.Module()
     holder.vision_model = copy.deepcopy(vision)
-    vision_in_bf16(holder)
-    return _last_hidden_state(holder.vision_model)
+    how = _vision_attention(int8, cpu)
+    if how != "eager":  # (BLIP's attention only: nothing in BLIP-2's ViT-g)
+        optimize.vision_attention(how).apply(holder)
+    return holder, int8
 
 
 def _last_hidden_state(model: Any) -> Any:

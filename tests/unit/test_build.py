@@ -317,7 +317,8 @@ def test_amx_vision_encoder_runs_in_bf16_one_image_a_call(
 def test_vision_steps_are_skipped_where_openvino_runs_the_encoder(
     tiny_model_dir: Mapping[str, Path],
 ) -> None:
-    if (why := openvino_vision.unavailable(torch.device("cpu"))) is not None:
+    why = openvino_vision.unavailable(torch.device("cpu")) or openvino_vision.int8_unavailable()
+    if why is not None:
         pytest.skip(why)
     adapter = _built(tiny_model_dir["blip-caption"], dtype="int8", backend="openvino")
     vision_steps = [s for s in adapter.build if "vision" in s.name and "OpenVINO" not in s.name]

@@ -21,7 +21,8 @@ from blipserve.models.base import HFAdapter
 from blipserve.models.int8_linear import Int8Linear
 from blipserve.models.precision import Precision
 from blipserve.models.weights import load_dtype, own_weights, stored_dtypes
-from blipserve.types import RowInput
+from blipserve.params import GenerationParams
+from blipserve.types import ModelInput, RowInput
 from helpers import client_base64, jpeg_bytes, photos
 
 
@@ -187,3 +188,29 @@ def test_a_checkpoint_of_mixed_dtypes_loads_in_float32(
     # the mixed one builds, its Q-Former's float32 weights quantized as they were stored
     adapter = _int8(tmp_path / "mixed")
     assert any(isinstance(m, Int8Linear) for m in adapter.model.qformer.modules())
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="reads /proc/self/maps")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_amx_vision_from_a_half_precision_checkpoint(
+    tiny_model_dir: Mapping[str, Path],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    dtype: torch.dtype,
+) -> None:
+    # as on a CPU with AMX: the vision encoder in bf16 holds memory of its own (a bf16
+    # file's tensors are not views of the file any longer) and answers in float32, what
+    # the rest of the int8 model computes in, not in the file's dtype
+    from blipserve.models import base
+
+    monkeypatch.setattr(base, "amx_bf16", lambda device: True)
+    folder, _ = _copy_in(tiny_model_dir["blip2-opt"], tmp_path / "half", dtype)
+    adapter = _int8(folder)
+    assert next(s for s in adapter.build if s.name.startswith("AMX vision")).applied
+    assert not _mapped(folder, collect=False)
+    vision = adapter.model.vision_model
+    assert {p.dtype for p in vision.parameters()} == {torch.bfloat16}
+    items = [ModelInput(image, None, GenerationParams()) for image in list(photos().values())[:2]]
+    with torch.inference_mode():
+        out = vision(pixel_values=adapter.pixel_values(items))
+    assert out.last_hidden_state.dtype == out.pooler_output.dtype == torch.float32

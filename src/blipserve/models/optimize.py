@@ -28,6 +28,7 @@ import logging
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
+import torch
 from torch import nn
 
 from blipserve.models.int8_linear import quantize_linears
@@ -152,9 +153,9 @@ def _torch_vision(model: nn.Module) -> nn.Module | None:
     return vision
 
 
-def _amx_vision(model: nn.Module) -> None:
+def _amx_vision(model: nn.Module, out: torch.dtype) -> None:
     if _torch_vision(model) is not None:
-        vision_in_bf16(model)
+        vision_in_bf16(model, out)
 
 
 def int8_layers(
@@ -187,7 +188,11 @@ def int8_vision(precision: Precision, amx: bool = False) -> list[Speedup]:
     replaced, and applies again where that one is disabled)."""
     vision = functools.partial(_int8_vision, kernel=precision.int8_kernel == "blipserve")
     int8 = Speedup(INT8_VISION, vision, int8_runs_on(precision), torch_vision=True)
-    return [AMX_VISION, int8] if amx else [int8]
+    if not amx:
+        return [int8]
+    # (its output in the dtype the rest of the model computes in: not the checkpoint's)
+    bf16 = functools.partial(_amx_vision, out=precision.dtype)
+    return [Speedup(AMX_VISION, bf16, "torch bf16 matmul (AMX)", torch_vision=True), int8]
 
 
 def int8_runs_on(precision: Precision) -> str:
@@ -208,12 +213,7 @@ AMX_IMAGE_KEYS_VALUES = Speedup(
 )
 
 #: before the int8 vision step, on CPUs with AMX (vision_in_bf16)
-AMX_VISION = Speedup(
-    "AMX vision encoder (one image a call)",
-    _amx_vision,
-    "torch bf16 matmul (AMX)",
-    torch_vision=True,
-)
+AMX_VISION = "AMX vision encoder (one image a call)"
 
 INT8_VISION = "int8 vision encoder (one image a call)"
 INT8_IMAGE_KEYS_VALUES = "int8 image keys and values"
@@ -226,7 +226,7 @@ NEEDS = {
 #: a step -> the step that does its work another way where it applied (skipped then)
 REPLACED_BY = {
     INT8_IMAGE_KEYS_VALUES: AMX_IMAGE_KEYS_VALUES.name,
-    INT8_VISION: AMX_VISION.name,
+    INT8_VISION: AMX_VISION,
 }
 
 

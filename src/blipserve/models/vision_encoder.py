@@ -19,6 +19,8 @@ import torch
 from torch import nn
 from torch.nn import functional
 
+from blipserve.models.weights import own_weights
+
 
 def _qkv(module: Any, hidden_states: torch.Tensor) -> tuple[torch.Tensor, ...]:
     b, n, _ = hidden_states.shape
@@ -88,20 +90,27 @@ def _cat(parts: list[Any]) -> Any:
 
 def _cast(part: Any, dtype: torch.dtype | None) -> Any:
     """What an encoder returned (tensors, tuples of them, None), floats in ``dtype``."""
-    if dtype is None or part is None:
-        return part
     if isinstance(part, tuple):
         return tuple(_cast(p, dtype) for p in part)
-    return part.to(dtype) if part.is_floating_point() else part
+    if dtype is None or not isinstance(part, torch.Tensor) or not part.is_floating_point():
+        return part
+    return part.to(dtype)
 
 
 def _per_image_forward(
-    forward: Any, rows: int, pixel_values: torch.Tensor, _out: torch.dtype | None = None, **kw: Any
+    forward: Any,
+    rows: int,
+    pixel_values: torch.Tensor,
+    *,
+    out: torch.dtype | None = None,
+    **kw: Any,
 ) -> Any:
+    """``forward`` on ``rows`` images at a time, the chunks' outputs joined (their floats in
+    ``out``, where given)."""
     chunks = [forward(pixel_values=chunk, **kw) for chunk in torch.split(pixel_values, rows)]
     if isinstance(chunks[0], tuple):  # return_dict=False
-        return tuple(_cast(_cat([c[i] for c in chunks]), _out) for i in range(len(chunks[0])))
-    parts = {key: _cast(_cat([c[key] for c in chunks]), _out) for key in chunks[0]}
+        return tuple(_cast(_cat([c[i] for c in chunks]), out) for i in range(len(chunks[0])))
+    parts = {key: _cast(_cat([c[key] for c in chunks]), out) for key in chunks[0]}
     return type(chunks[0])(**parts)
 
 
@@ -117,23 +126,22 @@ def split_vision_batches(model: nn.Module, rows: int = 1) -> None:
     vision.forward = functools.partial(_per_image_forward, original, rows)
 
 
-def vision_in_bf16(model: nn.Module) -> None:
-    """``model.vision_model``'s weights in bfloat16, run one image per call, its outputs in
-    the dtype the model had (so the rest of the model sees what it saw before).
+def vision_in_bf16(model: nn.Module, out: torch.dtype) -> None:
+    """``model.vision_model``'s weights in bfloat16, in memory of their own (never views of
+    a checkpoint file), run one image per call, its outputs in ``out`` (the dtype the rest
+    of the model computes in, whatever the checkpoint held).
 
     For CPUs with AMX (:func:`~blipserve.models.precision.cpu_has_amx`), where oneDNN runs
     bfloat16 products on the tiles: faster there than int8 on AVX-512 VNNI, and closer to
-    float32 (ms an image on a 2-core Intel Xeon, ``bench/openvino_encoder.py --modes
-    torch-int8 torch-bf16``): BLIP-2's ViT-g with 8 of its 39 layers 139 against
-    250, BLIP-base's ViT 241 / 203 against 302 / 315 at batch 1 / 8; each image's features
-    at a cosine of 0.99995 to float32's (int8: 0.9995-0.9997).  One image per call, because
-    oneDNN may block a product differently by its row count, and an image's features must
-    not depend on its batch.  The weights say ``keeps_dtype`` so that
-    :func:`~blipserve.models.weights.own_weights` leaves them in bfloat16.
+    float32 (``bench/openvino_encoder.py --modes torch-int8 torch-bf16`` on a 2-core Intel
+    Xeon): BLIP-2's ViT-g with 8 of its 39 layers 139 against 250 ms an image, its
+    photographs' features at a cosine of 0.99997 to float32's (int8: 0.99969).  One image
+    per call, because oneDNN may block a product differently by its row count, and an
+    image's features must not depend on its batch.  The modules say ``keeps_dtype`` so
+    that the int8 steps and :func:`~blipserve.models.weights.own_weights` leave them.
     """
     vision = cast(nn.Module, model.vision_model)
-    before = next(vision.parameters()).dtype
-    vision.to(torch.bfloat16)
+    own_weights(vision, torch.bfloat16)  # (a copy, even of a bf16 file's tensors)
     for module in vision.modules():
         setattr(module, "keeps_dtype", True)  # noqa: B010 (not a declared attribute)
     original = type(vision).forward.__get__(vision)
@@ -141,4 +149,4 @@ def vision_in_bf16(model: nn.Module) -> None:
     def narrow(pixel_values: torch.Tensor, **kw: Any) -> Any:
         return original(pixel_values=pixel_values.to(torch.bfloat16), **kw)
 
-    vision.forward = functools.partial(_per_image_forward, narrow, 1, _out=before)
+    vision.forward = functools.partial(_per_image_forward, narrow, 1, out=out)
