@@ -102,20 +102,30 @@ def _per_image_forward(
     rows: int,
     pixel_values: torch.Tensor,
     *,
+    run_in: torch.dtype | None = None,
     out: torch.dtype | None = None,
     **kw: Any,
 ) -> Any:
-    """``forward`` on ``rows`` images at a time, the chunks' outputs joined (their floats in
-    ``out``, where given)."""
-    chunks = [forward(pixel_values=chunk, **kw) for chunk in torch.split(pixel_values, rows)]
+    """``forward`` on ``rows`` images at a time (their pixels in ``run_in``, where given),
+    the chunks' outputs joined (their floats in ``out``, where given)."""
+    pixels = pixel_values if run_in is None else pixel_values.to(run_in)
+    chunks = [forward(pixel_values=chunk, **kw) for chunk in torch.split(pixels, rows)]
     if isinstance(chunks[0], tuple):  # return_dict=False
         return tuple(_cast(_cat([c[i] for c in chunks]), out) for i in range(len(chunks[0])))
     parts = {key: _cast(_cat([c[key] for c in chunks]), out) for key in chunks[0]}
     return type(chunks[0])(**parts)
 
 
-def split_vision_batches(model: nn.Module, rows: int = 1) -> None:
-    """Run ``model.vision_model`` on ``rows`` images at a time, whatever the batch size.
+def split_vision_batches(
+    model: nn.Module,
+    rows: int = 1,
+    *,
+    run_in: torch.dtype | None = None,
+    out: torch.dtype | None = None,
+) -> None:
+    """Run ``model.vision_model`` on ``rows`` images at a time, whatever the batch size
+    (``run_in``, ``out``: the dtype its pixels are given in and its outputs answered in,
+    where they differ from what the caller sends and expects).
 
     The decoder still sees the whole batch (its steps are memory-bound and gain from it);
     the vision encoder's activations (577 x 3072 float32 per image in an MLP) stay in cache
@@ -123,7 +133,7 @@ def split_vision_batches(model: nn.Module, rows: int = 1) -> None:
     """
     vision = cast(nn.Module, model.vision_model)
     original = type(vision).forward.__get__(vision)
-    vision.forward = functools.partial(_per_image_forward, original, rows)
+    vision.forward = functools.partial(_per_image_forward, original, rows, run_in=run_in, out=out)
 
 
 def vision_in_bf16(model: nn.Module, out: torch.dtype) -> None:
@@ -144,9 +154,4 @@ def vision_in_bf16(model: nn.Module, out: torch.dtype) -> None:
     own_weights(vision, torch.bfloat16)  # (a copy, even of a bf16 file's tensors)
     for module in vision.modules():
         setattr(module, "keeps_dtype", True)  # noqa: B010 (not a declared attribute)
-    original = type(vision).forward.__get__(vision)
-
-    def narrow(pixel_values: torch.Tensor, **kw: Any) -> Any:
-        return original(pixel_values=pixel_values.to(torch.bfloat16), **kw)
-
-    vision.forward = functools.partial(_per_image_forward, narrow, 1, out=out)
+    split_vision_batches(model, 1, run_in=torch.bfloat16, out=out)
