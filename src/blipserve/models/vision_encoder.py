@@ -144,8 +144,9 @@ def vision_in_bf16(model: nn.Module, out: torch.dtype) -> None:
     For CPUs with AMX (:func:`~blipserve.models.precision.cpu_has_amx`), where oneDNN runs
     bfloat16 products on the tiles: faster there than int8 on AVX-512 VNNI, and closer to
     float32 (``bench/openvino_encoder.py --modes torch-int8 torch-bf16`` on a 2-core Intel
-    Xeon): BLIP-2's ViT-g with 8 of its 39 layers 139 against 250 ms an image, its
-    photographs' features at a cosine of 0.99997 to float32's (int8: 0.99969).  One image
+    Xeon, ``bench/results/openvino-encoder-blip2-xeon.json``): BLIP-2's ViT-g with 2 of its
+    39 layers 36 against 56-59 ms an image, its photographs' features at a cosine of
+    0.99997 to float32's (int8: 0.99969).  One image
     per call, because oneDNN may block a product differently by its row count, and an
     image's features must not depend on its batch.  The modules say ``keeps_dtype`` so
     that the int8 steps and :func:`~blipserve.models.weights.own_weights` leave them.
