@@ -234,8 +234,23 @@ def test_a_speedup_can_be_left_out_by_name(tiny_model_dir: Mapping[str, Path]) -
     adapter = _built(folder, dtype="float32", disable_speedup=("lean text layers",))
     lean = next(step for step in adapter.build if step.name == "lean text layers")
     assert (lean.applied, lean.why) == (False, "--disable-speedup")
-    with pytest.raises(ModelLoadError, match=r"no speed option named 'warp drive' here"):
+    with pytest.raises(ModelLoadError, match=r"no speed option named 'warp drive' here or on"):
         _built(folder, dtype="float32", disable_speedup=("warp drive",))
+
+
+def test_a_speedup_this_host_lacks_is_a_warning_when_left_out(
+    tiny_model_dir: Mapping[str, Path], caplog: pytest.LogCaptureFixture
+) -> None:
+    # settings shared by a fleet of CPUs: an option only AMX hosts (or int8) get, named on
+    # a float32 model, leaves out nothing and says so instead of refusing to start
+    folder = tiny_model_dir["blip-caption"]
+    names = ("AMX vision encoder (one image a call)", "int8 linears", "lean text layers")
+    with caplog.at_level(logging.WARNING, logger="blipserve.models.build"):
+        adapter = _built(folder, dtype="float32", disable_speedup=names)
+    assert [step.name for step in adapter.build if not step.applied] == ["lean text layers"]
+    for name in names[:2]:
+        assert f"--disable-speedup {name!r}: model" in caplog.text
+    assert "does not get that option on this host in float32" in caplog.text
 
 
 def test_amx_image_keys_values_replace_the_int8_ones_and_stay_bf16(

@@ -12,8 +12,10 @@ from torch import nn
 from transformers import BlipVisionConfig, BlipVisionModel
 
 from blipserve.models import (
+    ADAPTERS,
     base,
     blip,
+    blip2_itm,
     int8_kernel,
     int8_linear,
     lean_text,
@@ -371,6 +373,26 @@ def test_each_family_declares_its_speedups(
     for module in (base, blip):
         monkeypatch.setattr(module, "amx_bf16", lambda device: False)
     assert [s.name for s in adapter.speedups(precision, device)] == expected
+
+
+@pytest.mark.parametrize("amx", [False, True])
+@pytest.mark.parametrize("native_bf16", [False, True])
+def test_every_speedup_name_is_one_disable_speedup_knows(
+    monkeypatch: pytest.MonkeyPatch, amx: bool, native_bf16: bool
+) -> None:
+    # (--disable-speedup refuses a name outside ALL_NAMES as a typo, on any host)
+    monkeypatch.setattr(blip, "cpu_has_native_bf16", lambda: native_bf16)
+    for module in (base, blip, blip2_itm):
+        monkeypatch.setattr(module, "amx_bf16", lambda device: amx)
+    seen = set()
+    for adapter in set(ADAPTERS.values()):
+        for precision in (INT8, F32, BF16):
+            for device in (CPU, CUDA):
+                for attention in ("auto", "eager", "sdpa", "bf16"):
+                    seen |= {s.name for s in adapter.speedups(precision, device, attention)}
+    assert seen <= optimize.ALL_NAMES, seen - optimize.ALL_NAMES
+    if amx and native_bf16:  # (every name is some host's: none is stale)
+        assert seen == optimize.ALL_NAMES
 
 
 def test_blip_int8_on_amx_projects_the_image_keys_values_in_bf16(

@@ -115,7 +115,9 @@ class ModelConfig:
         (),
         "Leave out a speed option the model would get, by the name /ready's build reports "
         "(e.g. 'bf16 image keys and values'); repeatable. For diagnosis and side-by-side "
-        "measurements: the model then runs transformers' own code for that part.",
+        "measurements: the model then runs transformers' own code for that part. A name "
+        "the model does not get on this host (another CPU's option) is logged and ignored; "
+        "a name no model gets is refused.",
         metavar="NAME",
         repeatable=True,
     )

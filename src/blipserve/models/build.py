@@ -35,7 +35,7 @@ from blipserve.errors import ModelLoadError
 from blipserve.models import openvino_vision, optimize
 from blipserve.models.base import HFAdapter
 from blipserve.models.memory import release_freed_memory
-from blipserve.models.optimize import BuildStep
+from blipserve.models.optimize import BuildStep, Speedup
 from blipserve.models.pixels import DevicePixels, image_side
 from blipserve.models.precision import (
     Precision,
@@ -123,6 +123,28 @@ def _from_pretrained(
     return model.to(device).eval(), processor
 
 
+def _check_disabled(
+    spec: ModelConfig, family: type[HFAdapter], speedups: list[Speedup], precision: Precision
+) -> None:
+    """Refuse a ``--disable-speedup`` name that no model gets anywhere (a typo); warn of
+    one that this model does not get here (another CPU, precision or family has it)."""
+    absent = set(spec.disable_speedup) - {s.name for s in speedups}
+    typos = absent - optimize.ALL_NAMES
+    here = f"model {spec.model!r} ({family.kind})"
+    gets = ", ".join(repr(s.name) for s in speedups) or "none"
+    if typos:
+        raise ModelLoadError(
+            f"--disable-speedup: {here} gets no speed option named "
+            f"{', '.join(sorted(map(repr, typos)))} here or on any other host; it gets: {gets}"
+        )
+    for name in sorted(absent):
+        log.warning(
+            "--disable-speedup %r: %s does not get that option on this host in %s; "
+            "nothing to leave out (it gets: %s)",
+            *(name, here, precision, gets),
+        )
+
+
 def _build(
     spec: ModelConfig,
     family: type[HFAdapter],
@@ -144,13 +166,7 @@ def _build(
             "models' vision encoder"
         )
     speedups = family.speedups(precision, device, spec.vision_attention)
-    unknown = set(spec.disable_speedup) - {s.name for s in speedups}
-    if unknown:
-        raise ModelLoadError(
-            f"--disable-speedup: model {spec.model!r} ({family.kind}) gets no speed option "
-            f"named {', '.join(sorted(map(repr, unknown)))} here; it gets: "
-            f"{', '.join(repr(s.name) for s in speedups) or 'none'}"
-        )
+    _check_disabled(spec, family, speedups, precision)
     steps += optimize.prepare(model, speedups, spec.disable_speedup, elsewhere)
     if precision.int8:  # what was not quantized: out of the checkpoint, in float32
         copied = own_weights(model, precision.dtype)

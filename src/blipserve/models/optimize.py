@@ -217,6 +217,24 @@ AMX_VISION = "AMX vision encoder (one image a call)"
 
 INT8_VISION = "int8 vision encoder (one image a call)"
 INT8_IMAGE_KEYS_VALUES = "int8 image keys and values"
+#: Every speed option's name, whatever the model, precision and CPU: what
+#: ``--disable-speedup`` accepts on any host (settings shared by a fleet may name an
+#: option that one host's model does not get there; a name outside this set is a typo)
+ALL_NAMES = frozenset(
+    {
+        KEEP_FREED_MEMORY.name,
+        LEAN_TEXT_LAYERS.name,
+        "sdpa vision attention",
+        "bf16 vision attention",
+        AMX_VISION,
+        INT8_VISION,
+        AMX_IMAGE_KEYS_VALUES.name,
+        INT8_IMAGE_KEYS_VALUES,
+        "int8 linears",
+        "int8 Q-Former linears",
+        BF16_IMAGE_KEYS_VALUES.name,
+    }
+)
 #: a step -> the step it builds on (skipped when that one was)
 NEEDS = {
     INT8_IMAGE_KEYS_VALUES: LEAN_TEXT_LAYERS.name,
