@@ -191,6 +191,23 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+#: the instruction sets that decide blipserve's CPU paths (int8 kernel, bf16, AMX)
+_FEATURES = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_tile", "amx_int8")
+
+
+def cpu_features() -> list[str]:
+    """Which of :data:`_FEATURES` this CPU reports (the same model name covers CPUs with
+    and without AVX-512 or AMX: results from them are not comparable)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
+                return [f for f in _FEATURES if f in flags]
+    except OSError:
+        pass
+    return []
+
+
 def machine_info() -> dict[str, Any]:
     """CPU, cores, library versions and torch threads of this machine, for a report."""
     import torch
@@ -202,6 +219,8 @@ def machine_info() -> dict[str, Any]:
         usable = os.cpu_count() or 0
     return {
         "cpu": cpu_model(),
+        "cpu_features": cpu_features(),
+        "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "cores": os.cpu_count(),
         "usable_cores": usable,
         "torch_threads": torch.get_num_threads(),
