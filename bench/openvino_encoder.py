@@ -9,7 +9,8 @@ hidden state) against transformers' float32.
 
 Modes (``--modes``): ``torch-int8`` (blipserve's int8 linears, as ``--dtype int8`` loads
 them on torch without AMX), ``torch-bf16`` (the encoder's weights in bfloat16 on torch, one
-image per call, as ``--dtype int8`` loads them where the CPU has AMX), and on OpenVINO as
+image per call, as ``--dtype int8`` loads them where the CPU has AMX), ``torch-f32`` (float32
+with SDPA attention, as ``--dtype float32`` loads it), and on OpenVINO as
 ``--backend openvino`` loads them: ``ov-f32``, ``ov-bf16``, ``ov-int8-static`` (NNCF int8
 of weights and activations with blipserve's recipe and generated calibration:
 ``openvino_int8.quantize``), ``ov-int8-dynamic`` (int8 weights, activations quantized per
@@ -44,6 +45,8 @@ sys.path.insert(0, str(ROOT / "bench"))
 MODES = (
     "torch-int8",
     "torch-bf16",
+    "torch-f32",
+    "ov-f32",
     "ov-bf16",
     "ov-int8-static",
     "ov-int8-dynamic",
@@ -124,6 +127,19 @@ def torch_bf16(vision: Any) -> Any:
     return _last_hidden_state(holder.vision_model)
 
 
+def torch_f32(vision: Any) -> Any:
+    """The encoder as ``--dtype float32`` builds it on a CPU (SDPA attention, BLIP's)."""
+    from transformers import BlipVisionModel
+
+    from blipserve.models import optimize
+
+    holder = torch.nn.Module()
+    holder.vision_model = copy.deepcopy(vision)
+    if isinstance(vision, BlipVisionModel):  # (BLIP-2's ViT-g keeps transformers' own)
+        optimize.vision_attention("sdpa").apply(holder)
+    return _last_hidden_state(holder.vision_model)
+
+
 def _engine_attention(vision: Any) -> tuple[torch.nn.Module, Any]:
     """A copy of ``vision`` in a holder (as ``model.vision_model``), its attention as the
     int8 mode's (BLIP's: bf16 products where the CPU has bf16), and that precision."""
@@ -177,7 +193,7 @@ def main() -> None:
     pixels = torch.cat([pixels, pixels.flip(-1)])[:8]  # (8, 3, S, S)
     with torch.inference_mode():
         reference = [vision(pixel_values=p[None]).last_hidden_state for p in pixels]
-    on_torch = {"torch-int8": torch_int8, "torch-bf16": torch_bf16}
+    on_torch = {"torch-int8": torch_int8, "torch-bf16": torch_bf16, "torch-f32": torch_f32}
     runners = {
         mode: on_torch[mode](vision)
         if mode in on_torch

@@ -159,8 +159,8 @@ def guard_rows(name: str, scenes: list[Scene]) -> list[RowInput]:
 
 
 # `auto` on a CPU: int8 (bfloat16 where torch has no int8 kernels), BLIP's vision encoder
-# on OpenVINO in int8 where OpenVINO and NNCF are installed (--backend auto), BLIP-2's and
-# otherwise on torch.
+# on OpenVINO in int8 where OpenVINO and NNCF are installed and the CPU has VNNI (--backend
+# auto), BLIP-2's and otherwise on torch.
 # With --backend openvino the vision encoder runs on OpenVINO (int8 with --dtype int8,
 # float32 with --dtype float32, the exact mode, else bfloat16 where the CPU has it) beside
 # the same decoder.  demo-vqa in bfloat16 says

@@ -20,7 +20,7 @@ import torch
 from blipserve.config import ModelConfig
 from blipserve.engine import default_model_workers
 from blipserve.errors import ModelLoadError
-from blipserve.models import build_model
+from blipserve.models import build_model, int8_linear
 from blipserve.models.precision import (
     Precision,
     cpu_has_native_bf16,
@@ -141,7 +141,12 @@ def test_backend_choice(monkeypatch: pytest.MonkeyPatch) -> None:
     )
     assert resolve_vision_backend("openvino", cpu, f32) == "openvino"
     assert resolve_vision_backend("openvino", cpu, int8) == "openvino"
-    # auto: OpenVINO's int8 encoder (as measured: see its docstring); torch otherwise
+    # auto: OpenVINO's int8 encoder where the CPU has VNNI (as measured: see its
+    # docstring); torch otherwise
+    monkeypatch.setattr(int8_linear, "cpu_has_vnni", lambda: False)
+    assert resolve_vision_backend("auto", cpu, int8) == "torch"
+    assert resolve_vision_backend("openvino", cpu, int8) == "openvino"  # (asked: given)
+    monkeypatch.setattr(int8_linear, "cpu_has_vnni", lambda: True)
     assert resolve_vision_backend("auto", cpu, int8) == "openvino"
     assert resolve_vision_backend("auto", cpu, int8, when_auto=False) == "torch"
     assert resolve_vision_backend("auto", cpu, f32) == "torch"
@@ -174,6 +179,7 @@ def test_auto_falls_back_to_torch_when_the_encoder_does_not_convert(
         raise RuntimeError("Model wasn't fully converted: aten::something_new\nmore detail")
 
     monkeypatch.setattr(ov, "convert_model", fail)
+    monkeypatch.setattr(int8_linear, "cpu_has_vnni", lambda: True)  # (auto tries OpenVINO)
     cfg = ModelConfig(model=str(tiny_model_dir["blip-caption"]), device="cpu", dtype="int8")
     with caplog.at_level(logging.WARNING, logger="blipserve"):
         adapter = build_model(cfg)
@@ -214,11 +220,14 @@ def test_adapters_run_on_it(tiny_model_dir: dict[str, Path], kind: str) -> None:
     assert [t for t, _ in said["openvino"]] == [t for t, _ in said["torch"]]
 
 
-def test_each_family_names_its_int8_recipe(tiny_model_dir: dict[str, Path]) -> None:
-    """--dtype int8 (auto on a CPU): BLIP's encoder on OpenVINO in static int8; BLIP-2's
-    stays on torch under --backend auto and takes dynamic int8 with --backend openvino (see
-    the adapters for the measurements)."""
+def test_each_family_names_its_int8_recipe(
+    tiny_model_dir: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """--dtype int8 (auto on a CPU with VNNI): BLIP's encoder on OpenVINO in static int8;
+    BLIP-2's stays on torch under --backend auto and takes dynamic int8 with --backend
+    openvino (see the adapters for the measurements)."""
     pytest.importorskip("nncf", reason="no NNCF here")
+    monkeypatch.setattr(int8_linear, "cpu_has_vnni", lambda: True)
     for kind in ("blip-caption", "blip-vqa", "blip-itm"):
         adapter = build_model(ModelConfig(model=str(tiny_model_dir[kind]), device="cpu"))
         assert adapter.vision_backend == "openvino"

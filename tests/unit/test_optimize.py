@@ -93,6 +93,25 @@ def test_int8_rows_do_not_depend_on_their_batch(linear: nn.Linear, backend: str)
 
 
 @needs_int8
+def test_int8_linear_runs_in_and_out_of_inference_mode(linear: nn.Linear, backend: str) -> None:
+    # The engine calls layers under inference mode; an adapter's predict called directly,
+    # or a user's forward, may not, with gradients on. The first call's scratch buffers
+    # (fbgemm's, per shape and thread) must serve the later calls either way. (Each width
+    # its own: no other test has made this one's buffer.)
+    layer = nn.Linear(97, 40)
+    int8 = int8_linear.Int8Linear(layer, kernel=backend == "kernel")
+    x = torch.randn(3, 97)
+    with torch.inference_mode():
+        first = int8(x)
+    assert torch.equal(int8(x), first)
+    with_grad = int8(x.clone().requires_grad_())
+    assert torch.equal(with_grad, first)
+    assert not with_grad.requires_grad  # (no gradient flows through int8 weights)
+    with torch.inference_mode():
+        assert torch.equal(int8(x), first)
+
+
+@needs_int8
 def test_int8_weight_attribute_describes_the_layer(linear: nn.Linear) -> None:
     int8 = int8_linear.Int8Linear(linear)
     assert int8.weight.shape == (40, 96)

@@ -27,7 +27,7 @@ from blipserve.models import int8_kernel
 from blipserve.models.memory import release_freed_memory
 
 
-def _has_vnni() -> bool:
+def cpu_has_vnni() -> bool:
     """Whether the CPU has VNNI (int8 dot products into 32-bit sums, no 16-bit saturation)."""
     flags = int8_kernel.cpu_flags()
     return "avx512_vnni" in flags or "avx_vnni" in flags
@@ -38,7 +38,7 @@ def _has_vnni() -> bool:
 # activations to 7 bits ("reduce_range").  With VNNI the 8th bit is safe, and on the demo
 # models it cut the captions and answers that differ from float32's by more than half
 # (measured before per-row scaling: demo-vqa 3.3% -> 1.5% of 600).
-_REDUCE_RANGE = not _has_vnni()
+_REDUCE_RANGE = not cpu_has_vnni()
 
 
 def _quantized_weight(weight: torch.Tensor) -> torch.Tensor:
@@ -52,7 +52,11 @@ def _quantized_weight(weight: torch.Tensor) -> torch.Tensor:
 
 
 def _signed_unit_input(rows: int, cols: int) -> tuple[torch.Tensor, torch.Tensor]:
-    buf = torch.empty(rows, cols)
+    # A normal tensor even when made under inference mode: the engine calls layers under
+    # it, a user's or a test's own call may not, and an inference tensor cannot be written
+    # outside it.
+    with torch.inference_mode(False):
+        buf = torch.empty(rows, cols)
     buf[:, -2] = 1.0
     buf[:, -1] = -1.0
     return buf, buf[:, :-2]
@@ -133,6 +137,8 @@ class Int8Linear(nn.Module):
         # 39 us per call, against 48 for the first version of this function; medians of
         # five interleaved runs of 2000 calls).
         rows = x.reshape(-1, self.in_features)  # (M, in)
+        if rows.requires_grad:  # (called with gradients on: none flows through int8 weights)
+            rows = rows.detach()
         if self._kernel is not None:
             done = self._kernel(rows)  # (M, out), float32, bias added
             if x.dtype != torch.float32:

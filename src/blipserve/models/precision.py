@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import torch
 
 from blipserve.errors import ModelLoadError
-from blipserve.models import int8_kernel, openvino_vision
+from blipserve.models import int8_kernel, int8_linear, openvino_vision
 from blipserve.models.int8_linear import int8_available
 
 
@@ -118,15 +118,19 @@ def resolve_vision_backend(
 ) -> str:
     """``--backend`` -> who runs the vision encoder: ``openvino`` or ``torch``.
 
-    ``auto`` is OpenVINO for an int8 model on a CPU where OpenVINO and NNCF are installed
-    and the family's adapter asks for it (``when_auto``: ``HFAdapter.openvino_when_auto``),
-    else torch.
+    ``auto`` is OpenVINO for an int8 model on a CPU with VNNI where OpenVINO and NNCF are
+    installed and the family's adapter asks for it (``when_auto``:
+    ``HFAdapter.openvino_when_auto``), else torch.
     As measured on the 2-core Zen 4 this was built on (bench/speed.py, passes interleaved,
     full-size BLIP-base, bench/results/speed-cpu-openvino-int8.json): batch 8 4.31 vs 3.12
     images/s, batch 1 2.61 vs 2.24, a lone image 427 vs 588 ms, the demo model's captions
     the same as float32's for 99.0% of 200 held-out scenes either way.  In bfloat16 and
     float32 OpenVINO's encoder was not faster in the engine (bench/results/
-    speed-cpu-openvino*.json), so ``auto`` keeps torch there.
+    speed-cpu-openvino*.json), so ``auto`` keeps torch there.  Without VNNI (an AVX2-only
+    AMD EPYC) OpenVINO's static int8 encoder was the slowest of all, 981 ms an image
+    against torch's int8 on fbgemm 558 and either's float32 about 855, and the engine ran
+    1.41 against 0.82 images/s at batch 8 (bench/results/openvino-encoder-avx2.json,
+    speed-cpu-avx2.json).
     """
     if name == "torch":
         return "torch"
@@ -134,7 +138,8 @@ def resolve_vision_backend(
     if why is None and precision.int8:
         why = openvino_vision.int8_unavailable()
     if name == "auto":
-        return "openvino" if why is None and precision.int8 and when_auto else "torch"
+        int8_encoder = why is None and precision.int8 and when_auto
+        return "openvino" if int8_encoder and int8_linear.cpu_has_vnni() else "torch"
     if why is not None:
         raise ModelLoadError(f"--backend openvino is not available here: {why}")
     return "openvino"
