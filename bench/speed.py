@@ -64,10 +64,10 @@ def main() -> None:
         "one way (blipserve uses SDPA for float32 on a CPU, bf16 products for int8 where the "
         "CPU has native bf16), int8-fbgemm for int8 on torch's kernel instead of blipserve's, "
         "and with :wN for N model workers (int8:w1), +ov for the vision encoder on OpenVINO "
-        "(int8+ov: the decoder in int8, the encoder in OpenVINO's bf16, what auto loads on a "
-        "CPU with OpenVINO), and then optionally speed options left out by name, "
-        "'int8+ov -\"AMX image keys and values\"' (--disable-speedup); "
-        "default: auto on GPU; int8, int8+ov, bfloat16+ov on CPU",
+        "(int8+ov: the decoder in int8, the encoder in OpenVINO's static int8, what auto loads "
+        "for BLIP on a CPU with OpenVINO and VNNI), and then optionally speed options left "
+        "out by name, 'int8+ov -\"AMX image keys and values\"' (--disable-speedup); "
+        "default: auto on GPU; int8, int8+ov, and bfloat16+ov with native bf16, on CPU",
     )
     parser.add_argument("--models", nargs="+", help="default: BLIP-base, and BLIP-2 on GPU")
     parser.add_argument("--guard-scenes", type=int, help="default 300 GPU, 200 CPU; quick 40")
@@ -94,7 +94,8 @@ def main() -> None:
     layouts = ["blip-image-captioning-base", "blip2-opt-2.7b"]
     args.models = args.models or (layouts if gpu or args.quick else layouts[:1])
     args.batches = args.batches or ([1, 8, 32, 64] if gpu else [1, 8])
-    args.modes = args.modes or (["auto"] if gpu else ["int8", "int8+ov", "bfloat16+ov"])
+    cpu_modes = ["int8", "int8+ov"] + (["bfloat16+ov"] if cpu_has_native_bf16() else [])
+    args.modes = args.modes or (["auto"] if gpu else cpu_modes)
     args.min_images = args.min_images or (16 if gpu else 8)
     args.baseline_images = args.baseline_images or (32 if gpu else 8)
     args.guard_scenes = args.guard_scenes or (40 if args.quick else 300 if gpu else 200)
