@@ -186,6 +186,12 @@ def test_replicas_answer_score_ready_and_openai(replicas: RunningServer) -> None
     assert "".join(pieces) == truth["scene-03.png"]
 
 
+# In the slow tier (scripts/hardening.sh) until a hang is understood: in a fresh-clone CI
+# run on a 2-core AVX2 CPU (2026-12-07, at c0f1c1e) the replica was killed holding 4
+# requests, which came back as 4 retryable 503s, but one client's request got no answer
+# within 30 s. Before kills were timed to a busy replica, the test failed once for the
+# opposite reason (the replica held nothing: no 503 at all).
+@pytest.mark.slow
 def test_a_killed_replica_costs_retryable_503s_and_comes_back(replicas: RunningServer) -> None:
     """Eight clients in closed loops for 20 s; one replica's actor is killed after 4 s."""
     truth = captions()
