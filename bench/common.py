@@ -198,14 +198,10 @@ _FEATURES = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_t
 def cpu_features() -> list[str]:
     """Which of :data:`_FEATURES` this CPU reports (the same model name covers CPUs with
     and without AVX-512 or AMX: results from them are not comparable)."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                flags = set(line.split(":", 1)[1].split())
-                return [f for f in _FEATURES if f in flags]
-    except OSError:
-        pass
-    return []
+    from blipserve.models.int8_kernel import cpu_flags
+
+    flags = cpu_flags()
+    return [f for f in _FEATURES if f in flags]
 
 
 def machine_info() -> dict[str, Any]:
