@@ -44,7 +44,7 @@ from fastapi import FastAPI
 from starlette.middleware import Middleware
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from blipserve.config import PARTS, Settings
+from blipserve.config import PARTS, ServerConfig, Settings
 from blipserve.config.fields import convert, fields_with_types
 from blipserve.engine.run import default_batch_size
 from blipserve.errors import InvalidInput
@@ -116,6 +116,11 @@ class ReplicaLost:
     Serve's proxy sends nothing for such a request (it only logs "Request failed: the
     actor died"), and uvicorn then answers a bare 500. A stream whose replica dies after
     its first bytes just ends: its status is already sent.
+
+    A request that no replica answers at all is bounded by the proxy's own deadline
+    (:func:`proxy_http_options`, past the app's ``--request-timeout-s``, which answers 504
+    first from a replica that is alive); Serve then answers 408, which blipserve never
+    sends itself, so that 408 becomes the same 503: the request was lost, not slow.
     """
 
     def __init__(self, app: ASGIApp) -> None:
@@ -125,10 +130,14 @@ class ReplicaLost:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        started = False
+        started = timed_out = False
 
         async def send_and_note(message: Message) -> None:
-            nonlocal started
+            nonlocal started, timed_out
+            if message["type"] == "http.response.start" and message["status"] == 408:
+                timed_out = True  # the proxy's deadline: answered below instead
+            if timed_out:
+                return
             started = started or message["type"] == "http.response.start"
             await send(message)
 
@@ -168,6 +177,25 @@ PROXY_CALLBACK = "blipserve.ray_serve:proxy_middlewares"
 def proxy_middlewares() -> list[Middleware]:
     """The middlewares of Serve's proxies (:data:`PROXY_CALLBACK`)."""
     return [Middleware(ReplicaLost)]
+
+
+#: how long past the app's own deadline Serve's proxy waits for a replica's answer
+PROXY_DEADLINE_MARGIN_S = 5.0
+
+
+def proxy_http_options(server: ServerConfig, port: int) -> dict[str, Any]:
+    """Serve's HTTP options where blipserve starts Serve itself.
+
+    ``request_timeout_s`` bounds a request that no replica ever answers (Serve waits
+    without a bound by default; in one CI run, after a replica was killed, one client's
+    request got no answer for 30 s, cause not found). A live replica answers 504 at
+    ``--request-timeout-s``; the proxy gives up a little later.
+    """
+    return {
+        "host": server.host,
+        "port": port,
+        "request_timeout_s": server.request_timeout_s + PROXY_DEADLINE_MARGIN_S,
+    }
 
 
 def deployment_options(settings: Settings) -> dict[str, Any]:
@@ -296,7 +324,7 @@ def serve_on_ray(settings: Settings, *, port_file: str | None = None) -> int:
     previous = {sig: signal.signal(sig, stopping.handle) for sig in _STOP_SIGNALS}
     try:
         if started_serve:
-            serve.start(http_options={"host": server.host, "port": port})
+            serve.start(http_options=proxy_http_options(server, port))
         try:
             serve.run(build(settings), name=APP_NAME, route_prefix="/")
         except RuntimeError as exc:  # the deployment failed: its replicas could not start

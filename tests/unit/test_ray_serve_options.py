@@ -24,11 +24,13 @@ from blipserve.ray_serve import (
     DEPLOYMENT_NAME,
     PROXY_CALLBACK,
     PROXY_CALLBACK_ENV,
+    PROXY_DEADLINE_MARGIN_S,
     AnsweredBy,
     ReplicaLost,
     Stopping,
     build,
     deployment_options,
+    proxy_http_options,
     replica_settings,
     settings_from_mapping,
 )
@@ -36,9 +38,11 @@ from blipserve.server.app import ServerState
 from fakes import EchoAdapter
 
 pytest.importorskip("ray.serve")
+from ray.serve.config import HTTPOptions
 from ray.serve.schema import ServeDeploySchema
 
 SERVE_CONFIG = Path(__file__).parents[2] / "deploy" / "ray" / "blipserve-serve.yaml"
+RAYSERVICE = Path(__file__).parents[2] / "deploy" / "kubernetes" / "rayservice.yaml"
 
 
 def test_a_cpu_replica_takes_four_batches_and_drains_for_the_graceful_timeout() -> None:
@@ -155,6 +159,29 @@ def test_a_request_no_replica_answered_gets_a_503_with_retry_after() -> None:
         raise RuntimeError("the proxy itself failed")
 
     assert asgi(ReplicaLost(broken))[0]["status"] == 503
+
+    async def proxy_deadline(scope: Any, receive: Any, send: Any) -> None:
+        # what Serve's proxy sends when no replica answered by its request_timeout_s
+        await send({"type": "http.response.start", "status": 408, "headers": []})
+        await send({"type": "http.response.body", "body": b"Request abc timed out after 65s."})
+
+    assert asgi(ReplicaLost(proxy_deadline)) == asgi(ReplicaLost(silent))
+
+
+def test_the_proxy_gives_up_on_a_request_after_the_app_would() -> None:
+    server = ServerConfig(host="127.0.0.1", request_timeout_s=20)
+    options = proxy_http_options(server, 8123)
+    assert options == {"host": "127.0.0.1", "port": 8123, "request_timeout_s": 25.0}
+    HTTPOptions(**options)  # Serve's own model of them
+    # the deploy files: past the app's deadline, which they leave at its default
+    rayservice = yaml.safe_load(RAYSERVICE.read_text())["spec"]["serveConfigV2"]
+    for config in (yaml.safe_load(SERVE_CONFIG.read_text()), yaml.safe_load(rayservice)):
+        timeout = config["http_options"]["request_timeout_s"]
+        assert timeout == ServerConfig().request_timeout_s + PROXY_DEADLINE_MARGIN_S
+        for application in config["applications"]:
+            env = application.get("runtime_env", {}).get("env_vars", {})
+            assert "BLIPSERVE_REQUEST_TIMEOUT_S" not in env
+            assert "request_timeout_s" not in application.get("args", {})
 
 
 def test_answers_pass_through_the_proxy_middleware_untouched() -> None:
