@@ -292,6 +292,20 @@ def test_decode_step(tmp_path: Path) -> None:
         assert (left_out["applied"], left_out["why"]) == (False, "--disable-speedup")
 
 
+def test_score(tmp_path: Path) -> None:
+    report = run_bench(
+        tmp_path, "score.py", "--quick", "--images", "3", "--loop-images", "1", "--repeats", "1"
+    )
+    [single_pass] = report["passes"]
+    positive(
+        single_pass["loop_ms"], single_pass["engine_ms"], *single_pass["score_whole_s"].values()
+    )
+    assert set(single_pass["score_whole_s"]) == {"3", "1"}
+    assert report["engine"]["max_batch_size"] > 0
+    # (score_ms is a difference of two whole-process timings: at this size, noise)
+    assert math.isfinite(report["summary"]["score_x_loop"]["median"])
+
+
 def test_load_memory(tmp_path: Path) -> None:
     folder = tmp_path / "checkpoint"
     report = run_bench(
