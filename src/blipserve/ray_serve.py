@@ -117,10 +117,8 @@ class ReplicaLost:
     actor died"), and uvicorn then answers a bare 500. A stream whose replica dies after
     its first bytes just ends: its status is already sent.
 
-    A request that no replica answers at all is bounded by the proxy's own deadline
-    (:func:`proxy_http_options`, past the app's ``--request-timeout-s``, which answers 504
-    first from a replica that is alive); Serve then answers 408, which blipserve never
-    sends itself, so that 408 becomes the same 503: the request was lost, not slow.
+    A request no replica answers at all meets the proxy's deadline (:func:`proxy_http_options`,
+    past the app's own 504); Serve's 408 then, which blipserve never sends, becomes that 503.
     """
 
     def __init__(self, app: ASGIApp) -> None:
@@ -184,13 +182,9 @@ PROXY_DEADLINE_MARGIN_S = 5.0
 
 
 def proxy_http_options(server: ServerConfig, port: int) -> dict[str, Any]:
-    """Serve's HTTP options where blipserve starts Serve itself.
-
-    ``request_timeout_s`` bounds a request that no replica ever answers (Serve waits
-    without a bound by default; in one CI run, after a replica was killed, one client's
-    request got no answer for 30 s, cause not found). A live replica answers 504 at
-    ``--request-timeout-s``; the proxy gives up a little later.
-    """
+    """Serve's HTTP options where blipserve starts Serve: ``request_timeout_s`` bounds a
+    request no replica answers (Serve's default waits forever; once in CI a request hung
+    after a replica was killed). A live replica answers 504 at ``--request-timeout-s``."""
     return {
         "host": server.host,
         "port": port,
