@@ -256,6 +256,14 @@ def test_openvino_decoder(tmp_path: Path) -> None:
         positive(medians["1"], medians["8"])
 
 
+def test_openvino_decoder_steps(tmp_path: Path) -> None:
+    needs("openvino", "nncf")
+    report = run_bench(tmp_path, "openvino_decoder.py", "--quick", "--steps", "--repeats", "1")
+    assert "torch-int8" in report["median_ms_per_step"]
+    assert "ov-int4-dynamic" in report["median_ms_per_step"]  # (groups fit --quick's width)
+    positive(*report["median_ms_per_step"].values())
+
+
 def test_draft_decode(tmp_path: Path) -> None:
     report = run_bench(tmp_path, "draft_decode.py", "--repeat", "1", "--size", "640x480")
     assert len(report["rows"]) == 10  # five photos, with and without noise
